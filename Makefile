@@ -1,0 +1,38 @@
+# fedbrain: every target bootstraps .venv (pinned requirements + this package) when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fedbrain-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench jobs clean help
+help:
+	@echo "make demo   - POC consortium of 3 synthetic hospitals: train, report (runs/)"
+	@echo "make test   - the whole test suite (unit + POC end-to-end)"
+	@echo "make bench  - benchmarks -> bench/results.json, docs/benchmarks.md"
+	@echo "make jobs   - re-export jobs/*/ folders from their job.py definitions"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedbrain demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not poc" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+jobs: $(STAMP)
+	$(PY) jobs/segmentation/job.py
+
+clean:
+	rm -rf runs bench/work .pytest_cache

@@ -1,0 +1,96 @@
+"""Submit a job through the admin API and watch it, with a live progress bar per round and site.
+
+Progress comes from the server's job log, read through the admin API (the same log an admin
+sees with ``get_job_log``): FedAvg logs "Round N started." and one "Aggregated k/n" line per site.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+ROUND_RE = re.compile(r"Round (\d+) started")
+PEER_RE = re.compile(r"peer=([^,\]]+).*Aggregated \d+/\d+ results")
+FINAL_EVAL_RE = re.compile(r"CrossSiteModelEval|cross site validation|Cross-site", re.IGNORECASE)
+
+
+def parse_progress(log_text: str) -> tuple[int | None, set[str]]:
+    """Current round and the sites whose update for it has been aggregated."""
+    current, done = None, set()
+    for line in log_text.splitlines():
+        m = ROUND_RE.search(line)
+        if m:
+            current, done = int(m.group(1)), set()
+            continue
+        m = PEER_RE.search(line)
+        if m and current is not None:
+            done.add(m.group(1))
+    return current, done
+
+
+def watch_job(
+    session,
+    job_id: str,
+    *,
+    rounds: int,
+    sites: list[str],
+    console: Console | None = None,
+    poll: float = 3.0,
+    timeout: float = 3600,
+    on_poll: Callable[[], None] | None = None,
+) -> dict:
+    """Block until the job finishes; show round i of N and each site's state. Returns the job meta."""
+    console = console or Console()
+    started = time.time()
+    meta = {}
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:
+        bar = progress.add_task(f"job {job_id[:8]}", total=rounds, detail="submitted")
+        while True:
+            meta = session.get_job_meta(job_id)
+            status = meta.get("status", "?")
+            detail = status
+            if status == "RUNNING":
+                try:
+                    logs = session.get_job_logs(job_id, "server").get("logs", {})
+                    text = next(iter(logs.values()), "") if logs else ""
+                except Exception:  # log not yet available at the very start
+                    text = ""
+                current, done = parse_progress(text)
+                if current is not None:
+                    states = " ".join(f"{s}:{'✓' if s in done else '…'}" for s in sites)
+                    detail = f"round {current + 1}/{rounds}  {states}"
+                    progress.update(bar, completed=current + len(done) / max(len(sites), 1))
+            progress.update(bar, detail=detail)
+            if on_poll:
+                on_poll()
+            if status.startswith("FINISHED") or status in ("FAILED", "ABORTED"):
+                if status == "FINISHED:COMPLETED":
+                    progress.update(bar, completed=rounds)
+                break
+            if time.time() - started > timeout:
+                session.abort_job(job_id)
+                raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f} s; aborted")
+            time.sleep(poll)
+    return meta
+
+
+def submit_and_wait(consortium, job_folder: Path, *, rounds: int, result_dir: Path, console=None, on_poll=None):
+    """Submit an exported job folder as the project admin, wait, download the result. Returns (meta, path)."""
+    session = consortium.session()
+    try:
+        job_id = session.submit_job(str(Path(job_folder).resolve()))
+        (console or Console()).print(f"submitted [bold]{Path(job_folder).name}[/] as job {job_id}")
+        meta = watch_job(session, job_id, rounds=rounds, sites=consortium.sites, console=console, on_poll=on_poll)
+        result_dir.mkdir(parents=True, exist_ok=True)
+        path = session.download_job_result(job_id, str(result_dir))
+        return meta, Path(path)
+    finally:
+        session.close()

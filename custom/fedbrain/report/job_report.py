@@ -1,0 +1,305 @@
+"""Per-site report of a finished FLARE job, from its downloaded result folder alone.
+
+Reads what FLARE 2.9 writes into a job's server workspace:
+  workspace/metrics/round_metrics.jsonl   every site's metrics for every round (client-reported)
+  workspace/cross_site_val/cross_val_results.json   the final global model validated at each site
+  workspace/log.json                      server log, for "Round N started" times
+  workspace/app_server/*.pt               global and best global model
+and writes report.json, report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from datetime import datetime
+from pathlib import Path
+
+DICE_KEYS = ("val_dice_tc", "val_dice_wt", "val_dice_et", "val_dice")
+DATA_KEYS = ("n_train", "n_val", "n_skipped")
+# Sites are flagged against the *other* sites: with 3 sites a plain z-score can never reach 2.
+FLAG_SD = 2.0
+MIN_SD = 0.01
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def find_workspace(result_dir: Path) -> Path:
+    """Accept the job folder, its workspace/, or a folder holding one downloaded job."""
+    result_dir = Path(result_dir)
+    for cand in (result_dir / "workspace", result_dir, *sorted(result_dir.glob("*/workspace"))):
+        if (cand / "metrics" / "round_metrics.jsonl").is_file():
+            return cand
+    raise ReportError(f"{result_dir}: no workspace/metrics/round_metrics.jsonl found; is this a downloaded job result?")
+
+
+def _round_start_times(workspace: Path) -> dict[int, datetime]:
+    starts = {}
+    log = workspace / "log.json"
+    if not log.is_file():
+        return starts
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        msg = rec.get("message", "")
+        if "Round " in msg and " started" in msg:
+            try:
+                rnd = int(msg.split("Round ")[1].split(" started")[0])
+                starts[rnd] = datetime.strptime(rec["asctime"], "%Y-%m-%d %H:%M:%S,%f")
+            except (ValueError, KeyError, IndexError):
+                continue
+        if "Finished FedAvg." in msg:  # end of the last round
+            try:
+                starts.setdefault(-1, datetime.strptime(rec["asctime"], "%Y-%m-%d %H:%M:%S,%f"))
+            except (ValueError, KeyError):
+                pass
+    return starts
+
+
+def _job_meta(workspace: Path) -> dict:
+    for cand in (workspace.parent / "job_meta.json", workspace / "meta.json"):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    return {}
+
+
+def _final_eval(workspace: Path) -> dict[str, dict]:
+    """Metrics of the last global model at each site (FLARE's final global evaluation)."""
+    path = workspace / "cross_site_val" / "cross_val_results.json"
+    if not path.is_file():
+        return {}
+    out = {}
+    for site, by_model in json.loads(path.read_text()).items():
+        for model_name, metrics in (by_model or {}).items():
+            if isinstance(metrics, dict) and "best" not in model_name.lower():
+                out[site] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    return out
+
+
+def flag_sites(values: dict[str, float]) -> dict[str, str]:
+    """Sites more than 2 SD below the mean of the other sites (leave-one-out), with the reason."""
+    flags = {}
+    for site, v in values.items():
+        others = [x for s, x in values.items() if s != site and not math.isnan(x)]
+        if len(others) < 2 or math.isnan(v):
+            continue
+        mean, sd = statistics.mean(others), max(statistics.stdev(others), MIN_SD)
+        if v < mean - FLAG_SD * sd:
+            flags[site] = f"{v:.3f} is {(mean - v) / sd:.1f} SD below the other sites' mean {mean:.3f}"
+    return flags
+
+
+def build_report(result_dir: Path) -> dict:
+    ws = find_workspace(result_dir)
+    rows = [json.loads(line) for line in (ws / "metrics" / "round_metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ReportError(f"{ws}: round_metrics.jsonl is empty: the job finished no round")
+    sites: dict[str, dict] = {}
+    global_curve = []
+    for row in rows:
+        rnd = row["round"]
+        agg = {m["name"]: m["value"] for m in row.get("aggregated_metrics", [])}
+        global_curve.append({"round": rnd, **{k: agg.get(k) for k in DICE_KEYS}})
+        for site in row.get("sites", []):
+            metrics = {m["name"]: m["value"] for m in site.get("metrics", [])}
+            entry = sites.setdefault(site["name"], {"rounds": []})
+            entry["rounds"].append({"round": rnd, **{k: metrics.get(k) for k in (*DICE_KEYS, "train_loss", "round_seconds")}})
+            for k in DATA_KEYS:
+                if k in metrics:
+                    entry[k] = int(metrics[k])
+    final_eval = _final_eval(ws)
+    for name, entry in sites.items():
+        entry["final"] = final_eval.get(name) or {k: entry["rounds"][-1].get(k) for k in DICE_KEYS}
+        entry["final_source"] = "final global model" if name in final_eval else f"global model of round {entry['rounds'][-1]['round']}"
+        entry["first"] = {k: entry["rounds"][0].get(k) for k in DICE_KEYS}
+
+    final_wt = {s: float(e["final"].get("val_dice_wt") or float("nan")) for s, e in sites.items()}
+    flags = flag_sites(final_wt)
+    for s, e in sites.items():
+        e["flagged"] = s in flags
+        e["flag_reason"] = flags.get(s, "")
+
+    starts = _round_start_times(ws)
+    ordered = sorted(r for r in starts if r >= 0)
+    round_seconds = []
+    for i, r in enumerate(ordered):
+        end = starts.get(ordered[i + 1]) if i + 1 < len(ordered) else starts.get(-1)
+        if end is not None:
+            round_seconds.append({"round": r, "seconds": (end - starts[r]).total_seconds()})
+
+    meta = _job_meta(ws)
+    wt_values = [v for v in final_wt.values() if not math.isnan(v)]
+    app_server = ws / "app_server"
+    report = {
+        "job_id": meta.get("job_id", ws.parent.name),
+        "job_name": meta.get("name", ""),
+        "status": meta.get("status", "unknown"),
+        "duration": meta.get("duration", ""),
+        "rounds": len(global_curve),
+        "sites": sites,
+        "global": global_curve,
+        "round_seconds": round_seconds,
+        "best_model": str(app_server / "best_FL_global_model.pt") if (app_server / "best_FL_global_model.pt").is_file() else None,
+        "final_model": str(app_server / "FL_global_model.pt") if (app_server / "FL_global_model.pt").is_file() else None,
+        "summary": {
+            "mean_final_wt_dice": statistics.mean(wt_values) if wt_values else None,
+            "min_final_wt_dice": min(wt_values) if wt_values else None,
+            "mean_final_dice": _mean([e["final"].get("val_dice") for e in sites.values()]),
+            "flagged_sites": sorted(flags),
+        },
+    }
+    return report
+
+
+def _mean(values):
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return statistics.mean(vals) if vals else None
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def plot_report(report: dict, out_dir: Path) -> list[Path]:
+    """Dice per round per site with the global curve; final Dice by region; wall time per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "val_dice", "mean Dice (TC/WT/ET)"), (axes[1], "val_dice_wt", "WT Dice")):
+        for site, e in sorted(report["sites"].items()):
+            xs = [r["round"] for r in e["rounds"]]
+            ax.plot(xs, [r.get(key) for r in e["rounds"]], marker="o", label=site)
+        g = report["global"]
+        ax.plot([r["round"] for r in g], [r.get(key) for r in g], "k--", lw=2, label="global (weighted)")
+        ax.set_xlabel("round (global model received)")
+        ax.set_ylabel(title)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Validation Dice of the global model at each site")
+    fig.tight_layout()
+    paths.append(out_dir / "dice_per_round.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    site_names = sorted(report["sites"])
+    width = 0.25
+    for i, (key, label) in enumerate((("val_dice_tc", "TC"), ("val_dice_wt", "WT"), ("val_dice_et", "ET"))):
+        vals = [report["sites"][s]["final"].get(key) or 0.0 for s in site_names]
+        ax.bar([x + (i - 1) * width for x in range(len(site_names))], vals, width, label=label)
+    ax.set_xticks(range(len(site_names)), [s + (" ⚑" if report["sites"][s]["flagged"] else "") for s in site_names])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice")
+    ax.set_title("Final global model, per site and tumour region")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "final_dice_by_site.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if report["round_seconds"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar([r["round"] for r in report["round_seconds"]], [r["seconds"] for r in report["round_seconds"]])
+        ax.set_xlabel("round")
+        ax.set_ylabel("wall time (s)")
+        ax.set_title("Wall time per round (server)")
+        fig.tight_layout()
+        paths.append(out_dir / "round_time.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) -> str:
+    lines = [
+        f"# fedbrain report — {report['job_name'] or 'job'} `{report['job_id']}`",
+        "",
+        f"Status **{report['status']}**, {report['rounds']} rounds, duration {report['duration'] or 'n/a'}.",
+        "",
+    ]
+    for k, v in (extra or {}).items():
+        lines.append(f"- {k}: {v}")
+    if extra:
+        lines.append("")
+    lines += [
+        "## Per site",
+        "",
+        "| site | train | val | skipped | WT Dice round 0 | TC | WT | ET | mean | flag |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for site, e in sorted(report["sites"].items()):
+        f = e["final"]
+        lines.append(
+            f"| {site} | {e.get('n_train', '–')} | {e.get('n_val', '–')} | {e.get('n_skipped', '–')} | "
+            f"{_fmt(e['first'].get('val_dice_wt'))} | {_fmt(f.get('val_dice_tc'))} | {_fmt(f.get('val_dice_wt'))} | "
+            f"{_fmt(f.get('val_dice_et'))} | {_fmt(f.get('val_dice'))} | {e['flag_reason'] or ''} |"
+        )
+    s = report["summary"]
+    lines += [
+        "",
+        f"Final columns: the {next(iter(report['sites'].values()))['final_source'] if report['sites'] else ''} on each site's validation cases.",
+        f"Mean final WT Dice **{_fmt(s['mean_final_wt_dice'])}**, minimum site **{_fmt(s['min_final_wt_dice'])}**.",
+        f"Flagged sites (more than {FLAG_SD:g} SD below the other sites' mean WT Dice): {', '.join(s['flagged_sites']) or 'none'}.",
+        "",
+        "## Global model per round",
+        "",
+        "| round | TC | WT | ET | mean | wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    secs = {r["round"]: r["seconds"] for r in report["round_seconds"]}
+    for g in report["global"]:
+        lines.append(
+            f"| {g['round']} | {_fmt(g.get('val_dice_tc'))} | {_fmt(g.get('val_dice_wt'))} | {_fmt(g.get('val_dice_et'))} | "
+            f"{_fmt(g.get('val_dice'))} | {_fmt(secs.get(g['round']))} |"
+        )
+    lines += ["", f"Best global model: `{report['best_model'] or 'not saved'}`", ""]
+    for p in plots:
+        lines.append(f"![{p.stem}]({p.name})")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result_dir: Path, out_dir: Path | None = None, extra: dict | None = None) -> dict:
+    """Build, plot and write report.json + report.md; returns the report dict."""
+    report = build_report(result_dir)
+    out_dir = Path(out_dir) if out_dir else Path(result_dir) / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if extra:
+        report["run"] = extra
+    plots = plot_report(report, out_dir)
+    report["plots"] = [str(p) for p in plots]
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "report.md").write_text(render_markdown(report, plots, extra))
+    return report
+
+
+def print_site_table(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"{report['job_name']} {report['job_id'][:8]} — {report['status']}")
+    for col in ("site", "train", "val", "skipped", "WT r0", "TC", "WT", "ET", "mean", "flag"):
+        table.add_column(col)
+    for site, e in sorted(report["sites"].items()):
+        f = e["final"]
+        table.add_row(
+            site, str(e.get("n_train", "–")), str(e.get("n_val", "–")), str(e.get("n_skipped", "–")),
+            _fmt(e["first"].get("val_dice_wt")), _fmt(f.get("val_dice_tc")), _fmt(f.get("val_dice_wt")),
+            _fmt(f.get("val_dice_et")), _fmt(f.get("val_dice")), "⚑ " + e["flag_reason"] if e["flagged"] else "",
+        )
+    console.print(table)
+    s = report["summary"]
+    console.print(f"mean final WT Dice {_fmt(s['mean_final_wt_dice'])}, minimum site {_fmt(s['min_final_wt_dice'])}")

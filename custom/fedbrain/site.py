@@ -1,0 +1,84 @@
+"""Where a site's data and compute settings come from.
+
+A job must never carry hospital paths: the hospital decides where its data lives. The site
+script resolves its settings, first found wins:
+
+1. ``--datalist`` given to the site script (tests, or a job written for one site);
+2. environment ``FEDBRAIN_DATALIST`` (``{site}`` is replaced by the site name);
+3. ``<site workspace>/local/fedbrain_site.json``, written by the hospital IT team next to
+   FLARE's own ``local/resources.json``::
+
+       {"datalist": "/data/brats/datalist.json", "data_root": "/data/brats",
+        "num_threads": 4, "device": "auto"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SITE_CONFIG_NAME = "fedbrain_site.json"
+
+
+class SiteConfigError(RuntimeError):
+    """A site has no usable data settings; the message says where we looked."""
+
+
+@dataclass
+class SiteSettings:
+    site: str
+    datalist: Path
+    data_root: Path | None = None
+    num_threads: int | None = None
+    device: str = "auto"
+    source: str = ""
+
+
+def _candidate_workspaces(start: Path) -> list[Path]:
+    """The job runs somewhere under the site workspace; its ``local/`` folder is an ancestor's."""
+    return [start, *start.parents]
+
+
+def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | None = None) -> SiteSettings:
+    """Find this site's datalist; raise SiteConfigError naming every place looked at."""
+    looked = []
+    if datalist:
+        return SiteSettings(site=site, datalist=Path(datalist.format(site=site)), source="--datalist")
+    env = os.environ.get("FEDBRAIN_DATALIST")
+    if env:
+        root = os.environ.get("FEDBRAIN_DATA_ROOT")
+        return SiteSettings(
+            site=site,
+            datalist=Path(env.format(site=site)),
+            data_root=Path(root.format(site=site)) if root else None,
+            source="FEDBRAIN_DATALIST",
+        )
+    looked.append("FEDBRAIN_DATALIST (unset)")
+    for folder in _candidate_workspaces((cwd or Path.cwd()).resolve()):
+        cfg = folder / "local" / SITE_CONFIG_NAME
+        looked.append(str(cfg))
+        if cfg.is_file():
+            try:
+                data = json.loads(cfg.read_text())
+                return SiteSettings(
+                    site=site,
+                    datalist=Path(data["datalist"]),
+                    data_root=Path(data["data_root"]) if data.get("data_root") else None,
+                    num_threads=data.get("num_threads"),
+                    device=data.get("device", "auto"),
+                    source=str(cfg),
+                )
+            except (ValueError, KeyError, TypeError) as e:
+                raise SiteConfigError(f"site {site}: {cfg} is not valid ({e!r}); expected keys: datalist[, data_root]")
+    raise SiteConfigError(f"site {site}: no datalist configured; looked at: " + "; ".join(looked))
+
+
+def write_site_config(workspace: Path, datalist: Path, data_root: Path | None = None, **extra) -> Path:
+    """What a hospital IT team does once per site (and what `fedbrain poc up` does for each POC site)."""
+    path = Path(workspace) / "local" / SITE_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"datalist": str(datalist), **({"data_root": str(data_root)} if data_root else {}), **extra}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

@@ -1,0 +1,333 @@
+"""Datalist loading and the per-case data check, on cases derived from a real
+(big-endian) scanner NIfTI shipped with nibabel, then deliberately damaged."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.testing import data_path
+from rich.console import Console
+
+from fedbrain.data.check import (
+    CaseCheck,
+    check_case,
+    check_datalist,
+    render_check_table,
+    run_data_check,
+    summarize,
+)
+from fedbrain.data.datalist import DatalistError, load_datalist
+from fedbrain.data.dicom import write_ct_series
+
+ANATOMICAL = Path(data_path) / "anatomical.nii"  # (33, 41, 25) big-endian int16
+MODALITY_FILES = ("t1.nii", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz")
+
+
+def _make_case(root: Path, case_id: str, with_ct: bool = False) -> dict:
+    """A case whose 4 images and label are derived from anatomical.nii.
+
+    T1 is a byte copy (keeps the big-endian on-disk layout); the others are
+    rescaled float copies; the label thresholds intensity into BraTS classes.
+    """
+    case_dir = root / "cases" / case_id
+    case_dir.mkdir(parents=True)
+    source = nib.load(ANATOMICAL)
+    data = np.asanyarray(source.dataobj).astype(np.float32)
+    shutil.copy(ANATOMICAL, case_dir / MODALITY_FILES[0])
+    for n, name in enumerate(MODALITY_FILES[1:], start=1):
+        nib.save(nib.Nifti1Image(data * (1.0 + 0.5 * n), source.affine), case_dir / name)
+    label = np.zeros(data.shape, np.uint8)
+    label[data > np.percentile(data, 80)] = 2
+    label[data > np.percentile(data, 90)] = 1
+    label[data > np.percentile(data, 95)] = 4
+    nib.save(nib.Nifti1Image(label, source.affine), case_dir / "seg.nii.gz")
+    item = {
+        "case_id": case_id,
+        "image": [f"cases/{case_id}/{name}" for name in MODALITY_FILES],
+        "label": f"cases/{case_id}/seg.nii.gz",
+        "grade": "HGG",
+    }
+    if with_ct:
+        ct = np.clip(data[:8, :8, :6] / 10.0, -1000, 2000).round()
+        write_ct_series(ct, np.diag([0.9, 0.9, 3.0, 1.0]), case_dir / "ct", patient_id=case_id)
+        item["ct"] = f"cases/{case_id}/ct"
+    return item
+
+
+def _write_datalist(root: Path, training: list, validation: list | None = None, name="datalist.json") -> Path:
+    content = {"site": "test-site", "training": training}
+    if validation is not None:
+        content["validation"] = validation
+    path = root / name
+    path.write_text(json.dumps(content, indent=1))
+    return path
+
+
+def _case_dir(root: Path, case_id: str) -> Path:
+    return root / "cases" / case_id
+
+
+# --------------------------------------------------------------------------- load_datalist
+
+
+def test_load_datalist_resolves_paths_and_defaults(tmp_path):
+    item = _make_case(tmp_path, "A-0001", with_ct=True)
+    no_id = {k: v for k, v in _make_case(tmp_path, "A-0002").items() if k not in ("case_id", "grade")}
+    path = _write_datalist(tmp_path, [item], [no_id])
+    loaded = load_datalist(path)
+    assert set(loaded) == {"training", "validation"}
+    first = loaded["training"][0]
+    assert first["case_id"] == "A-0001" and first["grade"] == "HGG"
+    assert first["image"] == [str(tmp_path / "cases" / "A-0001" / name) for name in MODALITY_FILES]
+    assert first["label"] == str(tmp_path / "cases" / "A-0001" / "seg.nii.gz")
+    assert first["ct"] == str(tmp_path / "cases" / "A-0001" / "ct")
+    second = loaded["validation"][0]
+    assert second["case_id"] == "A-0002"  # from the label's folder
+    assert "ct" not in second and "grade" not in second
+
+
+def test_load_datalist_missing_section_and_root_override(tmp_path):
+    item = _make_case(tmp_path / "data", "B-0001")
+    item["ct"] = "cases/B-0001/ct-not-there"
+    path = _write_datalist(tmp_path, [item])  # datalist outside the data root
+    loaded = load_datalist(path, root=tmp_path / "data")
+    assert loaded["validation"] == []
+    assert loaded["training"][0]["label"] == str(tmp_path / "data" / "cases" / "B-0001" / "seg.nii.gz")
+    # A missing folder is still resolved (MONAI's loader would leave it relative).
+    assert loaded["training"][0]["ct"] == str(tmp_path / "data" / "cases" / "B-0001" / "ct-not-there")
+
+
+def test_load_datalist_malformed_json(tmp_path):
+    path = tmp_path / "datalist.json"
+    path.write_text('{"training": [ {"image": ["a", "b"], }')
+    with pytest.raises(DatalistError, match="malformed JSON") as info:
+        load_datalist(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda item: item.pop("label"), r"training\[1\]: 'label' is missing"),
+        (lambda item: item.update(image=item["image"][:3]), r"training\[1\]: 'image' must list exactly 4 files.*got 3"),
+        (lambda item: item.update(grade="GBM"), r"training\[1\]: grade 'GBM' is not one of"),
+        (lambda item: item.update(case_id="C-0001"), r"training\[1\]: case_id 'C-0001' already used by training\[0\]"),
+        (lambda item: item.update(image="one.nii.gz"), r"training\[1\]: 'image' must list"),
+    ],
+)
+def test_load_datalist_bad_items_name_file_and_index(tmp_path, mutate, expected):
+    good = _make_case(tmp_path, "C-0001")
+    bad = _make_case(tmp_path, "C-0002")
+    mutate(bad)
+    path = _write_datalist(tmp_path, [good, bad])
+    with pytest.raises(DatalistError, match=expected) as info:
+        load_datalist(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_datalist_without_cases_or_file(tmp_path):
+    path = _write_datalist(tmp_path, [], [])
+    with pytest.raises(DatalistError, match="no cases"):
+        load_datalist(path)
+    with pytest.raises(DatalistError, match="not found"):
+        load_datalist(tmp_path / "absent.json")
+    path.write_text("[1, 2]")
+    with pytest.raises(DatalistError, match="JSON object"):
+        load_datalist(path)
+
+
+# --------------------------------------------------------------------------- check_case
+
+
+def _damage_truncate_gz(case_dir):
+    path = case_dir / "t2.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return "t2.nii.gz", "truncated"
+
+
+def _damage_gz_trailer(case_dir):
+    # Cut only the gzip trailer: nibabel alone would still read the voxels.
+    path = case_dir / "flair.nii.gz"
+    path.write_bytes(path.read_bytes()[:-4])
+    return "flair.nii.gz", "truncated"
+
+
+def _damage_short_nii(case_dir):
+    path = case_dir / "t1.nii"
+    path.write_bytes(path.read_bytes()[:30000])
+    return "t1.nii", "unreadable NIfTI"
+
+
+def _damage_label_value_3(case_dir):
+    img = nib.load(case_dir / "seg.nii.gz")
+    label = np.asanyarray(img.dataobj).copy()
+    label[0, 0, 0] = 3
+    label[0, 0, 1] = 7
+    nib.save(nib.Nifti1Image(label, img.affine), case_dir / "seg.nii.gz")
+    return "seg.nii.gz", "values outside {0, 1, 2, 4}: 3, 7"
+
+
+def _damage_nan(case_dir):
+    img = nib.load(case_dir / "t1ce.nii.gz")
+    data = img.get_fdata(dtype=np.float32)
+    data[1, 2, 3] = np.nan
+    data[2, 2, 2] = np.inf
+    nib.save(nib.Nifti1Image(data, img.affine), case_dir / "t1ce.nii.gz")
+    return "t1ce.nii.gz", "1 NaN, 1 Inf"
+
+
+def _damage_shape(case_dir):
+    img = nib.load(case_dir / "t2.nii.gz")
+    nib.save(nib.Nifti1Image(img.get_fdata()[:, :, :20], img.affine), case_dir / "t2.nii.gz")
+    return "t2.nii.gz", "shape (33, 41, 20) differs from label seg.nii.gz (33, 41, 25)"
+
+
+def _damage_affine(case_dir):
+    img = nib.load(case_dir / "flair.nii.gz")
+    affine = img.affine.copy()
+    affine[:3, 3] += [3.0, 4.0, 0.0]
+    nib.save(nib.Nifti1Image(img.get_fdata(), affine), case_dir / "flair.nii.gz")
+    return "flair.nii.gz", "affine differs from label seg.nii.gz: origin shifted by 5.000 mm"
+
+
+def _damage_voxel_size(case_dir):
+    img = nib.load(case_dir / "t2.nii.gz")
+    nib.save(nib.Nifti1Image(img.get_fdata(), img.affine @ np.diag([1, 1, 1.5, 1])), case_dir / "t2.nii.gz")
+    return "t2.nii.gz", "voxel size (2.0, 2.0, 3.0) vs (2.0, 2.0, 2.0)"
+
+
+def _damage_missing(case_dir):
+    (case_dir / "t1ce.nii.gz").unlink()
+    return "t1ce.nii.gz", "file missing"
+
+
+def _damage_empty(case_dir):
+    (case_dir / "seg.nii.gz").write_bytes(b"")
+    return "seg.nii.gz", "empty file"
+
+
+def _damage_ct_gap(case_dir):
+    (case_dir / "ct" / "IM0003.dcm").unlink()
+    return "ct", "gap"
+
+
+def _damage_ct_truncated(case_dir):
+    path = case_dir / "ct" / "IM0002.dcm"
+    path.write_bytes(path.read_bytes()[:200])
+    return "IM0002.dcm", "CT ct:"
+
+
+DAMAGES = [
+    _damage_truncate_gz, _damage_gz_trailer, _damage_short_nii, _damage_label_value_3, _damage_nan,
+    _damage_shape, _damage_affine, _damage_voxel_size, _damage_missing, _damage_empty,
+    _damage_ct_gap, _damage_ct_truncated,
+]
+
+
+def test_clean_case_passes(tmp_path):
+    item = _make_case(tmp_path, "OK-0001", with_ct=True)
+    case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
+    result = check_case(case, "training")
+    assert result == CaseCheck("OK-0001", "training", True, [])
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__.removeprefix("_damage_"))
+def test_each_damage_is_reported_with_file_and_reason(tmp_path, damage):
+    item = _make_case(tmp_path, "BAD-0001", with_ct=True)
+    file_name, reason = damage(_case_dir(tmp_path, "BAD-0001"))
+    case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
+    result = check_case(case, "training")
+    assert not result.ok
+    matching = [p for p in result.problems if file_name in p and reason in p]
+    assert matching, result.problems
+    # A single damage should not cascade into unrelated complaints.
+    assert len(result.problems) == 1, result.problems
+
+
+def test_check_case_never_raises_on_malformed_item():
+    result = check_case({"case_id": "X", "image": None}, "training")
+    assert not result.ok and "malformed" in result.problems[0]
+
+
+# --------------------------------------------------------------------------- check_datalist / CLI helpers
+
+
+@pytest.fixture
+def mixed_site(tmp_path):
+    """One clean case per section plus every kind of damage, in one datalist."""
+    training = [_make_case(tmp_path, "GOOD-T", with_ct=True)]
+    validation = [_make_case(tmp_path, "GOOD-V")]
+    expected = {}
+    for n, damage in enumerate(DAMAGES):
+        case_id = f"BAD-{n:02d}"
+        training.append(_make_case(tmp_path, case_id, with_ct=True))
+        expected[case_id] = damage(_case_dir(tmp_path, case_id))
+    return _write_datalist(tmp_path, training, validation), expected
+
+
+def test_check_datalist_reports_every_bad_case_without_raising(mixed_site):
+    path, expected = mixed_site
+    results = check_datalist(path, progress=False)
+    by_id = {result.case_id: result for result in results}
+    assert by_id["GOOD-T"].ok and by_id["GOOD-V"].ok
+    assert by_id["GOOD-V"].section == "validation"
+    for case_id, (file_name, reason) in expected.items():
+        assert not by_id[case_id].ok
+        assert any(file_name in p and reason in p for p in by_id[case_id].problems), by_id[case_id].problems
+    summary = summarize(results)
+    assert summary["cases"] == len(expected) + 2
+    assert summary["ok"] == 2 and summary["problems"] == len(expected)
+    assert summary["sections"]["validation"] == {"cases": 1, "ok": 1, "problems": 0}
+
+
+def test_render_and_run_data_check(mixed_site, tmp_path):
+    path, expected = mixed_site
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=300, force_terminal=False, color_system=None)
+    assert run_data_check(path, console=console) == 1
+    output = buffer.getvalue()
+    assert "GOOD-T" in output and "BAD-00" in output
+    assert "problem" in output and "values outside {0, 1, 2, 4}" in output
+    assert f"{len(expected) + 2} cases: 2 ok, {len(expected)} with problems" in output
+
+    clean_root = tmp_path / "clean"
+    clean = _write_datalist(clean_root.mkdir() or clean_root, [_make_case(clean_root, "ONLY-0001")])
+    buffer = io.StringIO()
+    assert run_data_check(clean, console=Console(file=buffer, width=200, color_system=None)) == 0
+    assert "ONLY-0001" in buffer.getvalue() and "1 ok" in buffer.getvalue()
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    buffer = io.StringIO()
+    assert run_data_check(broken, console=Console(file=buffer, width=200, color_system=None)) == 1
+    assert "malformed JSON" in buffer.getvalue()
+
+
+def test_progress_bar_mode_gives_same_results(mixed_site):
+    path, _ = mixed_site
+    quiet = check_datalist(path)
+    noisy = check_datalist(path, progress=True)
+    assert quiet == noisy
+
+
+def test_render_escapes_markup_in_problems():
+    buffer = io.StringIO()
+    results = [CaseCheck("[bold]x", "training", False, ["image[0] [red]odd[/red] file"])]
+    render_check_table(results, console=Console(file=buffer, width=200, color_system=None))
+    assert "[red]odd[/red]" in buffer.getvalue() and "[bold]x" in buffer.getvalue()
+
+
+def test_datalist_paths_independent_of_cwd(tmp_path, monkeypatch):
+    item = _make_case(tmp_path, "CWD-0001")
+    path = _write_datalist(tmp_path, [item])
+    monkeypatch.chdir(tmp_path / "cases")
+    results = check_datalist(os.path.relpath(path))
+    assert [r.ok for r in results] == [True]

@@ -1,0 +1,96 @@
+"""End to end with real parts: provisioned POC (mTLS kits), real server and site processes,
+the exported segmentation job submitted through the admin API, the result checked on disk."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fedbrain.data.synth import synthesize_consortium
+from fedbrain.demo import DemoSettings, export_segmentation_job
+from fedbrain.poc.consortium import PocConsortium
+from fedbrain.poc.runner import submit_and_wait
+from fedbrain.report.job_report import build_report
+
+pytestmark = pytest.mark.poc
+
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    """One real federated run shared by the assertions below (it is the slow part)."""
+    run_dir = tmp_path_factory.mktemp("poc")
+    real_nvflare = Path(os.path.expanduser("~")) / ".nvflare"
+    real_before = real_nvflare.exists() and sorted(p.name for p in real_nvflare.iterdir())
+    tmp_nvflare_before = Path("/tmp/nvflare").exists()
+
+    poc = PocConsortium(run_dir)
+    data = run_dir / "data"
+    synthesize_consortium(data, sites=3, cases=8, seed=1, site_names=poc.sites, progress=False)
+    # One broken case at hospital-b: must be skipped and reported, not crash the site.
+    dl = json.loads((data / "hospital-b" / "datalist.json").read_text())
+    broken = data / "hospital-b" / dl["training"][0]["image"][3]
+    broken.write_bytes(broken.read_bytes()[:200])
+
+    settings = DemoSettings(rounds=ROUNDS, local_epochs=1, max_steps=0)
+    try:
+        poc.up(data_dir=data)
+        started_pids = poc.pids()
+        job = export_segmentation_job(run_dir / "jobs", settings, min_clients=3)
+        meta, result = submit_and_wait(poc, job, rounds=ROUNDS, result_dir=run_dir / "result")
+    finally:
+        poc.clean()
+    yield {
+        "meta": meta, "result": result, "poc": poc, "started_pids": started_pids,
+        "real_before": real_before, "real_nvflare": real_nvflare, "tmp_nvflare_before": tmp_nvflare_before,
+    }
+
+
+def test_job_completed_through_admin_api(finished_job):
+    meta = finished_job["meta"]
+    assert meta["status"] == "FINISHED:COMPLETED"
+    assert meta["submitter_role"] == "project_admin"
+    assert sorted(d.split(":")[0] for d in meta["job_deploy_detail"]) == ["hospital-a", "hospital-b", "hospital-c", "server"]
+
+
+def test_every_site_improved_over_round_zero(finished_job):
+    report = build_report(finished_job["result"])
+    assert set(report["sites"]) == {"hospital-a", "hospital-b", "hospital-c"}
+    for site, entry in report["sites"].items():
+        assert len(entry["rounds"]) == ROUNDS, site
+        first, last = entry["first"]["val_dice"], entry["final"]["val_dice"]
+        assert last > first + 0.05, f"{site}: Dice {first:.3f} -> {last:.3f}"
+
+
+def test_bad_case_skipped_and_reported(finished_job):
+    report = build_report(finished_job["result"])
+    assert report["sites"]["hospital-b"]["n_skipped"] == 1
+    assert report["sites"]["hospital-a"]["n_skipped"] == 0
+
+
+def test_metrics_and_best_model_present(finished_job):
+    ws = Path(finished_job["result"]) / "workspace"
+    assert (ws / "app_server" / "best_FL_global_model.pt").is_file()
+    assert (ws / "app_server" / "FL_global_model.pt").is_file()
+    for site in ("hospital-a", "hospital-b", "hospital-c"):
+        assert list((ws / "tb_events" / site).glob("events.out.tfevents.*")), site
+    final = json.loads((ws / "cross_site_val" / "cross_val_results.json").read_text())
+    assert set(final) == {"hospital-a", "hospital-b", "hospital-c"}
+
+
+def test_teardown_left_nothing(finished_job):
+    poc = finished_job["poc"]
+    assert finished_job["started_pids"], "the POC never started any process"
+    assert poc.pids() == []  # nothing whose command line or cwd is in the workspace
+    assert not [pid for pid in finished_job["started_pids"] if Path(f"/proc/{pid}").exists()
+                and str(poc.workspace) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert not poc.workspace.exists()
+
+
+def test_user_flare_config_untouched(finished_job):
+    real = finished_job["real_nvflare"]
+    after = real.exists() and sorted(p.name for p in real.iterdir())
+    assert after == finished_job["real_before"]
+    assert Path("/tmp/nvflare").exists() == finished_job["tmp_nvflare_before"]
