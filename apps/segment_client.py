@@ -14,7 +14,6 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.client.tracking import SummaryWriter
 
 from fedbrain.data.datalist import load_datalist
-from fedbrain.models.segmentation import build_segmentation_model
 from fedbrain.site import resolve_site_settings
 from fedbrain.training.segment import SegmentationConfig, SegmentationTrainer
 from fedbrain.training.fl import weight_diff, state_dict_from_params
@@ -51,11 +50,13 @@ def main():
         roi_size=(args.roi,) * 3,
         spacing=(args.spacing,) * 3,
         seed=args.seed,
+        epochs_per_round=args.local_epochs,
+        max_steps=args.max_steps or None,
         num_threads=settings.num_threads,
         device=settings.device,
     )
     trainer = SegmentationTrainer(cases["training"], cases["validation"], config)
-    model = build_segmentation_model(args.arch, init_filters=args.init_filters).to(trainer.device)
+    model = trainer.build_model().to(trainer.device)
     writer = SummaryWriter()
     summary = trainer.data_summary()
     log.info("site %s: data from %s (%s): %s", site, settings.datalist, settings.source, summary)
@@ -75,11 +76,12 @@ def main():
 
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if summary["n_train"] > 0:
-            stats = trainer.train(model, epochs=args.local_epochs, steps=args.max_steps or None)
+            stats = trainer.train(model)
         else:  # nothing usable here: contribute zero weight rather than take the federation down
             log.error("site %s: no usable training case (%d skipped); sending an empty update", site, summary["n_skipped"])
             stats = {"train_loss": float("nan"), "steps": 0}
         metrics["train_loss"] = stats["train_loss"]
+        metrics["train_steps"] = stats["steps"]
         metrics["round_seconds"] = time.time() - started
         for key, value in metrics.items():
             writer.add_scalar(key, value, round_no)

@@ -18,8 +18,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("name", JOBS)
 def test_checked_in_job_matches_definition(name, tmp_path):
     job = load_job_module(name)
-    job.build_recipe().export(str(tmp_path))
-    exported, checked_in = tmp_path / job.JOB_NAME, JOBS_DIR / name / job.JOB_NAME
+    exported, checked_in = job.export(tmp_path), JOBS_DIR / name / job.JOB_NAME
     assert checked_in.is_dir(), f"run `python jobs/{name}/job.py` to export {checked_in}"
     fresh, repo = _tree(exported), _tree(checked_in)
     assert sorted(fresh) == sorted(repo), "files differ: re-export with `make jobs`"

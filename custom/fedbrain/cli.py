@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # FLARE's own INFO chatter (connections, cells) drowns the progress bar: keep it at WARNING.
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedbrain").setLevel(logging.DEBUG if a.verbose else logging.INFO)
     return a.func(a) or 0
 
 

@@ -42,13 +42,10 @@ def new_run_dir(runs: Path, prefix: str = "demo") -> Path:
 def export_segmentation_job(out_dir: Path, settings: DemoSettings, min_clients: int) -> Path:
     from fedbrain.jobs import load_job_module
 
-    job = load_job_module("segmentation")
-    recipe = job.build_recipe(
-        rounds=settings.rounds, min_clients=min_clients, local_epochs=settings.local_epochs,
+    return load_job_module("segmentation").export(
+        out_dir, rounds=settings.rounds, min_clients=min_clients, local_epochs=settings.local_epochs,
         max_steps=settings.max_steps, init_filters=settings.init_filters,
     )
-    recipe.export(str(out_dir))
-    return out_dir / job.JOB_NAME
 
 
 def run_demo(runs: Path = Path("runs"), settings: DemoSettings | None = None, console: Console | None = None) -> dict:

@@ -8,6 +8,7 @@ The job names components and settings only; sites decide where their data lives.
 """
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
@@ -17,7 +18,8 @@ from nvflare.recipe.utils import add_experiment_tracking, add_final_global_evalu
 from fedbrain.models.segmentation import model_spec
 
 HERE = Path(__file__).resolve().parent
-SITE_SCRIPT = HERE.parents[1] / "apps" / "segment_client.py"
+APPS_DIR = HERE.parents[1] / "apps"
+SITE_SCRIPT = "segment_client.py"  # relative, so the job carries it in custom/ with no machine path
 JOB_NAME = "fedbrain_segmentation"
 
 
@@ -43,7 +45,7 @@ def build_recipe(
         model=model_spec(arch, init_filters=init_filters),
         min_clients=min_clients,
         num_rounds=rounds,
-        train_script=str(SITE_SCRIPT),
+        train_script=SITE_SCRIPT,
         train_args=train_args,
         key_metric="val_dice",
         key_metric_mode="max",
@@ -53,6 +55,14 @@ def build_recipe(
     add_experiment_tracking(recipe, "tensorboard")  # site metrics stream to the server's tb_events/
     add_final_global_evaluation(recipe)  # the last global model, validated at every site
     return recipe
+
+
+def export(export_dir: str | Path = HERE, **settings) -> Path:
+    """Build and export the job folder; returns it. The site script is resolved from apps/."""
+    export_dir = Path(export_dir).resolve()
+    with contextlib.chdir(APPS_DIR):
+        build_recipe(**settings).export(str(export_dir))
+    return export_dir / settings.get("name", JOB_NAME)
 
 
 def main(argv=None):
@@ -65,12 +75,11 @@ def main(argv=None):
     p.add_argument("--arch", default="segresnet")
     p.add_argument("--init_filters", type=int, default=8)
     a = p.parse_args(argv)
-    recipe = build_recipe(
-        rounds=a.rounds, min_clients=a.min_clients, local_epochs=a.local_epochs, max_steps=a.max_steps,
-        arch=a.arch, init_filters=a.init_filters,
+    folder = export(
+        a.export_dir, rounds=a.rounds, min_clients=a.min_clients, local_epochs=a.local_epochs,
+        max_steps=a.max_steps, arch=a.arch, init_filters=a.init_filters,
     )
-    recipe.export(a.export_dir)
-    print(Path(a.export_dir) / JOB_NAME)
+    print(folder)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,7 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -182,6 +183,10 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
             ax.plot(xs, [r.get(key) for r in e["rounds"]], marker="o", label=site)
         g = report["global"]
         ax.plot([r["round"] for r in g], [r.get(key) for r in g], "k--", lw=2, label="global (weighted)")
+        finals = [(len(e["rounds"]), e["final"].get(key)) for e in report["sites"].values() if e["final_source"] == "final global model"]
+        if finals:
+            ax.scatter([f[0] for f in finals], [f[1] for f in finals], marker="*", s=120, c="k", zorder=5, label="final model")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round (global model received)")
         ax.set_ylabel(title)
         ax.set_ylim(0, 1)

@@ -1,0 +1,100 @@
+"""MONAI preprocessing for BraTS-style four-modality segmentation.
+
+One definition is shared by the centralized baseline and every federated site, so
+both see identical inputs. The chain is ordered so that everything up to the first
+random transform is deterministic: `fedbrain.data.dataset.load_cases` runs that
+prefix once per case (and catches bad cases there) and replays only the random
+tail every epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.transforms import (
+    Compose,
+    ConvertToMultiChannelBasedOnBratsClassesd,
+    CropForegroundd,
+    DivisiblePadd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    Spacingd,
+    SpatialPadd,
+)
+
+#: Order of the four MRI channels (BraTS order, see docs/CONTRACTS.md).
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+#: Order of the three label channels produced from the BraTS labels 1/2/4.
+REGIONS = ("tc", "wt", "et")
+
+KEYS = ("image", "label")
+
+
+def _triple(value: float | Sequence[float], name: str) -> tuple:
+    values = tuple(value) if isinstance(value, Sequence) else (value,) * 3
+    if len(values) != 3:
+        raise ValueError(f"{name} needs 3 values (x, y, z), got {value!r}")
+    return values
+
+
+def segmentation_transforms(
+    train: bool,
+    *,
+    spacing: float | Sequence[float] = (3.0, 3.0, 3.0),
+    roi_size: int | Sequence[int] = (64, 64, 64),
+    k_divisible: int = 16,
+) -> Compose:
+    """Dict transform for items ``{"image": [t1, t1ce, t2, flair], "label": seg}``.
+
+    Output: ``image`` float32 (4, X, Y, Z) z-scored per channel inside the brain, and
+    ``label`` float32 (3, X, Y, Z) holding TC / WT / ET.
+
+    * ``train=True`` pads to ``roi_size`` and takes one random ``roi_size`` crop with
+      light flips and intensity jitter, so batches have a fixed shape.
+    * ``train=False`` keeps the whole (brain-cropped) volume and pads it to a multiple of
+      ``k_divisible`` (16 suits both SegResNet and the 4-level UNet), so validation can
+      run sliding-window or whole-volume inference.
+
+    Resampling to a common ``spacing`` is what lets sites with different scanners share
+    one model; cropping to the brain removes empty air so CPU time goes to tissue.
+    """
+    spacing = _triple(spacing, "spacing")
+    roi_size = tuple(int(r) for r in _triple(roi_size, "roi_size"))
+    keys = list(KEYS)
+    steps = [
+        LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys=keys),  # the 4 image files are stacked as 4 channels
+        # labels=None: use the MetaTensor's own space (RAS for NIfTI), MONAI's new default.
+        Orientationd(keys=keys, axcodes="RAS", labels=None),
+        Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest")),
+        # BraTS 1/2/4 -> TC (1|4), WT (1|2|4), ET (4); overlapping regions need sigmoid outputs.
+        ConvertToMultiChannelBasedOnBratsClassesd(keys="label"),
+        # The brain is everything non-zero in any modality (images are skull-stripped).
+        CropForegroundd(
+            keys=keys, source_key="image", allow_smaller=True, start_coord_key=None, end_coord_key=None
+        ),
+        # nonzero=True keeps the background at exactly 0 and out of the statistics.
+        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
+    ]
+    if train:
+        steps += [
+            SpatialPadd(keys=keys, spatial_size=roi_size),  # small brains still give a full roi
+            RandSpatialCropd(keys=keys, roi_size=roi_size, random_size=False),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
+        ]
+    else:
+        steps.append(DivisiblePadd(keys=keys, k=k_divisible))
+    return Compose(steps)
