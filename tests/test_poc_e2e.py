@@ -34,7 +34,7 @@ def finished_job(tmp_path_factory):
     broken = data / "hospital-b" / dl["training"][0]["image"][3]
     broken.write_bytes(broken.read_bytes()[:200])
 
-    settings = DemoSettings(rounds=ROUNDS, local_epochs=1, max_steps=0)
+    settings = DemoSettings(rounds=ROUNDS, local_epochs=3)
     try:
         poc.up(data_dir=data)
         started_pids = poc.pids()

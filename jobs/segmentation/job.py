@@ -1,4 +1,4 @@
-"""fedbrain segmentation job: FedAvg over hospitals training a MONAI SegResNet on BraTS-style MRI.
+"""fedbrain segmentation job: FedAvg over hospitals training a MONAI UNet (or SegResNet) on BraTS-style MRI.
 
     python jobs/segmentation/job.py                 # re-export jobs/segmentation/fedbrain_segmentation
     python jobs/segmentation/job.py --rounds 10 --export_dir /tmp/jobs
@@ -25,14 +25,14 @@ JOB_NAME = "fedbrain_segmentation"
 
 def build_recipe(
     *,
-    rounds: int = 5,
+    rounds: int = 6,
     min_clients: int = 3,
-    local_epochs: int = 1,
+    local_epochs: int = 4,
     max_steps: int = 0,
-    arch: str = "segresnet",
+    arch: str = "unet",
     init_filters: int = 8,
     batch_size: int = 2,
-    lr: float = 1e-3,
+    lr: float = 1e-2,
     roi: int = 64,
     name: str = JOB_NAME,
 ) -> FedAvgRecipe:
@@ -68,16 +68,17 @@ def export(export_dir: str | Path = HERE, **settings) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export_dir", default=str(HERE))
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--min_clients", type=int, default=3)
-    p.add_argument("--local_epochs", type=int, default=1)
+    p.add_argument("--local_epochs", type=int, default=4)
     p.add_argument("--max_steps", type=int, default=0)
-    p.add_argument("--arch", default="segresnet")
+    p.add_argument("--arch", default="unet", choices=["unet", "segresnet"])
     p.add_argument("--init_filters", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-2)
     a = p.parse_args(argv)
     folder = export(
         a.export_dir, rounds=a.rounds, min_clients=a.min_clients, local_epochs=a.local_epochs,
-        max_steps=a.max_steps, arch=a.arch, init_filters=a.init_filters,
+        max_steps=a.max_steps, arch=a.arch, init_filters=a.init_filters, lr=a.lr,
     )
     print(folder)
 

@@ -296,8 +296,10 @@ def print_site_table(report: dict, console=None) -> None:
 
     console = console or Console()
     table = Table(title=f"{report['job_name']} {report['job_id'][:8]} — {report['status']}")
-    for col in ("site", "train", "val", "skipped", "WT r0", "TC", "WT", "ET", "mean", "flag"):
-        table.add_column(col)
+    table.add_column("site", no_wrap=True)
+    for col in ("train", "val", "skip", "WT r0", "TC", "WT", "ET", "mean"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("flag")
     for site, e in sorted(report["sites"].items()):
         f = e["final"]
         table.add_row(

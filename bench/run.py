@@ -1,0 +1,249 @@
+"""fedbrain benchmarks: measured side by side in one run, written to bench/results.json and
+docs/benchmarks.md (with plots in docs/img/). These machines are shared and noisy, so every
+target is a ratio of two things measured in the same run, never an absolute time in a test.
+
+    python bench/run.py                      # everything
+    python bench/run.py --only overhead      # one row group: demo | central | overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+IMG = ROOT / "docs" / "img"
+WORK = ROOT / "bench" / "work"
+
+console = Console()
+
+
+def bench_demo(settings) -> dict:
+    """The main job exactly as `make demo` runs it (install excluded): time, memory, Dice."""
+    from fedbrain.demo import run_demo
+
+    t = time.time()
+    report = run_demo(WORK, settings, console=console)
+    run = report["run"]
+    return {
+        "run_dir": run["run folder"],
+        "demo_seconds": time.time() - t,
+        "peak_memory_gb": float(run["peak memory of the POC (GB)"]),
+        "mean_wt_dice": report["summary"]["mean_final_wt_dice"],
+        "min_wt_dice": report["summary"]["min_final_wt_dice"],
+        "mean_dice": report["summary"]["mean_final_dice"],
+        "per_site_wt": {s: e["final"].get("val_dice_wt") for s, e in report["sites"].items()},
+        "per_site_curve": {s: [r["val_dice_wt"] for r in e["rounds"]] for s, e in report["sites"].items()},
+    }
+
+
+def bench_central(data_dir: Path, settings) -> dict:
+    """Centralized baseline: pooled training cases, the same loop and epochs, scored per site."""
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.training.segment import SegmentationConfig, SegmentationTrainer
+
+    sites = sorted(p.parent.name for p in data_dir.glob("*/datalist.json"))
+    lists = {s: load_datalist(data_dir / s / "datalist.json") for s in sites}
+    config = SegmentationConfig(arch=settings.arch, init_filters=settings.init_filters, lr=settings.lr, seed=settings.seed, epochs_per_round=1, num_threads=1)
+    pooled = [c for s in sites for c in lists[s]["training"]]
+    trainer = SegmentationTrainer(pooled, [], config)
+    model = trainer.build_model()
+    epochs = settings.rounds * settings.local_epochs
+    t = time.time()
+    for _ in range(epochs):
+        trainer.train(model)
+    train_seconds = time.time() - t
+    per_site = {}
+    for s in sites:
+        per_site[s] = SegmentationTrainer([], lists[s]["validation"], config).validate(model)
+    wt = [m["val_dice_wt"] for m in per_site.values()]
+    return {
+        "epochs": epochs,
+        "train_seconds": train_seconds,
+        "mean_wt_dice": statistics.mean(wt),
+        "min_wt_dice": min(wt),
+        "mean_dice": statistics.mean(m["val_dice"] for m in per_site.values()),
+        "per_site_wt": {s: m["val_dice_wt"] for s, m in per_site.items()},
+    }
+
+
+def bench_overhead(data_dir: Path, rounds: int, demo_settings) -> dict:
+    """FLARE round wall time vs the same validate+train steps run bare, one site, same data."""
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.demo import DemoSettings, export_segmentation_job
+    from fedbrain.poc.consortium import DEFAULT_PROJECT, PocConsortium
+    from fedbrain.poc.runner import submit_and_wait
+    from fedbrain.report.job_report import build_report
+    from fedbrain.training.segment import SegmentationConfig, SegmentationTrainer
+
+    site = "hospital-a"
+    run_dir = WORK / f"overhead-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir.mkdir(parents=True)
+    project = yaml.safe_load(DEFAULT_PROJECT.read_text())
+    project["participants"] = [p for p in project["participants"] if p["type"] != "client" or p["name"] == site]
+    (run_dir / "one_site.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+    poc = PocConsortium(run_dir, run_dir / "one_site.yml")
+    settings = DemoSettings(**{**vars(demo_settings), "rounds": rounds})
+    try:
+        poc.up(data_dir=data_dir)
+        job = export_segmentation_job(run_dir / "jobs", settings, min_clients=1)
+        meta, result = submit_and_wait(poc, job, rounds=rounds, result_dir=run_dir / "result", console=console)
+    finally:
+        poc.clean()
+    report = build_report(result)
+    # Round 0 also loads and caches the site's data, which the bare run does before its clock starts.
+    flare_rounds = [r["seconds"] for r in report["round_seconds"] if r["round"] > 0]
+
+    lists = load_datalist(data_dir / site / "datalist.json")
+    config = SegmentationConfig(arch=settings.arch, init_filters=settings.init_filters, lr=settings.lr,
+                                epochs_per_round=settings.local_epochs, num_threads=1)
+    trainer = SegmentationTrainer(lists["training"], lists["validation"], config)
+    model = trainer.build_model()
+    bare_rounds = []
+    for _ in range(rounds):
+        t = time.time()
+        trainer.validate(model)
+        trainer.train(model)
+        bare_rounds.append(time.time() - t)
+    flare, bare = statistics.median(flare_rounds), statistics.median(bare_rounds[1:] or bare_rounds)
+    return {
+        "status": meta.get("status"),
+        "rounds": rounds,
+        "flare_round_seconds": flare_rounds,
+        "bare_round_seconds": bare_rounds,
+        "flare_median_s": flare,
+        "bare_median_s": bare,
+        "ratio": flare / bare,
+    }
+
+
+def plot(results: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    out = []
+    demo, central = results.get("demo"), results.get("central")
+    if demo and central:
+        sites = sorted(demo["per_site_wt"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        w = 0.38
+        ax.bar([i - w / 2 for i in range(len(sites))], [demo["per_site_wt"][s] for s in sites], w, label="federated (FedAvg, POC)")
+        ax.bar([i + w / 2 for i in range(len(sites))], [central["per_site_wt"][s] for s in sites], w, label="centralized (pooled)")
+        ax.set_xticks(range(len(sites)), sites)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("WT Dice on the site's validation cases")
+        ax.set_title("Federated vs centralized, same data, loop and epochs")
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(IMG / "bench_fed_vs_central.png", dpi=110)
+        plt.close(fig)
+        out.append("img/bench_fed_vs_central.png")
+    ov = results.get("overhead")
+    if ov:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(1, len(ov["flare_round_seconds"]) + 1), ov["flare_round_seconds"], "o-", label="FLARE POC round")
+        ax.plot(range(1, len(ov["bare_round_seconds"][1:]) + 1), ov["bare_round_seconds"][1:], "s-", label="bare loop, same steps")
+        ax.set_xlabel("round")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"Round wall time, one site (ratio {ov['ratio']:.2f})")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(IMG / "bench_flare_overhead.png", dpi=110)
+        plt.close(fig)
+        out.append("img/bench_flare_overhead.png")
+    return out
+
+
+def _f(v, fmt="{:.3f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def write_doc(results: dict, plots: list[str]) -> None:
+    demo, central, ov = results.get("demo"), results.get("central"), results.get("overhead")
+    rows = []
+    if demo and central:
+        ratio = demo["mean_wt_dice"] / central["mean_wt_dice"] if central["mean_wt_dice"] else None
+        rows.append(("Federated / centralized mean WT Dice (same data, loop, epochs)", _f(ratio), ">= 1.00",
+                     f"{_f(demo['mean_wt_dice'])} vs {_f(central['mean_wt_dice'])}"))
+    if ov:
+        rows.append(("FLARE round / bare local round, same steps (1 site)", _f(ov["ratio"]), "<= 1.05",
+                     f"{_f(ov['flare_median_s'], '{:.1f}')} s vs {_f(ov['bare_median_s'], '{:.1f}')} s (medians)"))
+    if demo:
+        rows.append(("`make demo` time without install (s)", _f(demo["demo_seconds"], "{:.0f}"), "<= 600 incl. install", ""))
+        rows.append(("Peak memory of the whole POC during the demo (GB)", _f(demo["peak_memory_gb"], "{:.2f}"), "<= 6", ""))
+        rows.append(("Demo mean WT Dice / minimum site", f"{_f(demo['mean_wt_dice'])} / {_f(demo['min_wt_dice'])}", ">= 0.70 / >= 0.60", ""))
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {results['measured_at']} on {results['machine']} by `make bench` (bench/run.py); raw numbers in",
+        "`bench/results.json`. Ratios compare two things measured in the same run, because these machines are",
+        "shared and noisy.",
+        "",
+        "| what | measured | goal | detail |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+    ]
+    if demo:
+        lines += ["Per-site WT Dice of the final global model (federated):", ""]
+        lines += [f"- {s}: {_f(v)}" + (f" (centralized: {_f(central['per_site_wt'].get(s))})" if central else "")
+                  for s, v in sorted(demo["per_site_wt"].items())]
+        lines.append("")
+    lines += [f"![{Path(p).stem}]({p})" for p in plots]
+    DOC.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    from fedbrain.demo import DemoSettings
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="demo,central,overhead")
+    p.add_argument("--overhead-rounds", type=int, default=4)
+    a = p.parse_args(argv)
+    only = set(a.only.split(","))
+    settings = DemoSettings()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results.update({
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip(),
+        "settings": vars(settings),
+    })
+    WORK.mkdir(parents=True, exist_ok=True)
+    if "demo" in only:
+        console.rule("demo (federated)")
+        results["demo"] = bench_demo(settings)
+    data_dir = Path(results["demo"]["run_dir"]) / "data" if results.get("demo") else None
+    if "central" in only:
+        console.rule("centralized baseline")
+        if data_dir is None or not data_dir.exists():
+            sys.exit("the centralized row needs the demo's data: run with --only demo,central")
+        results["central"] = bench_central(data_dir, settings)
+    if "overhead" in only:
+        console.rule("FLARE overhead")
+        if data_dir is None or not data_dir.exists():
+            sys.exit("the overhead row needs the demo's data: run with --only demo,overhead")
+        results["overhead"] = bench_overhead(data_dir, a.overhead_rounds, settings)
+    plots = plot(results)
+    RESULTS.write_text(json.dumps(results, indent=2, default=str))
+    write_doc(results, plots)
+    console.print(f"wrote {RESULTS} and {DOC}")
+
+
+if __name__ == "__main__":
+    main()
