@@ -7,14 +7,15 @@ training loop live in the fedbrain library, so the same code runs centralized.
 
 import argparse
 import logging
+import math
 import time
 
 import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.client.tracking import SummaryWriter
 
-from fedbrain.data.datalist import load_datalist
-from fedbrain.site import resolve_site_settings
+from fedbrain.data.datalist import DatalistError, load_datalist
+from fedbrain.site import SiteConfigError, resolve_site_settings
 from fedbrain.training.segment import SegmentationConfig, SegmentationTrainer
 from fedbrain.training.fl import weight_diff, state_dict_from_params
 
@@ -40,8 +41,15 @@ def main():
     args = parse_args()
     flare.init()
     site = flare.get_site_name()
-    settings = resolve_site_settings(site, args.datalist)
-    cases = load_datalist(settings.datalist, root=settings.data_root)
+    try:
+        settings = resolve_site_settings(site, args.datalist)
+        cases = load_datalist(settings.datalist, root=settings.data_root)
+        site_error = ""
+    except (SiteConfigError, DatalistError, OSError) as e:
+        # A misconfigured site stays in the federation with zero weight instead of failing the job.
+        log.error("site %s cannot use its data and will send empty updates: %s", site, e)
+        settings = resolve_site_settings(site, "<none>")
+        cases, site_error = {"training": [], "validation": []}, str(e)
     config = SegmentationConfig(
         arch=args.arch,
         init_filters=args.init_filters,
@@ -59,6 +67,7 @@ def main():
     model = trainer.build_model().to(trainer.device)
     writer = SummaryWriter()
     summary = trainer.data_summary()
+    summary["site_error"] = int(bool(site_error))
     log.info("site %s: data from %s (%s): %s", site, settings.datalist, settings.source, summary)
     for case in trainer.skipped:
         log.warning("site %s: skipped case %s: %s", site, case.case_id, case.reason)
@@ -68,7 +77,7 @@ def main():
         round_no = global_model.current_round or 0
         model.load_state_dict(state_dict_from_params(global_model.params, model), strict=True)
         started = time.time()
-        metrics = trainer.validate(model)
+        metrics = {k: v for k, v in trainer.validate(model).items() if not math.isnan(v)}  # no val case: no Dice
         metrics.update({k: float(v) for k, v in summary.items()})
         if flare.is_evaluate():
             flare.send(FLModel(metrics=metrics))
@@ -80,7 +89,8 @@ def main():
         else:  # nothing usable here: contribute zero weight rather than take the federation down
             log.error("site %s: no usable training case (%d skipped); sending an empty update", site, summary["n_skipped"])
             stats = {"train_loss": float("nan"), "steps": 0}
-        metrics["train_loss"] = stats["train_loss"]
+        if stats["steps"]:
+            metrics["train_loss"] = stats["train_loss"]
         metrics["train_steps"] = stats["steps"]
         metrics["round_seconds"] = time.time() - started
         for key, value in metrics.items():
