@@ -1,0 +1,320 @@
+"""Dual-stream MRI+CT grade classifier: model, fusion masking, DP-compatibility, splits, data, loop."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fedbrain.models.classifier import (
+    FUSIONS,
+    build_classifier,
+    head_parameter_names,
+    model_spec,
+    shared_parameter_names,
+)
+
+SMALL = dict(channels=(8, 16), embed_dim=16, head_hidden=8)  # tiny trunks keep the tests fast
+SIZE = (16, 20, 16)
+
+
+def _inputs(b=3, size=SIZE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, *size, generator=g), torch.randn(b, 2, *size, generator=g)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_output_shapes_with_and_without_modalities(fusion):
+    torch.manual_seed(0)
+    model = build_classifier(fusion, **SMALL).eval()
+    mri, ct = _inputs()
+    ones, zeros = torch.ones(3), torch.zeros(3)
+    with torch.no_grad():
+        for out in (
+            model(mri, ct),  # flags None: both present
+            model(mri, ct, has_mri=ones, has_ct=ones),
+            model(mri, torch.zeros_like(ct), has_ct=zeros),  # CT missing
+            model(torch.zeros_like(mri), ct, has_mri=zeros),  # MRI missing
+            model(mri, ct, has_mri=torch.tensor([1.0, 1.0, 0.0]), has_ct=torch.tensor([1.0, 0.0, 1.0])),  # mixed
+            model(mri, None),  # a None stream is treated as absent
+        ):
+            assert out.shape == (3, 3)
+            assert torch.isfinite(out).all()
+
+
+def test_late_fusion_cannot_mask():
+    torch.manual_seed(0)
+    model = build_classifier("late", **SMALL).eval()
+    mri, ct = _inputs()
+    with torch.no_grad():
+        a = model(mri, ct, has_ct=torch.ones(3))
+        b = model(mri, ct, has_ct=torch.zeros(3))
+        c = model(mri, ct + 1.0, has_ct=torch.zeros(3))
+    assert torch.equal(a, b)  # the flag is ignored ...
+    assert not torch.allclose(a, c)  # ... and the CT input always counts
+
+
+@pytest.mark.parametrize("fusion", ["masked_mean", "attention"])
+def test_masked_fusions_ignore_absent_ct(fusion):
+    torch.manual_seed(0)
+    model = build_classifier(fusion, **SMALL).eval()
+    mri, ct = _inputs()
+    has_ct = torch.tensor([0.0, 1.0, 0.0])
+    with torch.no_grad():
+        a = model(mri, ct, has_ct=has_ct)
+        b = model(mri, 5.0 * torch.randn_like(ct), has_ct=has_ct)
+    assert torch.equal(a[has_ct == 0], b[has_ct == 0])  # absent CT: its tensor has no influence
+    assert not torch.allclose(a[has_ct == 1], b[has_ct == 1])  # present CT is used
+    # the same holds for MRI
+    has_mri = torch.tensor([1.0, 0.0, 1.0])
+    with torch.no_grad():
+        a = model(mri, ct, has_mri=has_mri)
+        b = model(mri * 3 + 1, ct, has_mri=has_mri)
+    assert torch.equal(a[1], b[1])
+
+
+def test_modality_dropout_never_drops_both():
+    torch.manual_seed(0)
+    model = build_classifier("masked_mean", modality_dropout=0.9, **SMALL)
+    present = torch.ones(2000, 2)
+    dropped = model._drop_modalities(present)
+    assert (dropped.sum(1) >= 1).all()
+    assert 0.8 < float((dropped.sum(1) == 1).float().mean()) < 0.97  # ~p of samples lose one
+    assert (dropped[:, 0] == 0).any() and (dropped[:, 1] == 0).any()  # either modality can go
+    only_one = torch.tensor([[1.0, 0.0]] * 100)
+    assert torch.equal(model._drop_modalities(only_one), only_one)  # a lone modality is kept
+
+
+def test_head_and_shared_parameter_names():
+    model = build_classifier("attention", **SMALL)
+    keys = list(model.state_dict())
+    head = head_parameter_names(model)
+    shared = shared_parameter_names(model)
+    assert head and head == [k for k in keys if k.startswith("head.")]
+    assert shared == [k for k in keys if not k.startswith("head.")]
+    assert any(k.startswith("mri_trunk.") for k in shared) and any(k.startswith("ct_trunk.") for k in shared)
+    assert any(k.startswith("fusion.") for k in shared)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # inputs need no grad here
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_opacus_compatible(fusion):
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    torch.manual_seed(0)
+    model = build_classifier(fusion, modality_dropout=0.5, **SMALL)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert ModuleValidator.validate(build_classifier(fusion, streams=("mri",), **SMALL), strict=False) == []
+    # Per-sample gradients exist for every trainable parameter (what DP-SGD needs).
+    gsm = GradSampleModule(model)
+    mri, ct = _inputs(b=2, size=(8, 8, 8))
+    gsm(mri, ct, has_ct=torch.tensor([1.0, 0.0])).sum().backward()
+    for name, p in gsm.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape[0] == 2, name
+    assert head_parameter_names(gsm) == [k for k in gsm.state_dict() if k.startswith("_module.head.")]
+
+
+@pytest.mark.parametrize("kwargs", [dict(fusion="attention"), dict(fusion="late", streams=("ct",)),
+                                    dict(fusion="masked_mean", streams=["mri"], modality_dropout=0.3)])
+def test_model_spec_round_trip(kwargs):
+    spec = json.loads(json.dumps(model_spec(**kwargs, **SMALL)))  # must survive JSON (FLARE config)
+    module, name = spec["class_path"].rsplit(".", 1)
+    rebuilt = getattr(importlib.import_module(module), name)(**spec["args"])
+    original = build_classifier(**kwargs, **SMALL)
+    a, b = original.state_dict(), rebuilt.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    rebuilt.load_state_dict(a)
+    with pytest.raises(TypeError):
+        model_spec(no_such_arg=1)
+
+
+def test_single_stream_models():
+    mri, ct = _inputs()
+    mri_only = build_classifier("masked_mean", streams=("mri",), **SMALL).eval()
+    assert mri_only.ct_trunk is None and mri_only.mri_trunk is not None
+    with torch.no_grad():
+        assert torch.equal(mri_only(mri, ct), mri_only(mri, None))  # CT input ignored
+    ct_only = build_classifier("late", streams=("ct",), **SMALL).eval()
+    assert ct_only.mri_trunk is None
+    assert ct_only(None, ct).shape == (3, 3)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_dirichlet_partition_properties():
+    from fedbrain.data.splits import class_entropy, dirichlet_partition
+
+    labels = np.random.default_rng(1).integers(0, 3, 240)
+    a = dirichlet_partition(labels, 5, 0.3, seed=7)
+    assert a == dirichlet_partition(labels, 5, 0.3, seed=7)
+    assert a != dirichlet_partition(labels, 5, 0.3, seed=8)
+    assert sorted(i for site in a for i in site) == list(range(240))
+    for quantity_skew in (True, False):
+        for seed in range(5):
+            parts = dirichlet_partition(labels, 6, 0.05, seed, min_per_site=10, quantity_skew=quantity_skew)
+            assert min(len(p) for p in parts) >= 10
+            assert sorted(i for p in parts for i in p) == list(range(240))
+    skewed = np.mean([class_entropy(labels, dirichlet_partition(labels, 5, 0.1, s)) for s in range(8)])
+    iid = np.mean([class_entropy(labels, dirichlet_partition(labels, 5, 100.0, s)) for s in range(8)])
+    assert skewed < iid - 0.5
+    with pytest.raises(ValueError):
+        dirichlet_partition(labels[:10], 3, 1.0, 0, min_per_site=4)
+
+
+def test_write_partitioned_datalists(tmp_path):
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.data.splits import write_partitioned_datalists
+
+    grades = ["healthy"] * 10 + ["LGG"] * 16 + ["HGG"] * 22
+    cases = [{"case_id": f"C{i:03d}", "image": [f"rel/C{i}/{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")],
+              "label": f"rel/C{i}/seg.nii.gz", "grade": g} for i, g in enumerate(grades)]
+    paths = write_partitioned_datalists(cases, tmp_path, ["s1", "s2", "s3"], alpha=0.5, seed=3)
+    assert set(paths) == {"s1", "s2", "s3"}
+    seen = []
+    for site, path in paths.items():
+        data = load_datalist(path)
+        for section in ("training", "validation"):
+            for item in data[section]:
+                assert all(p.startswith("/") for p in item["image"])
+        train = [i["grade"] for i in data["training"]]
+        val = [i["grade"] for i in data["validation"]]
+        for g in set(train + val):
+            if (train + val).count(g) >= 2:
+                assert g in val and g in train, (site, g)
+        seen += [i["case_id"] for i in data["training"] + data["validation"]]
+    assert sorted(seen) == sorted(c["case_id"] for c in cases)
+    assert json.loads((tmp_path / "partition.json").read_text())["alpha"] == 0.5
+    with pytest.raises(ValueError):
+        write_partitioned_datalists([{**cases[0], "grade": None}] + cases[1:], tmp_path / "x", ["a", "b"], 1.0, 0)
+
+
+# --------------------------------------------------------------------------- data + training loop
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """2 sites of the synthetic consortium (MRI + DICOM CT + grade), as datalist items."""
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.data.synth import synthesize_consortium
+
+    root = tmp_path_factory.mktemp("consortium")
+    manifest = synthesize_consortium(root, sites=2, cases=4, seed=0, progress=False)
+    train, val = [], []
+    for site in manifest["sites"]:
+        data = load_datalist(root / site["datalist"])
+        train += data["training"]
+        val += data["validation"]
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def trainer(cohort):
+    from fedbrain.training.classify import ClassificationConfig, ClassificationTrainer
+
+    train, val = cohort
+    val = [dict(val[0], ct=None)] + val[1:]  # one validation case without CT
+    config = ClassificationConfig(fusion="attention", spatial_size=SIZE, channels=(8, 16), embed_dim=16,
+                                  head_hidden=8, modality_dropout=0.3, batch_size=4, num_threads=2,
+                                  class_weights=True)
+    return ClassificationTrainer(train, val, config)
+
+
+def test_multimodal_items(cohort, tmp_path):
+    from fedbrain.data.multimodal import classification_transforms, load_classification_cases
+
+    train, _ = cohort
+    no_ct = {k: v for k, v in train[0].items() if k != "ct"}
+    no_grade = {k: v for k, v in train[1].items() if k != "grade"}
+    broken = dict(train[2], case_id="BROKEN-CT", ct=str(tmp_path / "ct"))
+    shutil.copytree(train[2]["ct"], tmp_path / "ct")
+    (tmp_path / "ct" / "IM0010.dcm").unlink()  # a missing slice: the series reader refuses it
+    ds, skipped = load_classification_cases([no_ct, no_grade, broken, train[3]],
+                                             classification_transforms(False, spatial_size=SIZE))
+    reasons = {s.case_id: s.reason for s in skipped}
+    assert set(reasons) == {train[1]["case_id"], "BROKEN-CT"}
+    assert "grade" in reasons[train[1]["case_id"]]
+    assert "gap" in reasons["BROKEN-CT"] and str(tmp_path / "ct") in reasons["BROKEN-CT"]
+    a, b = ds.items
+    assert a["mri"].shape == (4, *SIZE) and a["ct"].shape == (2, *SIZE)
+    assert float(a["has_ct"]) == 0.0 and float(a["ct"].abs().max()) == 0.0  # missing CT -> zeros
+    assert float(b["has_ct"]) == 1.0 and float(b["has_mri"]) == 1.0
+    assert 0.0 <= float(b["ct"].min()) and float(b["ct"].max()) <= 1.0 and float(b["ct"][0].max()) > 0
+    assert b["label"] == ["healthy", "LGG", "HGG"].index(train[3]["grade"])
+
+
+def test_ct_lands_on_the_mri_grid(cohort):
+    """The synthetic CT shares the MRI's affine, so resampling must reproduce it voxel for voxel."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ResampleToMatchd
+
+    from fedbrain.data.dicom import read_ct_series
+    from fedbrain.data.multimodal import LoadCTSeriesd
+
+    case = cohort[0][0]
+    chain = Compose([
+        LoadImaged(keys="mri", reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys="mri"),
+        LoadCTSeriesd(keys="ct", ref_key="mri"),
+        ResampleToMatchd(keys="ct", key_dst="mri"),
+    ])
+    out = chain({"mri": case["image"], "ct": case["ct"]})
+    hu, affine = read_ct_series(case["ct"])
+    assert out["ct"].shape == (1, *out["mri"].shape[1:])
+    np.testing.assert_allclose(out["ct"].affine.numpy(), affine, atol=1e-4)
+    np.testing.assert_allclose(out["ct"][0].numpy(), hu, atol=1e-3)
+
+
+def test_training_validation_and_fedprox(trainer):
+    from fedbrain.training.classify import proximal_term
+
+    summary = trainer.data_summary()
+    assert summary["n_train"] > 0 and summary["n_val"] > 0 and summary["n_skipped"] == 0
+    assert sum(summary["train_class_counts"].values()) == summary["n_train"]
+    assert summary["n_val_with_ct"] == summary["n_val"] - 1
+    torch.manual_seed(0)
+    model = trainer.build_model()
+
+    out = trainer.train(model, steps=2)
+    assert out["steps"] == 2 and math.isfinite(out["train_loss"]) and out["prox_loss"] == 0.0
+
+    # FedProx: zero at the global weights, mu/2 ||dw||^2 away from them, head excluded.
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert proximal_term(model, state, 1.0).item() == 0.0
+    moved = {k: (v + 0.1 if not k.startswith("head.") else v + 100.0) for k, v in state.items()}
+    n_shared = sum(p.numel() for k, p in model.named_parameters() if not k.startswith("head."))
+    assert proximal_term(model, moved, 1.0).item() == pytest.approx(0.5 * 0.01 * n_shared, rel=1e-3)
+    trainer.config.fedprox_mu = 0.5
+    try:
+        prox = trainer.train(model, steps=1, global_params={k: v.numpy() for k, v in moved.items()})
+    finally:
+        trainer.config.fedprox_mu = 0.0
+    assert prox["prox_loss"] > 0 and prox["train_loss"] == pytest.approx(prox["ce_loss"] + prox["prox_loss"])
+
+    for drop in (None, "ct", "mri"):
+        metrics = trainer.validate(model, drop=drop)
+        assert metrics["n_val"] == summary["n_val"]
+        assert 0.0 <= metrics["val_acc"] <= 1.0 and 0.0 <= metrics["val_bacc"] <= 1.0
+        assert math.isnan(metrics["val_auc"]) or 0.0 <= metrics["val_auc"] <= 1.0
+    with pytest.raises(ValueError):
+        trainer.validate(model, drop="pet")
+
+
+def test_classification_metrics():
+    from fedbrain.training.classify import classification_metrics
+
+    probs = np.eye(3)[[0, 1, 2, 2]] * 0.9 + 0.05
+    perfect = classification_metrics(probs, np.array([0, 1, 2, 2]))
+    assert perfect == {"val_acc": 1.0, "val_bacc": 1.0, "val_auc": 1.0}
+    two = classification_metrics(probs, np.array([1, 1, 2, 2]))  # healthy absent: still an AUC
+    assert two["val_bacc"] == 0.75 and 0.0 <= two["val_auc"] <= 1.0
+    assert math.isnan(classification_metrics(probs, np.array([2, 2, 2, 2]))["val_auc"])
