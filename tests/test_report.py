@@ -52,10 +52,10 @@ def test_report_per_site_curves_final_and_round_times(tmp_path):
     assert report["sites"]["hospital-b"]["n_skipped"] == 1
     assert [r["seconds"] for r in report["round_seconds"]] == [10.0, 10.0, 15.0]
     assert report["summary"]["mean_final_wt_dice"] == pytest.approx(0.8)
-    for name in ("report.md", "report.json", "dice_per_round.png", "final_dice_by_site.png", "round_time.png"):
+    for name in ("report.md", "report.json", "metrics_per_round.png", "final_by_site.png", "round_time.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| hospital-a |" in md and "![dice_per_round](dice_per_round.png)" in md
+    assert "| hospital-a |" in md and "![metrics_per_round](metrics_per_round.png)" in md
 
 
 def test_low_site_is_flagged_against_the_others(tmp_path):

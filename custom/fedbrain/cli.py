@@ -91,12 +91,13 @@ def cmd_poc(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from fedbrain.demo import DemoSettings, run_demo
+    from fedbrain.demo import ClassifyDemoSettings, DemoSettings, run_demo
 
-    if a.task != "segment":
-        raise SystemExit(f"task {a.task!r} is not available yet")
-    settings = DemoSettings(cases=a.cases, rounds=a.rounds, local_epochs=a.local_epochs, seed=a.seed,
-                            keep_workspace=a.keep)
+    given = {k: v for k, v in (("cases", a.cases), ("rounds", a.rounds), ("local_epochs", a.local_epochs)) if v is not None}
+    if a.task == "classify":
+        settings = ClassifyDemoSettings(seed=a.seed, keep_workspace=a.keep, algorithm=a.algorithm, alpha=a.alpha, **given)
+    else:
+        settings = DemoSettings(seed=a.seed, keep_workspace=a.keep, **given)
     run_demo(Path(a.runs), settings, console=console)
     return 0
 
@@ -151,9 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="main job end to end: data, POC, submit, watch, report, teardown")
     d.add_argument("--task", default="segment", choices=["segment", "classify"])
     d.add_argument("--runs", default="runs")
-    d.add_argument("--cases", type=int, default=12)
-    d.add_argument("--rounds", type=int, default=6)
-    d.add_argument("--local-epochs", dest="local_epochs", type=int, default=4)
+    d.add_argument("--cases", type=int, default=None, help="mean cases per hospital (default: 12 segment, 24 classify)")
+    d.add_argument("--rounds", type=int, default=None)
+    d.add_argument("--local-epochs", dest="local_epochs", type=int, default=None)
+    d.add_argument("--algorithm", default="personal", choices=["personal", "fedavg", "fedprox"], help="classify only")
+    d.add_argument("--alpha", type=float, default=0.5, help="classify only: Dirichlet label-skew alpha")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")
     d.set_defaults(func=cmd_demo)

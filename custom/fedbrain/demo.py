@@ -35,6 +35,20 @@ class DemoSettings:
     keep_workspace: bool = False
 
 
+@dataclass
+class ClassifyDemoSettings:
+    """The classification demo: a pooled synthetic cohort re-split with Dirichlet label skew."""
+
+    cases: int = 24
+    seed: int = 0
+    alpha: float = 0.5
+    algorithm: str = "personal"  # personal | fedavg | fedprox
+    rounds: int = 10
+    local_epochs: int = 4
+    fusion: str = "masked_mean"
+    keep_workspace: bool = False
+
+
 def new_run_dir(runs: Path, prefix: str = "demo") -> Path:
     run_dir = Path(runs).resolve() / f"{prefix}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir.mkdir(parents=True, exist_ok=False)
@@ -50,11 +64,38 @@ def export_segmentation_job(out_dir: Path, settings: DemoSettings, min_clients: 
     )
 
 
-def run_demo(runs: Path = Path("runs"), settings: DemoSettings | None = None, console: Console | None = None) -> dict:
+def export_classification_job(out_dir: Path, settings: ClassifyDemoSettings, sites: list[str]) -> Path:
+    from fedbrain.jobs import load_job_module
+
+    return load_job_module("classification").export(
+        out_dir, algorithm=settings.algorithm, rounds=settings.rounds, sites=sites,
+        local_epochs=settings.local_epochs, fusion=settings.fusion,
+    )
+
+
+def prepare_classification_data(data_dir: Path, sites: list[str], settings: ClassifyDemoSettings) -> Path:
+    """Synthesize hospitals, pool their cases, re-split by Dirichlet(alpha) grade skew; returns the split folder."""
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.data.splits import write_partitioned_datalists
+    from fedbrain.data.synth import synthesize_consortium
+
+    synthesize_consortium(data_dir / "pool", sites=len(sites), cases=settings.cases, seed=settings.seed,
+                          site_names=sites, progress=True)
+    pooled = []
+    for site in sites:
+        lists = load_datalist(data_dir / "pool" / site / "datalist.json")
+        pooled += lists["training"] + lists["validation"]
+    write_partitioned_datalists(pooled, data_dir / "split", sites, alpha=settings.alpha, seed=settings.seed)
+    return data_dir / "split"
+
+
+def run_demo(runs: Path = Path("runs"), settings: DemoSettings | ClassifyDemoSettings | None = None,
+             console: Console | None = None) -> dict:
     from fedbrain.data.synth import synthesize_consortium
     from fedbrain.report.job_report import print_site_table, write_report
 
     settings = settings or DemoSettings()
+    classify = isinstance(settings, ClassifyDemoSettings)
     console = console or Console()
     t0 = time.time()
     run_dir = new_run_dir(runs)
@@ -63,8 +104,12 @@ def run_demo(runs: Path = Path("runs"), settings: DemoSettings | None = None, co
     timings = {}
 
     console.print("[bold]1/5[/] synthetic hospital data")
-    synthesize_consortium(run_dir / "data", sites=len(poc.sites), cases=settings.cases, seed=settings.seed,
-                          site_names=poc.sites, progress=True)
+    if classify:
+        data_dir = prepare_classification_data(run_dir / "data", poc.sites, settings)
+    else:
+        data_dir = run_dir / "data"
+        synthesize_consortium(data_dir, sites=len(poc.sites), cases=settings.cases, seed=settings.seed,
+                              site_names=poc.sites, progress=True)
     timings["synth_s"] = time.time() - t0
 
     peak = {"rss": 0}
@@ -75,12 +120,15 @@ def run_demo(runs: Path = Path("runs"), settings: DemoSettings | None = None, co
     try:
         console.print("[bold]2/5[/] provisioning and starting the POC consortium (server + %d hospitals)" % len(poc.sites))
         t = time.time()
-        poc.up(data_dir=run_dir / "data")
+        poc.up(data_dir=data_dir)
         timings["poc_start_s"] = time.time() - t
         console.print(f"    all sites connected in {timings['poc_start_s']:.0f} s: {', '.join(poc.sites)}")
 
-        console.print("[bold]3/5[/] submitting the segmentation job as %s" % poc.admin)
-        job_folder = export_segmentation_job(run_dir / "jobs", settings, min_clients=len(poc.sites))
+        console.print(f"[bold]3/5[/] submitting the {'classification' if classify else 'segmentation'} job as {poc.admin}")
+        if classify:
+            job_folder = export_classification_job(run_dir / "jobs", settings, poc.sites)
+        else:
+            job_folder = export_segmentation_job(run_dir / "jobs", settings, min_clients=len(poc.sites))
         t = time.time()
         meta, result = submit_and_wait(poc, job_folder, rounds=settings.rounds, result_dir=run_dir / "result",
                                        console=console, on_poll=sample_memory)

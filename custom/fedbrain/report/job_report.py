@@ -16,7 +16,14 @@ import statistics
 from datetime import datetime
 from pathlib import Path
 
-DICE_KEYS = ("val_dice_tc", "val_dice_wt", "val_dice_et", "val_dice")
+# Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
+TASKS = {
+    "segmentation": {"metrics": (("val_dice_tc", "TC"), ("val_dice_wt", "WT"), ("val_dice_et", "ET"), ("val_dice", "mean")),
+                     "primary": "val_dice_wt", "primary_label": "WT Dice", "curve": "val_dice", "curve_label": "mean Dice (TC/WT/ET)"},
+    "classification": {"metrics": (("val_acc", "acc"), ("val_bacc", "bal. acc"), ("val_auc", "AUC")),
+                       "primary": "val_bacc", "primary_label": "balanced accuracy", "curve": "val_auc", "curve_label": "macro AUC"},
+}
+DICE_KEYS = tuple(k for k, _ in TASKS["segmentation"]["metrics"])
 DATA_KEYS = ("n_train", "n_val", "n_skipped")
 # Sites are flagged against the *other* sites: with 3 sites a plain z-score can never reach 2.
 FLAG_SD = 2.0
@@ -99,27 +106,31 @@ def build_report(result_dir: Path) -> dict:
     rows = [json.loads(line) for line in (ws / "metrics" / "round_metrics.jsonl").read_text().splitlines() if line.strip()]
     if not rows:
         raise ReportError(f"{ws}: round_metrics.jsonl is empty: the job finished no round")
+    task = "classification" if any(m["name"] == "val_bacc" for r in rows for s in r.get("sites", []) for m in s.get("metrics", [])) else "segmentation"
+    spec = TASKS[task]
+    keys = tuple(k for k, _ in spec["metrics"])
+    primary = spec["primary"]
     sites: dict[str, dict] = {}
     global_curve = []
     for row in rows:
         rnd = row["round"]
         agg = {m["name"]: m["value"] for m in row.get("aggregated_metrics", [])}
-        global_curve.append({"round": rnd, **{k: agg.get(k) for k in DICE_KEYS}})
+        global_curve.append({"round": rnd, **{k: agg.get(k) for k in keys}})
         for site in row.get("sites", []):
             metrics = {m["name"]: m["value"] for m in site.get("metrics", [])}
             entry = sites.setdefault(site["name"], {"rounds": []})
-            entry["rounds"].append({"round": rnd, **{k: metrics.get(k) for k in (*DICE_KEYS, "train_loss", "round_seconds")}})
+            entry["rounds"].append({"round": rnd, **{k: metrics.get(k) for k in (*keys, "train_loss", "round_seconds")}})
             for k in DATA_KEYS:
                 if k in metrics:
                     entry[k] = int(metrics[k])
     final_eval = _final_eval(ws)
     for name, entry in sites.items():
-        entry["final"] = final_eval.get(name) or {k: entry["rounds"][-1].get(k) for k in DICE_KEYS}
+        entry["final"] = final_eval.get(name) or {k: entry["rounds"][-1].get(k) for k in keys}
         entry["final_source"] = "final global model" if name in final_eval else f"global model of round {entry['rounds'][-1]['round']}"
-        entry["first"] = {k: entry["rounds"][0].get(k) for k in DICE_KEYS}
+        entry["first"] = {k: entry["rounds"][0].get(k) for k in keys}
 
-    final_wt = {s: float(e["final"].get("val_dice_wt") or float("nan")) for s, e in sites.items()}
-    flags = flag_sites(final_wt)
+    final_primary = {s: float(e["final"].get(primary) if e["final"].get(primary) is not None else float("nan")) for s, e in sites.items()}
+    flags = flag_sites(final_primary)
     for s, e in sites.items():
         e["flagged"] = s in flags
         e["flag_reason"] = flags.get(s, "")
@@ -133,11 +144,15 @@ def build_report(result_dir: Path) -> dict:
             round_seconds.append({"round": r, "seconds": (end - starts[r]).total_seconds()})
 
     meta = _job_meta(ws)
-    wt_values = [v for v in final_wt.values() if not math.isnan(v)]
+    values = [v for v in final_primary.values() if not math.isnan(v)]
     app_server = ws / "app_server"
     report = {
         "job_id": meta.get("job_id", ws.parent.name),
         "job_name": meta.get("name", ""),
+        "task": task,
+        "metrics": [list(m) for m in spec["metrics"]],
+        "primary": primary,
+        "primary_label": spec["primary_label"],
         "status": meta.get("status", "unknown"),
         "duration": meta.get("duration", ""),
         "rounds": len(global_curve),
@@ -147,12 +162,15 @@ def build_report(result_dir: Path) -> dict:
         "best_model": str(app_server / "best_FL_global_model.pt") if (app_server / "best_FL_global_model.pt").is_file() else None,
         "final_model": str(app_server / "FL_global_model.pt") if (app_server / "FL_global_model.pt").is_file() else None,
         "summary": {
-            "mean_final_wt_dice": statistics.mean(wt_values) if wt_values else None,
-            "min_final_wt_dice": min(wt_values) if wt_values else None,
-            "mean_final_dice": _mean([e["final"].get("val_dice") for e in sites.values()]),
+            "mean_final": statistics.mean(values) if values else None,
+            "min_final": min(values) if values else None,
+            "min_site": min(final_primary, key=lambda s: final_primary[s]) if values else None,
             "flagged_sites": sorted(flags),
         },
     }
+    if task == "segmentation":  # the names benchmarks and the README quote
+        report["summary"].update(mean_final_wt_dice=report["summary"]["mean_final"], min_final_wt_dice=report["summary"]["min_final"],
+                                 mean_final_dice=_mean([e["final"].get("val_dice") for e in sites.values()]))
     return report
 
 
@@ -166,7 +184,7 @@ def _fmt(v) -> str:
 
 
 def plot_report(report: dict, out_dir: Path) -> list[Path]:
-    """Dice per round per site with the global curve; final Dice by region; wall time per round."""
+    """Primary metric per round per site with the global curve; final metrics by site; wall time per round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,8 +194,9 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
 
+    spec = TASKS[report["task"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "val_dice", "mean Dice (TC/WT/ET)"), (axes[1], "val_dice_wt", "WT Dice")):
+    for ax, key, title in ((axes[0], spec["curve"], spec["curve_label"]), (axes[1], spec["primary"], spec["primary_label"])):
         for site, e in sorted(report["sites"].items()):
             xs = [r["round"] for r in e["rounds"]]
             ax.plot(xs, [r.get(key) for r in e["rounds"]], marker="o", label=site)
@@ -192,26 +211,27 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Validation Dice of the global model at each site")
+    fig.suptitle("Validation of the global model at each site, per round")
     fig.tight_layout()
-    paths.append(out_dir / "dice_per_round.png")
+    paths.append(out_dir / "metrics_per_round.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     site_names = sorted(report["sites"])
-    width = 0.25
-    for i, (key, label) in enumerate((("val_dice_tc", "TC"), ("val_dice_wt", "WT"), ("val_dice_et", "ET"))):
+    shown = [m for m in spec["metrics"] if m[0] != "val_dice"]
+    width = 0.8 / len(shown)
+    for i, (key, label) in enumerate(shown):
         vals = [report["sites"][s]["final"].get(key) or 0.0 for s in site_names]
-        ax.bar([x + (i - 1) * width for x in range(len(site_names))], vals, width, label=label)
+        ax.bar([x + (i - (len(shown) - 1) / 2) * width for x in range(len(site_names))], vals, width, label=label)
     ax.set_xticks(range(len(site_names)), [s + (" ⚑" if report["sites"][s]["flagged"] else "") for s in site_names])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("Dice")
-    ax.set_title("Final global model, per site and tumour region")
+    ax.set_ylabel("Dice" if report["task"] == "segmentation" else "score")
+    ax.set_title("Final global model at each site")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    paths.append(out_dir / "final_dice_by_site.png")
+    paths.append(out_dir / "final_by_site.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
@@ -229,6 +249,7 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
 
 
 def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) -> str:
+    metrics, primary, plabel = report["metrics"], report["primary"], report["primary_label"]
     lines = [
         f"# fedbrain report — {report['job_name'] or 'job'} `{report['job_id']}`",
         "",
@@ -239,37 +260,35 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
         lines.append(f"- {k}: {v}")
     if extra:
         lines.append("")
+    cols = [label for _, label in metrics]
     lines += [
         "## Per site",
         "",
-        "| site | train | val | skipped | WT Dice round 0 | TC | WT | ET | mean | flag |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| site | train | val | skipped | {plabel} round 0 | " + " | ".join(cols) + " | flag |",
+        "|---|---|---|---|---|" + "---|" * len(cols) + "---|",
     ]
     for site, e in sorted(report["sites"].items()):
         f = e["final"]
         lines.append(
             f"| {site} | {e.get('n_train', '–')} | {e.get('n_val', '–')} | {e.get('n_skipped', '–')} | "
-            f"{_fmt(e['first'].get('val_dice_wt'))} | {_fmt(f.get('val_dice_tc'))} | {_fmt(f.get('val_dice_wt'))} | "
-            f"{_fmt(f.get('val_dice_et'))} | {_fmt(f.get('val_dice'))} | {e['flag_reason'] or ''} |"
+            f"{_fmt(e['first'].get(primary))} | " + " | ".join(_fmt(f.get(k)) for k, _ in metrics) + f" | {e['flag_reason'] or ''} |"
         )
     s = report["summary"]
+    source = next(iter(report["sites"].values()))["final_source"] if report["sites"] else ""
     lines += [
         "",
-        f"Final columns: the {next(iter(report['sites'].values()))['final_source'] if report['sites'] else ''} on each site's validation cases.",
-        f"Mean final WT Dice **{_fmt(s['mean_final_wt_dice'])}**, minimum site **{_fmt(s['min_final_wt_dice'])}**.",
-        f"Flagged sites (more than {FLAG_SD:g} SD below the other sites' mean WT Dice): {', '.join(s['flagged_sites']) or 'none'}.",
+        f"Final columns: the {source} on each site's validation cases.",
+        f"Mean final {plabel} **{_fmt(s['mean_final'])}**, minimum site **{_fmt(s['min_final'])}** ({s['min_site'] or '–'}).",
+        f"Flagged sites (more than {FLAG_SD:g} SD below the other sites' mean {plabel}): {', '.join(s['flagged_sites']) or 'none'}.",
         "",
-        "## Global model per round",
+        "## Global model per round (weighted mean of the sites)",
         "",
-        "| round | TC | WT | ET | mean | wall time (s) |",
-        "|---|---|---|---|---|---|",
+        "| round | " + " | ".join(cols) + " | wall time (s) |",
+        "|---|" + "---|" * len(cols) + "---|",
     ]
     secs = {r["round"]: r["seconds"] for r in report["round_seconds"]}
     for g in report["global"]:
-        lines.append(
-            f"| {g['round']} | {_fmt(g.get('val_dice_tc'))} | {_fmt(g.get('val_dice_wt'))} | {_fmt(g.get('val_dice_et'))} | "
-            f"{_fmt(g.get('val_dice'))} | {_fmt(secs.get(g['round']))} |"
-        )
+        lines.append(f"| {g['round']} | " + " | ".join(_fmt(g.get(k)) for k, _ in metrics) + f" | {_fmt(secs.get(g['round']))} |")
     lines += ["", f"Best global model: `{report['best_model'] or 'not saved'}`", ""]
     for p in plots:
         lines.append(f"![{p.stem}]({p.name})")
@@ -295,18 +314,20 @@ def print_site_table(report: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
+    metrics, primary = report["metrics"], report["primary"]
     table = Table(title=f"{report['job_name']} {report['job_id'][:8]} — {report['status']}")
     table.add_column("site", no_wrap=True)
-    for col in ("train", "val", "skip", "WT r0", "TC", "WT", "ET", "mean"):
+    for col in ("train", "val", "skip", "r0", *(label for _, label in metrics)):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("flag")
     for site, e in sorted(report["sites"].items()):
         f = e["final"]
         table.add_row(
             site, str(e.get("n_train", "–")), str(e.get("n_val", "–")), str(e.get("n_skipped", "–")),
-            _fmt(e["first"].get("val_dice_wt")), _fmt(f.get("val_dice_tc")), _fmt(f.get("val_dice_wt")),
-            _fmt(f.get("val_dice_et")), _fmt(f.get("val_dice")), "⚑ " + e["flag_reason"] if e["flagged"] else "",
+            _fmt(e["first"].get(primary)), *(_fmt(f.get(k)) for k, _ in metrics),
+            "⚑ " + e["flag_reason"] if e["flagged"] else "",
         )
     console.print(table)
     s = report["summary"]
-    console.print(f"mean final WT Dice {_fmt(s['mean_final_wt_dice'])}, minimum site {_fmt(s['min_final_wt_dice'])}")
+    console.print(f"{report['primary_label']} of the final model: mean {_fmt(s['mean_final'])}, "
+                  f"minimum site {_fmt(s['min_final'])} ({s['min_site'] or '–'}); r0 = round 0 (untrained)")

@@ -1,0 +1,58 @@
+"""A hospital's personal classifier head, kept on the site's disk and never sent.
+
+It lives in the site workspace (the folder holding the kit's startup/ and local/), not in the
+job's folder, so it survives rounds, job restarts and new jobs that use the same store name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedbrain.models.classifier import head_parameter_names
+
+
+def site_workspace(start: Path | None = None) -> Path:
+    """The FLARE site workspace the job runs in (first ancestor with startup/ and local/)."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "startup").is_dir() and (folder / "local").is_dir():
+            return folder
+    return start  # outside FLARE (tests, centralized runs): keep it beside the caller
+
+
+class PersonalHeadStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def for_site(cls, store: str, start: Path | None = None) -> "PersonalHeadStore":
+        return cls(site_workspace(start) / "personal" / store / "head.pt")
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load_into(self, model: nn.Module) -> bool:
+        """Overwrite the model's head with the stored one; False on the very first round."""
+        if not self.exists():
+            return False
+        saved = torch.load(self.path, map_location="cpu", weights_only=True)["head"]
+        names = head_parameter_names(model)
+        if sorted(saved) != sorted(names):
+            raise ValueError(f"{self.path}: stored head has parameters {sorted(saved)[:3]}..., model expects {names[:3]}...")
+        state = model.state_dict()
+        for k in names:
+            state[k].copy_(saved[k].to(state[k].device))
+        return True
+
+    def save_from(self, model: nn.Module, **info) -> None:
+        """Write atomically: a crash mid-save must not lose the previous head."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = model.state_dict()
+        head = {k: state[k].detach().cpu().clone() for k in head_parameter_names(model)}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"head": head, **info}, tmp)
+        os.replace(tmp, self.path)

@@ -1,0 +1,104 @@
+"""fedbrain site script for the dual-stream MRI+CT grade classifier (FLARE Client API).
+
+Glue only: receive the global trunks and fusion -> put this hospital's own head on them ->
+validate -> train local epochs -> keep the head on disk -> send the weight difference.
+With --personal the head never leaves the site: the job's per-site ExcludeVars filter removes
+it from the update, and it lives in <site workspace>/personal/<store>/head.pt across rounds and
+job restarts.
+"""
+
+import argparse
+import logging
+import math
+import time
+
+import nvflare.client as flare
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.client.tracking import SummaryWriter
+
+from fedbrain.data.datalist import DatalistError, load_datalist
+from fedbrain.site import SiteConfigError, resolve_site_settings
+from fedbrain.training.classify import ClassificationConfig, ClassificationTrainer
+from fedbrain.training.fl import state_dict_from_params, weight_diff
+from fedbrain.training.personal import PersonalHeadStore
+
+log = logging.getLogger("fedbrain")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--datalist", default=None, help="site datalist; default: the site's own settings")
+    p.add_argument("--fusion", default="masked_mean", choices=["late", "masked_mean", "attention"])
+    p.add_argument("--modality_dropout", type=float, default=0.3)
+    p.add_argument("--local_epochs", type=int, default=2)
+    p.add_argument("--max_steps", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--fedprox_mu", type=float, default=0.0)
+    p.add_argument("--personal", action="store_true", help="keep the classifier head at this site")
+    p.add_argument("--store", default="fedbrain_classification", help="name of this site's personal-head store")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    flare.init()
+    site = flare.get_site_name()
+    site_error = ""
+    try:
+        settings = resolve_site_settings(site, args.datalist)
+        cases = load_datalist(settings.datalist, root=settings.data_root)
+    except (SiteConfigError, DatalistError, OSError) as e:
+        log.error("site %s cannot use its data and will send empty updates: %s", site, e)
+        settings = resolve_site_settings(site, "<none>")
+        cases, site_error = {"training": [], "validation": []}, str(e)
+    config = ClassificationConfig(
+        fusion=args.fusion, modality_dropout=args.modality_dropout, batch_size=args.batch_size, lr=args.lr,
+        fedprox_mu=args.fedprox_mu, epochs_per_round=args.local_epochs, max_steps=args.max_steps or None,
+        seed=args.seed, num_threads=settings.num_threads, device=settings.device,
+    )
+    trainer = ClassificationTrainer(cases["training"], cases["validation"], config)
+    model = trainer.build_model().to(trainer.device)
+    heads = PersonalHeadStore.for_site(args.store) if args.personal else None
+    writer = SummaryWriter()
+    summary = {k: v for k, v in trainer.data_summary().items() if isinstance(v, (int, float))}
+    summary["site_error"] = int(bool(site_error))
+    log.info("site %s: %s; personal head: %s", site, summary, heads.path if heads else "no (shared)")
+
+    while flare.is_running():
+        global_model = flare.receive()
+        round_no = global_model.current_round or 0
+        model.load_state_dict(state_dict_from_params(global_model.params, model), strict=True)
+        if heads is not None:
+            heads.load_into(model)  # this hospital's head, not the server's copy
+        started = time.time()
+        metrics = {k: v for k, v in trainer.validate(model).items() if not math.isnan(v)}
+        metrics.update({k: float(v) for k, v in summary.items()})
+        if flare.is_evaluate():
+            flare.send(FLModel(metrics=metrics))
+            continue
+
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        global_params = {k: v.to(trainer.device) for k, v in before.items()}
+        stats = trainer.train(model, global_params=global_params) if summary["n_train"] else {"steps": 0}
+        if heads is not None:
+            heads.save_from(model, round_no=round_no)
+        if stats["steps"]:
+            metrics["train_loss"] = stats["train_loss"]
+        metrics["train_steps"] = stats["steps"]
+        metrics["round_seconds"] = time.time() - started
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, round_no)
+        flare.send(
+            FLModel(
+                params=weight_diff(model.state_dict(), before),
+                params_type=ParamsType.DIFF,
+                metrics=metrics,
+                meta={"NUM_STEPS_CURRENT_ROUND": stats["steps"]},
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Server-side record of exactly what each site sent: parameter names, shapes, dtypes.
+
+An auditor (or a test) can then prove from the job result alone that a personal head, or anything
+shaped like an input image, never reached the server. It records and passes the update unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+AUDIT_FILE = "received_updates.jsonl"
+
+
+class ReceivedUpdateAudit(Filter):
+    def __init__(self, file_name: str = AUDIT_FILE):
+        super().__init__()
+        self.file_name = file_name
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:  # not a DXO (e.g. an error reply): nothing to record
+            return shareable
+        data = dxo.data or {}
+        entry = {
+            "site": shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?"),
+            "round": shareable.get_header("current_round"),
+            "data_kind": dxo.data_kind,
+            "params": {k: {"shape": list(getattr(v, "shape", ())), "dtype": str(getattr(v, "dtype", type(v).__name__))}
+                       for k, v in data.items()} if isinstance(data, dict) else {},
+            "metrics": sorted((dxo.meta or {}).get("initial_metrics", {}) or {}),
+        }
+        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN))
+        with open(Path(run_dir) / self.file_name, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return shareable
