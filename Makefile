@@ -33,6 +33,7 @@ bench: $(STAMP)
 
 jobs: $(STAMP)
 	$(PY) jobs/segmentation/job.py
+	$(PY) jobs/classification/job.py
 
 clean:
 	rm -rf runs bench/work .pytest_cache

@@ -35,18 +35,20 @@ class PersonalHeadStore:
     def exists(self) -> bool:
         return self.path.is_file()
 
-    def load_into(self, model: nn.Module) -> bool:
-        """Overwrite the model's head with the stored one; False on the very first round."""
+    def load_into(self, model: nn.Module) -> dict | None:
+        """Overwrite the model's head with the stored one; returns what was stored with it
+        (job, round), or None on the very first round of the very first job."""
         if not self.exists():
-            return False
-        saved = torch.load(self.path, map_location="cpu", weights_only=True)["head"]
+            return None
+        stored = torch.load(self.path, map_location="cpu", weights_only=True)
+        saved = stored["head"]
         names = head_parameter_names(model)
         if sorted(saved) != sorted(names):
             raise ValueError(f"{self.path}: stored head has parameters {sorted(saved)[:3]}..., model expects {names[:3]}...")
         state = model.state_dict()
         for k in names:
             state[k].copy_(saved[k].to(state[k].device))
-        return True
+        return {k: v for k, v in stored.items() if k != "head"}
 
     def save_from(self, model: nn.Module, **info) -> None:
         """Write atomically: a crash mid-save must not lose the previous head."""

@@ -51,7 +51,7 @@ def main():
         cases = load_datalist(settings.datalist, root=settings.data_root)
     except (SiteConfigError, DatalistError, OSError) as e:
         log.error("site %s cannot use its data and will send empty updates: %s", site, e)
-        settings = resolve_site_settings(site, "<none>")
+        settings = resolve_site_settings(site, "<unusable: see the error above>")
         cases, site_error = {"training": [], "validation": []}, str(e)
     config = ClassificationConfig(
         fusion=args.fusion, modality_dropout=args.modality_dropout, batch_size=args.batch_size, lr=args.lr,
@@ -66,12 +66,19 @@ def main():
     summary["site_error"] = int(bool(site_error))
     log.info("site %s: %s; personal head: %s", site, summary, heads.path if heads else "no (shared)")
 
+    first_round = None
     while flare.is_running():
         global_model = flare.receive()
         round_no = global_model.current_round or 0
+        first_round = round_no if first_round is None else first_round
         model.load_state_dict(state_dict_from_params(global_model.params, model), strict=True)
         if heads is not None:
-            heads.load_into(model)  # this hospital's head, not the server's copy
+            origin = heads.load_into(model)  # this hospital's head, not the server's copy
+            if origin and round_no == first_round:
+                log.info("site %s: personal head loaded from %s (saved by job %s, round %s)",
+                         site, heads.path, origin.get("job_id"), origin.get("round_no"))
+            elif round_no == first_round:
+                log.info("site %s: no personal head at %s yet; starting from the global initial head", site, heads.path)
         started = time.time()
         metrics = {k: v for k, v in trainer.validate(model).items() if not math.isnan(v)}
         metrics.update({k: float(v) for k, v in summary.items()})
@@ -83,7 +90,7 @@ def main():
         global_params = {k: v.to(trainer.device) for k, v in before.items()}
         stats = trainer.train(model, global_params=global_params) if summary["n_train"] else {"steps": 0}
         if heads is not None:
-            heads.save_from(model, round_no=round_no)
+            heads.save_from(model, job_id=flare.get_job_id(), round_no=round_no)
         if stats["steps"]:
             metrics["train_loss"] = stats["train_loss"]
         metrics["train_steps"] = stats["steps"]

@@ -48,7 +48,7 @@ def main():
     except (SiteConfigError, DatalistError, OSError) as e:
         # A misconfigured site stays in the federation with zero weight instead of failing the job.
         log.error("site %s cannot use its data and will send empty updates: %s", site, e)
-        settings = resolve_site_settings(site, "<none>")
+        settings = resolve_site_settings(site, "<unusable: see the error above>")
         cases, site_error = {"training": [], "validation": []}, str(e)
     config = SegmentationConfig(
         arch=args.arch,
