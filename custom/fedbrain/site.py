@@ -4,7 +4,8 @@ A job must never carry hospital paths: the hospital decides where its data lives
 script resolves its settings, first found wins:
 
 1. ``--datalist`` given to the site script (tests, or a job written for one site);
-2. environment ``FEDBRAIN_DATALIST`` (``{site}`` is replaced by the site name);
+2. environment ``FEDBRAIN_DATALIST`` (``{site}`` is replaced by the site name), with optional
+   ``FEDBRAIN_DATA_ROOT``, ``FEDBRAIN_NUM_THREADS`` and ``FEDBRAIN_DEVICE``;
 3. ``<site workspace>/local/fedbrain_site.json``, written by the hospital IT team next to
    FLARE's own ``local/resources.json``::
 
@@ -53,6 +54,8 @@ def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | No
             site=site,
             datalist=Path(env.format(site=site)),
             data_root=Path(root.format(site=site)) if root else None,
+            num_threads=int(os.environ["FEDBRAIN_NUM_THREADS"]) if os.environ.get("FEDBRAIN_NUM_THREADS") else None,
+            device=os.environ.get("FEDBRAIN_DEVICE", "auto"),
             source="FEDBRAIN_DATALIST",
         )
     looked.append("FEDBRAIN_DATALIST (unset)")
