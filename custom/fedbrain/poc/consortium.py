@@ -210,14 +210,16 @@ class PocConsortium:
     def status(self) -> dict:
         """Server and site connection state, as the admin console reports it."""
         if not self.is_running():
-            return {"running": False, "server": "stopped", "sites": {s: "not connected" for s in self.sites}}
+            return {"running": False, "server": "down", "sites": {s: "not connected" for s in self.sites}}
         sess = self.session()
         try:
             info = sess.get_system_info()
             connected = {c.name for c in info.client_info}
             return {
                 "running": True,
-                "server": info.server_info.status,
+                "server": "up",
+                # FLARE reports the server's *job engine* state: "stopped" just means no job is running.
+                "server_job_engine": info.server_info.status,
                 "sites": {s: ("connected" if s in connected else "not connected") for s in self.sites},
                 "jobs": [{"job_id": j.job_id, "app": j.app_name} for j in info.job_info],
             }
