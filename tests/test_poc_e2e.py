@@ -12,6 +12,7 @@ from fedbrain.demo import DemoSettings, export_segmentation_job
 from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.report.job_report import build_report
+from fedbrain.site import write_site_config
 
 pytestmark = pytest.mark.poc
 
@@ -40,10 +41,14 @@ def finished_job(tmp_path_factory):
         started_pids = poc.pids()
         job = export_segmentation_job(run_dir / "jobs", settings, min_clients=3)
         meta, result = submit_and_wait(poc, job, rounds=ROUNDS, result_dir=run_dir / "result")
+        # Job 2: hospital-c's IT points it at a datalist that is not there. The others must still train.
+        write_site_config(poc.kit("hospital-c"), run_dir / "missing" / "datalist.json", num_threads=1)
+        job2 = export_segmentation_job(run_dir / "jobs2", DemoSettings(rounds=1, local_epochs=1), min_clients=3)
+        bad_site = submit_and_wait(poc, job2, rounds=1, result_dir=run_dir / "result2")
     finally:
         poc.clean()
     yield {
-        "meta": meta, "result": result, "poc": poc, "started_pids": started_pids,
+        "meta": meta, "result": result, "poc": poc, "started_pids": started_pids, "bad_site": bad_site,
         "real_before": real_before, "real_nvflare": real_nvflare, "tmp_nvflare_before": tmp_nvflare_before,
     }
 
@@ -94,3 +99,14 @@ def test_user_flare_config_untouched(finished_job):
     after = real.exists() and sorted(p.name for p in real.iterdir())
     assert after == finished_job["real_before"]
     assert Path("/tmp/nvflare").exists() == finished_job["tmp_nvflare_before"]
+
+
+def test_a_misconfigured_site_does_not_take_the_federation_down(finished_job):
+    meta, result = finished_job["bad_site"]
+    assert meta["status"] == "FINISHED:COMPLETED"
+    rows = [json.loads(line) for line in (Path(result) / "workspace" / "metrics" / "round_metrics.jsonl").read_text().splitlines()]
+    sites = {s["name"]: {m["name"]: m["value"] for m in s["metrics"]} for s in rows[0]["sites"]}
+    assert sites["hospital-c"]["site_error"] == 1 and sites["hospital-c"]["train_steps"] == 0
+    assert "val_dice" not in sites["hospital-c"]  # nothing to validate on: no made-up number
+    for ok in ("hospital-a", "hospital-b"):
+        assert sites[ok]["site_error"] == 0 and sites[ok]["train_steps"] > 0
