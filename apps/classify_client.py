@@ -16,8 +16,7 @@ import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.client.tracking import SummaryWriter
 
-from fedbrain.data.datalist import DatalistError, load_datalist
-from fedbrain.site import SiteConfigError, resolve_site_settings
+from fedbrain.site import load_site_cases
 from fedbrain.training.classify import ClassificationConfig, ClassificationTrainer
 from fedbrain.training.fl import state_dict_from_params, weight_diff
 from fedbrain.training.personal import PersonalHeadStore
@@ -45,14 +44,7 @@ def main():
     args = parse_args()
     flare.init()
     site = flare.get_site_name()
-    site_error = ""
-    try:
-        settings = resolve_site_settings(site, args.datalist)
-        cases = load_datalist(settings.datalist, root=settings.data_root)
-    except (SiteConfigError, DatalistError, OSError) as e:
-        log.error("site %s cannot use its data and will send empty updates: %s", site, e)
-        settings = resolve_site_settings(site, "<unusable: see the error above>")
-        cases, site_error = {"training": [], "validation": []}, str(e)
+    settings, cases, site_error = load_site_cases(site, args.datalist)
     config = ClassificationConfig(
         fusion=args.fusion, modality_dropout=args.modality_dropout, batch_size=args.batch_size, lr=args.lr,
         fedprox_mu=args.fedprox_mu, epochs_per_round=args.local_epochs, max_steps=args.max_steps or None,

@@ -14,8 +14,7 @@ import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.client.tracking import SummaryWriter
 
-from fedbrain.data.datalist import DatalistError, load_datalist
-from fedbrain.site import SiteConfigError, resolve_site_settings
+from fedbrain.site import load_site_cases
 from fedbrain.training.segment import SegmentationConfig, SegmentationTrainer
 from fedbrain.training.fl import weight_diff, state_dict_from_params
 
@@ -41,15 +40,7 @@ def main():
     args = parse_args()
     flare.init()
     site = flare.get_site_name()
-    try:
-        settings = resolve_site_settings(site, args.datalist)
-        cases = load_datalist(settings.datalist, root=settings.data_root)
-        site_error = ""
-    except (SiteConfigError, DatalistError, OSError) as e:
-        # A misconfigured site stays in the federation with zero weight instead of failing the job.
-        log.error("site %s cannot use its data and will send empty updates: %s", site, e)
-        settings = resolve_site_settings(site, "<unusable: see the error above>")
-        cases, site_error = {"training": [], "validation": []}, str(e)
+    settings, cases, site_error = load_site_cases(site, args.datalist)
     config = SegmentationConfig(
         arch=args.arch,
         init_filters=args.init_filters,

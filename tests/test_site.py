@@ -39,3 +39,12 @@ def test_broken_site_config_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "local" / "fedbrain_site.json").write_text(json.dumps({"root": "/x"}))
     with pytest.raises(SiteConfigError, match="datalist"):
         resolve_site_settings("hospital-a", cwd=tmp_path)
+
+
+def test_an_unusable_datalist_gives_no_cases_and_the_reason(tmp_path, monkeypatch):
+    from fedbrain.site import load_site_cases
+
+    monkeypatch.delenv("FEDBRAIN_DATALIST", raising=False)
+    settings, cases, error = load_site_cases("hospital-c", str(tmp_path / "missing.json"))
+    assert cases == {"training": [], "validation": []}
+    assert "missing.json" in error

@@ -16,9 +16,12 @@ script resolves its settings, first found wins:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("fedbrain")
 
 SITE_CONFIG_NAME = "fedbrain_site.json"
 
@@ -85,3 +88,20 @@ def write_site_config(workspace: Path, datalist: Path, data_root: Path | None = 
     payload = {"datalist": str(datalist), **({"data_root": str(data_root)} if data_root else {}), **extra}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def load_site_cases(site: str, datalist: str | None = None) -> tuple[SiteSettings, dict, str]:
+    """This site's settings and cases; on a configuration or datalist error, no cases and the error.
+
+    A misconfigured site stays in the federation with zero-weight, empty updates instead of
+    failing the whole job; the error is logged here and reported as the ``site_error`` metric.
+    """
+    from fedbrain.data.datalist import DatalistError, load_datalist
+
+    try:
+        settings = resolve_site_settings(site, datalist)
+        return settings, load_datalist(settings.datalist, root=settings.data_root), ""
+    except (SiteConfigError, DatalistError, OSError) as e:
+        log.error("site %s cannot use its data and will send empty updates: %s", site, e)
+        unusable = resolve_site_settings(site, "<unusable: see the error above>")
+        return unusable, {"training": [], "validation": []}, str(e)
