@@ -1,6 +1,5 @@
 """The checked-in job folders are exactly what their definitions export, and FLARE can read them."""
 
-import filecmp
 import json
 from pathlib import Path
 

@@ -73,4 +73,4 @@ def test_heads_persist_across_jobs(two_jobs):
     logs = two_jobs["site_logs2"]
     for site in SITES:
         text = logs.get(site, "")
-        assert f"personal head loaded" in text and job1 in text, f"{site} did not reuse its head from job 1"
+        assert "personal head loaded" in text and job1 in text, f"{site} did not reuse its head from job 1"

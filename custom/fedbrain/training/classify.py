@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -26,7 +25,7 @@ from torch import nn
 from fedbrain.data.dataset import SkippedCase
 from fedbrain.data.multimodal import class_counts, classification_transforms, load_classification_cases
 from fedbrain.models.classifier import CLASS_NAMES, FUSIONS, build_classifier, head_parameter_names
-from fedbrain.training.segment import _maybe_progress, resolve_device
+from fedbrain.training.common import TrainerBase, maybe_progress, plain, resolve_device, three
 
 logger = logging.getLogger("fedbrain")
 
@@ -64,8 +63,8 @@ class ClassificationConfig:
     def __post_init__(self) -> None:
         self.streams = tuple(self.streams)
         self.channels = tuple(int(c) for c in self.channels)
-        self.spacing = tuple(float(s) for s in _three(self.spacing))
-        self.spatial_size = tuple(int(s) for s in _three(self.spatial_size))
+        self.spacing = tuple(float(s) for s in three(self.spacing))
+        self.spatial_size = tuple(int(s) for s in three(self.spatial_size))
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.fedprox_mu < 0:
@@ -92,13 +91,6 @@ class ClassificationConfig:
         return cls(**d)
 
 
-def _three(v) -> tuple:
-    return tuple(v) if isinstance(v, Sequence) else (v, v, v)
-
-
-def _plain(x) -> torch.Tensor:
-    """MetaTensor -> Tensor: metadata is useless to the model and slows every op."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
 def proximal_term(model: nn.Module, global_params: Mapping, mu: float) -> torch.Tensor:
@@ -145,7 +137,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     return {"val_acc": float((pred == labels).mean()), "val_bacc": float(np.mean(recalls)), "val_auc": auc}
 
 
-class ClassificationTrainer:
+class ClassificationTrainer(TrainerBase):
     """Data, loss and optimizer of one site (or of the central baseline).
 
     The model is passed to each call rather than owned, because an FL site loads new
@@ -218,31 +210,17 @@ class ClassificationTrainer:
         weights = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 1.0)
         return torch.as_tensor(weights, dtype=torch.float32, device=self.device)
 
-    def _optimizer_for(self, model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        same = len(params) == len(self._opt_params) and all(a is b for a, b in zip(params, self._opt_params))
-        if self.optimizer is None or not same:
-            old = self.optimizer
-            self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-            if old is not None:
-                try:  # a new model object of the same architecture: keep AdamW's moments
-                    self.optimizer.load_state_dict(old.state_dict())
-                except (ValueError, RuntimeError, KeyError):
-                    logger.info("Model changed shape; starting a fresh optimizer")
-            self._opt_params = params
-        return self.optimizer
-
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
+    def _new_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def _inputs(self, batch: dict, drop: str | None = None) -> tuple:
         """(mri, ct, has_mri, has_ct) on the device; ``drop`` zeroes a modality and its flag."""
         if drop not in DROPS:
             raise ValueError(f"drop must be one of {DROPS}, got {drop!r}")
-        mri = _plain(batch["mri"]).to(self.device, non_blocking=True)
-        ct = _plain(batch["ct"]).to(self.device, non_blocking=True)
-        has_mri = _plain(batch["has_mri"]).float().to(self.device)
-        has_ct = _plain(batch["has_ct"]).float().to(self.device)
+        mri = plain(batch["mri"]).to(self.device, non_blocking=True)
+        ct = plain(batch["ct"]).to(self.device, non_blocking=True)
+        has_mri = plain(batch["has_mri"]).float().to(self.device)
+        has_ct = plain(batch["has_ct"]).float().to(self.device)
         if drop == "ct":
             ct, has_ct = torch.zeros_like(ct), torch.zeros_like(has_ct)
         elif drop == "mri":
@@ -295,13 +273,13 @@ class ClassificationTrainer:
                              for k, v in global_params.items()}
         losses, ces, proxes, taken, seen = [], [], [], 0, 0
         start = time.perf_counter()
-        with _maybe_progress(progress, "Training", steps) as advance:
+        with maybe_progress(progress, "Training", steps) as advance:
             while seen < steps:
                 for batch in self.train_loader:
                     if seen >= steps:
                         break
                     mri, ct, has_mri, has_ct = self._inputs(batch)
-                    y = _plain(batch["label"]).long().to(self.device)
+                    y = plain(batch["label"]).long().to(self.device)
                     optimizer.zero_grad(set_to_none=True)
                     with self._autocast():
                         ce = self.loss_fn(model(mri, ct, has_mri, has_ct).float(), y)
@@ -345,7 +323,7 @@ class ClassificationTrainer:
             with self._autocast():
                 logits = model(*self._inputs(batch, drop))
             probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
-            labels.append(_plain(batch["label"]).long().numpy())
+            labels.append(plain(batch["label"]).long().numpy())
             ids.extend(batch["case_id"])
         model.train(was_training)
         c = len(CLASS_NAMES)

@@ -12,11 +12,10 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
-from monai.data import DataLoader, MetaTensor
+from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
 from monai.metrics import DiceMetric
@@ -27,6 +26,7 @@ from torch import nn
 from fedbrain.data.dataset import SkippedCase, load_cases
 from fedbrain.data.transforms import REGIONS, segmentation_transforms
 from fedbrain.models.segmentation import build_segmentation_model, size_divisor
+from fedbrain.training.common import TrainerBase, maybe_progress, plain, resolve_device, three
 
 logger = logging.getLogger("fedbrain")
 
@@ -57,8 +57,8 @@ class SegmentationConfig:
     val_overlap: float = 0.25
 
     def __post_init__(self) -> None:
-        self.spacing = tuple(float(s) for s in _three(self.spacing))
-        self.roi_size = tuple(int(r) for r in _three(self.roi_size))
+        self.spacing = tuple(float(s) for s in three(self.spacing))
+        self.roi_size = tuple(int(r) for r in three(self.roi_size))
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         div = size_divisor(self.arch)
@@ -80,19 +80,7 @@ class SegmentationConfig:
         return cls(**d)
 
 
-def _three(v) -> tuple:
-    return tuple(v) if isinstance(v, Sequence) else (v, v, v)
 
-
-def _plain(x) -> torch.Tensor:
-    """Drop MONAI metadata before the network: plain tensors are faster and what Opacus expects."""
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _make_loss(name: str) -> nn.Module:
@@ -110,7 +98,7 @@ def _make_loss(name: str) -> nn.Module:
     return DiceLoss(sigmoid=True)
 
 
-class SegmentationTrainer:
+class SegmentationTrainer(TrainerBase):
     """Holds the data, loss and optimizer of one site (or of the central baseline).
 
     The model is passed to each call rather than owned, because an FL site loads new
@@ -172,22 +160,8 @@ class SegmentationTrainer:
     def data_summary(self) -> dict:
         return {"n_train": len(self.train_ds), "n_val": len(self.val_ds), "n_skipped": len(self.skipped)}
 
-    def _optimizer_for(self, model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        same = len(params) == len(self._opt_params) and all(a is b for a, b in zip(params, self._opt_params))
-        if self.optimizer is None or not same:
-            old = self.optimizer
-            self.optimizer = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-            if old is not None:
-                try:  # a new model object of the same architecture: keep Adam's moments
-                    self.optimizer.load_state_dict(old.state_dict())
-                except (ValueError, RuntimeError, KeyError):
-                    logger.info("Model changed shape; starting a fresh optimizer")
-            self._opt_params = params
-        return self.optimizer
-
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
+    def _new_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     # ------------------------------------------------------------------ train
     def train(
@@ -229,13 +203,13 @@ class SegmentationTrainer:
         optimizer = self._optimizer_for(model)
         losses, taken, seen = [], 0, 0
         start = time.perf_counter()
-        with _maybe_progress(progress, "Training", steps) as advance:
+        with maybe_progress(progress, "Training", steps) as advance:
             while seen < steps:
                 for batch in self.train_loader:
                     if seen >= steps:
                         break
-                    x = _plain(batch["image"]).to(self.device, non_blocking=True)
-                    y = _plain(batch["label"]).to(self.device, non_blocking=True)
+                    x = plain(batch["image"]).to(self.device, non_blocking=True)
+                    y = plain(batch["label"]).to(self.device, non_blocking=True)
                     optimizer.zero_grad(set_to_none=True)
                     with self._autocast():
                         loss = self.loss_fn(model(x), y)
@@ -283,10 +257,10 @@ class SegmentationTrainer:
         model.to(self.device)
         model.eval()
         metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True, get_not_nans=True)
-        with _maybe_progress(progress, "Validating", len(self.val_ds)) as advance:
+        with maybe_progress(progress, "Validating", len(self.val_ds)) as advance:
             for batch in self.val_loader:
-                x = _plain(batch["image"]).to(self.device, non_blocking=True)
-                y = _plain(batch["label"]).to(self.device, non_blocking=True)
+                x = plain(batch["image"]).to(self.device, non_blocking=True)
+                y = plain(batch["label"]).to(self.device, non_blocking=True)
                 with self._autocast():
                     logits = sliding_window_inference(
                         x,
@@ -306,40 +280,6 @@ class SegmentationTrainer:
         out.update({f"val_dice_{r}": v for r, v in zip(REGIONS, values)})
         return out
 
-
-class _maybe_progress:
-    """A rich progress bar when asked, else a no-op; yields ``advance(loss_or_None)``."""
-
-    def __init__(self, enabled: bool, label: str, total: int):
-        self.enabled, self.label, self.total = enabled, label, total
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda _value: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            transient=True,
-        )
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total, info="")
-
-        def advance(value):
-            info = f"loss {value:.4f}" if value is not None else ""
-            self.bar.update(task, advance=1, info=info)
-
-        return advance
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
 
 
 def train_central(
