@@ -3,7 +3,8 @@ docs/benchmarks.md (with plots in docs/img/). These machines are shared and nois
 target is a ratio of two things measured in the same run, never an absolute time in a test.
 
     python bench/run.py                      # everything
-    python bench/run.py --only clean_demo    # row groups: clean_demo | demo | central | overhead
+    python bench/run.py --only clean_demo    # row groups: clean_demo | demo | central | overhead | classify
+    python bench/run.py --only classify --classify-parts central   # classifier: federated | central
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import classify as classify_bench  # noqa: E402  (bench/classify.py: the classifier's rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
@@ -229,6 +233,13 @@ def write_doc(results: dict, plots: list[str]) -> None:
         lines += [f"- {s}: {_f(v)}" + (f" (centralized: {_f(central['per_site_wt'].get(s))})" if central else "")
                   for s, v in sorted(demo["per_site_wt"].items())]
         lines.append("")
+    cls = results.get("classify")
+    if cls:
+        lines += ["## Dual-stream MRI+CT grade classifier", "",
+                  f"Settings: `{json.dumps(cls['settings'])}`; work folder of the run: `{cls['work']}`.", "",
+                  "| what | measured | goal | detail |", "|---|---|---|---|",
+                  *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in classify_bench.rows(cls)], ""]
+        lines += classify_bench.per_site_lines(cls)
     lines += [f"![{Path(p).stem}]({p})" for p in plots]
     DOC.write_text("\n".join(lines) + "\n")
 
@@ -237,8 +248,9 @@ def main(argv=None):
     from fedbrain.demo import DemoSettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="clean_demo,demo,central,overhead")
+    p.add_argument("--only", default="clean_demo,demo,central,overhead,classify")
     p.add_argument("--overhead-rounds", type=int, default=4)
+    p.add_argument("--classify-parts", default="federated,central")
     a = p.parse_args(argv)
     only = set(a.only.split(","))
     settings = DemoSettings()
@@ -266,7 +278,14 @@ def main(argv=None):
         if data_dir is None or not data_dir.exists():
             sys.exit("the overhead row needs the demo's data: run with --only demo,overhead")
         results["overhead"] = bench_overhead(data_dir, a.overhead_rounds, settings)
+    if "classify" in only:
+        console.rule("dual-stream classifier")
+        parts = tuple(a.classify_parts.split(","))
+        new = classify_bench.bench_classify(WORK, console=console, parts=parts)
+        results["classify"] = {**results.get("classify", {}), **new}  # a partial run keeps the other part
     plots = plot(results)
+    if results.get("classify"):
+        plots += classify_bench.plot(results["classify"], IMG)
     RESULTS.write_text(json.dumps(results, indent=2, default=str))
     write_doc(results, plots)
     console.print(f"wrote {RESULTS} and {DOC}")

@@ -138,6 +138,26 @@ def test_model_spec_round_trip(kwargs):
         model_spec(no_such_arg=1)
 
 
+def test_max_pool_trunk_keeps_a_small_lesion_visible():
+    """Why max is the default: one bright voxel moves the max-pooled embedding, barely the average."""
+    from fedbrain.models.classifier import Trunk
+
+    torch.manual_seed(0)
+    x = torch.zeros(1, 4, 16, 20, 16)
+    lesion = x.clone()
+    lesion[0, 1, 8, 10, 8] = 6.0  # a small enhancing spot on T1ce
+    shift = {}
+    for pool in ("max", "avg"):
+        torch.manual_seed(0)
+        trunk = Trunk(4, (8, 16), 16, 8, pool).eval()
+        with torch.no_grad():
+            feats = [trunk.pool(trunk.features(v)).flatten() for v in (x, lesion)]
+        shift[pool] = float((feats[1] - feats[0]).abs().max())
+    assert shift["max"] > 5 * shift["avg"]
+    with pytest.raises(ValueError, match="pool"):
+        build_classifier("late", pool="sum", **SMALL)
+
+
 def test_single_stream_models():
     mri, ct = _inputs()
     mri_only = build_classifier("masked_mean", streams=("mri",), **SMALL).eval()

@@ -43,6 +43,7 @@ class ClassificationConfig:
     embed_dim: int = 64
     channels: tuple[int, ...] = (8, 16, 32, 64)
     head_hidden: int = 32
+    pool: str = "max"  # trunk global pooling: "max" finds small lesions, "avg" dilutes them
     modality_dropout: float = 0.0  # robust fusions only; e.g. 0.3 to learn to cope with a missing CT
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     spatial_size: tuple[int, int, int] = (32, 40, 32)
@@ -73,7 +74,7 @@ class ClassificationConfig:
     def model_kwargs(self) -> dict:
         """Constructor arguments of the model this config trains (see ``model_spec``)."""
         return {"fusion": self.fusion, "streams": self.streams, "embed_dim": self.embed_dim,
-                "channels": self.channels, "head_hidden": self.head_hidden,
+                "channels": self.channels, "head_hidden": self.head_hidden, "pool": self.pool,
                 "modality_dropout": self.modality_dropout, "num_classes": len(CLASS_NAMES)}
 
     def to_dict(self) -> dict:

@@ -1,0 +1,283 @@
+"""Benchmark rows of the dual-stream MRI+CT grade classifier (issue: personal heads, robust fusion).
+
+One synthetic cohort per run, measured side by side:
+
+* federated arms, each a real FLARE job on one POC consortium, same Dirichlet(alpha) split,
+  rounds and local epochs: ``personal`` (heads stay on site), ``fedavg`` (shared head),
+  ``fedprox`` (personal heads + proximal term). Figure: per-site and minimum-site balanced
+  accuracy of the final model on each site's own validation cases.
+* centralized arms (the same trainer on pooled training cases, no FLARE), scored on a
+  held-out test cohort of cases that have both MRI and CT:
+  - ``dual`` (robust fusion + modality dropout): the pooled ceiling, also scored per site;
+  - ``mri_only`` / ``ct_only`` single streams;
+  - ``late`` vs ``robust`` fusion both trained on CT-complete cases only, tested with all
+    modalities, without CT and without MRI (a hospital without CT would teach late fusion
+    that zeros mean "absent", hiding the degradation this row is about).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+FED_ARMS = ("personal", "fedavg", "fedprox")
+
+
+@dataclass
+class ClassifyBenchSettings:
+    cases: int = 40  # per hospital before pooling and re-splitting
+    test_cases: int = 24  # per hospital of the held-out test cohort (another seed)
+    alpha: float = 0.5
+    seed: int = 0
+    rounds: int = 20
+    local_epochs: int = 4
+    central_epochs: int = 40
+    lr: float = 3e-4
+    fusion: str = "masked_mean"
+    modality_dropout: float = 0.3
+    fedprox_mu: float = 0.01
+
+
+def _pooled(split_dir: Path, section: str) -> list[dict]:
+    from fedbrain.data.datalist import load_datalist
+
+    return [c for s in SITES for c in load_datalist(split_dir / s / "datalist.json")[section]]
+
+
+def prepare_data(work: Path, s: ClassifyBenchSettings, console: Console) -> tuple[Path, list[dict]]:
+    """Dirichlet split of a synthetic cohort + a held-out test cohort (cases with CT only)."""
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.data.synth import synthesize_consortium
+    from fedbrain.demo import ClassifyDemoSettings, prepare_classification_data
+
+    split = prepare_classification_data(work / "data", list(SITES),
+                                        ClassifyDemoSettings(cases=s.cases, seed=s.seed, alpha=s.alpha))
+    console.print("held-out test cohort")
+    synthesize_consortium(work / "test", sites=len(SITES), cases=s.test_cases, seed=s.seed + 1000,
+                          site_names=list(SITES), progress=True)
+    test = []
+    for site in SITES:
+        lists = load_datalist(work / "test" / site / "datalist.json")
+        test += [c for c in lists["training"] + lists["validation"] if c.get("ct")]
+    return split, test
+
+
+def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Console) -> dict:
+    """The three algorithms as FLARE jobs, one after another on one POC consortium."""
+    from fedbrain.jobs import load_job_module
+    from fedbrain.poc.consortium import PocConsortium
+    from fedbrain.poc.runner import submit_and_wait
+    from fedbrain.report.job_report import build_report
+
+    poc = PocConsortium(work / "poc-run")
+    arms = {}
+    try:
+        poc.up(data_dir=split)
+        for algorithm in FED_ARMS:
+            console.rule(f"federated: {algorithm}")
+            # Distinct job names -> distinct personal-head stores: no arm starts from another's heads.
+            job = load_job_module("classification").export(
+                work / "jobs", algorithm=algorithm, name=f"bench_{algorithm}", rounds=s.rounds,
+                sites=list(SITES), local_epochs=s.local_epochs, fusion=s.fusion,
+                modality_dropout=s.modality_dropout, lr=s.lr, mu=s.fedprox_mu,
+            )
+            t = time.time()
+            meta, result = submit_and_wait(poc, job, rounds=s.rounds, result_dir=work / "result" / algorithm,
+                                           console=console)
+            report = build_report(result)
+            per_site = {site: e["final"].get("val_bacc") for site, e in report["sites"].items()}
+            arms[algorithm] = {
+                "status": meta.get("status"),
+                "seconds": time.time() - t,
+                "per_site_bacc": per_site,
+                "min_bacc": min(v for v in per_site.values() if v is not None),
+                "mean_bacc": sum(per_site.values()) / len(per_site),
+                "per_site_auc": {site: e["final"].get("val_auc") for site, e in report["sites"].items()},
+                "per_site_curve": {site: [r.get("val_bacc") for r in e["rounds"]]
+                                   for site, e in report["sites"].items()},
+                "n_val": {site: e["final"].get("n_val") for site, e in report["sites"].items()},
+            }
+    finally:
+        poc.clean()
+    return arms
+
+
+def _central_arm(train: list[dict], test: list[dict], per_site_val: dict | None, s: ClassifyBenchSettings,
+                 console: Console, **overrides) -> dict:
+    from fedbrain.training.classify import ClassificationConfig, ClassificationTrainer
+
+    config = ClassificationConfig(**{"fusion": s.fusion, "modality_dropout": s.modality_dropout, "lr": s.lr,
+                                     "seed": s.seed, **overrides})
+    trainer = ClassificationTrainer(train, test, config)
+    model = trainer.build_model()
+    t = time.time()
+    trainer.train(model, epochs=s.central_epochs, progress=True)
+    out = {"config": overrides, "n_train": len(trainer.train_ds), "n_test": len(trainer.val_ds),
+           "train_seconds": time.time() - t}
+    for drop in (None, "ct", "mri"):
+        if drop is not None and len(config.streams) < 2:
+            continue
+        metrics = trainer.validate(model, drop=drop)
+        suffix = "" if drop is None else f"_no_{drop}"
+        out[f"bacc{suffix}"] = metrics["val_bacc"]
+        out[f"auc{suffix}"] = metrics["val_auc"]
+    if per_site_val:
+        out["per_site_bacc"] = {site: ClassificationTrainer([], cases, config).validate(model)["val_bacc"]
+                                for site, cases in per_site_val.items()}
+    console.print(f"  {overrides or 'dual'}: test bacc {out['bacc']:.3f}"
+                  + (f", no CT {out['bacc_no_ct']:.3f}, no MRI {out['bacc_no_mri']:.3f}" if "bacc_no_ct" in out else ""))
+    return out
+
+
+def run_central(split: Path, test: list[dict], s: ClassifyBenchSettings, console: Console) -> dict:
+    from fedbrain.data.datalist import load_datalist
+
+    train = _pooled(split, "training")
+    with_ct = [c for c in train if c.get("ct")]
+    per_site_val = {site: load_datalist(split / site / "datalist.json")["validation"] for site in SITES}
+    console.rule("centralized arms")
+    return {
+        "dual": _central_arm(train, test, per_site_val, s, console),
+        "mri_only": _central_arm(train, test, None, s, console, streams=("mri",)),
+        "ct_only": _central_arm(with_ct, test, None, s, console, streams=("ct",)),
+        "late_ct_complete": _central_arm(with_ct, test, None, s, console, fusion="late", modality_dropout=0.0),
+        "robust_ct_complete": _central_arm(with_ct, test, None, s, console),
+    }
+
+
+def bench_classify(work: Path, settings: ClassifyBenchSettings | None = None, console: Console | None = None,
+                   parts: tuple[str, ...] = ("federated", "central")) -> dict:
+    s = settings or ClassifyBenchSettings()
+    console = console or Console()
+    work = Path(work) / f"classify-{time.strftime('%Y%m%d-%H%M%S')}"
+    work.mkdir(parents=True)
+    split, test = prepare_data(work, s, console)
+    out = {"settings": asdict(s), "work": str(work), "n_test": len(test)}
+    if "federated" in parts:
+        out["federated"] = run_federated(work, split, s, console)
+    if "central" in parts:
+        out["central"] = run_central(split, test, s, console)
+    return out
+
+
+# --------------------------------------------------------------------------- doc rows and plots
+
+
+def _f(v, fmt="{:.3f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def rows(c: dict) -> list[tuple[str, str, str, str]]:
+    """Benchmark table rows (what, measured, goal, detail)."""
+    out = []
+    fed, cen = c.get("federated", {}), c.get("central", {})
+    if "personal" in fed and "fedavg" in fed:
+        p, f = fed["personal"], fed["fedavg"]
+        out.append(("Personal heads - FedAvg shared head: minimum-site balanced accuracy (points), "
+                    f"Dirichlet({c['settings']['alpha']})", f"{100 * (p['min_bacc'] - f['min_bacc']):+.1f}", ">= +12",
+                    f"min {_f(p['min_bacc'])} vs {_f(f['min_bacc'])}; mean {_f(p['mean_bacc'])} vs {_f(f['mean_bacc'])}"))
+    if "fedprox" in fed and "personal" in fed:
+        x, p = fed["fedprox"], fed["personal"]
+        out.append((f"FedProx (mu={c['settings']['fedprox_mu']}) - FedAvg, both with personal heads: "
+                    "minimum-site balanced accuracy (points)", f"{100 * (x['min_bacc'] - p['min_bacc']):+.1f}", "",
+                    f"min {_f(x['min_bacc'])} vs {_f(p['min_bacc'])}; mean {_f(x['mean_bacc'])} vs {_f(p['mean_bacc'])}"))
+    if "late_ct_complete" in cen and "robust_ct_complete" in cen:
+        late, rob = cen["late_ct_complete"], cen["robust_ct_complete"]
+        for drop, name in (("ct", "CT"), ("mri", "MRI")):
+            d_late = 100 * (late["bacc"] - late[f"bacc_no_{drop}"])
+            d_rob = 100 * (rob["bacc"] - rob[f"bacc_no_{drop}"])
+            out.append((f"Drop in balanced accuracy with {name} missing at test time (points): robust vs late fusion",
+                        f"{d_rob:.1f} vs {d_late:.1f}", "robust <= 5",
+                        f"robust {_f(rob['bacc'])} -> {_f(rob[f'bacc_no_{drop}'])}; "
+                        f"late {_f(late['bacc'])} -> {_f(late[f'bacc_no_{drop}'])}"))
+    if {"dual", "mri_only", "ct_only"} <= set(cen):
+        d, m, t = cen["dual"], cen["mri_only"], cen["ct_only"]
+        out.append(("Dual-stream vs MRI-only vs CT-only, test balanced accuracy (centralized)",
+                    f"{_f(d['bacc'])} / {_f(m['bacc'])} / {_f(t['bacc'])}", "dual > both",
+                    f"AUC {_f(d['auc'])} / {_f(m['auc'])} / {_f(t['auc'])}; {c['n_test']} test cases with MRI+CT"))
+    if "dual" in cen and fed:
+        best = max(fed, key=lambda a: fed[a]["min_bacc"])
+        ceiling = cen["dual"]["per_site_bacc"]
+        out.append(("Pooled (centralized) ceiling vs best federated arm: minimum-site balanced accuracy",
+                    f"{_f(min(ceiling.values()))} vs {_f(fed[best]['min_bacc'])}", "",
+                    f"best federated arm: {best}"))
+    return out
+
+
+def plot(c: dict, img: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img.mkdir(parents=True, exist_ok=True)
+    out = []
+    fed, cen = c.get("federated", {}), c.get("central", {})
+    if fed:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        arms = [a for a in FED_ARMS if a in fed]
+        groups = list(arms) + (["pooled ceiling"] if "dual" in cen else [])
+        w = 0.8 / len(groups)
+        for k, arm in enumerate(groups):
+            values = cen["dual"]["per_site_bacc"] if arm == "pooled ceiling" else fed[arm]["per_site_bacc"]
+            ax.bar([i + (k - (len(groups) - 1) / 2) * w for i in range(len(SITES))],
+                   [values.get(site) or 0 for site in SITES], w, label=arm)
+        ax.set_xticks(range(len(SITES)), SITES)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("balanced accuracy, site's own validation cases")
+        ax.set_title(f"Final model per site, Dirichlet({c['settings']['alpha']}) split")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        for arm in arms:
+            curves = fed[arm]["per_site_curve"]
+            n = min(len(v) for v in curves.values())
+            ax2.plot(range(n), [min(v[r] for v in curves.values() if v[r] is not None) for r in range(n)], "o-",
+                     label=arm)
+        ax2.set_xlabel("round")
+        ax2.set_ylabel("minimum-site balanced accuracy")
+        ax2.set_title("Minimum site per round")
+        ax2.set_ylim(0, 1.05)
+        ax2.legend(fontsize=8)
+        ax2.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(img / "bench_classify_federated.png", dpi=110)
+        plt.close(fig)
+        out.append("img/bench_classify_federated.png")
+    if cen:
+        arms = [a for a in ("dual", "mri_only", "ct_only", "late_ct_complete", "robust_ct_complete") if a in cen]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        w = 0.27
+        for k, (key, label) in enumerate((("bacc", "MRI + CT"), ("bacc_no_ct", "CT missing"), ("bacc_no_mri", "MRI missing"))):
+            ax.bar([i + (k - 1) * w for i in range(len(arms))], [cen[a].get(key) or 0 for a in arms], w, label=label)
+        ax.set_xticks(range(len(arms)), [a.replace("_", "\n") for a in arms])
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("test balanced accuracy")
+        ax.set_title("Centralized arms on the held-out test cohort")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(img / "bench_classify_central.png", dpi=110)
+        plt.close(fig)
+        out.append("img/bench_classify_central.png")
+    return out
+
+
+def per_site_lines(c: dict) -> list[str]:
+    fed, cen = c.get("federated", {}), c.get("central", {})
+    if not fed:
+        return []
+    lines = ["Classification, final balanced accuracy per site (n = validation cases at that site):", "",
+             "| site | n | " + " | ".join(a for a in FED_ARMS if a in fed) + (" | pooled ceiling |" if "dual" in cen else " |"),
+             "|---|---|" + "---|" * (len(fed) + ("dual" in cen))]
+    any_arm = next(iter(fed.values()))
+    for site in SITES:
+        cells = [_f(fed[a]["per_site_bacc"].get(site)) for a in FED_ARMS if a in fed]
+        if "dual" in cen:
+            cells.append(_f(cen["dual"]["per_site_bacc"].get(site)))
+        n = any_arm["n_val"].get(site)
+        lines.append(f"| {site} | {_f(n, '{:.0f}')} | " + " | ".join(cells) + " |")
+    return lines + [""]
