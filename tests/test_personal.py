@@ -1,5 +1,6 @@
 """The personal head: removed from what a site sends, kept on the site's disk across jobs."""
 
+import numpy as np
 import torch
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
@@ -54,3 +55,43 @@ def test_head_store_refuses_a_head_of_another_shape(tmp_path):
         assert "head" in str(e) or "size" in str(e)
     else:
         raise AssertionError("a mismatched head was loaded")
+
+
+def test_scaffold_controls_cover_the_shared_part_only():
+    """A control difference is the local update in disguise: it must never cover the personal head."""
+    import copy
+
+    from fedbrain.training.fl import SharedScaffold
+
+    torch.manual_seed(0)
+    model = build_classifier("masked_mean", channels=(8, 16), embed_dim=16, head_hidden=8)
+    head = set(head_parameter_names(model))
+    scaffold = SharedScaffold(model, lr=0.1)
+    assert not head & set(scaffold.names())
+    assert set(scaffold.names()) == {n for n, _ in model.named_parameters() if n not in head}
+    assert scaffold.end_round(model) and all(not v.any() for v in scaffold.end_round(model).values())  # no steps
+
+    start = copy.deepcopy(model)
+    controls = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}  # server's c_global, head too
+    scaffold.begin_round(controls)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scaffold.after_step()  # no gradient step: only the correction -lr * (c_global - c_local) is applied
+    for name, p in model.named_parameters():
+        expected = before[name] if name in head else before[name] - 0.1 * 0.5
+        assert torch.allclose(p, expected), name
+    delta = scaffold.end_round(start)
+    assert set(delta) == set(scaffold.names())
+    # The drift was exactly the correction, so the new local control equals the old one (zero).
+    assert all(np.allclose(v, 0.0, atol=1e-5) for v in delta.values())
+
+    # A real step on data: the controls now record a drift.
+    scaffold.begin_round(controls)
+    start = copy.deepcopy(model)
+    loss = model(torch.randn(2, 4, 8, 8, 8), torch.randn(2, 2, 8, 8, 8)).square().sum()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    scaffold.after_step()
+    delta = scaffold.end_round(start)
+    assert max(float(np.abs(v).max()) for v in delta.values()) > 1e-3

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cases", type=int, default=None, help="mean cases per hospital (default: 12 segment, 24 classify)")
     d.add_argument("--rounds", type=int, default=None)
     d.add_argument("--local-epochs", dest="local_epochs", type=int, default=None)
-    d.add_argument("--algorithm", default="personal", choices=["personal", "fedavg", "fedprox"], help="classify only")
+    d.add_argument("--algorithm", default="personal", choices=["personal", "fedavg", "fedprox", "scaffold"], help="classify only")
     d.add_argument("--alpha", type=float, default=0.5, help="classify only: Dirichlet label-skew alpha")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")

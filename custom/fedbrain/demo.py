@@ -42,7 +42,7 @@ class ClassifyDemoSettings:
     cases: int = 24
     seed: int = 0
     alpha: float = 0.5
-    algorithm: str = "personal"  # personal | fedavg | fedprox
+    algorithm: str = "personal"  # personal | fedavg | fedprox | scaffold
     rounds: int = 20  # ~6 s each here; 10 left the smallest site at chance
     local_epochs: int = 4
     fusion: str = "masked_mean"

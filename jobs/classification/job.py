@@ -3,10 +3,12 @@
     python jobs/classification/job.py                          # re-export jobs/classification/fedbrain_classification
     python jobs/classification/job.py --algorithm fedavg       # shared head baseline
     python jobs/classification/job.py --algorithm fedprox --mu 0.01
+    python jobs/classification/job.py --algorithm scaffold
 
 Algorithms: `personal` (default: trunks + fusion are federated, each hospital's head stays on site,
 removed from every update by a per-site ExcludeVars filter), `fedavg` (everything shared),
-`fedprox` (personal heads + a proximal term on the shared part).
+`fedprox` (personal heads + a proximal term on the shared part), `scaffold` (personal heads +
+SCAFFOLD control variates on the shared part, FLARE's ScaffoldRecipe and PTScaffoldHelper).
 """
 
 import argparse
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from nvflare.app_common.filters.exclude_vars import ExcludeVars
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.app_opt.pt.recipes.scaffold import ScaffoldRecipe
 from nvflare.client.config import ExchangeFormat, TransferType
 from nvflare.recipe.utils import add_experiment_tracking, add_final_global_evaluation, set_per_site_config
 
@@ -26,7 +29,7 @@ APPS_DIR = HERE.parents[1] / "apps"
 SITE_SCRIPT = "classify_client.py"
 JOB_NAME = "fedbrain_classification"
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
-ALGORITHMS = ("personal", "fedavg", "fedprox")
+ALGORITHMS = ("personal", "fedavg", "fedprox", "scaffold")
 
 
 def build_recipe(
@@ -41,36 +44,35 @@ def build_recipe(
     modality_dropout: float = 0.3,
     lr: float = 3e-4,
     name: str = JOB_NAME,
-) -> FedAvgRecipe:
+) -> FedAvgRecipe | ScaffoldRecipe:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}")
-    personal = algorithm in ("personal", "fedprox")
+    personal = algorithm != "fedavg"
     spec = model_spec(fusion=fusion, modality_dropout=modality_dropout)
     train_args = (
         f"--fusion {fusion} --modality_dropout {modality_dropout} --local_epochs {local_epochs} "
         f"--max_steps {max_steps} --lr {lr} --fedprox_mu {mu if algorithm == 'fedprox' else 0.0} --store {name}"
-        + (" --personal" if personal else "")
+        + (" --personal" if personal else "") + (" --scaffold" if algorithm == "scaffold" else "")
     )
-    recipe = FedAvgRecipe(
-        name=name,
-        model=spec,
-        min_clients=len(sites),
-        num_rounds=rounds,
-        train_script=SITE_SCRIPT,
-        train_args=train_args,
-        key_metric="val_bacc",
-        key_metric_mode="max",
-        server_expected_format=ExchangeFormat.PYTORCH,
-        params_transfer_type=TransferType.DIFF,
-    )
-    set_per_site_config(recipe, {site: {} for site in sites})  # one app per hospital: per-site filters
+    common = dict(name=name, model=spec, min_clients=len(sites), num_rounds=rounds, train_script=SITE_SCRIPT,
+                  train_args=train_args, server_expected_format=ExchangeFormat.PYTORCH,
+                  params_transfer_type=TransferType.DIFF)
+    if algorithm == "scaffold":
+        # ScaffoldRecipe has one client app for all sites (no per-site config); it keeps the last model.
+        recipe = ScaffoldRecipe(**common)
+        per_site = [None]
+    else:
+        recipe = FedAvgRecipe(**common, key_metric="val_bacc", key_metric_mode="max")
+        set_per_site_config(recipe, {site: {} for site in sites})  # one app per hospital: per-site filters
+        per_site = [[site] for site in sites]
     if personal:
         head = head_parameter_names(build_classifier(**{k: v for k, v in spec["args"].items()}))
-        for site in sites:
-            recipe.add_client_output_filter(ExcludeVars(exclude_vars=head), tasks=["train"], clients=[site])
+        for clients in per_site:
+            recipe.add_client_output_filter(ExcludeVars(exclude_vars=head), tasks=["train"], clients=clients)
     recipe.add_server_input_filter(ReceivedUpdateAudit(), tasks=["train"])  # what actually arrived
     add_experiment_tracking(recipe, "tensorboard")
-    add_final_global_evaluation(recipe)  # final trunk (+ each site's own head) at every site
+    if algorithm != "scaffold":  # ScaffoldRecipe exposes no persistor id to evaluate: the report
+        add_final_global_evaluation(recipe)  # then uses the last round. Final trunk + each site's own head.
     return recipe
 
 

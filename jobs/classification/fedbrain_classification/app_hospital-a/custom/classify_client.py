@@ -8,17 +8,19 @@ job restarts.
 """
 
 import argparse
+import copy
 import logging
 import math
 import time
 
 import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.client.tracking import SummaryWriter
 
 from fedbrain.site import load_site_cases
 from fedbrain.training.classify import ClassificationConfig, ClassificationTrainer
-from fedbrain.training.fl import state_dict_from_params, weight_diff
+from fedbrain.training.fl import SharedScaffold, state_dict_from_params, weight_diff
 from fedbrain.training.personal import PersonalHeadStore
 
 log = logging.getLogger("fedbrain")
@@ -35,6 +37,7 @@ def parse_args():
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--fedprox_mu", type=float, default=0.0)
     p.add_argument("--personal", action="store_true", help="keep the classifier head at this site")
+    p.add_argument("--scaffold", action="store_true", help="SCAFFOLD control variates (job built by ScaffoldRecipe)")
     p.add_argument("--store", default="fedbrain_classification", help="name of this site's personal-head store")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -53,6 +56,8 @@ def main():
     trainer = ClassificationTrainer(cases["training"], cases["validation"], config)
     model = trainer.build_model().to(trainer.device)
     heads = PersonalHeadStore.for_site(args.store) if args.personal else None
+    # With a personal head its controls would leak its update: control only what is shared.
+    scaffold = SharedScaffold(model, args.lr, exclude=("head",) if args.personal else ()) if args.scaffold else None
     writer = SummaryWriter()
     summary = {k: v for k, v in trainer.data_summary().items() if isinstance(v, (int, float))}
     summary["site_error"] = int(bool(site_error))
@@ -80,7 +85,14 @@ def main():
 
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         global_params = {k: v.to(trainer.device) for k, v in before.items()}
-        stats = trainer.train(model, global_params=global_params) if summary["n_train"] else {"steps": 0}
+        meta = {}
+        if scaffold is not None:
+            global_copy = copy.deepcopy(model)
+            scaffold.begin_round(global_model.meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL))
+        on_step = scaffold.after_step if scaffold is not None else None
+        stats = trainer.train(model, global_params=global_params, on_step=on_step) if summary["n_train"] else {"steps": 0}
+        if scaffold is not None:
+            meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = scaffold.end_round(global_copy)
         if heads is not None:
             heads.save_from(model, job_id=flare.get_job_id(), round_no=round_no)
         if stats["steps"]:
@@ -94,7 +106,7 @@ def main():
                 params=weight_diff(model.state_dict(), before),
                 params_type=ParamsType.DIFF,
                 metrics=metrics,
-                meta={"NUM_STEPS_CURRENT_ROUND": stats["steps"]},
+                meta={"NUM_STEPS_CURRENT_ROUND": stats["steps"], **meta},
             )
         )
 

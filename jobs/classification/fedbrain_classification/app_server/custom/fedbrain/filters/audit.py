@@ -1,7 +1,9 @@
 """Server-side record of exactly what each site sent: parameter names, shapes, dtypes.
 
 An auditor (or a test) can then prove from the job result alone that a personal head, or anything
-shaped like an input image, never reached the server. It records and passes the update unchanged.
+shaped like an input image, never reached the server. Arrays riding in the update's meta (SCAFFOLD's
+control differences) are recorded the same way under ``meta_arrays``. It records and passes the
+update unchanged.
 """
 
 from __future__ import annotations
@@ -29,13 +31,20 @@ class ReceivedUpdateAudit(Filter):
         except Exception:  # not a DXO (e.g. an error reply): nothing to record
             return shareable
         data = dxo.data or {}
+
+        def shapes(d: dict) -> dict:
+            return {k: {"shape": list(getattr(v, "shape", ())), "dtype": str(getattr(v, "dtype", type(v).__name__))}
+                    for k, v in d.items()}
+
+        meta = dxo.meta or {}
         entry = {
             "site": shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?"),
             "round": shareable.get_header("current_round"),
             "data_kind": dxo.data_kind,
-            "params": {k: {"shape": list(getattr(v, "shape", ())), "dtype": str(getattr(v, "dtype", type(v).__name__))}
-                       for k, v in data.items()} if isinstance(data, dict) else {},
-            "metrics": sorted((dxo.meta or {}).get("initial_metrics", {}) or {}),
+            "params": shapes(data) if isinstance(data, dict) else {},
+            "metrics": sorted(meta.get("initial_metrics", {}) or {}),
+            "meta_arrays": {k: shapes(v) for k, v in meta.items()
+                            if isinstance(v, dict) and v and all(hasattr(x, "shape") for x in v.values())},
         }
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN))
         with open(Path(run_dir) / self.file_name, "a") as f:
