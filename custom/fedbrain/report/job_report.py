@@ -60,7 +60,7 @@ def _round_start_times(workspace: Path) -> dict[int, datetime]:
                 starts[rnd] = datetime.strptime(rec["asctime"], "%Y-%m-%d %H:%M:%S,%f")
             except (ValueError, KeyError, IndexError):
                 continue
-        if "Finished FedAvg." in msg:  # end of the last round
+        if "Finished FedAvg." in msg or "Finished Scaffold." in msg:  # end of the last round
             try:
                 starts.setdefault(-1, datetime.strptime(rec["asctime"], "%Y-%m-%d %H:%M:%S,%f"))
             except (ValueError, KeyError):
