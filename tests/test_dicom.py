@@ -166,7 +166,11 @@ def test_ct_small_reads_to_hu_with_rescale(tmp_path):
 
 def test_mr_small_single_file_reads(tmp_path):
     source = Path(get_testdata_file("MR_small.dcm"))
-    volume, affine = read_ct_series(_copy_series(tmp_path, source))
+    folder = _copy_series(tmp_path, source)
+    with pytest.raises(DicomSeriesError, match="Modality is MR, expected CT") as info:
+        read_ct_series(folder)  # an MR series in the CT slot is refused, naming the folder
+    assert str(folder) in str(info.value)
+    volume, affine = read_ct_series(folder, modality=None)  # the geometry reader itself handles MR
     ds = pydicom.dcmread(source)
     assert volume.shape == (64, 64, 1)
     np.testing.assert_array_equal(volume[:, :, 0], ds.pixel_array.T)  # no rescale tags: raw values
@@ -206,7 +210,7 @@ def test_series_with_gap_is_refused():
 @pytest.mark.parametrize("series", [("98892001", "CT2N"), ("98892003", "MR700")])
 def test_localizers_are_refused_as_mixed_orientation(series):
     with pytest.raises(DicomSeriesError, match="mixed orientations"):
-        read_ct_series(DICOMDIR_TESTS.joinpath(*series))
+        read_ct_series(DICOMDIR_TESTS.joinpath(*series), modality=None)  # geometry checks on MR too
 
 
 def test_three_plane_localizer_is_refused(tmp_path):
@@ -216,7 +220,7 @@ def test_three_plane_localizer_is_refused(tmp_path):
     mr2 = DICOMDIR_TESTS / "98892003" / "MR2"
     folder = _copy_series(tmp_path, *(mr2 / name for name in ("4950", "4981", "5011")))
     with pytest.raises(DicomSeriesError, match="mixed orientations"):
-        read_ct_series(folder)
+        read_ct_series(folder, modality=None)
 
 
 def test_projection_image_without_geometry_is_refused():

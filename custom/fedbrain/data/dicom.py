@@ -279,7 +279,7 @@ def _check_same(folder: Path, files: list[Path], values: list, what: str, same) 
             )
 
 
-def read_ct_series(folder) -> tuple[np.ndarray, np.ndarray]:
+def read_ct_series(folder, modality: str | None = "CT") -> tuple[np.ndarray, np.ndarray]:
     """Read one CT series folder into (HU float32 volume [i, j, k], RAS+ affine).
 
     Slices are ordered by position along the slice normal (row x column
@@ -287,7 +287,8 @@ def read_ct_series(folder) -> tuple[np.ndarray, np.ndarray]:
     slice step comes from the actual positions (SliceThickness is only used
     for a single slice, where there is nothing else). Any folder that is not
     exactly one contiguous, uniformly spaced, single-orientation series
-    raises DicomSeriesError.
+    raises DicomSeriesError, and so does a series whose Modality is not ``modality``
+    (an MR series in the CT slot would otherwise be windowed as HU; None skips the check).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -301,6 +302,10 @@ def read_ct_series(folder) -> tuple[np.ndarray, np.ndarray]:
     if len(series) > 1:
         listing = ", ".join(f"{uid} ({n} files)" for uid, n in series.most_common())
         raise DicomSeriesError(folder, f"mixed series: {len(series)} SeriesInstanceUIDs: {listing}")
+    if modality is not None:
+        found = sorted({str(ds.get("Modality", "")) or "<missing>" for ds in datasets})
+        if found != [modality]:
+            raise DicomSeriesError(folder, f"Modality is {'/'.join(found)}, expected {modality}")
 
     orientations = [np.asarray(ds.ImageOrientationPatient, dtype=np.float64) for ds in datasets]
     if any(o.shape != (6,) for o in orientations):
