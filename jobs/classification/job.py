@@ -43,15 +43,16 @@ def build_recipe(
     fusion: str = "masked_mean",
     modality_dropout: float = 0.3,
     lr: float = 3e-4,
+    seed: int = 0,
     name: str = JOB_NAME,
 ) -> FedAvgRecipe | ScaffoldRecipe:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}")
     personal = algorithm != "fedavg"
-    spec = model_spec(fusion=fusion, modality_dropout=modality_dropout)
+    spec = model_spec(fusion=fusion, modality_dropout=modality_dropout, init_seed=seed)  # same start every run
     train_args = (
         f"--fusion {fusion} --modality_dropout {modality_dropout} --local_epochs {local_epochs} "
-        f"--max_steps {max_steps} --lr {lr} --fedprox_mu {mu if algorithm == 'fedprox' else 0.0} --store {name}"
+        f"--max_steps {max_steps} --lr {lr} --fedprox_mu {mu if algorithm == 'fedprox' else 0.0} --store {name} --seed {seed}"
         + (" --personal" if personal else "") + (" --scaffold" if algorithm == "scaffold" else "")
     )
     common = dict(name=name, model=spec, min_clients=len(sites), num_rounds=rounds, train_script=SITE_SCRIPT,

@@ -194,6 +194,7 @@ class DualStreamClassifier(nn.Module):
         head_hidden: int = 32,
         head_dropout: float = 0.0,
         pool: str = "max",
+        init_seed: int | None = None,
         mri_channels: int = STREAM_CHANNELS["mri"],
         ct_channels: int = STREAM_CHANNELS["ct"],
     ):
@@ -224,6 +225,21 @@ class DualStreamClassifier(nn.Module):
         else:
             layers.append(nn.Linear(embed_dim, num_classes))
         self.head = nn.Sequential(*layers)
+        if init_seed is not None:
+            self.reset_parameters(init_seed)
+
+    def reset_parameters(self, seed: int) -> None:
+        """Re-draw every layer's initial weights from ``seed``, leaving the global RNG untouched.
+
+        Why: FLARE's server persistor builds the initial global model from ``model_spec``;
+        with ``init_seed`` in the spec two jobs (e.g. two benchmark arms) start from the
+        same weights, so their difference is the algorithm, not the draw.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in self.modules():
+                if module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
 
     @property
     def robust(self) -> bool:

@@ -74,7 +74,7 @@ class ClassificationConfig:
     def model_kwargs(self) -> dict:
         """Constructor arguments of the model this config trains (see ``model_spec``)."""
         return {"fusion": self.fusion, "streams": self.streams, "embed_dim": self.embed_dim,
-                "channels": self.channels, "head_hidden": self.head_hidden, "pool": self.pool,
+                "channels": self.channels, "head_hidden": self.head_hidden, "pool": self.pool, "init_seed": self.seed,
                 "modality_dropout": self.modality_dropout, "num_classes": len(CLASS_NAMES)}
 
     def to_dict(self) -> dict:
