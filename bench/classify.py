@@ -43,6 +43,7 @@ class ClassifyBenchSettings:
     fusion: str = "masked_mean"
     modality_dropout: float = 0.3
     fedprox_mu: float = 0.01
+    atypical: float = 0.2  # gliomas that look like the other grade on MRI (see fedbrain.data.synth)
 
 
 def _pooled(split_dir: Path, section: str) -> list[dict]:
@@ -57,11 +58,11 @@ def prepare_data(work: Path, s: ClassifyBenchSettings, console: Console) -> tupl
     from fedbrain.data.synth import synthesize_consortium
     from fedbrain.demo import ClassifyDemoSettings, prepare_classification_data
 
-    split = prepare_classification_data(work / "data", list(SITES),
-                                        ClassifyDemoSettings(cases=s.cases, seed=s.seed, alpha=s.alpha))
+    split = prepare_classification_data(work / "data", list(SITES), ClassifyDemoSettings(
+        cases=s.cases, seed=s.seed, alpha=s.alpha, atypical=s.atypical))
     console.print("held-out test cohort")
     synthesize_consortium(work / "test", sites=len(SITES), cases=s.test_cases, seed=s.seed + 1000,
-                          site_names=list(SITES), progress=True)
+                          site_names=list(SITES), atypical=s.atypical, progress=True)
     test = []
     for site in SITES:
         lists = load_datalist(work / "test" / site / "datalist.json")

@@ -236,6 +236,26 @@ def test_same_seed_same_arrays_different_seed_differs(consortium, tmp_path):
         assert not np.array_equal(first[key], other[key])
 
 
+def test_atypical_gliomas_look_like_the_other_grade(anatomy, profile):
+    """atypical=1: every LGG enhances with a necrotic core and no HGG does; the true grade stays in meta."""
+    seed = [11, 3]
+    plain = synth.synthesize_case(np.random.default_rng(seed), anatomy, profile, "LGG")
+    zero = synth.synthesize_case(np.random.default_rng(seed), anatomy, profile, "LGG", atypical=0.0)
+    assert np.array_equal(plain["seg"], zero["seg"]) and np.array_equal(plain["t1ce"], zero["t1ce"])
+    assert plain["meta"]["looks_like"] == "LGG"
+    for grade, looks in (("LGG", "HGG"), ("HGG", "LGG")):
+        case = synth.synthesize_case(np.random.default_rng(seed), anatomy, profile, grade, atypical=1.0)
+        seg = case["seg"]
+        tc = np.isin(seg, (1, 4)).sum()
+        assert case["meta"]["grade"] == grade and case["meta"]["looks_like"] == looks
+        if looks == "HGG":
+            assert (seg == 4).sum() > 0.1 * tc  # an enhancing rim, like an HGG
+        else:
+            assert (seg == 4).sum() <= 0.05 * tc and not case["meta"]["calcified"]
+    with pytest.raises(ValueError, match="atypical"):
+        synth.synthesize_case(np.random.default_rng(0), anatomy, profile, "HGG", atypical=1.5)
+
+
 def test_sites_differ(consortium):
     out, manifest = consortium
     profiles = synth.default_site_profiles(3, seed=SEED)

@@ -22,7 +22,8 @@ def cmd_data_check(a) -> int:
 def cmd_data_synth(a) -> int:
     from fedbrain.data.synth import synthesize_consortium
 
-    manifest = synthesize_consortium(a.out, sites=a.sites, cases=a.cases, seed=a.seed, spacing_mm=a.spacing)
+    manifest = synthesize_consortium(a.out, sites=a.sites, cases=a.cases, seed=a.seed, spacing_mm=a.spacing,
+                                     atypical=a.atypical)
     console.print(f"wrote {a.out}/manifest.json and one datalist per site:")
     for site in manifest.get("sites", []):
         name = site.get("name") if isinstance(site, dict) else site
@@ -95,7 +96,8 @@ def cmd_demo(a) -> int:
 
     given = {k: v for k, v in (("cases", a.cases), ("rounds", a.rounds), ("local_epochs", a.local_epochs)) if v is not None}
     if a.task == "classify":
-        settings = ClassifyDemoSettings(seed=a.seed, keep_workspace=a.keep, algorithm=a.algorithm, alpha=a.alpha, **given)
+        settings = ClassifyDemoSettings(seed=a.seed, keep_workspace=a.keep, algorithm=a.algorithm, alpha=a.alpha,
+                                        atypical=a.atypical, **given)
     else:
         settings = DemoSettings(seed=a.seed, keep_workspace=a.keep, **given)
     run_demo(Path(a.runs), settings, console=console)
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--spacing", type=float, default=3.0, help="voxel size in mm (2-3)")
+    s.add_argument("--atypical", type=float, default=0.0,
+                   help="fraction of gliomas that look like the other grade on MRI (0: MRI grades every case)")
     s.set_defaults(func=cmd_data_synth)
 
     t = sub.add_parser("train", help="centralized baseline with the same data/model/loop code")
@@ -157,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local-epochs", dest="local_epochs", type=int, default=None)
     d.add_argument("--algorithm", default="personal", choices=["personal", "fedavg", "fedprox", "scaffold"], help="classify only")
     d.add_argument("--alpha", type=float, default=0.5, help="classify only: Dirichlet label-skew alpha")
+    d.add_argument("--atypical", type=float, default=0.2,
+                   help="classify only: fraction of gliomas that look like the other grade on MRI")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")
     d.set_defaults(func=cmd_demo)

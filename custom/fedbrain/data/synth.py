@@ -358,6 +358,11 @@ class TumourPlan:
     mass_effect: float  # k in u(r) = k r exp(-r^2 / 2 s^2)
     mass_sigma_mm: float
     calcified: bool
+    appearance: str = ""  # the grade it looks like on MRI ("" = its own grade)
+
+    @property
+    def looks_like(self) -> str:
+        return self.appearance or self.grade
 
 
 @dataclass
@@ -399,18 +404,30 @@ def _to_template(points_mm: np.ndarray, anatomy: Anatomy, deform: Deformation,
 
 
 def sample_tumour_plan(rng: np.random.Generator, anatomy: Anatomy, deform: Deformation,
-                       grade: str) -> TumourPlan | None:
-    """Pick a white-matter seed and sizes; WT ~2-6 cm across, HGG with a thicker rim."""
+                       grade: str, atypical: float = 0.0) -> TumourPlan | None:
+    """Pick a white-matter seed and sizes; WT ~2-6 cm across, HGG with a thicker rim.
+
+    With probability ``atypical`` a glioma looks like the other grade on MRI (an
+    enhancing, necrotic LGG; a non-enhancing HGG without necrosis), as a minority do
+    in real cohorts: then MRI alone cannot grade it, and the site's grade mix (or a
+    calcification on CT, which follows the true grade) decides. 0 draws nothing extra,
+    so cohorts made without it stay identical.
+    """
     if grade == "healthy":
         return None
+    if not 0.0 <= atypical <= 1.0:
+        raise ValueError(f"atypical must be in [0, 1], got {atypical}")
+    appearance = grade
+    if atypical > 0 and grade in ("LGG", "HGG") and rng.random() < atypical:
+        appearance = "HGG" if grade == "LGG" else "LGG"
     sp = anatomy.spacing_mm
-    if grade == "HGG":
+    if appearance == "HGG":
         oedema_r = rng.uniform(14.0, 24.0)
         core_r = oedema_r / rng.uniform(1.15, 1.45)
         rim = max(rng.uniform(4.0, 7.0), 1.3 * sp)  # thick enough to survive the PSF
         core_r = max(core_r, rim + 2.5 * sp)
         mass = rng.uniform(0.2, 0.45)
-    elif grade == "LGG":
+    elif appearance == "LGG":
         oedema_r = rng.uniform(13.0, 24.0)
         core_r = oedema_r / rng.uniform(1.1, 1.4)
         core_r = max(core_r, 1.6 * sp)
@@ -434,6 +451,7 @@ def sample_tumour_plan(rng: np.random.Generator, anatomy: Anatomy, deform: Defor
         rotation=Rotation.from_euler("zyx", rng.uniform(0.0, 180.0, 3), degrees=True).as_matrix(),
         mass_effect=float(mass), mass_sigma_mm=float(1.2 * core_r),
         calcified=bool(grade == "LGG" and rng.random() < 0.4),
+        appearance="" if appearance == grade else appearance,
     )
 
 
@@ -534,7 +552,7 @@ def grow_tumour(rng: np.random.Generator, tissue: Tissue, anatomy: Anatomy, plan
     necrosis = np.zeros(bshape, np.float32)
     nonenh = np.zeros(bshape, np.float32)
     enhancing = np.zeros(bshape, np.float32)
-    if plan.grade == "HGG":
+    if plan.looks_like == "HGG":
         nec_r = plan.core_radius_mm - plan.rim_mm
         nec_score = dist / nec_r + 0.18 * n_nec
         necrosis = np.minimum(_soft(nec_score, sp / nec_r), core)
@@ -685,7 +703,8 @@ def simulate_ct(rng: np.random.Generator, tissue: Tissue, tumour: Tumour, profil
 # --------------------------------------------------------------------------- one case
 
 
-def synthesize_case(rng: np.random.Generator, anatomy: Anatomy, site_profile: SiteProfile, grade: str) -> dict:
+def synthesize_case(rng: np.random.Generator, anatomy: Anatomy, site_profile: SiteProfile, grade: str,
+                    atypical: float = 0.0) -> dict:
     """One patient: MRI contrasts, label, CT (if the site has CT) and metadata.
 
     Returns ``{"t1", "t1ce", "t2", "flair": float32, "seg": uint8, "brain": bool,
@@ -696,7 +715,7 @@ def synthesize_case(rng: np.random.Generator, anatomy: Anatomy, site_profile: Si
     if grade not in GRADES:
         raise ValueError(f"grade must be one of {GRADES}, got {grade!r}")
     deform = sample_deformation(rng)
-    plan = sample_tumour_plan(rng, anatomy, deform, grade)
+    plan = sample_tumour_plan(rng, anatomy, deform, grade, atypical)
     tissue = warp_anatomy(anatomy, deform, plan)
     tumour = grow_tumour(rng, tissue, anatomy, plan)
     case = simulate_mri(rng, tissue, tumour, site_profile, anatomy.spacing_mm)
@@ -712,6 +731,7 @@ def synthesize_case(rng: np.random.Generator, anatomy: Anatomy, site_profile: Si
     wt_ml = float((lab > 0).sum()) * voxel_ml
     case["meta"] = {
         "grade": grade,
+        "looks_like": grade if plan is None else plan.looks_like,  # differs for atypical presentations
         "brain_ml": round(brain_ml, 1),
         "wt_ml": round(wt_ml, 2),
         "tc_ml": round(float(np.isin(lab, (1, 4)).sum()) * voxel_ml, 2),
@@ -800,12 +820,15 @@ def synthesize_consortium(
     spacing_mm: float = 3.0,
     site_names: list[str] | None = None,
     val_fraction: float = 0.25,
+    atypical: float = 0.0,
     progress: bool = True,
 ) -> dict:
     """Write a synthetic consortium (layout in docs/CONTRACTS.md); returns the manifest.
 
     ``cases`` is the nominal number per site; quantity skew scales it per site
     (at least 3 so each site has >= 2 validation and >= 1 training case).
+    ``atypical``: fraction of gliomas that look like the other grade on MRI
+    (see :func:`sample_tumour_plan`); 0 gives a cohort MRI alone grades perfectly.
     """
     if sites < 1:
         raise ValueError("sites must be >= 1")
@@ -842,7 +865,7 @@ def synthesize_consortium(
                 case_id = f"SYN-{letter}-{ci + 1:04d}"
                 bar.update(task, description=f"{profile.name} {case_id}")
                 rng = np.random.default_rng([seed, si, ci])
-                case = synthesize_case(rng, anatomy, profile, grade)
+                case = synthesize_case(rng, anatomy, profile, grade, atypical)
                 study_uid = generate_uid(entropy_srcs=["fedbrain-synth", str(seed), profile.name, case_id])
                 item = write_case(case, site_dir / "cases" / case_id, anatomy.affine,
                                   case_id=case_id, study_uid=study_uid)
@@ -882,6 +905,7 @@ def synthesize_consortium(
         "modalities": list(MRI_CONTRASTS),
         "labels": {str(k): v for k, v in LABELS.items()},
         "val_fraction": val_fraction,
+        "atypical": atypical,
         "n_sites": sites,
         "n_cases": total,
         "grade_counts": {g: sum(s["grade_counts"][g] for s in manifest_sites) for g in GRADES},
