@@ -19,6 +19,7 @@ One synthetic cohort per run, measured side by side:
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,11 +72,10 @@ def prepare_data(work: Path, s: ClassifyBenchSettings, console: Console) -> tupl
 
 
 def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Console) -> dict:
-    """The three algorithms as FLARE jobs, one after another on one POC consortium."""
+    """Every algorithm as a FLARE job, one after another on one POC consortium."""
     from fedbrain.jobs import load_job_module
     from fedbrain.poc.consortium import PocConsortium
     from fedbrain.poc.runner import submit_and_wait
-    from fedbrain.report.job_report import build_report
 
     poc = PocConsortium(work / "poc-run")
     arms = {}
@@ -89,30 +89,37 @@ def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Co
                 sites=list(SITES), local_epochs=s.local_epochs, fusion=s.fusion,
                 modality_dropout=s.modality_dropout, lr=s.lr, mu=s.fedprox_mu,
             )
-            t = time.time()
             meta, result = submit_and_wait(poc, job, rounds=s.rounds, result_dir=work / "result" / algorithm,
                                            console=console)
-            report = build_report(result)
-            per_site = {site: e["final"].get("val_bacc") for site, e in report["sites"].items()}
-            curves = {site: [r.get("val_bacc") for r in e["rounds"]] for site, e in report["sites"].items()}
-            n = min(len(v) for v in curves.values())
-            min_curve = [min(v[r] for v in curves.values() if v[r] is not None) for r in range(n)]
-            arms[algorithm] = {
-                "status": meta.get("status"),
-                "seconds": time.time() - t,
-                "per_site_bacc": per_site,
-                "min_bacc": min(v for v in per_site.values() if v is not None),
-                "mean_bacc": sum(per_site.values()) / len(per_site),
-                "per_site_auc": {site: e["final"].get("val_auc") for site, e in report["sites"].items()},
-                "per_site_curve": curves,
-                "min_site_curve": min_curve,
-                "mean_min_site_over_rounds": sum(min_curve) / len(min_curve),
-                "rounds_to_target": next((r for r, v in enumerate(min_curve) if v >= TARGET), None),
-                "n_val": {site: e["final"].get("n_val") for site, e in report["sites"].items()},
-            }
+            arms[algorithm] = summarize_arm(result)
     finally:
         poc.clean()
     return arms
+
+
+def summarize_arm(result: Path) -> dict:
+    """Per-site final and per-round balanced accuracy of one downloaded job result."""
+    from fedbrain.report.job_report import build_report
+
+    report = build_report(result)
+    per_site = {site: e["final"].get("val_bacc") for site, e in report["sites"].items()}
+    curves = {site: [r.get("val_bacc") for r in e["rounds"]] for site, e in report["sites"].items()}
+    n = min(len(v) for v in curves.values())
+    min_curve = [min(v[r] for v in curves.values() if v[r] is not None) for r in range(n)]
+    return {
+        "status": report["status"],
+        "duration": report["duration"],
+        "result": str(result),
+        "per_site_bacc": per_site,
+        "min_bacc": min(v for v in per_site.values() if v is not None),
+        "mean_bacc": sum(per_site.values()) / len(per_site),
+        "per_site_auc": {site: e["final"].get("val_auc") for site, e in report["sites"].items()},
+        "per_site_curve": curves,
+        "min_site_curve": min_curve,
+        "mean_min_site_over_rounds": sum(min_curve) / len(min_curve),
+        "rounds_to_target": next((r for r, v in enumerate(min_curve) if v >= TARGET), None),
+        "n_val": {site: e["final"].get("n_val") for site, e in report["sites"].items()},
+    }
 
 
 def _central_arm(train: list[dict], test: list[dict], per_site_val: dict | None, s: ClassifyBenchSettings,
@@ -168,8 +175,10 @@ def bench_classify(work: Path, settings: ClassifyBenchSettings | None = None, co
     out = {"settings": asdict(s), "work": str(work), "n_test": len(test)}
     if "federated" in parts:
         out["federated"] = run_federated(work, split, s, console)
+        (work / "results.json").write_text(json.dumps(out, indent=2, default=str))  # kept if a later part fails
     if "central" in parts:
         out["central"] = run_central(split, test, s, console)
+        (work / "results.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
 
@@ -230,7 +239,7 @@ def rows(c: dict) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def plot(c: dict, img: Path) -> list[str]:
+def plot(c: dict, img: Path, tag: str = "classify") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,9 +272,9 @@ def plot(c: dict, img: Path) -> list[str]:
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(img / "bench_classify_federated.png", dpi=110)
+        fig.savefig(img / f"bench_federated_{tag}.png", dpi=110)
         plt.close(fig)
-        out.append("img/bench_classify_federated.png")
+        out.append(f"img/bench_federated_{tag}.png")
     if cen:
         arms = [a for a in ("dual", "mri_only", "ct_only", "late_ct_complete", "robust_ct_complete") if a in cen]
         fig, ax = plt.subplots(figsize=(9, 4))
@@ -279,9 +288,9 @@ def plot(c: dict, img: Path) -> list[str]:
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(img / "bench_classify_central.png", dpi=110)
+        fig.savefig(img / f"bench_central_{tag}.png", dpi=110)
         plt.close(fig)
-        out.append("img/bench_classify_central.png")
+        out.append(f"img/bench_central_{tag}.png")
     return out
 
 

@@ -262,6 +262,21 @@ def trainer(cohort):
     return ClassificationTrainer(train, val, config)
 
 
+def test_site_without_training_cases_validates_and_does_not_train(cohort):
+    """A hospital with only validation cases (or none at all) must not crash its trainer."""
+    from fedbrain.training.classify import ClassificationConfig, ClassificationTrainer
+
+    _, val = cohort
+    config = ClassificationConfig(spatial_size=SIZE, channels=(8, 16), embed_dim=16, head_hidden=8)
+    for train_cases, val_cases in (([], val), ([], [])):
+        trainer = ClassificationTrainer(train_cases, val_cases, config)
+        model = trainer.build_model()
+        assert trainer.train(model)["steps"] == 0
+        metrics = trainer.validate(model)
+        assert metrics["n_val"] == len(val_cases)
+        assert math.isnan(metrics["val_bacc"]) == (not val_cases)
+
+
 def test_multimodal_items(cohort, tmp_path):
     from fedbrain.data.multimodal import classification_transforms, load_classification_cases
 

@@ -172,7 +172,7 @@ class ClassificationTrainer(TrainerBase):
         self.train_loader = DataLoader(
             self.train_ds,
             batch_size=config.batch_size,
-            shuffle=True,
+            shuffle=len(self.train_ds) > 0,  # RandomSampler refuses an empty dataset
             num_workers=config.num_workers,
             pin_memory=pin,
             generator=torch.Generator().manual_seed(config.seed),
