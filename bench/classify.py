@@ -91,14 +91,17 @@ def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Co
             )
             meta, result = submit_and_wait(poc, job, rounds=s.rounds, result_dir=work / "result" / algorithm,
                                            console=console)
-            arms[algorithm] = summarize_arm(result)
+            arms[algorithm] = summarize_arm(result, meta.get("status"))
     finally:
         poc.clean()
     return arms
 
 
-def summarize_arm(result: Path) -> dict:
-    """Per-site final and per-round balanced accuracy of one downloaded job result."""
+def summarize_arm(result: Path, status: str | None = None) -> dict:
+    """Per-site final and per-round balanced accuracy of one downloaded job result.
+
+    ``status``: what the admin API reported (the result's own meta.json is written at submission).
+    """
     from fedbrain.report.job_report import build_report
 
     report = build_report(result)
@@ -107,7 +110,7 @@ def summarize_arm(result: Path) -> dict:
     n = min(len(v) for v in curves.values())
     min_curve = [min(v[r] for v in curves.values() if v[r] is not None) for r in range(n)]
     return {
-        "status": report["status"],
+        "status": status or report["status"],
         "duration": report["duration"],
         "result": str(result),
         "per_site_bacc": per_site,
