@@ -93,9 +93,10 @@ def main(argv=None):
     p.add_argument("--local_epochs", type=int, default=2)
     p.add_argument("--fusion", default="masked_mean", choices=["late", "masked_mean", "attention"])
     p.add_argument("--sites", nargs="+", default=SITES)
+    p.add_argument("--seed", type=int, default=0, help="initial weights (init_seed) and site-side shuffling")
     a = p.parse_args(argv)
     print(export(a.export_dir, algorithm=a.algorithm, mu=a.mu, rounds=a.rounds, local_epochs=a.local_epochs,
-                 fusion=a.fusion, sites=a.sites))
+                 fusion=a.fusion, sites=a.sites, seed=a.seed))
 
 
 if __name__ == "__main__":
