@@ -79,8 +79,8 @@ class Trunk(nn.Module):
     accept any preprocessing ``spatial_size``. Max pooling is the default because grade
     is decided by a few voxels (an enhancing rim, an oedema focus) in a whole brain: an
     average over ~80 positions dilutes them, and on the synthetic cohort average pooling
-    stayed at majority-class predictions for 40 epochs where max pooling reached
-    balanced accuracy ~0.9 in 30 (docs/troubleshooting.md).
+    stayed near majority-class predictions for 40 epochs where max pooling reached
+    balanced accuracy 0.93 in 35 (docs/troubleshooting.md).
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int], embed_dim: int, groups: int, pool: str = "max"):
