@@ -68,6 +68,9 @@ def test_low_site_is_flagged_against_the_others(tmp_path):
 
 def test_flagging_needs_a_real_gap():
     assert flag_sites({"a": 0.80, "b": 0.79, "c": 0.78}) == {}
+    # Two near-equal sites give a tiny SD: a 7-point gap is not a problem site (the classify demo's case).
+    assert flag_sites({"a": 0.75, "b": 0.722, "c": 0.667}) == {}
+    assert set(flag_sites({"a": 0.75, "b": 0.722, "c": 0.60})) == {"c"}
     assert set(flag_sites({"a": 0.80, "b": 0.79, "c": 0.81, "d": 0.2})) == {"d"}
 
 
