@@ -53,7 +53,8 @@ def _pooled(split_dir: Path, section: str) -> list[dict]:
     return [c for s in SITES for c in load_datalist(split_dir / s / "datalist.json")[section]]
 
 
-def prepare_data(work: Path, s: ClassifyBenchSettings, console: Console) -> tuple[Path, list[dict]]:
+def prepare_data(work: Path, s: ClassifyBenchSettings, console: Console,
+                 with_test: bool = True) -> tuple[Path, list[dict]]:
     """Dirichlet split of a synthetic cohort + a held-out test cohort (cases with CT only)."""
     from fedbrain.data.datalist import load_datalist
     from fedbrain.data.synth import synthesize_consortium
@@ -61,6 +62,8 @@ def prepare_data(work: Path, s: ClassifyBenchSettings, console: Console) -> tupl
 
     split = prepare_classification_data(work / "data", list(SITES), ClassifyDemoSettings(
         cases=s.cases, seed=s.seed, alpha=s.alpha, atypical=s.atypical))
+    if not with_test:
+        return split, []
     console.print("held-out test cohort")
     synthesize_consortium(work / "test", sites=len(SITES), cases=s.test_cases, seed=s.seed + 1000,
                           site_names=list(SITES), atypical=s.atypical, progress=True)
@@ -71,7 +74,8 @@ def prepare_data(work: Path, s: ClassifyBenchSettings, console: Console) -> tupl
     return split, test
 
 
-def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Console) -> dict:
+def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Console,
+                  arms: tuple[str, ...] = FED_ARMS) -> dict:
     """Every algorithm as a FLARE job, one after another on one POC consortium."""
     from fedbrain.jobs import load_job_module
     from fedbrain.poc.consortium import PocConsortium
@@ -81,8 +85,8 @@ def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Co
     arms = {}
     try:
         poc.up(data_dir=split)
-        for algorithm in FED_ARMS:
-            console.rule(f"federated: {algorithm}")
+        for algorithm in arms:
+            console.rule(f"federated: {algorithm} (seed {s.seed})")
             # Distinct job names -> distinct personal-head stores: no arm starts from another's heads.
             job = load_job_module("classification").export(
                 work / "jobs", algorithm=algorithm, name=f"bench_{algorithm}", rounds=s.rounds,
@@ -185,6 +189,23 @@ def bench_classify(work: Path, settings: ClassifyBenchSettings | None = None, co
     return out
 
 
+def bench_seeds(work: Path, seeds=(1, 2), settings: ClassifyBenchSettings | None = None,
+                console: Console | None = None) -> dict:
+    """Personal vs FedAvg again on other seeds (other cohort, split and initial weights): is the gain a draw?"""
+    base = settings or ClassifyBenchSettings()
+    console = console or Console()
+    out = {}
+    for seed in seeds:
+        s = ClassifyBenchSettings(**{**asdict(base), "seed": seed})
+        folder = Path(work) / f"classify-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder.mkdir(parents=True)
+        split, _ = prepare_data(folder, s, console, with_test=False)
+        arms = run_federated(folder, split, s, console, arms=("personal", "fedavg"))
+        out[str(seed)] = {a: {"min_bacc": r["min_bacc"], "mean_bacc": r["mean_bacc"], "status": r["status"]}
+                          for a, r in arms.items()}
+    return out
+
+
 # --------------------------------------------------------------------------- doc rows and plots
 
 
@@ -201,6 +222,13 @@ def rows(c: dict) -> list[tuple[str, str, str, str]]:
         out.append(("Personal heads - FedAvg shared head: minimum-site balanced accuracy (points), "
                     f"Dirichlet({c['settings']['alpha']})", f"{100 * (p['min_bacc'] - f['min_bacc']):+.1f}", ">= +12",
                     f"min {_f(p['min_bacc'])} vs {_f(f['min_bacc'])}; mean {_f(p['mean_bacc'])} vs {_f(f['mean_bacc'])}"))
+    seeds = c.get("seeds")
+    if seeds and "personal" in fed and "fedavg" in fed:
+        gains = {c["settings"]["seed"]: fed["personal"]["min_bacc"] - fed["fedavg"]["min_bacc"]}
+        gains.update({int(k): v["personal"]["min_bacc"] - v["fedavg"]["min_bacc"] for k, v in seeds.items()})
+        out.append(("Same comparison on other seeds (other cohort, split, initial weights): minimum-site gain (points)",
+                    " / ".join(f"{100 * g:+.1f}" for _, g in sorted(gains.items())), ">= +12",
+                    "seeds " + ", ".join(str(k) for k in sorted(gains)) + "; personal and FedAvg arms only"))
     if "fedprox" in fed and "personal" in fed:
         x, p = fed["fedprox"], fed["personal"]
         out.append((f"FedProx (mu={c['settings']['fedprox_mu']}) - FedAvg, both with personal heads: "

@@ -5,6 +5,7 @@ target is a ratio of two things measured in the same run, never an absolute time
     python bench/run.py                      # everything
     python bench/run.py --only clean_demo    # row groups: clean_demo | demo | central | overhead | classify
     python bench/run.py --only classify --classify-parts central   # classifier: federated | central
+    python bench/run.py --only classify_seeds   # personal vs FedAvg on seeds 1 and 2 (~15 min)
     python bench/run.py --only doc           # re-render docs/benchmarks.md and the plots from results.json
 """
 
@@ -267,7 +268,7 @@ def main(argv=None):
     from fedbrain.demo import DemoSettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="clean_demo,demo,central,overhead,classify")
+    p.add_argument("--only", default="clean_demo,demo,central,overhead,classify,classify_seeds")
     p.add_argument("--overhead-rounds", type=int, default=4)
     p.add_argument("--classify-parts", default="federated,central")
     p.add_argument("--classify-atypical", type=float, default=0.2,
@@ -276,7 +277,7 @@ def main(argv=None):
     only = set(a.only.split(","))
     settings = DemoSettings()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    if only & {"clean_demo", "demo", "central", "overhead", "classify"}:  # "--only doc" just re-renders
+    if only & {"clean_demo", "demo", "central", "overhead", "classify", "classify_seeds"}:  # "--only doc" re-renders
         results.update({
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip(),
@@ -309,6 +310,9 @@ def main(argv=None):
         settings = classify_bench.ClassifyBenchSettings(atypical=a.classify_atypical)
         new = classify_bench.bench_classify(WORK, settings, console=console, parts=parts)
         results[key] = {**results.get(key, {}), **new, "measured_at": results["measured_at"]}  # keeps the other part
+    if "classify_seeds" in only:
+        console.rule("personal vs FedAvg on other seeds")
+        results.setdefault("classify", {})["seeds"] = classify_bench.bench_seeds(WORK, console=console)
     plots = plot(results)
     for key in CLASSIFY_SECTIONS:
         if results.get(key):
