@@ -82,7 +82,7 @@ def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Co
     from fedbrain.poc.runner import submit_and_wait
 
     poc = PocConsortium(work / "poc-run")
-    arms = {}
+    summaries = {}
     try:
         poc.up(data_dir=split)
         for algorithm in arms:
@@ -95,10 +95,10 @@ def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Co
             )
             meta, result = submit_and_wait(poc, job, rounds=s.rounds, result_dir=work / "result" / algorithm,
                                            console=console)
-            arms[algorithm] = summarize_arm(result, meta.get("status"))
+            summaries[algorithm] = summarize_arm(result, meta.get("status"))
     finally:
         poc.clean()
-    return arms
+    return summaries
 
 
 def summarize_arm(result: Path, status: str | None = None) -> dict:
