@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import asdict, dataclass
 
@@ -177,15 +177,21 @@ def describe_failure(case: dict, exc: BaseException) -> str:
     return f"{type(root).__name__}: {_first_line(root)} (files: {files})"
 
 
-def load_cases(
-    cases: Sequence[dict], transform: Compose, *, progress: bool = False
+def load_with_skips(
+    cases: Sequence[dict],
+    transform: Compose,
+    prepare: Callable[[dict, Compose], dict],
+    *,
+    probe: Callable[[dict], dict] = lambda case: case,
+    progress: bool = False,
 ) -> tuple[CaseDataset, list[SkippedCase]]:
-    """Run the deterministic part of ``transform`` once per case; skip and record failures.
+    """Run ``prepare(case, head)`` once per case, where ``head`` is the deterministic part of
+    ``transform``; a case that raises is skipped and recorded, never fatal.
 
-    Returns ``(dataset, skipped)``. The dataset may be empty when every case fails: the
-    caller decides whether that is fatal (a site with no data should still answer the
-    server). Only ``image``, ``label`` and ``case_id`` are kept, so optional datalist keys
-    (``ct``, ``grade``) present on some cases only cannot break batch collation.
+    ``prepare`` returns the item to keep (the task decides which keys). ``probe(case)``
+    picks the files :func:`describe_failure` checks to name the culprit. Returns
+    ``(dataset, skipped)``; the dataset may be empty: the caller decides whether that is
+    fatal (a site with no data should still answer the server).
     """
     head, tail = split_transform(transform)
     items, ids, skipped = [], [], []
@@ -193,11 +199,9 @@ def load_cases(
     def one(index: int, case: dict) -> None:
         cid = case_id_of(case, index)
         try:
-            _check_case(case)
-            item = apply_transform(head, {"image": list(case["image"]), "label": case["label"]})
-            _check_item(item, case)
+            item = prepare(case, head)
         except Exception as exc:  # noqa: BLE001 - a bad case must never stop the site
-            reason = describe_failure(case, exc)
+            reason = describe_failure(probe(case), exc)
             logger.warning("Skipping case %s: %s", cid, reason)
             logger.debug("Case %s failed with", cid, exc_info=exc)
             skipped.append(SkippedCase(cid, reason))
@@ -220,3 +224,21 @@ def load_cases(
     if cases:
         logger.info("Loaded %d of %d cases (%d skipped)", len(items), len(cases), len(skipped))
     return CaseDataset(items, ids, tail), skipped
+
+
+def _prepare_segmentation_case(case: dict, head: Compose) -> dict:
+    _check_case(case)
+    item = apply_transform(head, {"image": list(case["image"]), "label": case["label"]})
+    _check_item(item, case)
+    return item
+
+
+def load_cases(
+    cases: Sequence[dict], transform: Compose, *, progress: bool = False
+) -> tuple[CaseDataset, list[SkippedCase]]:
+    """Segmentation cases through :func:`load_with_skips`.
+
+    Only ``image``, ``label`` and ``case_id`` are kept, so optional datalist keys
+    (``ct``, ``grade``) present on some cases only cannot break batch collation.
+    """
+    return load_with_skips(cases, transform, _prepare_segmentation_case, progress=progress)

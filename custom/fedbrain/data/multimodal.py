@@ -37,7 +37,6 @@ Choices and why:
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -73,7 +72,7 @@ from monai.transforms import (
 from monai.transforms.transform import apply_transform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, ensure_tuple
 
-from fedbrain.data.dataset import CaseDataset, CaseError, SkippedCase, case_id_of, describe_failure, split_transform
+from fedbrain.data.dataset import CaseDataset, CaseError, SkippedCase, load_with_skips
 from fedbrain.data.dicom import read_ct_series
 from fedbrain.models.classifier import CLASS_NAMES
 
@@ -88,7 +87,6 @@ __all__ = [
     "class_counts",
 ]
 
-logger = logging.getLogger("fedbrain")
 
 #: (low, high) HU of each CT channel: brain window, calcification window.
 CT_WINDOWS = ((0.0, 80.0), (100.0, 400.0))
@@ -265,51 +263,24 @@ def _check_item(item: dict, case: dict) -> None:
             raise CaseError(f"non-finite {key} intensities ({path})")
 
 
+def _prepare_classification_case(case: dict, head: Compose) -> dict:
+    item = apply_transform(head, _input_of(case))
+    _check_item(item, case)
+    return {k: item[k] for k in ITEM_KEYS}
+
+
 def load_classification_cases(
     cases: Sequence[dict], transform: Compose, *, progress: bool = False
 ) -> tuple[CaseDataset, list[SkippedCase]]:
-    """Run the deterministic part of ``transform`` once per case; skip and record failures.
+    """Classification cases through :func:`fedbrain.data.dataset.load_with_skips`.
 
-    The classification counterpart of :func:`fedbrain.data.dataset.load_cases` (same
-    ``CaseDataset``, ``SkippedCase`` and failure descriptions); it keeps ``ct`` and
-    ``grade`` instead of the segmentation label. Cases without a ``grade``, with an
-    unreadable MRI file or a broken CT series are skipped with the reason.
+    Keeps ``mri``, ``ct``, the availability flags and ``label``. Cases without a ``grade``,
+    with an unreadable MRI file or a broken CT series are skipped with the reason. Only the
+    MRI files are probed for a culprit: the segmentation label is not used here, and a
+    DicomSeriesError already names the CT folder and the reason.
     """
-    head, tail = split_transform(transform)
-    items, ids, skipped = [], [], []
-
-    def one(index: int, case: dict) -> None:
-        cid = case_id_of(case, index)
-        try:
-            item = apply_transform(head, _input_of(case))
-            _check_item(item, case)
-        except Exception as exc:  # noqa: BLE001 - a bad case must never stop the site
-            # Probe only the MRI files: the segmentation label is not used here, and a
-            # DicomSeriesError already names the CT folder and the reason.
-            reason = describe_failure({"image": case.get("image") or []}, exc)
-            logger.warning("Skipping case %s: %s", cid, reason)
-            logger.debug("Case %s failed with", cid, exc_info=exc)
-            skipped.append(SkippedCase(cid, reason))
-            return
-        item = {k: item[k] for k in ITEM_KEYS}
-        item["case_id"] = cid
-        items.append(item)
-        ids.append(cid)
-
-    if progress and cases:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task("Loading cases", total=len(cases))
-            for i, case in enumerate(cases):
-                one(i, case)
-                bar.advance(task)
-    else:
-        for i, case in enumerate(cases):
-            one(i, case)
-    if cases:
-        logger.info("Loaded %d of %d cases (%d skipped)", len(items), len(cases), len(skipped))
-    return CaseDataset(items, ids, tail), skipped
+    return load_with_skips(cases, transform, _prepare_classification_case,
+                           probe=lambda case: {"image": case.get("image") or []}, progress=progress)
 
 
 def class_counts(dataset: CaseDataset) -> dict[str, int]:
