@@ -17,15 +17,12 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
-from monai.data import DataLoader
 from monai.metrics import ROCAUCMetric
-from monai.utils import set_determinism
 from torch import nn
 
-from fedbrain.data.dataset import SkippedCase
 from fedbrain.data.multimodal import class_counts, classification_transforms, load_classification_cases
 from fedbrain.models.classifier import CLASS_NAMES, FUSIONS, build_classifier, head_parameter_names
-from fedbrain.training.common import TrainerBase, maybe_progress, plain, resolve_device, three
+from fedbrain.training.common import TrainerBase, maybe_progress, plain, three
 
 logger = logging.getLogger("fedbrain")
 
@@ -154,38 +151,11 @@ class ClassificationTrainer(TrainerBase):
         *,
         progress: bool = False,
     ):
-        self.config = config = config or ClassificationConfig()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        set_determinism(seed=config.seed)
-        self.device = resolve_device(config.device)
-        self.use_amp = bool(config.amp and self.device.type == "cuda")
+        config = config or ClassificationConfig()
         kw = dict(spacing=config.spacing, spatial_size=config.spatial_size, augment=config.augment)
-        self.train_ds, train_skipped = load_classification_cases(
-            train_cases, classification_transforms(True, **kw), progress=progress)
-        self.val_ds, val_skipped = load_classification_cases(
-            val_cases, classification_transforms(False, **kw), progress=progress)
-        self.skipped: list[SkippedCase] = train_skipped + val_skipped
-        if self.train_ds.transform is not None:
-            self.train_ds.transform.set_random_state(seed=config.seed)
-        pin = self.device.type == "cuda"
-        self.train_loader = DataLoader(
-            self.train_ds,
-            batch_size=config.batch_size,
-            shuffle=len(self.train_ds) > 0,  # RandomSampler refuses an empty dataset
-            num_workers=config.num_workers,
-            pin_memory=pin,
-            generator=torch.Generator().manual_seed(config.seed),
-            persistent_workers=config.num_workers > 0,
-        )
-        self.val_loader = DataLoader(self.val_ds, batch_size=config.batch_size, num_workers=config.num_workers,
-                                     pin_memory=pin)
+        self._setup(config, load_classification_cases, train_cases, val_cases, classification_transforms(True, **kw),
+                    classification_transforms(False, **kw), val_batch_size=config.batch_size, progress=progress)
         self.loss_fn = nn.CrossEntropyLoss(weight=self._class_weights())
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._opt_params: list[nn.Parameter] = []
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.total_steps = 0
-        self.last_step_losses: list[float] = []
 
     # ------------------------------------------------------------------ helpers
     def build_model(self) -> nn.Module:

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
-from monai.data import MetaTensor
+from monai.data import DataLoader, MetaTensor
+from monai.utils import set_determinism
 from torch import nn
 
 logger = logging.getLogger("fedbrain")
@@ -41,6 +42,46 @@ class TrainerBase:
     optimizer: torch.optim.Optimizer | None = None
     _opt_params: list = []
     use_amp: bool = False
+
+    def _setup(self, config, load, train_cases, val_cases, train_transform, val_transform, *,
+               val_batch_size: int, progress: bool) -> None:
+        """What every trainer's ``__init__`` does: threads, seeds, device, AMP, the cases loaded
+        once by ``load`` (bad ones skipped and kept in ``self.skipped``), loaders, optimizer state.
+
+        ``config`` needs ``num_threads``, ``seed``, ``device``, ``amp``, ``batch_size``, ``num_workers``.
+        """
+        self.config = config
+        self._apply_threads()
+        set_determinism(seed=config.seed)
+        self.device = resolve_device(config.device)
+        self.use_amp = bool(config.amp and self.device.type == "cuda")
+        self.train_ds, train_skipped = load(train_cases, train_transform, progress=progress)
+        self.val_ds, val_skipped = load(val_cases, val_transform, progress=progress)
+        self.skipped = train_skipped + val_skipped
+        if self.train_ds.transform is not None:
+            self.train_ds.transform.set_random_state(seed=config.seed)
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            self.train_ds,
+            batch_size=config.batch_size,
+            shuffle=len(self.train_ds) > 0,  # RandomSampler refuses an empty dataset
+            num_workers=config.num_workers,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(config.seed),
+            persistent_workers=config.num_workers > 0,
+        )
+        self.val_loader = DataLoader(self.val_ds, batch_size=val_batch_size, num_workers=config.num_workers,
+                                     pin_memory=pin)
+        self.optimizer = None
+        self._opt_params = []
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.total_steps = 0
+        self.last_step_losses: list[float] = []
+
+    def _apply_threads(self) -> None:
+        """Re-applied on every call: the setting is process-wide and others may change it."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
 
     def _new_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         raise NotImplementedError

@@ -15,18 +15,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
-from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
 from monai.metrics import DiceMetric
 from monai.transforms import Activations, AsDiscrete, Compose
-from monai.utils import set_determinism
 from torch import nn
 
-from fedbrain.data.dataset import SkippedCase, load_cases
+from fedbrain.data.dataset import load_cases
 from fedbrain.data.transforms import REGIONS, segmentation_transforms
 from fedbrain.models.segmentation import build_segmentation_model, size_divisor
-from fedbrain.training.common import TrainerBase, maybe_progress, plain, resolve_device, three
+from fedbrain.training.common import TrainerBase, maybe_progress, plain, three
 
 logger = logging.getLogger("fedbrain")
 
@@ -116,42 +114,14 @@ class SegmentationTrainer(TrainerBase):
         *,
         progress: bool = False,
     ):
-        self.config = config = config or SegmentationConfig()
-        self._apply_threads()
-        set_determinism(seed=config.seed)
-        self.device = resolve_device(config.device)
-        self.use_amp = bool(config.amp and self.device.type == "cuda")
+        config = config or SegmentationConfig()
         kw = dict(spacing=config.spacing, roi_size=config.roi_size, k_divisible=size_divisor(config.arch))
-        self.train_ds, train_skipped = load_cases(train_cases, segmentation_transforms(True, **kw), progress=progress)
-        self.val_ds, val_skipped = load_cases(val_cases, segmentation_transforms(False, **kw), progress=progress)
-        self.skipped: list[SkippedCase] = train_skipped + val_skipped
-        if self.train_ds.transform is not None:
-            self.train_ds.transform.set_random_state(seed=config.seed)
-        pin = self.device.type == "cuda"
-        self.train_loader = DataLoader(
-            self.train_ds,
-            batch_size=config.batch_size,
-            shuffle=len(self.train_ds) > 0,  # RandomSampler refuses an empty dataset
-            num_workers=config.num_workers,
-            pin_memory=pin,
-            generator=torch.Generator().manual_seed(config.seed),
-            persistent_workers=config.num_workers > 0,
-        )
-        self.val_loader = DataLoader(self.val_ds, batch_size=1, num_workers=config.num_workers, pin_memory=pin)
+        self._setup(config, load_cases, train_cases, val_cases, segmentation_transforms(True, **kw),
+                    segmentation_transforms(False, **kw), val_batch_size=1, progress=progress)
         self.loss_fn = _make_loss(config.loss)
         self.post = Compose([Activations(sigmoid=True), AsDiscrete(threshold=0.5)])
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._opt_params: list[nn.Parameter] = []
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.total_steps = 0
-        self.last_step_losses: list[float] = []
 
     # ------------------------------------------------------------------ helpers
-    def _apply_threads(self) -> None:
-        """Re-applied on every call: the setting is process-wide and others may change it."""
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
-
     def build_model(self) -> nn.Module:
         """A fresh model as the config describes (seeded by the caller's RNG state)."""
         c = self.config
