@@ -69,7 +69,8 @@ def test_scaffold_controls_cover_the_shared_part_only():
     scaffold = SharedScaffold(model, lr=0.1)
     assert not head & set(scaffold.names())
     assert set(scaffold.names()) == {n for n, _ in model.named_parameters() if n not in head}
-    assert scaffold.end_round(model) and all(not v.any() for v in scaffold.end_round(model).values())  # no steps
+    idle = scaffold.end_round(model)  # no steps taken: zero control change for every shared parameter
+    assert set(idle) == set(scaffold.names()) and all(not v.any() for v in idle.values())
 
     start = copy.deepcopy(model)
     controls = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}  # server's c_global, head too
