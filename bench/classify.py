@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
+
+from fedbrain.tasks.classification import ClassificationConfig
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 FED_ARMS = ("personal", "fedavg", "fedprox", "scaffold")
@@ -36,15 +38,19 @@ class ClassifyBenchSettings:
     cases: int = 40  # per hospital before pooling and re-splitting
     test_cases: int = 24  # per hospital of the held-out test cohort (another seed)
     alpha: float = 0.5
-    seed: int = 0
-    rounds: int = 20
-    local_epochs: int = 4
+    seed: int = 0  # cohort, split, initial weights, data order: everything a run draws
     central_epochs: int = 40
-    lr: float = 3e-4
-    fusion: str = "masked_mean"
-    modality_dropout: float = 0.3
-    fedprox_mu: float = 0.01
-    atypical: float = 0.2  # gliomas that look like the other grade on MRI (see fedbrain.data.synth)
+    atypical: float = 0.2  # gliomas that look like the other grade on MRI (see fedbrain.synthetic.cohort)
+    #: Training settings: the task config's own defaults (rounds, local epochs, lr, fusion, mu, ...).
+    task: ClassificationConfig = field(default_factory=ClassificationConfig)
+
+    def config(self, **changes) -> ClassificationConfig:
+        """This run's task config. The bench seed is the model's seed too: before this was one
+        place, the "other seeds" rows all started from init_seed 0."""
+        return self.task.replace(seed=self.seed, **changes)
+
+    def to_dict(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "task"}, "task": self.task.to_dict()}
 
 
 def _pooled(split_dir: Path, section: str) -> list[dict]:
@@ -57,7 +63,7 @@ def prepare_data(work: Path, s: ClassifyBenchSettings, console: Console,
                  with_test: bool = True) -> tuple[Path, list[dict]]:
     """Dirichlet split of a synthetic cohort + a held-out test cohort (cases with CT only)."""
     from fedbrain.data.datalist import load_datalist
-    from fedbrain.data.synth import synthesize_consortium
+    from fedbrain.synthetic.cohort import synthesize_consortium
     from fedbrain.demo import ClassifyDemoSettings, prepare_classification_data
 
     split = prepare_classification_data(work / "data", list(SITES), ClassifyDemoSettings(
@@ -77,7 +83,7 @@ def prepare_data(work: Path, s: ClassifyBenchSettings, console: Console,
 def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Console,
                   arms: tuple[str, ...] = FED_ARMS) -> dict:
     """Every algorithm as a FLARE job, one after another on one POC consortium."""
-    from fedbrain.jobs import load_job_module
+    from fedbrain.jobs import classification
     from fedbrain.poc.consortium import PocConsortium
     from fedbrain.poc.runner import submit_and_wait
 
@@ -88,12 +94,9 @@ def run_federated(work: Path, split: Path, s: ClassifyBenchSettings, console: Co
         for algorithm in arms:
             console.rule(f"federated: {algorithm} (seed {s.seed})")
             # Distinct job names -> distinct personal-head stores: no arm starts from another's heads.
-            job = load_job_module("classification").export(
-                work / "jobs", algorithm=algorithm, name=f"bench_{algorithm}", rounds=s.rounds,
-                sites=list(SITES), local_epochs=s.local_epochs, fusion=s.fusion,
-                modality_dropout=s.modality_dropout, lr=s.lr, mu=s.fedprox_mu,
-            )
-            meta, result = submit_and_wait(poc, job, rounds=s.rounds, result_dir=work / "result" / algorithm,
+            config = s.config(algorithm=algorithm, name=f"bench_{algorithm}", min_clients=len(SITES))
+            job = classification.export(config, work / "jobs", sites=list(SITES))
+            meta, result = submit_and_wait(poc, job, rounds=config.rounds, result_dir=work / "result" / algorithm,
                                            console=console)
             summaries[algorithm] = summarize_arm(result, meta.get("status"))
     finally:
@@ -131,10 +134,9 @@ def summarize_arm(result: Path, status: str | None = None) -> dict:
 
 def _central_arm(train: list[dict], test: list[dict], per_site_val: dict | None, s: ClassifyBenchSettings,
                  console: Console, **overrides) -> dict:
-    from fedbrain.training.classify import ClassificationConfig, ClassificationTrainer
+    from fedbrain.tasks.classification import ClassificationTrainer
 
-    config = ClassificationConfig(**{"fusion": s.fusion, "modality_dropout": s.modality_dropout, "lr": s.lr,
-                                     "seed": s.seed, **overrides})
+    config = s.config(**overrides)
     trainer = ClassificationTrainer(train, test, config)
     model = trainer.build_model()
     t = time.time()
@@ -179,7 +181,7 @@ def bench_classify(work: Path, settings: ClassifyBenchSettings | None = None, co
     work = Path(work) / f"classify-{time.strftime('%Y%m%d-%H%M%S')}"
     work.mkdir(parents=True)
     split, test = prepare_data(work, s, console)
-    out = {"settings": asdict(s), "work": str(work), "n_test": len(test)}
+    out = {"settings": s.to_dict(), "work": str(work), "n_test": len(test)}
     if "federated" in parts:
         out["federated"] = run_federated(work, split, s, console)
         (work / "results.json").write_text(json.dumps(out, indent=2, default=str))  # kept if a later part fails
@@ -196,7 +198,7 @@ def bench_seeds(work: Path, seeds=(1, 2), settings: ClassifyBenchSettings | None
     console = console or Console()
     out = {}
     for seed in seeds:
-        s = ClassifyBenchSettings(**{**asdict(base), "seed": seed})
+        s = replace(base, seed=seed)
         folder = Path(work) / f"classify-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
         folder.mkdir(parents=True)
         split, _ = prepare_data(folder, s, console, with_test=False)

@@ -17,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -88,15 +89,15 @@ def bench_clean_demo() -> dict:
 def bench_central(data_dir: Path, settings) -> dict:
     """Centralized baseline: pooled training cases, the same loop and epochs, scored per site."""
     from fedbrain.data.datalist import load_datalist
-    from fedbrain.training.segment import SegmentationConfig, SegmentationTrainer
+    from fedbrain.tasks.segmentation import SegmentationTrainer
 
     sites = sorted(p.parent.name for p in data_dir.glob("*/datalist.json"))
     lists = {s: load_datalist(data_dir / s / "datalist.json") for s in sites}
-    config = SegmentationConfig(arch=settings.arch, init_filters=settings.init_filters, lr=settings.lr, seed=settings.seed, epochs_per_round=1, num_threads=1)
+    config = settings.task.replace(epochs_per_round=1, num_threads=1)
     pooled = [c for s in sites for c in lists[s]["training"]]
     trainer = SegmentationTrainer(pooled, [], config)
     model = trainer.build_model()
-    epochs = settings.rounds * settings.local_epochs
+    epochs = settings.task.rounds * settings.task.epochs_per_round
     t = time.time()
     for _ in range(epochs):
         trainer.train(model)
@@ -118,11 +119,11 @@ def bench_central(data_dir: Path, settings) -> dict:
 def bench_overhead(data_dir: Path, rounds: int, demo_settings) -> dict:
     """FLARE round wall time vs the same validate+train steps run bare, one site, same data."""
     from fedbrain.data.datalist import load_datalist
-    from fedbrain.demo import DemoSettings, export_segmentation_job
+    from fedbrain.demo import export_job
     from fedbrain.poc.consortium import DEFAULT_PROJECT, PocConsortium
     from fedbrain.poc.runner import submit_and_wait
     from fedbrain.report.job_report import build_report
-    from fedbrain.training.segment import SegmentationConfig, SegmentationTrainer
+    from fedbrain.tasks.segmentation import SegmentationTrainer
 
     site = "hospital-a"
     run_dir = WORK / f"overhead-{datetime.now():%Y%m%d-%H%M%S}"
@@ -131,10 +132,10 @@ def bench_overhead(data_dir: Path, rounds: int, demo_settings) -> dict:
     project["participants"] = [p for p in project["participants"] if p["type"] != "client" or p["name"] == site]
     (run_dir / "one_site.yml").write_text(yaml.safe_dump(project, sort_keys=False))
     poc = PocConsortium(run_dir, run_dir / "one_site.yml")
-    settings = DemoSettings(**{**vars(demo_settings), "rounds": rounds})
+    settings = replace(demo_settings, task=demo_settings.task.replace(rounds=rounds, min_clients=1))
     try:
         poc.up(data_dir=data_dir)
-        job = export_segmentation_job(run_dir / "jobs", settings, min_clients=1)
+        job = export_job(run_dir / "jobs", settings, [site])
         meta, result = submit_and_wait(poc, job, rounds=rounds, result_dir=run_dir / "result", console=console)
     finally:
         poc.clean()
@@ -143,8 +144,7 @@ def bench_overhead(data_dir: Path, rounds: int, demo_settings) -> dict:
     flare_rounds = [r["seconds"] for r in report["round_seconds"] if r["round"] > 0]
 
     lists = load_datalist(data_dir / site / "datalist.json")
-    config = SegmentationConfig(arch=settings.arch, init_filters=settings.init_filters, lr=settings.lr,
-                                epochs_per_round=settings.local_epochs, num_threads=1)
+    config = settings.task.replace(num_threads=1)
     trainer = SegmentationTrainer(lists["training"], lists["validation"], config)
     model = trainer.build_model()
     bare_rounds = []

@@ -238,7 +238,7 @@ def test_write_partitioned_datalists(tmp_path):
 def cohort(tmp_path_factory):
     """2 sites of the synthetic consortium (MRI + DICOM CT + grade), as datalist items."""
     from fedbrain.data.datalist import load_datalist
-    from fedbrain.data.synth import synthesize_consortium
+    from fedbrain.synthetic.cohort import synthesize_consortium
 
     root = tmp_path_factory.mktemp("consortium")
     manifest = synthesize_consortium(root, sites=2, cases=4, seed=0, progress=False)
@@ -252,7 +252,7 @@ def cohort(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer(cohort):
-    from fedbrain.training.classify import ClassificationConfig, ClassificationTrainer
+    from fedbrain.tasks.classification import ClassificationConfig, ClassificationTrainer
 
     train, val = cohort
     val = [dict(val[0], ct=None)] + val[1:]  # one validation case without CT
@@ -264,7 +264,7 @@ def trainer(cohort):
 
 def test_site_without_training_cases_validates_and_does_not_train(cohort):
     """A hospital with only validation cases (or none at all) must not crash its trainer."""
-    from fedbrain.training.classify import ClassificationConfig, ClassificationTrainer
+    from fedbrain.tasks.classification import ClassificationConfig, ClassificationTrainer
 
     _, val = cohort
     config = ClassificationConfig(spatial_size=SIZE, channels=(8, 16), embed_dim=16, head_hidden=8)
@@ -322,7 +322,8 @@ def test_ct_lands_on_the_mri_grid(cohort):
 
 
 def test_training_validation_and_fedprox(trainer):
-    from fedbrain.training.classify import proximal_term
+    from fedbrain.models.classifier import head_parameter_names
+    from fedbrain.tasks.loop import FedProx
 
     summary = trainer.data_summary()
     assert summary["n_train"] > 0 and summary["n_val"] > 0 and summary["n_skipped"] == 0
@@ -332,20 +333,28 @@ def test_training_validation_and_fedprox(trainer):
     model = trainer.build_model()
 
     out = trainer.train(model, steps=2)
-    assert out["steps"] == 2 and math.isfinite(out["train_loss"]) and out["prox_loss"] == 0.0
+    assert out["steps"] == 2 and math.isfinite(out["train_loss"]) and "prox_loss" not in out
+    # Without the FedProx algorithm the global weights add no term.
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert "prox_loss" not in trainer.train(model, steps=1, global_params=state)
 
     # FedProx: zero at the global weights, mu/2 ||dw||^2 away from them, head excluded.
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    assert proximal_term(model, state, 1.0).item() == 0.0
+    head = head_parameter_names(model)
+    assert FedProx(state, 1.0, "cpu", exclude=head).loss_term(model).item() == 0.0
     moved = {k: (v + 0.1 if not k.startswith("head.") else v + 100.0) for k, v in state.items()}
     n_shared = sum(p.numel() for k, p in model.named_parameters() if not k.startswith("head."))
-    assert proximal_term(model, moved, 1.0).item() == pytest.approx(0.5 * 0.01 * n_shared, rel=1e-3)
-    trainer.config.fedprox_mu = 0.5
+    assert FedProx(moved, 1.0, "cpu", exclude=head).loss_term(model).item() == pytest.approx(0.5 * 0.01 * n_shared,
+                                                                                           rel=1e-3)
+    old = trainer.config
+    trainer.config = old.replace(algorithm="fedprox", fedprox_mu=0.5)
     try:
         prox = trainer.train(model, steps=1, global_params={k: v.numpy() for k, v in moved.items()})
     finally:
-        trainer.config.fedprox_mu = 0.0
-    assert prox["prox_loss"] > 0 and prox["train_loss"] == pytest.approx(prox["ce_loss"] + prox["prox_loss"])
+        trainer.config = old
+    # The head moved by 100 per value: had it been included, the term would be ~1e4 times larger.
+    assert 0 < prox["prox_loss"] < 0.5 * 0.5 * 0.011 * n_shared
+    assert prox["train_loss"] == pytest.approx(prox["ce_loss"] + prox["prox_loss"])
 
     for drop in (None, "ct", "mri"):
         metrics = trainer.validate(model, drop=drop)
@@ -354,14 +363,79 @@ def test_training_validation_and_fedprox(trainer):
         assert math.isnan(metrics["val_auc"]) or 0.0 <= metrics["val_auc"] <= 1.0
     with pytest.raises(ValueError):
         trainer.validate(model, drop="pet")
+    _check_missing_modality_predictions(trainer, model)
+
+
+def _check_missing_modality_predictions(trainer, model):
+    """A dropped modality reaches the model as absent (zero input *and* flag 0), and only that one."""
+    from fedbrain.tasks.loop import plain
+
+    base = trainer.predict(model)
+    dropped = {d: trainer.predict(model, drop=d) for d in ("ct", "mri")}
+    # What "absent" means to the model: None for the stream, the other stream's own flag kept.
+    model.eval()
+    with torch.no_grad():
+        batches = list(trainer.val_loader)
+        absent = {
+            "ct": [model(plain(b["mri"]), None) for b in batches],
+            "mri": [model(None, plain(b["ct"]), has_ct=plain(b["has_ct"]).float()) for b in batches],
+        }
+    model.train()
+    has_ct = {i["case_id"]: float(i["has_ct"]) == 1.0 for i in trainer.val_ds.items}
+    had_ct = np.array([has_ct[c] for c in base["case_ids"]])
+    assert had_ct.any() and not had_ct.all()  # the fixture's one validation case without CT
+    changed = {d: np.abs(out["probs"] - base["probs"]).max(1) > 1e-5 for d, out in dropped.items()}
+    for drop, out in dropped.items():
+        assert out["case_ids"] == base["case_ids"] and np.array_equal(out["labels"], base["labels"])
+        expected = torch.softmax(torch.cat(absent[drop]).float(), 1).numpy()
+        np.testing.assert_allclose(out["probs"], expected, rtol=1e-5, atol=1e-6, err_msg=f"drop={drop}")
+    # This fusion uses both streams: dropping CT moves every case that had a CT, and nothing else.
+    assert changed["ct"][had_ct].all(), changed["ct"]
+    assert np.array_equal(dropped["ct"]["probs"][~had_ct], base["probs"][~had_ct])
+    assert changed["mri"].all(), changed["mri"]
+
+    # An MRI-only model has no CT to lose: dropping CT changes nothing; dropping MRI does.
+    mri_only = trainer.config.replace(streams=("mri",)).build_model()
+    assert mri_only.ct_trunk is None
+    mine = trainer.predict(mri_only)
+    assert np.array_equal(trainer.predict(mri_only, drop="ct")["probs"], mine["probs"])
+    assert (np.abs(trainer.predict(mri_only, drop="mri")["probs"] - mine["probs"]).max(1) > 1e-5).all()
 
 
 def test_classification_metrics():
-    from fedbrain.training.classify import classification_metrics
+    """Exact values on cases small enough to compute by hand (one-vs-rest AUC = share of
+    (positive, negative) pairs ranked right, a tie counting 1/2)."""
+    from fedbrain.tasks.classification import classification_metrics
 
-    probs = np.eye(3)[[0, 1, 2, 2]] * 0.9 + 0.05
-    perfect = classification_metrics(probs, np.array([0, 1, 2, 2]))
+    labels = np.array([0, 1, 2, 2])
+    perfect = classification_metrics(np.eye(3)[labels] * 0.9 + 0.05, labels)
     assert perfect == {"val_acc": 1.0, "val_bacc": 1.0, "val_auc": 1.0}
-    two = classification_metrics(probs, np.array([1, 1, 2, 2]))  # healthy absent: still an AUC
-    assert two["val_bacc"] == 0.75 and 0.0 <= two["val_auc"] <= 1.0
-    assert math.isnan(classification_metrics(probs, np.array([2, 2, 2, 2]))["val_auc"])
+    # Reversed: in every column the class's own cases score lowest -> AUC 0 (and every argmax wrong).
+    reversed_ = classification_metrics((1.0 - np.eye(3)[labels]) * 0.45 + 0.05, labels)
+    assert reversed_ == {"val_acc": 0.0, "val_bacc": 0.0, "val_auc": 0.0}
+
+    # Healthy (class 0) absent: the macro AUC is over LGG and HGG only, whatever column 0 holds.
+    probs = np.array([[0.1, 0.6, 0.3],   # LGG, predicted LGG
+                      [0.2, 0.3, 0.5],   # LGG, predicted HGG
+                      [0.1, 0.4, 0.5],   # HGG
+                      [0.2, 0.2, 0.6]])  # HGG
+    labels = np.array([1, 1, 2, 2])
+    # LGG column: positives 0.6, 0.3 vs negatives 0.4, 0.2 -> 3 of 4 pairs = 0.75.
+    # HGG column: positives 0.5, 0.6 vs negatives 0.3, 0.5 -> 3 pairs + 1 tie = 3.5 / 4 = 0.875.
+    two = classification_metrics(probs, labels)
+    assert two["val_auc"] == pytest.approx((0.75 + 0.875) / 2)
+    assert two["val_acc"] == 0.75 and two["val_bacc"] == pytest.approx((1 / 2 + 2 / 2) / 2)
+
+    # Imbalanced: accuracy 4/5, balanced accuracy = mean recall of the present classes
+    # (3/4 healthy, 1/1 LGG; HGG absent, not a zero) = 0.875; the ranking is still perfect,
+    # so AUC 1.0 although one argmax is wrong (AUC from hard predictions would give 0.875).
+    probs = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1]])
+    skewed = classification_metrics(probs, np.array([0, 0, 0, 0, 1]))
+    assert skewed["val_acc"] == pytest.approx(0.8)
+    assert skewed["val_bacc"] == pytest.approx(0.875)
+    assert skewed["val_auc"] == pytest.approx(1.0)
+
+    one_class = classification_metrics(probs, np.array([2, 2, 2, 2, 2]))  # no AUC with one class present
+    assert math.isnan(one_class["val_auc"]) and one_class["val_acc"] == 0.0 and one_class["val_bacc"] == 0.0
+    empty = classification_metrics(np.zeros((0, 3)), np.zeros(0, np.int64))
+    assert all(math.isnan(v) for v in empty.values())

@@ -312,10 +312,17 @@ def test_render_and_run_data_check(mixed_site, tmp_path):
 
 
 def test_progress_bar_mode_gives_same_results(mixed_site):
-    path, _ = mixed_site
+    """With the bar: every case of the file, in file order, each with the verdict of the quiet path."""
+    path, expected = mixed_site
     quiet = check_datalist(path)
     noisy = check_datalist(path, progress=True)
-    assert quiet == noisy
+    listed = json.loads(Path(path).read_text())
+    in_file = [(section, item["case_id"]) for section in ("training", "validation") for item in listed[section]]
+    assert len(in_file) == len(expected) + 2
+    assert [(r.section, r.case_id) for r in noisy] == in_file
+    assert noisy == quiet
+    assert {r.case_id for r in noisy if r.ok} == {"GOOD-T", "GOOD-V"}
+    assert all(r.problems for r in noisy if not r.ok)
 
 
 def test_render_escapes_markup_in_problems():

@@ -1,14 +1,21 @@
-"""The checked-in job folders are exactly what their definitions export, and FLARE can read them."""
+"""The checked-in job folders are exactly what their definitions export; the config reaches
+the site script whole; FLARE can read them and they name no path of this machine."""
 
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from test_config import changed
 
-from fedbrain.jobs import JOBS_DIR, load_job_module
+from fedbrain.fl.site_loop import parse_site_args
+from fedbrain.jobs import classification, segmentation
+from fedbrain.tasks.classification import ClassificationConfig
+from fedbrain.tasks.segmentation import SegmentationConfig
 
-JOBS = ["segmentation", "classification"]
-SCRIPTS = {"segmentation": "segment_client.py", "classification": "classify_client.py"}
+JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = {"segmentation": (segmentation, SegmentationConfig), "classification": (classification, ClassificationConfig)}
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -17,10 +24,22 @@ def _tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and not p.name.startswith(".__nvfl_")}
 
 
+def _client_configs(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("app*/config/config_fed_client.json"))]
+
+
+def _site_argv(client: dict) -> list[str]:
+    """What FLARE's in-process runner hands the site script (its own splitter)."""
+    from nvflare.fuel.utils.secret_utils import split_command_preserving_secret_refs
+
+    args = client["executors"][0]["executor"]["args"]["task_script_args"]
+    return split_command_preserving_secret_refs(args, posix=False)
+
+
 @pytest.mark.parametrize("name", JOBS)
 def test_checked_in_job_matches_definition(name, tmp_path):
-    job = load_job_module(name)
-    exported, checked_in = job.export(tmp_path), JOBS_DIR / name / job.JOB_NAME
+    job, config_cls = JOBS[name]
+    exported, checked_in = job.export(config_cls(), tmp_path), JOBS_DIR / name / config_cls().name
     assert checked_in.is_dir(), f"run `python jobs/{name}/job.py` to export {checked_in}"
     fresh, repo = _tree(exported), _tree(checked_in)
     assert sorted(fresh) == sorted(repo), "files differ: re-export with `make jobs`"
@@ -29,34 +48,57 @@ def test_checked_in_job_matches_definition(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", JOBS)
+def test_site_rebuilds_exactly_the_exported_config(name, tmp_path):
+    """Every field set to a non-default value travels: a field that does not fails here."""
+    job, config_cls = JOBS[name]
+    config = changed(config_cls)
+    folder = job.export(config, tmp_path)
+    clients = _client_configs(folder)
+    assert clients
+    for client in clients:
+        rebuilt, datalist = parse_site_args(config_cls, _site_argv(client))
+        assert rebuilt == config and datalist is None
+    server = json.loads(next(folder.glob("app*/config/config_fed_server.json")).read_text())
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    spec = json.loads(json.dumps(config.model_spec()))
+    model = persistor["args"]["model"]  # FLARE writes class_path as "path"
+    assert (model.get("path") or model.get("class_path")) == spec["class_path"] and model["args"] == spec["args"]
+    assert server["workflows"][0]["args"]["num_rounds"] == config.rounds
+    assert json.loads((folder / "meta.json").read_text())["min_clients"] == config.min_clients
+
+
+@pytest.mark.parametrize("name", JOBS)
 def test_exported_job_is_portable(name):
-    """No absolute path of the machine that exported it; the site script rides in custom/."""
-    job = load_job_module(name)
-    folder = JOBS_DIR / name / job.JOB_NAME
-    for path in folder.rglob("*.json"):
-        assert str(Path.home()) not in path.read_text() and "/work/" not in path.read_text(), path
+    """No path of the machine that exported it; the site script rides in custom/; no library copy."""
+    job, config_cls = JOBS[name]
+    folder = JOBS_DIR / name / config_cls().name
+    machine = {str(Path.home()), str(JOBS_DIR.parent), sys.prefix, tempfile.gettempdir(), str(Path.cwd())}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            assert not [m for m in machine if m in text], path
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["name"] == job.JOB_NAME
+    assert meta["name"] == config_cls().name
     for app in folder.glob("app*"):
+        assert not (app / "custom" / "fedbrain").exists(), "the installed fedbrain would shadow this copy"
         config = app / "config" / "config_fed_client.json"
         if not config.is_file():
             continue
         client = json.loads(config.read_text())
         scripts = [e["executor"]["args"].get("task_script_path") for e in client.get("executors", [])]
-        assert scripts == [SCRIPTS[name]], (app, scripts)
-        assert (app / "custom" / SCRIPTS[name]).is_file()
+        assert scripts == [job.SITE_SCRIPT], (app, scripts)
+        assert (app / "custom" / job.SITE_SCRIPT).is_file()
 
 
 def test_classification_job_excludes_exactly_the_head_at_every_site():
     from fedbrain.models.classifier import build_classifier, head_parameter_names
 
-    job = load_job_module("classification")
-    folder = JOBS_DIR / "classification" / job.JOB_NAME
+    folder = JOBS_DIR / "classification" / ClassificationConfig().name
     spec = json.loads((folder / "app_server" / "config" / "config_fed_server.json").read_text())
     persistor = next(c for c in spec["components"] if c["id"] == "persistor")
     head = head_parameter_names(build_classifier(**persistor["args"]["model"]["args"]))
     assert head and all(k.startswith("head.") for k in head)
-    for site in job.SITES:
+    for site in ("hospital-a", "hospital-b", "hospital-c"):
         client = json.loads((folder / f"app_{site}" / "config" / "config_fed_client.json").read_text())
         filters = [f for group in client["task_result_filters"] for f in group["filters"]]
         assert [f["args"]["exclude_vars"] for f in filters if f["path"].endswith("ExcludeVars")] == [head], site
@@ -65,8 +107,8 @@ def test_classification_job_excludes_exactly_the_head_at_every_site():
 
 
 def test_shared_head_baseline_sends_everything(tmp_path):
-    job = load_job_module("classification")
-    folder = job.export(tmp_path, algorithm="fedavg")
+    folder = classification.export(ClassificationConfig(algorithm="fedavg"), tmp_path)
     client = json.loads((folder / "app_hospital-a" / "config" / "config_fed_client.json").read_text())
     assert not any(f["path"].endswith("ExcludeVars") for g in client["task_result_filters"] for f in g["filters"])
-    assert "--personal" not in client["executors"][0]["executor"]["args"]["task_script_args"]
+    config, _ = parse_site_args(ClassificationConfig, _site_argv(client))
+    assert config.algorithm == "fedavg" and not config.personal

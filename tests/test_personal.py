@@ -1,13 +1,16 @@
 """The personal head: removed from what a site sends, kept on the site's disk across jobs."""
 
+import re
+
 import numpy as np
+import pytest
 import torch
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.filters.exclude_vars import ExcludeVars
 
 from fedbrain.models.classifier import build_classifier, head_parameter_names
-from fedbrain.training.personal import PersonalHeadStore, site_workspace
+from fedbrain.fl.personal import PersonalHeadStore, site_workspace
 
 
 def test_exclude_vars_with_the_head_list_removes_only_the_head():
@@ -47,21 +50,45 @@ def test_head_store_round_trip_and_survives_a_new_model(tmp_path):
 
 
 def test_head_store_refuses_a_head_of_another_shape(tmp_path):
-    store = PersonalHeadStore(tmp_path / "head.pt")
-    store.save_from(build_classifier(head_hidden=16))
-    try:
-        store.load_into(build_classifier(head_hidden=32))
-    except (ValueError, RuntimeError) as e:
-        assert "head" in str(e) or "size" in str(e)
-    else:
-        raise AssertionError("a mismatched head was loaded")
+    """Our own message (store, site, tensor, both shapes), not torch's generic size error; nothing copied."""
+    kit = tmp_path / "hospital-a"
+    (kit / "startup").mkdir(parents=True)
+    (kit / "local").mkdir()
+    store = PersonalHeadStore.for_site("fedbrain_classification", start=kit)
+    torch.manual_seed(0)
+    old = build_classifier(head_hidden=16)
+    store.save_from(old)
+    torch.manual_seed(1)
+    new = build_classifier(head_hidden=32)
+    head = head_parameter_names(new)
+    before = {k: new.state_dict()[k].clone() for k in head}
+    with pytest.raises(ValueError) as info:
+        store.load_into(new)
+    message = str(info.value)
+    assert message.startswith(f"{store.path} (site hospital-a): ")
+    assert "stored head tensor head.0.weight has shape (16, 64), this model expects (32, 64)" in message
+    assert "move it away" in message
+    assert all(torch.equal(new.state_dict()[k], before[k]) for k in head)
+
+    # A head of another class count: head.0.* fit, head.2.* do not. Outside a site workspace the
+    # message names the bare path, and the tensors that fit must not have been copied either.
+    bare = PersonalHeadStore(tmp_path / "elsewhere" / "head.pt")
+    torch.manual_seed(2)
+    bare.save_from(build_classifier(num_classes=2))
+    torch.manual_seed(3)
+    three = build_classifier()
+    before = {k: three.state_dict()[k].clone() for k in head_parameter_names(three)}
+    expected = f"{bare.path}: stored head tensor head.2.weight has shape (2, 32), this model expects (3, 32): "
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
+        bare.load_into(three)
+    assert all(torch.equal(three.state_dict()[k], before[k]) for k in before)
 
 
 def test_scaffold_controls_cover_the_shared_part_only():
     """A control difference is the local update in disguise: it must never cover the personal head."""
     import copy
 
-    from fedbrain.training.fl import SharedScaffold
+    from fedbrain.fl.exchange import SharedScaffold
 
     torch.manual_seed(0)
     model = build_classifier("masked_mean", channels=(8, 16), embed_dim=16, head_hidden=8)

@@ -4,16 +4,20 @@ Job 1 is the default algorithm (FedAvg of the shared part, personal heads); job 
 same consortium, which must load job 1's heads and send control differences for shared parts only.
 """
 
+import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
 from nvflare.app_common.app_constant import AlgorithmConstants
 
-from fedbrain.demo import ClassifyDemoSettings, export_classification_job, prepare_classification_data
+from fedbrain.contracts import GRADES
+from fedbrain.demo import ClassifyDemoSettings, export_job, prepare_classification_data
+from fedbrain.tasks.classification import ClassificationConfig
 from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.runner import submit_and_wait
-from fedbrain.report.job_report import build_report
+from fedbrain.report.job_report import build_report, find_workspace
 
 pytestmark = pytest.mark.poc
 
@@ -26,17 +30,17 @@ def two_jobs(tmp_path_factory):
     """Job 1 (2 rounds) then a SCAFFOLD job 2 (2 rounds) on the same consortium: the heads must carry over."""
     run_dir = tmp_path_factory.mktemp("poc_cls")
     poc = PocConsortium(run_dir)
-    settings = ClassifyDemoSettings(cases=8, rounds=2, local_epochs=1, seed=3)
+    settings = ClassifyDemoSettings(cases=8, seed=3, task=ClassificationConfig(rounds=2, epochs_per_round=1, seed=3))
     data = prepare_classification_data(run_dir / "data", poc.sites, settings)
-    out = {"poc": poc}
+    out = {"poc": poc, "data": data}  # data/<site>/datalist.json: what each site trains and validates on
     try:
         poc.up(data_dir=data)
-        job1 = export_classification_job(run_dir / "jobs1", settings, poc.sites)
+        job1 = export_job(run_dir / "jobs1", settings, poc.sites)
         out["meta1"], out["result1"] = submit_and_wait(poc, job1, rounds=2, result_dir=run_dir / "r1")
         out["heads_after_job1"] = {s: (poc.kit(s) / "personal" / "fedbrain_classification" / "head.pt").read_bytes()
                                    for s in SITES}
-        job2 = export_classification_job(run_dir / "jobs2", ClassifyDemoSettings(rounds=2, local_epochs=1,
-                                                                                algorithm="scaffold"), poc.sites)
+        scaffold = ClassificationConfig(rounds=2, epochs_per_round=1, algorithm="scaffold")
+        job2 = export_job(run_dir / "jobs2", ClassifyDemoSettings(task=scaffold), poc.sites)
         out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=2, result_dir=run_dir / "r2")
         # Each site's own log of job 2, read on the site's disk (it stays at the hospital).
         out["site_logs2"] = {s: (poc.kit(s) / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
@@ -52,10 +56,52 @@ def test_both_jobs_completed_with_per_site_metrics(two_jobs):
     report = build_report(two_jobs["result1"])
     assert report["task"] == "classification"
     assert set(report["sites"]) == set(SITES)
-    for site, entry in report["sites"].items():
+    for entry in report["sites"].values():
         assert len(entry["rounds"]) == 2
         assert entry["final_source"] == "final global model"
-        assert 0.0 <= entry["final"]["val_acc"] <= 1.0, site
+    _check_site_metrics(report, two_jobs["result1"], two_jobs["data"])
+
+
+def _possible_scores(grades: list[str]) -> list[tuple[float, float]]:
+    """Every (accuracy, balanced accuracy) a classifier can reach on validation cases of these grades:
+    k_c of the n_c cases of each present class right -> (sum k_c / sum n_c, mean of k_c / n_c)."""
+    counts = [grades.count(g) for g in GRADES if g in grades]
+    return [(sum(right) / sum(counts), sum(k / n for k, n in zip(right, counts)) / len(counts))
+            for right in itertools.product(*(range(n + 1) for n in counts))]
+
+
+def _check_site_metrics(report: dict, result_dir, data_dir: Path) -> None:
+    """Each site's report entry is what that site reported, on exactly its own validation cases.
+
+    The final metrics equal the site's row of FLARE's cross_val_results.json; n_train / n_val
+    equal the site's datalist; every accuracy and balanced accuracy (final and per round) is one
+    a classifier can score on that site's validation grades (so acc is a multiple of 1/n_val);
+    AUC is reported exactly when the validation cases hold two or more grades.
+    """
+    cross_val = json.loads((find_workspace(result_dir) / "cross_site_val" / "cross_val_results.json").read_text())
+    for site, entry in report["sites"].items():
+        datalist = json.loads((Path(data_dir) / site / "datalist.json").read_text())
+        train, val = datalist["training"], datalist["validation"]
+        grades = [item["grade"] for item in val]
+        assert val, f"{site}: no validation case in its datalist"
+        assert (entry.get("n_train"), entry.get("n_val"), entry.get("n_skipped")) == (len(train), len(val), 0), site
+
+        reported = [m for name, m in cross_val[site].items() if "best" not in name.lower()]
+        assert len(reported) == 1, (site, list(cross_val[site]))
+        final = entry["final"]
+        assert final == {k: float(v) for k, v in reported[0].items() if isinstance(v, (int, float))}, site
+        assert final["n_val"] == len(val) and final["n_train"] == len(train), site
+
+        possible = _possible_scores(grades)
+        several = len(set(grades)) > 1
+        for when, m in [("final", final)] + [(f"round {r['round']}", r) for r in entry["rounds"]]:
+            acc, bacc = m.get("val_acc"), m.get("val_bacc")
+            assert acc is not None and bacc is not None, (site, when, m)
+            assert any(math.isclose(acc, a, abs_tol=1e-9) and math.isclose(bacc, b, abs_tol=1e-9)
+                       for a, b in possible), f"{site} {when}: acc {acc}, bacc {bacc} impossible on grades {grades}"
+            auc = m.get("val_auc")
+            assert (auc is not None) == several, (site, when, auc, grades)
+            assert auc is None or 0.0 <= auc <= 1.0, (site, when, auc)
 
 
 def _received(result) -> list[dict]:

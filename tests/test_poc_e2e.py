@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fedbrain.data.synth import synthesize_consortium
-from fedbrain.demo import DemoSettings, export_segmentation_job
+from fedbrain.synthetic.cohort import synthesize_consortium
+from fedbrain.demo import DemoSettings, export_job
+from fedbrain.tasks.segmentation import SegmentationConfig
 from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.report.job_report import build_report
-from fedbrain.site import write_site_config
+from fedbrain.fl.site import write_site_config
 
 pytestmark = pytest.mark.poc
 
@@ -35,15 +36,15 @@ def finished_job(tmp_path_factory):
     broken = data / "hospital-b" / dl["training"][0]["image"][3]
     broken.write_bytes(broken.read_bytes()[:200])
 
-    settings = DemoSettings(rounds=ROUNDS, local_epochs=3)
+    settings = DemoSettings(task=SegmentationConfig(rounds=ROUNDS, epochs_per_round=3))
     try:
         poc.up(data_dir=data)
         started_pids = poc.pids()
-        job = export_segmentation_job(run_dir / "jobs", settings, min_clients=3)
+        job = export_job(run_dir / "jobs", settings, poc.sites)
         meta, result = submit_and_wait(poc, job, rounds=ROUNDS, result_dir=run_dir / "result")
         # Job 2: hospital-c's IT points it at a datalist that is not there. The others must still train.
         write_site_config(poc.kit("hospital-c"), run_dir / "missing" / "datalist.json", num_threads=1)
-        job2 = export_segmentation_job(run_dir / "jobs2", DemoSettings(rounds=1, local_epochs=1), min_clients=3)
+        job2 = export_job(run_dir / "jobs2", DemoSettings(task=SegmentationConfig(rounds=1, epochs_per_round=1)), poc.sites)
         bad_site = submit_and_wait(poc, job2, rounds=1, result_dir=run_dir / "result2")
     finally:
         poc.clean()

@@ -17,8 +17,9 @@ def _site_metrics(wt, n_skipped=0):
     return [{"name": k, "value": v} for k, v in vals.items()]
 
 
-def make_result(tmp_path: Path, curves: dict[str, list[float]], final: dict[str, float] | None = None) -> Path:
-    ws = tmp_path / "job-123" / "workspace"
+def make_result(tmp_path: Path, curves: dict[str, list[float]], final: dict[str, float] | None = None,
+                job_id: str = "job-123", demo_meta: bool = True) -> Path:
+    ws = tmp_path / job_id / "workspace"
     (ws / "metrics").mkdir(parents=True)
     rounds = len(next(iter(curves.values())))
     with open(ws / "metrics" / "round_metrics.jsonl", "w") as f:
@@ -37,8 +38,46 @@ def make_result(tmp_path: Path, curves: dict[str, list[float]], final: dict[str,
         (ws / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(cse))
     (ws / "app_server").mkdir()
     (ws / "app_server" / "best_FL_global_model.pt").write_bytes(b"x")
-    (ws.parent / "job_meta.json").write_text(json.dumps({"job_id": "job-123", "name": "fedbrain_segmentation", "status": "FINISHED:COMPLETED"}))
+    if demo_meta:  # what `fedbrain demo` writes beside the download: the admin API's get_job_meta
+        (ws.parent / "job_meta.json").write_text(json.dumps({"job_id": job_id, "name": "fedbrain_segmentation", "status": "FINISHED:COMPLETED"}))
     return ws.parent
+
+
+FLARE_JOB_ID = "5b1f3c2e-8d4a-4f7e-9c61-2a0d7e3b9f10"
+
+
+def flare_meta(**changes) -> dict:
+    """The job store's meta of a finished job, keys as FLARE 2.9 writes them (nvflare/apis/job_def.py JobMetaKey;
+    values as JobDefManager.create and set_status write them)."""
+    meta = {
+        "name": "fedbrain_segmentation", "resource_spec": {}, "min_clients": 3,
+        "deploy_map": {"app": ["@ALL"]}, "job_folder_name": "fedbrain_segmentation",
+        "submitter_name": "admin@nvidia.com", "submitter_org": "nvidia", "submitter_role": "project_admin",
+        "job_id": FLARE_JOB_ID, "data_storage_format": 2, "study": "default",
+        "submit_time": 1795428000.123456, "submit_time_iso": "2026-11-23T10:00:00.123456+01:00",
+        "start_time": "2026-11-23T09:00:02.500000+00:00", "duration": "0:01:05.250000",
+        "status": "FINISHED:COMPLETED",
+        "job_deploy_detail": ["server: OK", "hospital-a: OK", "hospital-b: OK", "hospital-c: OK"],
+        "schedule_count": 1, "last_schedule_time": 1795428001.0,
+    }
+    meta.update(changes)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def make_flare_download(tmp_path: Path, curves, meta: dict, final=None) -> Path:
+    """A result laid out as `nvflare job download` / Session.download_job_result writes it: the server sends the
+    job store's meta.json, job.zip and workspace.zip; the admin client unzips the zips into job/ and workspace/
+    (nvflare/private/fed/server/job_cmds.py _download_job_comps, nvflare/fuel/hci/client/file_transfer.py)."""
+    download = tmp_path / "transfer"
+    job = make_result(download, curves, final, job_id=FLARE_JOB_ID, demo_meta=False)
+    (job / "meta.json").write_text(json.dumps(meta, indent=4))
+    # The server run folder's own meta.json: AppDeployer's copy from before the job was dispatched.
+    deployed = flare_meta(status="SUBMITTED", start_time="", duration="N/A")
+    (job / "workspace" / "meta.json").write_text(json.dumps(deployed, indent=4))
+    definition = job / "job" / "fedbrain_segmentation"
+    (definition / "app" / "config").mkdir(parents=True)
+    (definition / "meta.json").write_text(json.dumps({"name": "fedbrain_segmentation", "deploy_map": {"app": ["@ALL"]}, "min_clients": 3}))
+    return job
 
 
 def test_report_per_site_curves_final_and_round_times(tmp_path):
@@ -83,3 +122,52 @@ def test_cli_report_renders_any_downloaded_result(tmp_path, capsys):
     result = make_result(tmp_path, {s: [0.2, 0.6] for s in SITES})
     assert cli_main(["report", str(result)]) == 0
     assert (result / "report" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("given", ["job folder", "download folder", "workspace"])
+def test_flare_download_reports_the_jobs_final_status_and_duration(tmp_path, given):
+    """Regression: the report read workspace/meta.json (deploy-time copy) and showed "Status SUBMITTED, duration N/A"."""
+    job = make_flare_download(tmp_path, {s: [0.1, 0.5, 0.7] for s in SITES}, flare_meta())
+    result = {"job folder": job, "download folder": job.parent, "workspace": job / "workspace"}[given]
+    report = write_report(result, tmp_path / "out")
+    assert report["status"] == "FINISHED:COMPLETED"
+    assert report["job_id"] == FLARE_JOB_ID
+    assert report["duration"] == "0:01:05.250000"
+    assert report["duration_s"] == pytest.approx(65.25)
+    assert report["duration_source"] == "job meta"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Status **FINISHED:COMPLETED**, 3 rounds, duration 0:01:05.250000." in md
+    assert "SUBMITTED" not in md and "N/A" not in md
+
+
+@pytest.mark.parametrize("duration", ["N/A", None])
+def test_flare_download_without_duration_takes_the_server_log_span(tmp_path, duration):
+    # set_status leaves "N/A" for e.g. FINISHED:ABANDONED, or when start_time was never set.
+    meta = flare_meta(duration=duration, start_time=None if duration is None else "")
+    job = make_flare_download(tmp_path, {s: [0.1, 0.5, 0.7] for s in SITES}, meta)
+    report = write_report(job, tmp_path / "out")
+    assert report["status"] == "FINISHED:COMPLETED"
+    assert report["duration_s"] == pytest.approx(35.0)  # 10:00:00 "Round 0 started" .. 10:00:35 "Finished FedAvg."
+    assert report["duration"] == "0:00:35"
+    assert report["duration_source"] == "server log"
+    assert "duration 0:00:35 (span of the server log)." in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_demo_job_meta_still_wins_and_a_bare_deploy_copy_is_not_a_status(tmp_path):
+    job = make_flare_download(tmp_path, {s: [0.2, 0.6] for s in SITES}, flare_meta())
+    (job / "job_meta.json").write_text(json.dumps({**flare_meta(), "status": "FINISHED:ABORTED", "duration": "0:00:12"}))
+    report = build_report(job)
+    assert (report["status"], report["duration_s"]) == ("FINISHED:ABORTED", 12.0)
+    (job / "job_meta.json").unlink()
+    (job / "meta.json").unlink()  # only the deploy-time copy left: its SUBMITTED is not the job's status
+    report = build_report(job)
+    assert report["status"] == "unknown"
+    assert report["job_id"] == FLARE_JOB_ID and report["job_name"] == "fedbrain_segmentation"
+
+
+def test_cli_report_on_a_flare_download(tmp_path, capsys):
+    job = make_flare_download(tmp_path, {s: [0.2, 0.6] for s in SITES}, flare_meta())
+    assert cli_main(["report", str(job.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "FINISHED:COMPLETED" in out and "SUBMITTED" not in out
+    assert "duration 0:01:05.250000" in (job.parent / "report" / "report.md").read_text()

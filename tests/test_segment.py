@@ -18,7 +18,8 @@ import torch
 from fedbrain.data.dataset import SkippedCase, load_cases
 from fedbrain.data.transforms import segmentation_transforms
 from fedbrain.models.segmentation import build_segmentation_model
-from fedbrain.training.segment import SegmentationConfig, SegmentationTrainer, train_central
+from fedbrain.tasks.loop import train_central
+from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
 
 try:
     from .fixtures_seg import make_case, make_cases, truncate
@@ -28,7 +29,7 @@ except ImportError:  # tests/ is not a package
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 # One torch thread: immune to CPU oversubscription when other jobs share the cores.
-FAST = dict(spacing=(6.0, 6.0, 6.0), roi_size=(32, 32, 32), seed=0, num_threads=1)
+FAST = dict(arch="segresnet", lr=1e-3, spacing=(6.0, 6.0, 6.0), roi_size=(32, 32, 32), seed=0, num_threads=1)
 VAL_KEYS = {"val_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"}
 
 
@@ -94,7 +95,7 @@ def test_label_conversion_brats_regions(data):
 # ---------------------------------------------------------------- model
 @pytest.mark.parametrize("arch", ["segresnet", "unet"])
 def test_model_output_shape(arch):
-    model = build_segmentation_model(arch).eval()
+    model = SegmentationConfig(arch=arch).build_model().eval()
     with torch.no_grad():
         out = model(torch.randn(1, 4, 64, 64, 64))
     assert out.shape == (1, 3, 64, 64, 64)
@@ -104,7 +105,9 @@ def test_model_output_shape(arch):
 
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown"):
-        build_segmentation_model("resnet")
+        SegmentationConfig(arch="resnet")
+    with pytest.raises(ValueError, match="unknown"):
+        build_segmentation_model("resnet", init_filters=8)
 
 
 # ---------------------------------------------------------------- robust loading
@@ -207,9 +210,8 @@ def test_validate_returns_dice_in_unit_interval(trainer):
 def test_validate_ignores_empty_ground_truth(data, tmp_path):
     """A healthy case (no tumour) does not change Dice; a region nobody has is NaN."""
     healthy = make_case(tmp_path, "HEALTHY", seed=5, tumour=False)
-    torch.manual_seed(0)
-    model = build_segmentation_model()
     cfg = SegmentationConfig(**FAST)
+    model = cfg.build_model()
     with_tumour = SegmentationTrainer([], data["val"][:1], cfg).validate(model)
     mixed = SegmentationTrainer([], data["val"][:1] + [healthy], cfg).validate(model)
     assert mixed == pytest.approx(with_tumour)
@@ -218,7 +220,7 @@ def test_validate_ignores_empty_ground_truth(data, tmp_path):
 
 
 def test_short_training_improves_whole_tumour_dice(data):
-    cfg = SegmentationConfig(**FAST, lr=3e-3)
+    cfg = SegmentationConfig(**{**FAST, "lr": 3e-3})
     trainer = SegmentationTrainer(data["easy_train"], data["easy_val"], cfg)
     torch.manual_seed(0)
     model = trainer.build_model()
@@ -230,7 +232,8 @@ def test_short_training_improves_whole_tumour_dice(data):
 
 def test_train_central_logs_per_epoch(data, tmp_path):
     cfg = SegmentationConfig(**FAST)
-    history = train_central(data["train"][:2], data["val"][:1], cfg, epochs=2, log_dir=tmp_path / "tb", progress=False)
+    trainer = SegmentationTrainer(data["train"][:2], data["val"][:1], cfg)
+    history = train_central(trainer, epochs=2, log_dir=tmp_path / "tb", progress=False)
     assert [h["epoch"] for h in history] == [1, 2]
     for h in history:
         assert VAL_KEYS | {"train_loss", "steps", "n_train", "n_val", "n_skipped"} <= set(h)
@@ -246,3 +249,18 @@ def test_config_round_trip():
         SegmentationConfig.from_dict({"arch": "unet", "lrr": 1})
     with pytest.raises(ValueError, match="multiple of 16"):
         SegmentationConfig(arch="unet", roi_size=(40, 40, 40))
+
+
+def test_progress_bar_does_not_change_training(data):
+    """The bar is display only: same steps, same per-step losses, bit-identical weights."""
+    runs = []
+    for progress in (False, True):
+        cfg = SegmentationConfig(**FAST)
+        trainer = SegmentationTrainer(data["train"][:3], [], cfg)
+        model = trainer.build_model()
+        out = trainer.train(model, steps=3, progress=progress)
+        runs.append((out["steps"], list(trainer.last_step_losses), model.state_dict()))
+    (steps_a, losses_a, state_a), (steps_b, losses_b, state_b) = runs
+    assert steps_a == steps_b == 3 and len(losses_a) == 3
+    assert losses_a == losses_b
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)

@@ -4,13 +4,14 @@ import json
 
 import pytest
 
-from fedbrain.site import SiteConfigError, resolve_site_settings, write_site_config
+from fedbrain.fl.site import SiteConfigError, resolve_site_settings, write_site_config
 
 
 def test_site_config_in_the_kit_is_found_from_inside_a_job_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("FEDBRAIN_DATALIST", raising=False)
     kit = tmp_path / "hospital-a"
     write_site_config(kit, tmp_path / "data" / "datalist.json", num_threads=2)
+    (kit / "startup").mkdir()  # a kit: startup/ and local/
     job_dir = kit / "1234-job" / "app_hospital-a" / "custom"
     job_dir.mkdir(parents=True)
     s = resolve_site_settings("hospital-a", cwd=job_dir)
@@ -42,7 +43,7 @@ def test_broken_site_config_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_an_unusable_datalist_gives_no_cases_and_the_reason(tmp_path, monkeypatch):
-    from fedbrain.site import load_site_cases
+    from fedbrain.fl.site import load_site_cases
 
     monkeypatch.delenv("FEDBRAIN_DATALIST", raising=False)
     settings, cases, error = load_site_cases("hospital-c", str(tmp_path / "missing.json"))

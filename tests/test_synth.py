@@ -1,4 +1,4 @@
-"""Tests for the synthetic consortium generator (fedbrain.data.synth).
+"""Tests for the synthetic consortium generator (fedbrain.synthetic.cohort).
 
 They check what downstream code relies on: the CONTRACTS.md layout, BraTS
 labels per grade, plausible MR/CT contrast, a CT that reads back onto the MRI
@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedbrain.data import synth
+from fedbrain.synthetic import cohort as synth
 from fedbrain.data.dicom import read_ct_series
 
 SITES, CASES, SEED = 3, 3, 0  # 3 sites so the last one is the no-CT site

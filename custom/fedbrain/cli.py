@@ -20,7 +20,7 @@ def cmd_data_check(a) -> int:
 
 
 def cmd_data_synth(a) -> int:
-    from fedbrain.data.synth import synthesize_consortium
+    from fedbrain.synthetic.cohort import synthesize_consortium
 
     manifest = synthesize_consortium(a.out, sites=a.sites, cases=a.cases, seed=a.seed, spacing_mm=a.spacing,
                                      atypical=a.atypical)
@@ -41,22 +41,59 @@ def _datalists(paths: list[str]) -> list[Path]:
     return out
 
 
+TASKS = {"segment": "segmentation", "classify": "classification"}
+
+
+def _task(name: str):
+    """``(config class, trainer class)`` of a task."""
+    if name == "classify":
+        from fedbrain.tasks.classification import ClassificationConfig, ClassificationTrainer
+
+        return ClassificationConfig, ClassificationTrainer
+    from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
+
+    return SegmentationConfig, SegmentationTrainer
+
+
 def cmd_train(a) -> int:
+    import torch
+
     from fedbrain.data.datalist import load_datalist
-    from fedbrain.training.segment import SegmentationConfig, train_central
+    from fedbrain.tasks.config import config_from_arguments
+    from fedbrain.tasks.loop import train_central
 
     if not a.central:
         raise SystemExit("federated training runs as a FLARE job: use `fedbrain demo` or submit jobs/segmentation")
+    if a.epochs < 1:
+        raise SystemExit(f"--epochs must be at least 1, got {a.epochs}")
+    config_cls, trainer_cls = _task(a.task)
     train, val = [], []
     for dl in _datalists(a.datalists):
         cases = load_datalist(dl)
         train += cases["training"]
         val += cases["validation"]
-    config = SegmentationConfig(arch=a.arch, init_filters=a.init_filters, lr=a.lr, seed=a.seed)
-    history = train_central(train, val, config, epochs=a.epochs, log_dir=a.out, progress=True)
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "history.json").write_text(json.dumps(history, indent=2))
-    console.print(f"final: {history[-1] if history else 'no epoch'}; TensorBoard logs in {a.out}")
+    config = config_from_arguments(config_cls, a)
+    trainer = trainer_cls(train, val, config, progress=True)
+    model = trainer.build_model()
+    history = train_central(trainer, epochs=a.epochs, model=model, log_dir=a.out, progress=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    (out / "config.json").write_text(config.to_json() + "\n")
+    torch.save(model.state_dict(), out / "model.pt")
+    console.print(f"final: {history[-1]}; model {out / 'model.pt'}, config {out / 'config.json'}, TensorBoard logs in {out}")
+    return 0
+
+
+def cmd_job_export(a) -> int:
+    import importlib
+
+    from fedbrain.tasks.config import config_from_arguments
+
+    config_cls, _ = _task(a.task)
+    job = importlib.import_module(f"fedbrain.jobs.{TASKS[a.task]}")
+    extra = {"sites": a.sites} if getattr(a, "sites", None) else {}
+    console.print(str(job.export(config_from_arguments(config_cls, a), a.out, **extra)))
     return 0
 
 
@@ -71,7 +108,7 @@ def cmd_poc(a) -> int:
     if a.action == "up":
         data = Path(a.data) if a.data else None
         if data is None:
-            from fedbrain.data.synth import synthesize_consortium
+            from fedbrain.synthetic.cohort import synthesize_consortium
 
             data = Path(a.run_dir) / "data"
             if not data.exists():
@@ -84,6 +121,21 @@ def cmd_poc(a) -> int:
         st = poc.status()
         console.print_json(json.dumps(st))
         return 0 if st["running"] else 1
+    if a.action == "submit":
+        from fedbrain.poc.runner import submit_and_wait
+        from fedbrain.report.job_report import print_site_table, write_report
+
+        if not a.job or not (Path(a.job) / "meta.json").is_file():
+            raise SystemExit(f"poc submit needs --job FOLDER, an exported job (fedbrain job export-...): {a.job!r}")
+        if not poc.is_running():
+            raise SystemExit(f"no POC consortium running in {poc.run_dir}: start it with `fedbrain poc up`")
+        rounds = _job_rounds(Path(a.job))
+        result_dir = Path(a.result or Path(a.run_dir) / "results")
+        meta, result = submit_and_wait(poc, Path(a.job), rounds=rounds, result_dir=result_dir, console=console)
+        report = write_report(result, result / "report")
+        print_site_table(report, console)
+        console.print(f"job {meta.get('job_id')} {meta.get('status')}; result {result}, report {result / 'report'}")
+        return 0 if meta.get("status") == "FINISHED:COMPLETED" else 1
     if a.action == "down":
         poc.clean() if not a.keep else poc.stop()
         console.print(f"POC consortium in {poc.run_dir} stopped; no process left")
@@ -91,15 +143,33 @@ def cmd_poc(a) -> int:
     raise SystemExit(f"unknown action {a.action}")
 
 
+def _job_rounds(job: Path) -> int:
+    """The number of rounds an exported job runs (for the progress bar)."""
+    for config in sorted(job.glob("app*/config/config_fed_server.json")):
+        for workflow in json.loads(config.read_text()).get("workflows", []):
+            if "num_rounds" in workflow.get("args", {}):
+                return int(workflow["args"]["num_rounds"])
+    return 1
+
+
 def cmd_demo(a) -> int:
     from fedbrain.demo import ClassifyDemoSettings, DemoSettings, run_demo
 
-    given = {k: v for k, v in (("cases", a.cases), ("rounds", a.rounds), ("local_epochs", a.local_epochs)) if v is not None}
+    config_cls, _ = _task(a.task)
+    if a.algorithm not in (None, *config_cls.ALGORITHMS):
+        raise SystemExit(f"--algorithm {a.algorithm}: the {TASKS[a.task]} job supports {', '.join(config_cls.ALGORITHMS)}")
+    changes = {k: v for k, v in (("rounds", a.rounds), ("epochs_per_round", a.local_epochs), ("seed", a.seed),
+                                 ("algorithm", a.algorithm)) if v is not None}
+    try:
+        config = config_cls(**changes)
+    except ValueError as e:
+        raise SystemExit(f"fedbrain demo: {e}") from None
+    cases = {"cases": a.cases} if a.cases is not None else {}
     if a.task == "classify":
-        settings = ClassifyDemoSettings(seed=a.seed, keep_workspace=a.keep, algorithm=a.algorithm, alpha=a.alpha,
-                                        atypical=a.atypical, **given)
+        settings = ClassifyDemoSettings(seed=a.seed, keep_workspace=a.keep, alpha=a.alpha, atypical=a.atypical,
+                                        task=config, **cases)
     else:
-        settings = DemoSettings(seed=a.seed, keep_workspace=a.keep, **given)
+        settings = DemoSettings(seed=a.seed, keep_workspace=a.keep, task=config, **cases)
     run_demo(Path(a.runs), settings, console=console)
     return 0
 
@@ -115,7 +185,10 @@ def cmd_report(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedbrain import __version__
+
     p = argparse.ArgumentParser(prog="fedbrain", description=__doc__)
+    p.add_argument("--version", action="version", version=f"fedbrain {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -137,16 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="centralized baseline with the same data/model/loop code")
     t.add_argument("--central", action="store_true", required=True)
     t.add_argument("datalists", nargs="+", help="datalist files, or a synth output folder")
+    t.add_argument("--task", default="segment", choices=sorted(TASKS))
     t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--arch", default="unet", choices=["unet", "segresnet"])
-    t.add_argument("--init-filters", dest="init_filters", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-2)
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="runs/central")
+    # Every task setting is a flag; a flag of the other task is refused by its config.
+    from fedbrain.tasks.config import add_config_arguments
+    add_config_arguments(t, (_task("segment")[0], _task("classify")[0]),
+                         skip=("name", "algorithm", "rounds", "min_clients", "fedprox_mu", "epochs_per_round"))
     t.set_defaults(func=cmd_train)
 
+    j = sub.add_parser("job", help="export a job folder to submit (settings from the task config)")
+    j_sub = j.add_subparsers(dest="job_cmd", required=True)
+    for task in sorted(TASKS):
+        je = j_sub.add_parser(f"export-{task}", help=f"export the {TASKS[task]} job")
+        je.add_argument("--out", default=".", help="folder to export into")
+        if task == "classify":
+            je.add_argument("--sites", nargs="+", default=None, help="one app per site (default: the POC's)")
+        add_config_arguments(je, _task(task)[0])
+        je.set_defaults(func=cmd_job_export, task=task)
+
     pc = sub.add_parser("poc", help="a POC consortium on this machine")
-    pc.add_argument("action", choices=["up", "status", "down"])
+    pc.add_argument("action", choices=["up", "status", "submit", "down"])
+    pc.add_argument("--job", default=None, help="submit: an exported job folder")
+    pc.add_argument("--result", default=None, help="submit: where to download the result (default RUN_DIR/results)")
     pc.add_argument("--run-dir", dest="run_dir", default="runs/poc")
     pc.add_argument("--data", default=None, help="synth output folder (default: generate into RUN_DIR/data)")
     pc.add_argument("--cases", type=int, default=12)
@@ -159,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cases", type=int, default=None, help="mean cases per hospital (default: 12 segment, 24 classify)")
     d.add_argument("--rounds", type=int, default=None)
     d.add_argument("--local-epochs", dest="local_epochs", type=int, default=None)
-    d.add_argument("--algorithm", default="personal", choices=["personal", "fedavg", "fedprox", "scaffold"], help="classify only")
+    d.add_argument("--algorithm", default=None, choices=["personal", "fedavg", "fedprox", "scaffold"],
+                   help="classify: personal (default) | fedavg | fedprox | scaffold")
     d.add_argument("--alpha", type=float, default=0.5, help="classify only: Dirichlet label-skew alpha")
     d.add_argument("--atypical", type=float, default=0.2,
                    help="classify only: fraction of gliomas that look like the other grade on MRI")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -20,19 +20,27 @@ from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.runner import submit_and_wait
 
 
+def _segmentation_config():
+    from fedbrain.tasks.segmentation import SegmentationConfig
+
+    return SegmentationConfig()
+
+
+def _classification_config():
+    from fedbrain.tasks.classification import ClassificationConfig
+
+    return ClassificationConfig()
+
+
 @dataclass
 class DemoSettings:
-    """Sized so the whole demo fits in a few minutes on 2 CPU cores."""
+    """The segmentation demo: synthetic data, and the job's settings (the task config's defaults:
+    sized so the whole demo fits in a few minutes on 2 CPU cores)."""
 
     cases: int = 12
-    seed: int = 0
-    rounds: int = 6
-    local_epochs: int = 4
-    max_steps: int = 0
-    arch: str = "unet"  # ~2x faster per step than SegResNet on CPU, same Dice here
-    init_filters: int = 8
-    lr: float = 1e-2
+    seed: int = 0  # synthetic data; the task config has its own seed
     keep_workspace: bool = False
+    task: object = field(default_factory=_segmentation_config)
 
 
 @dataclass
@@ -42,12 +50,9 @@ class ClassifyDemoSettings:
     cases: int = 24
     seed: int = 0
     alpha: float = 0.5
-    algorithm: str = "personal"  # personal | fedavg | fedprox | scaffold
-    rounds: int = 20  # ~6 s each here; 10 left the smallest site at chance
-    local_epochs: int = 4
-    fusion: str = "masked_mean"
     atypical: float = 0.2  # gliomas that look like the other grade on MRI: grading is not trivially perfect
     keep_workspace: bool = False
+    task: object = field(default_factory=_classification_config)
 
 
 def new_run_dir(runs: Path, prefix: str = "demo") -> Path:
@@ -56,29 +61,22 @@ def new_run_dir(runs: Path, prefix: str = "demo") -> Path:
     return run_dir
 
 
-def export_segmentation_job(out_dir: Path, settings: DemoSettings, min_clients: int) -> Path:
-    from fedbrain.jobs import load_job_module
+def export_job(out_dir: Path, settings: DemoSettings | ClassifyDemoSettings, sites: list[str]) -> Path:
+    """The demo's job folder, exported from its task config for the POC's sites."""
+    if isinstance(settings, ClassifyDemoSettings):
+        from fedbrain.jobs.classification import export
 
-    return load_job_module("segmentation").export(
-        out_dir, rounds=settings.rounds, min_clients=min_clients, local_epochs=settings.local_epochs,
-        max_steps=settings.max_steps, arch=settings.arch, init_filters=settings.init_filters, lr=settings.lr,
-    )
+        return export(settings.task.replace(min_clients=len(sites)), out_dir, sites=sites)
+    from fedbrain.jobs.segmentation import export
 
-
-def export_classification_job(out_dir: Path, settings: ClassifyDemoSettings, sites: list[str]) -> Path:
-    from fedbrain.jobs import load_job_module
-
-    return load_job_module("classification").export(
-        out_dir, algorithm=settings.algorithm, rounds=settings.rounds, sites=sites,
-        local_epochs=settings.local_epochs, fusion=settings.fusion,
-    )
+    return export(settings.task.replace(min_clients=len(sites)), out_dir)
 
 
 def prepare_classification_data(data_dir: Path, sites: list[str], settings: ClassifyDemoSettings) -> Path:
     """Synthesize hospitals, pool their cases, re-split by Dirichlet(alpha) grade skew; returns the split folder."""
     from fedbrain.data.datalist import load_datalist
     from fedbrain.data.splits import write_partitioned_datalists
-    from fedbrain.data.synth import synthesize_consortium
+    from fedbrain.synthetic.cohort import synthesize_consortium
 
     synthesize_consortium(data_dir / "pool", sites=len(sites), cases=settings.cases, seed=settings.seed,
                           site_names=sites, atypical=settings.atypical, progress=True)
@@ -92,7 +90,7 @@ def prepare_classification_data(data_dir: Path, sites: list[str], settings: Clas
 
 def run_demo(runs: Path = Path("runs"), settings: DemoSettings | ClassifyDemoSettings | None = None,
              console: Console | None = None) -> dict:
-    from fedbrain.data.synth import synthesize_consortium
+    from fedbrain.synthetic.cohort import synthesize_consortium
     from fedbrain.report.job_report import print_site_table, write_report
 
     settings = settings or DemoSettings()
@@ -126,12 +124,9 @@ def run_demo(runs: Path = Path("runs"), settings: DemoSettings | ClassifyDemoSet
         console.print(f"    all sites connected in {timings['poc_start_s']:.0f} s: {', '.join(poc.sites)}")
 
         console.print(f"[bold]3/5[/] submitting the {'classification' if classify else 'segmentation'} job as {poc.admin}")
-        if classify:
-            job_folder = export_classification_job(run_dir / "jobs", settings, poc.sites)
-        else:
-            job_folder = export_segmentation_job(run_dir / "jobs", settings, min_clients=len(poc.sites))
+        job_folder = export_job(run_dir / "jobs", settings, poc.sites)
         t = time.time()
-        meta, result = submit_and_wait(poc, job_folder, rounds=settings.rounds, result_dir=run_dir / "result",
+        meta, result = submit_and_wait(poc, job_folder, rounds=settings.task.rounds, result_dir=run_dir / "result",
                                        console=console, on_poll=sample_memory)
         timings["job_s"] = time.time() - t
         (result / "job_meta.json").write_text(json.dumps(meta, indent=2))
@@ -146,7 +141,8 @@ def run_demo(runs: Path = Path("runs"), settings: DemoSettings | ClassifyDemoSet
     timings["total_s"] = time.time() - t0
     extra = {
         "run folder": str(run_dir),
-        "settings": json.dumps(asdict(settings)),
+        "settings": json.dumps({**{k: v for k, v in asdict(settings).items() if k != "task"},
+                                "task": settings.task.to_dict()}),
         "peak memory of the POC (GB)": f"{peak['rss'] / 1e9:.2f}",
         **{k: f"{v:.1f}" for k, v in timings.items()},
     }

@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from fedbrain.contracts import AFFINE_ATOL_MM, case_id_of
 from fedbrain.data.datalist import MODALITIES, DatalistError, load_datalist
 from fedbrain.data.dicom import DicomSeriesError, read_ct_series
 
@@ -33,7 +34,6 @@ __all__ = [
 BRATS_LABELS = (0, 1, 2, 4)
 # Affines are stored as float32 in NIfTI; 1e-3 (mm, or unitless for direction
 # terms) absorbs that rounding and nothing a resampling would ignore.
-_AFFINE_ATOL = 1e-3
 _MAX_LISTED_VALUES = 10
 
 
@@ -108,10 +108,10 @@ def _describe_affine_difference(affine: np.ndarray, reference: np.ndarray) -> st
         parts.append(f"orientation {''.join(codes)} vs {''.join(ref_codes)}")
     zooms = nib.affines.voxel_sizes(affine)
     ref_zooms = nib.affines.voxel_sizes(reference)
-    if not np.allclose(zooms, ref_zooms, atol=_AFFINE_ATOL):
+    if not np.allclose(zooms, ref_zooms, atol=AFFINE_ATOL_MM):
         parts.append(f"voxel size {tuple(np.round(zooms, 4).tolist())} vs {tuple(np.round(ref_zooms, 4).tolist())}")
     shift = float(np.linalg.norm(affine[:3, 3] - reference[:3, 3]))
-    if shift > _AFFINE_ATOL:
+    if shift > AFFINE_ATOL_MM:
         parts.append(f"origin shifted by {shift:.3f} mm")
     if not parts:
         parts.append("direction cosines differ")
@@ -133,7 +133,7 @@ def _check_geometry(volumes: list[_Volume], problems: list[str]) -> None:
             problems.append(
                 f"{where}: shape {volume.shape} differs from {reference.role} {reference.name} {reference.shape}"
             )
-        elif not np.allclose(volume.affine, reference.affine, rtol=0, atol=_AFFINE_ATOL):
+        elif not np.allclose(volume.affine, reference.affine, rtol=0, atol=AFFINE_ATOL_MM):
             problems.append(
                 f"{where}: affine differs from {reference.role} {reference.name}: "
                 f"{_describe_affine_difference(volume.affine, reference.affine)}"
@@ -193,7 +193,7 @@ def check_case(case: dict, section: str | None = None) -> CaseCheck:
     string too, so one odd case cannot hide the others.
     """
     item = case if isinstance(case, dict) else {}
-    case_id = str(item.get("case_id") or Path(str(item.get("label", ""))).parent.name or "?")
+    case_id = case_id_of(item)
     section = section if section is not None else str(item.get("section", ""))
     problems: list[str] = []
     if not isinstance(item.get("image"), list) or not item.get("label"):

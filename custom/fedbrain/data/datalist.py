@@ -19,6 +19,8 @@ import json
 import os
 from pathlib import Path
 
+from fedbrain.contracts import GRADES, MRI_CONTRAST_LABELS, SECTIONS, case_id_of
+
 __all__ = [
     "DatalistError",
     "GRADES",
@@ -27,12 +29,8 @@ __all__ = [
     "load_datalist",
 ]
 
-#: BraTS channel order of ``image``.
-MODALITIES = ("T1", "T1ce", "T2", "FLAIR")
-#: Allowed values of the optional ``grade`` key.
-GRADES = ("healthy", "LGG", "HGG")
-#: Sections read by default.
-SECTIONS = ("training", "validation")
+#: BraTS channel order of ``image`` (as named in messages).
+MODALITIES = MRI_CONTRAST_LABELS
 
 
 class DatalistError(ValueError):
@@ -85,7 +83,7 @@ def _parse_item(item, where: str, root: Path) -> dict:
 
     case_id = item.get("case_id")
     if case_id is None:
-        case_id = Path(parsed["label"]).parent.name
+        case_id = case_id_of(parsed)
     if not _is_path_string(case_id):
         raise DatalistError(f"{where}: case_id must be a non-empty string, got {case_id!r}")
     parsed["case_id"] = case_id

@@ -22,9 +22,11 @@ from monai.transforms import Compose, Transform
 from monai.transforms.transform import RandomizableTrait, apply_transform
 from torch.utils.data import Dataset
 
+from fedbrain.contracts import AFFINE_ATOL_MM, MRI_CONTRAST_LABELS, case_id_of
+
 logger = logging.getLogger("fedbrain")
 
-N_MODALITIES = 4
+N_MODALITIES = len(MRI_CONTRAST_LABELS)
 
 
 class CaseError(ValueError):
@@ -72,19 +74,9 @@ def split_transform(transform: Compose) -> tuple[Compose, Compose | None]:
     return Compose(flat.transforms[:first]), Compose(flat.transforms[first:])
 
 
-def case_id_of(case: dict, index: int) -> str:
-    """``case_id`` if given, else the folder holding the label (the datalist default)."""
-    if case.get("case_id"):
-        return str(case["case_id"])
-    label = case.get("label")
-    if isinstance(label, (str, os.PathLike)) and os.path.dirname(os.fspath(label)):
-        return os.path.basename(os.path.dirname(os.path.abspath(os.fspath(label))))
-    return f"case-{index:04d}"
-
-
 def _files(case: dict) -> list[tuple[str, str]]:
     """(role, path) for every file of a case, in BraTS order then the label."""
-    names = ("T1", "T1ce", "T2", "FLAIR")
+    names = MRI_CONTRAST_LABELS
     images = case.get("image") or []
     if isinstance(images, (str, os.PathLike)):
         images = [images]
@@ -117,7 +109,7 @@ def _check_case(case: dict) -> None:
             raise CaseError(f"{role} file is not a 3D volume (shape {header.shape}): {path}")
         if ref is None:
             ref = (role, header.shape, header.affine)
-        elif header.shape != ref[1] or not np.allclose(header.affine, ref[2], atol=1e-2):
+        elif header.shape != ref[1] or not np.allclose(header.affine, ref[2], rtol=0, atol=AFFINE_ATOL_MM):
             raise CaseError(
                 f"{role} file is not on the {ref[0]} voxel grid (shape {header.shape} vs {ref[1]}): {path}"
             )

@@ -74,7 +74,7 @@ from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, ensure_tuple
 
 from fedbrain.data.dataset import CaseDataset, CaseError, SkippedCase, load_with_skips
 from fedbrain.data.dicom import read_ct_series
-from fedbrain.models.classifier import CLASS_NAMES
+from fedbrain.contracts import GRADES as CLASS_NAMES
 
 __all__ = [
     "AIR_HU",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbrain.models.classifier import CLASS_NAMES
+from fedbrain.contracts import GRADES as CLASS_NAMES
 
 __all__ = ["dirichlet_partition", "write_partitioned_datalists", "class_entropy"]
 

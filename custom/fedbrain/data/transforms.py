@@ -30,10 +30,11 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from fedbrain.contracts import MRI_CONTRASTS
+
 #: Order of the four MRI channels (BraTS order, see docs/CONTRACTS.md).
-MODALITIES = ("t1", "t1ce", "t2", "flair")
-#: Order of the three label channels produced from the BraTS labels 1/2/4.
-REGIONS = ("tc", "wt", "et")
+MODALITIES = MRI_CONTRASTS
+
 
 KEYS = ("image", "label")
 

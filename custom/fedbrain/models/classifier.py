@@ -38,6 +38,8 @@ import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
+from fedbrain.contracts import GRADES, MODALITIES, MRI_CONTRASTS
+
 __all__ = [
     "CLASS_NAMES",
     "FUSIONS",
@@ -51,12 +53,12 @@ __all__ = [
 ]
 
 #: Class index -> grade (the datalist ``grade`` values, docs/CONTRACTS.md).
-CLASS_NAMES = ("healthy", "LGG", "HGG")
+CLASS_NAMES = GRADES
 FUSIONS = ("late", "masked_mean", "attention")
 #: Modality streams, in the order their tokens are fused.
-STREAMS = ("mri", "ct")
+STREAMS = MODALITIES
 #: Input channels per stream: 4 MRI contrasts; CT as brain + high-density windows.
-STREAM_CHANNELS = {"mri": 4, "ct": 2}
+STREAM_CHANNELS = {"mri": len(MRI_CONTRASTS), "ct": 2}
 CLASS_PATH = "fedbrain.models.classifier.DualStreamClassifier"
 
 

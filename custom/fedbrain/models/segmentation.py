@@ -9,19 +9,52 @@ from __future__ import annotations
 
 import math
 
+import torch
 from monai.networks.nets import SegResNet, UNet
 from torch import nn
+
+from fedbrain.contracts import MRI_CONTRASTS, REGIONS
 
 ARCHS = ("segresnet", "unet")
 
 
+def _seeded_init(module: nn.Module, init_seed: int | None, build) -> None:
+    """Run ``build`` (the parent constructor) under ``init_seed`` without touching the global RNG.
+
+    Why: FLARE's server persistor builds the initial global model from the spec; unseeded,
+    every run of the same job started from other weights and final Dice varied by 0.1.
+    """
+    if init_seed is None:
+        build()
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        build()
+
+
+class SeededUNet(UNet):
+    """MONAI UNet whose initial weights are drawn from ``init_seed`` (same state_dict names)."""
+
+    def __init__(self, init_seed: int | None = None, **kwargs):
+        _seeded_init(self, init_seed, lambda: UNet.__init__(self, **kwargs))
+
+
+class SeededSegResNet(SegResNet):
+    """MONAI SegResNet whose initial weights are drawn from ``init_seed`` (same state_dict names)."""
+
+    def __init__(self, init_seed: int | None = None, norm=("GROUP", {"num_groups": 8}), **kwargs):
+        norm = tuple(norm) if isinstance(norm, list) else norm  # JSON turns the tuple into a list
+        _seeded_init(self, init_seed, lambda: SegResNet.__init__(self, norm=norm, **kwargs))
+
+
 def model_spec(
-    arch: str = "segresnet",
+    arch: str,
     *,
-    in_channels: int = 4,
-    out_channels: int = 3,
-    init_filters: int = 8,
+    init_filters: int,
     dropout: float | None = None,
+    init_seed: int | None = 0,
+    in_channels: int = len(MRI_CONTRASTS),
+    out_channels: int = len(REGIONS),
 ) -> dict:
     """The network as class path + constructor args: the one description that both the site
     (``build_segmentation_model``) and FLARE's server persistor (job config) instantiate.
@@ -34,9 +67,9 @@ def model_spec(
     arch = arch.lower()
     if arch == "segresnet":
         return {
-            "class_path": "monai.networks.nets.SegResNet",
+            "class_path": "fedbrain.models.segmentation.SeededSegResNet",
             "args": {
-                "spatial_dims": 3, "in_channels": in_channels, "out_channels": out_channels,
+                "init_seed": init_seed, "spatial_dims": 3, "in_channels": in_channels, "out_channels": out_channels,
                 "init_filters": init_filters, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1],
                 "norm": ["GROUP", {"num_groups": math.gcd(8, init_filters)}], "dropout_prob": dropout,
             },
@@ -44,9 +77,9 @@ def model_spec(
     if arch == "unet":
         f = init_filters
         return {
-            "class_path": "monai.networks.nets.UNet",
+            "class_path": "fedbrain.models.segmentation.SeededUNet",
             "args": {
-                "spatial_dims": 3, "in_channels": in_channels, "out_channels": out_channels,
+                "init_seed": init_seed, "spatial_dims": 3, "in_channels": in_channels, "out_channels": out_channels,
                 "channels": [f, 2 * f, 4 * f, 8 * f, 16 * f], "strides": [2, 2, 2, 2], "num_res_units": 2,
                 "norm": "INSTANCE", "dropout": dropout or 0.0,
             },
@@ -54,14 +87,11 @@ def model_spec(
     raise ValueError(f"unknown segmentation arch {arch!r}; choose one of {ARCHS}")
 
 
-def build_segmentation_model(arch: str = "segresnet", **kwargs) -> nn.Module:
-    """MONAI SegResNet (default) or UNet as ``model_spec`` describes; outputs are logits
-    (apply sigmoid per channel)."""
-    spec = model_spec(arch, **kwargs)
-    args = dict(spec["args"])
-    if isinstance(args.get("norm"), list):
-        args["norm"] = tuple(args["norm"])
-    return {"monai.networks.nets.SegResNet": SegResNet, "monai.networks.nets.UNet": UNet}[spec["class_path"]](**args)
+def build_segmentation_model(arch: str, **kwargs) -> nn.Module:
+    """The network ``model_spec`` describes; outputs are logits (apply sigmoid per channel)."""
+    from fedbrain.models import instantiate
+
+    return instantiate(model_spec(arch, **kwargs))
 
 
 def size_divisor(arch: str) -> int:

@@ -20,10 +20,40 @@ from pathlib import Path
 
 import yaml
 
-from fedbrain.site import write_site_config
+from fedbrain.fl.site import write_site_config
 
-from fedbrain.jobs import PROJECT_ROOT
-DEFAULT_PROJECT = PROJECT_ROOT / "provisioning" / "poc" / "project.yml"
+#: The POC consortium's project file, shipped in the package (copy it to change the consortium).
+DEFAULT_PROJECT = Path(__file__).resolve().parent / "project.yml"
+
+
+#: Components a fedbrain server app names besides FLARE's default allow-list. The server app
+#: carries no code (it runs the fedbrain the server installed), so FLARE enforces its class
+#: allow-list on it: the server's own local/resources.json must admit these.
+SERVER_COMPONENTS = (
+    "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+    "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
+    "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
+    "fedbrain.",  # the update audit filter and the model classes the persistor builds
+)
+
+
+def allow_server_components(server_kit: Path) -> Path:
+    """Add fedbrain's server components to the kit's class allow-list (FLARE's defaults kept).
+
+    FLARE reads the first of local/resources.json and resources.json.default (no merge), so
+    the default file is copied with the list added.
+    """
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+    local = Path(server_kit) / "local"
+    target = local / "resources.json"
+    source = target if target.is_file() else local / "resources.json.default"
+    resources = json.loads(source.read_text())
+    allowed = list(resources.get("class_allow_list") or DEFAULT_CLASS_ALLOW_LIST)
+    resources["class_allow_list"] = allowed + [c for c in SERVER_COMPONENTS if c not in allowed]
+    resources.setdefault("class_list_enforcement_mode", "enforce")
+    target.write_text(json.dumps(resources, indent=2) + "\n")
+    return target
 
 
 class PocError(RuntimeError):
@@ -120,6 +150,7 @@ class PocConsortium:
         server["fed_learn_port"], server["admin_port"] = free_ports(2)
         self.project_copy.write_text(yaml.safe_dump(project, sort_keys=False))
         self._nvflare("poc", "prepare", "-i", str(self.project_copy), "--force")
+        allow_server_components(self.kit(server["name"]))
         if data_dir is not None:
             for site in self.sites:
                 datalist = Path(data_dir).resolve() / site / "datalist.json"

@@ -5,7 +5,7 @@ Reads what FLARE 2.9 writes into a job's server workspace:
   workspace/cross_site_val/cross_val_results.json   the final global model validated at each site
   workspace/log.json                      server log, for "Round N started" times
   workspace/app_server/*.pt               global and best global model
-and writes report.json, report.md and PNG plots.
+and the job's meta (status, timing; see _job_meta), and writes report.json, report.md and PNG plots.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
+
+from fedbrain.contracts import REGIONS, VAL_DICE, VAL_DICE_REGIONS
 
 # Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
 TASKS = {
-    "segmentation": {"metrics": (("val_dice_tc", "TC"), ("val_dice_wt", "WT"), ("val_dice_et", "ET"), ("val_dice", "mean")),
-                     "primary": "val_dice_wt", "primary_label": "WT Dice", "curve": "val_dice", "curve_label": "mean Dice (TC/WT/ET)"},
+    "segmentation": {"metrics": (*zip(VAL_DICE_REGIONS, (r.upper() for r in REGIONS)), (VAL_DICE, "mean")),
+                     "primary": "val_dice_wt", "primary_label": "WT Dice", "curve": VAL_DICE, "curve_label": "mean Dice (TC/WT/ET)"},
     "classification": {"metrics": (("val_acc", "acc"), ("val_bacc", "bal. acc"), ("val_auc", "AUC")),
                        "primary": "val_bacc", "primary_label": "balanced accuracy", "curve": "val_auc", "curve_label": "macro AUC"},
 }
@@ -70,11 +72,111 @@ def _round_start_times(workspace: Path) -> dict[int, datetime]:
     return starts
 
 
+def _read_json_dict(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# JobMetaKey values (nvflare/apis/job_def.py) that are stale in the deploy-time copy workspace/meta.json.
+_RUN_STATE_KEYS = ("status", "start_time", "duration")
+
+
 def _job_meta(workspace: Path) -> dict:
-    for cand in (workspace.parent / "job_meta.json", workspace / "meta.json"):
-        if cand.is_file():
-            return json.loads(cand.read_text())
-    return {}
+    """The finished job's meta: what the job store holds once the job ended.
+
+    FLARE 2.9's job download (``nvflare job download``, Session.download_job_result; server side
+    JobCommandModule._download_job_comps, client side FileTransferModule.pull_folder) writes
+    ``<job_id>/meta.json`` (the job store's meta at download time: status "FINISHED:COMPLETED", submit_time,
+    start_time, duration...), ``<job_id>/job/`` (the job as submitted) and ``<job_id>/workspace/`` (the
+    server's run folder). ``workspace/meta.json`` is only the copy AppDeployer wrote when the job was
+    deployed: status SUBMITTED, start_time "", duration "N/A"; only its job_id and name are used.
+    ``fedbrain demo`` also writes ``job_meta.json`` (what the admin API returned) beside them; it wins.
+    """
+    job_dir = workspace.parent
+    deployed = _read_json_dict(workspace / "meta.json")
+    meta = {k: v for k, v in deployed.items() if k not in _RUN_STATE_KEYS}
+    downloaded = _read_json_dict(job_dir / "meta.json")
+    if "job_id" in downloaded or "status" in downloaded:  # not some other meta.json (a job definition's)
+        meta.update(downloaded)
+    meta.update(_read_json_dict(job_dir / "job_meta.json"))
+    return meta
+
+
+def _parse_duration(value) -> float | None:
+    """Seconds of FLARE's duration, str(timedelta) ("0:02:13.512345", "1 day, 2:00:00"), or a number; None for "N/A"."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) and value >= 0 else None
+    text = str(value).strip()
+    days = 0
+    if "day" in text:
+        head, _, text = text.partition(",")
+        try:
+            days = int(head.split()[0])
+        except (ValueError, IndexError):
+            return None
+        text = text.strip()
+    parts = text.split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        h, m, sec = int(parts[0]), int(parts[1]), float(parts[2])
+    except ValueError:
+        return None
+    return days * 86400 + h * 3600 + m * 60 + sec
+
+
+def _parse_asctime(text) -> datetime | None:
+    for fmt in ("%Y-%m-%d %H:%M:%S,%f", "%Y-%m-%d %H:%M:%S"):
+        try:
+            return datetime.strptime(str(text), fmt)
+        except ValueError:
+            continue
+    return None
+
+
+def _server_log_span(workspace: Path) -> float | None:
+    """Seconds from the first to the last record of the server's job log (log.json and its rotated copies).
+
+    Both ends come from the same clock, so no time zone is involved (the job meta's start_time is UTC, the
+    log's asctime the server's local time, and the meta has no end time at all).
+    """
+    stamps = []
+    for path in workspace.glob("log.json*"):
+        if not path.is_file():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            t = _parse_asctime(rec.get("asctime")) if isinstance(rec, dict) else None
+            if t is not None:
+                stamps.append(t)
+    if len(stamps) < 2:
+        return None
+    return (max(stamps) - min(stamps)).total_seconds()
+
+
+def _job_duration(meta: dict, workspace: Path) -> tuple[str, float | None, str]:
+    """(shown duration, seconds, where it came from).
+
+    FLARE sets meta["duration"] (str of a timedelta from start_time) when the job ends COMPLETED, ABORTED,
+    ABNORMAL or EXECUTION_EXCEPTION; it stays "N/A" otherwise (and in the deploy-time copy). Then the
+    duration is the span of the server's job log.
+    """
+    seconds = _parse_duration(meta.get("duration"))
+    if seconds is not None:
+        raw = meta.get("duration")
+        return (raw if isinstance(raw, str) else str(timedelta(seconds=round(seconds)))), seconds, "job meta"
+    seconds = _server_log_span(workspace)
+    if seconds is not None:
+        return str(timedelta(seconds=round(seconds))), seconds, "server log"
+    return "", None, ""
 
 
 def _final_eval(workspace: Path) -> dict[str, dict]:
@@ -146,6 +248,7 @@ def build_report(result_dir: Path) -> dict:
             round_seconds.append({"round": r, "seconds": (end - starts[r]).total_seconds()})
 
     meta = _job_meta(ws)
+    duration, duration_s, duration_source = _job_duration(meta, ws)
     values = [v for v in final_primary.values() if not math.isnan(v)]
     app_server = ws / "app_server"
     report = {
@@ -156,7 +259,9 @@ def build_report(result_dir: Path) -> dict:
         "primary": primary,
         "primary_label": spec["primary_label"],
         "status": meta.get("status", "unknown"),
-        "duration": meta.get("duration", ""),
+        "duration": duration,
+        "duration_s": duration_s,
+        "duration_source": duration_source,
         "rounds": len(global_curve),
         "sites": sites,
         "global": global_curve,
@@ -255,7 +360,8 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
     lines = [
         f"# fedbrain report — {report['job_name'] or 'job'} `{report['job_id']}`",
         "",
-        f"Status **{report['status']}**, {report['rounds']} rounds, duration {report['duration'] or 'n/a'}.",
+        f"Status **{report['status']}**, {report['rounds']} rounds, duration {report['duration'] or 'n/a'}"
+        + (" (span of the server log)" if report.get("duration_source") == "server log" else "") + ".",
         "",
     ]
     for k, v in (extra or {}).items():
@@ -317,7 +423,7 @@ def print_site_table(report: dict, console=None) -> None:
 
     console = console or Console()
     metrics, primary = report["metrics"], report["primary"]
-    table = Table(title=f"{report['job_name']} {report['job_id'][:8]} — {report['status']}")
+    table = Table(title=f"{report['job_name']} {report['job_id'][:8]} — {report['status']}, duration {report.get('duration') or 'n/a'}")
     table.add_column("site", no_wrap=True)
     for col in ("train", "val", "skip", "r0", *(label for _, label in metrics)):
         table.add_column(col, justify="right", no_wrap=True)

@@ -41,6 +41,7 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from fedbrain.contracts import GRADES, MRI_CONTRASTS
 from fedbrain.data.dicom import write_ct_series
 
 __all__ = [
@@ -56,8 +57,7 @@ __all__ = [
     "synthesize_consortium",
 ]
 
-GRADES = ("healthy", "LGG", "HGG")
-MRI_CONTRASTS = ("t1", "t1ce", "t2", "flair")  # BraTS channel order
+# GRADES (contracts) are the grades synthesized, in this order.
 LABELS = {0: "background", 1: "necrotic / non-enhancing core", 2: "oedema", 4: "enhancing tumour"}
 
 # Relative MR signal per tissue (WM on T1 = 1); one column per contrast in
@@ -878,7 +878,7 @@ def synthesize_consortium(
                 f"Synthetic brain-tumour cohort of {profile.name}: {len(grades)} cases "
                 f"(HGG {counts['HGG']}, LGG {counts['LGG']}, healthy {counts['healthy']}), "
                 f"{profile.slice_thickness_mm} mm slices, {'with' if profile.has_ct else 'no'} CT. "
-                f"fedbrain.data.synth seed {seed}."
+                f"fedbrain.synthetic.cohort seed {seed}."
             )
             datalist = {k: datalist[k] for k in ("site", "description", "training", "validation")}
             (site_dir / "datalist.json").write_text(json.dumps(datalist, indent=2) + "\n")
@@ -895,7 +895,7 @@ def synthesize_consortium(
     elapsed = time.perf_counter() - started
 
     manifest = {
-        "generator": "fedbrain.data.synth",
+        "generator": "fedbrain.synthetic.cohort",
         "version": _SYNTH_VERSION,
         "seed": seed,
         "spacing_mm": float(spacing_mm),

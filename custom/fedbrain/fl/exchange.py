@@ -1,12 +1,12 @@
-"""The two conversions a site script needs between FLARE payloads and torch state dicts.
-
-Kept here, not in the site scripts, so every task's script stays glue only.
-"""
+"""What a site exchanges with the server: FLARE payloads <-> torch state dicts, weight
+differences, and SCAFFOLD's control variates (a training hook of the one loop)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from fedbrain.tasks.loop import TrainingHook
 
 
 def state_dict_from_params(params: dict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -28,7 +28,7 @@ def weight_diff(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor])
     return {k: (after[k].detach().cpu() - before[k].detach().cpu()) for k in after}
 
 
-class SharedScaffold:
+class SharedScaffold(TrainingHook):
     """SCAFFOLD control variates (FLARE's ``PTScaffoldHelper``) over the *shared* modules only.
 
     Why not the whole model: a control difference is ``(w_global - w_local) / (steps * lr)``

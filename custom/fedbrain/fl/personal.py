@@ -12,16 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedbrain.fl.site import site_workspace
 from fedbrain.models.classifier import head_parameter_names
-
-
-def site_workspace(start: Path | None = None) -> Path:
-    """The FLARE site workspace the job runs in (first ancestor with startup/ and local/)."""
-    start = (start or Path.cwd()).resolve()
-    for folder in (start, *start.parents):
-        if (folder / "startup").is_dir() and (folder / "local").is_dir():
-            return folder
-    return start  # outside FLARE (tests, centralized runs): keep it beside the caller
 
 
 class PersonalHeadStore:
@@ -30,7 +22,9 @@ class PersonalHeadStore:
 
     @classmethod
     def for_site(cls, store: str, start: Path | None = None) -> "PersonalHeadStore":
-        return cls(site_workspace(start) / "personal" / store / "head.pt")
+        # Outside FLARE (tests, centralized runs) the store sits beside the caller.
+        workspace = site_workspace(start) or (start or Path.cwd()).resolve()
+        return cls(workspace / "personal" / store / "head.pt")
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -44,11 +38,23 @@ class PersonalHeadStore:
         saved = stored["head"]
         names = head_parameter_names(model)
         if sorted(saved) != sorted(names):
-            raise ValueError(f"{self.path}: stored head has parameters {sorted(saved)[:3]}..., model expects {names[:3]}...")
+            raise ValueError(f"{self._where()}: stored head has parameters {sorted(saved)[:3]}..., model expects {names[:3]}...")
         state = model.state_dict()
+        # Check every tensor before copying any: a refused head must leave the model's head untouched.
+        for k in names:
+            have, want = tuple(saved[k].shape), tuple(state[k].shape)
+            if have != want:
+                raise ValueError(f"{self._where()}: stored head tensor {k} has shape {have}, this model expects "
+                                 f"{want}: the head belongs to another model configuration; move it away to "
+                                 "start a fresh head")
         for k in names:
             state[k].copy_(saved[k].to(state[k].device))
         return {k: v for k, v in stored.items() if k != "head"}
+
+    def _where(self) -> str:
+        """The store's path, with the site whose workspace holds it when it is in one."""
+        workspace = site_workspace(self.path.parent)
+        return f"{self.path} (site {workspace.name})" if workspace is not None else str(self.path)
 
     def save_from(self, model: nn.Module, **info) -> None:
         """Write atomically: a crash mid-save must not lose the previous head."""

@@ -36,13 +36,20 @@ class SiteSettings:
     datalist: Path
     data_root: Path | None = None
     num_threads: int | None = None
-    device: str = "auto"
+    device: str | None = None  # None: the job's setting
     source: str = ""
 
 
-def _candidate_workspaces(start: Path) -> list[Path]:
-    """The job runs somewhere under the site workspace; its ``local/`` folder is an ancestor's."""
-    return [start, *start.parents]
+def site_workspace(start: Path | None = None) -> Path | None:
+    """The FLARE site workspace a job runs in: the first ancestor holding ``startup/`` and ``local/``.
+
+    The one walk every site-side store uses (site settings, personal parts); None outside FLARE.
+    """
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "startup").is_dir() and (folder / "local").is_dir():
+            return folder
+    return None
 
 
 def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | None = None) -> SiteSettings:
@@ -58,26 +65,27 @@ def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | No
             datalist=Path(env.format(site=site)),
             data_root=Path(root.format(site=site)) if root else None,
             num_threads=int(os.environ["FEDBRAIN_NUM_THREADS"]) if os.environ.get("FEDBRAIN_NUM_THREADS") else None,
-            device=os.environ.get("FEDBRAIN_DEVICE", "auto"),
+            device=os.environ.get("FEDBRAIN_DEVICE") or None,
             source="FEDBRAIN_DATALIST",
         )
     looked.append("FEDBRAIN_DATALIST (unset)")
-    for folder in _candidate_workspaces((cwd or Path.cwd()).resolve()):
-        cfg = folder / "local" / SITE_CONFIG_NAME
-        looked.append(str(cfg))
-        if cfg.is_file():
-            try:
-                data = json.loads(cfg.read_text())
-                return SiteSettings(
-                    site=site,
-                    datalist=Path(data["datalist"]),
-                    data_root=Path(data["data_root"]) if data.get("data_root") else None,
-                    num_threads=data.get("num_threads"),
-                    device=data.get("device", "auto"),
-                    source=str(cfg),
-                )
-            except (ValueError, KeyError, TypeError) as e:
-                raise SiteConfigError(f"site {site}: {cfg} is not valid ({e!r}); expected keys: datalist[, data_root]")
+    workspace = site_workspace(cwd)
+    cfg = workspace / "local" / SITE_CONFIG_NAME if workspace else None
+    looked.append(str(cfg) if cfg else f"local/{SITE_CONFIG_NAME} of a site workspace (a folder with startup/ and "
+                                      f"local/) at or above {(cwd or Path.cwd()).resolve()}: none found")
+    if cfg is not None and cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text())
+            return SiteSettings(
+                site=site,
+                datalist=Path(data["datalist"]),
+                data_root=Path(data["data_root"]) if data.get("data_root") else None,
+                num_threads=data.get("num_threads"),
+                device=data.get("device"),
+                source=str(cfg),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise SiteConfigError(f"site {site}: {cfg} is not valid ({e!r}); expected keys: datalist[, data_root]")
     raise SiteConfigError(f"site {site}: no datalist configured; looked at: " + "; ".join(looked))
 
 

@@ -1,0 +1,109 @@
+"""The one site loop (FLARE Client API) both tasks' site scripts run:
+
+receive the global model -> put this site's personal part back -> validate -> train ->
+keep the personal part on disk -> send the weight difference, the step count and metrics.
+
+The task config arrives whole (``--config``, one JSON argument written by job.py) and is
+rebuilt exactly; the hospital's own local settings (data, threads, device) come from its
+site workspace, never from the job. A site whose data cannot be read stays in the
+federation with empty, zero-weight updates and says why (``site_error``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import time
+
+from fedbrain.contracts import NUM_STEPS_META, ROUND_SECONDS, TRAIN_LOSS, TRAIN_STEPS
+from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_diff
+from fedbrain.fl.personal import PersonalHeadStore
+from fedbrain.fl.site import load_site_cases
+
+log = logging.getLogger("fedbrain")
+
+
+def parse_site_args(config_cls, argv=None):
+    """``(config, datalist)`` from the site script's command line (what the job wrote)."""
+    p = argparse.ArgumentParser(description="fedbrain site script (FLARE Client API)")
+    p.add_argument("--config", required=True, help="the task config as JSON (written by job.py)")
+    p.add_argument("--datalist", default=None, help="site datalist; default: the site's own settings")
+    a = p.parse_args(argv)
+    return config_cls.from_json(a.config), a.datalist
+
+
+def run_site(config_cls, trainer_cls, argv=None) -> None:
+    """Run this site's part of a job until the server ends it."""
+    import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+    from nvflare.app_common.app_constant import AlgorithmConstants
+    from nvflare.client.tracking import SummaryWriter
+
+    config, datalist = parse_site_args(config_cls, argv)
+    flare.init()
+    site = flare.get_site_name()
+    settings, cases, site_error = load_site_cases(site, datalist)
+    local = {k: v for k, v in (("num_threads", settings.num_threads), ("device", settings.device)) if v is not None}
+    config = config.replace(**local)  # the hospital decides its compute
+    trainer = trainer_cls(cases["training"], cases["validation"], config)
+    model = trainer.build_model().to(trainer.device)
+    personal = trainer.personal_parameter_names(model)
+    store = PersonalHeadStore.for_site(config.name) if personal else None
+    # SCAFFOLD's control difference is the local update in disguise and rides in meta, which
+    # ExcludeVars does not filter: control only the modules that are federated anyway.
+    scaffold = None
+    if config.algorithm == "scaffold":
+        scaffold = SharedScaffold(model, config.lr, exclude=("head",) if personal else ())
+    writer = SummaryWriter()
+    summary = {k: float(v) for k, v in trainer.data_summary().items() if isinstance(v, (int, float))}
+    summary["site_error"] = float(bool(site_error))
+    log.info("site %s: data from %s (%s): %s; personal part: %s", site, settings.datalist, settings.source,
+             summary, store.path if store else "none")
+    for case in trainer.skipped:
+        log.warning("site %s: skipped case %s: %s", site, case.case_id, case.reason)
+
+    first_round = None
+    while flare.is_running():
+        global_model = flare.receive()
+        round_no = global_model.current_round or 0
+        first_round = round_no if first_round is None else first_round
+        model.load_state_dict(state_dict_from_params(global_model.params, model), strict=True)
+        if store is not None:
+            origin = store.load_into(model)  # this hospital's head, not the server's copy
+            if round_no == first_round:
+                log.info("site %s: personal head %s", site,
+                         f"loaded from {store.path} (saved by job {origin.get('job_id')}, round {origin.get('round_no')})"
+                         if origin else f"not at {store.path} yet; starting from the global initial head")
+        started = time.time()
+        metrics = {k: v for k, v in trainer.validate(model).items() if not math.isnan(v)}  # no val case: no metric
+        metrics.update(summary)
+        if flare.is_evaluate():
+            flare.send(FLModel(metrics=metrics))
+            continue
+
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        hooks, meta = [], {}
+        if scaffold is not None:
+            global_copy = copy.deepcopy(model)
+            scaffold.begin_round(global_model.meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL))
+            hooks.append(scaffold)
+        if summary["n_train"] > 0:
+            stats = trainer.train(model, global_params=before, hooks=hooks)
+        else:  # nothing usable here: contribute zero weight rather than take the federation down
+            log.error("site %s: no usable training case (%d skipped); sending an empty update",
+                      site, summary["n_skipped"])
+            stats = {TRAIN_LOSS: math.nan, "steps": 0}
+        if scaffold is not None:
+            meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = scaffold.end_round(global_copy)
+        if store is not None:
+            store.save_from(model, job_id=flare.get_job_id(), round_no=round_no)
+        if stats["steps"]:
+            metrics[TRAIN_LOSS] = stats[TRAIN_LOSS]
+        metrics[TRAIN_STEPS] = stats["steps"]
+        metrics[ROUND_SECONDS] = time.time() - started
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, round_no)
+        flare.send(FLModel(params=weight_diff(model.state_dict(), before), params_type=ParamsType.DIFF,
+                           metrics=metrics, meta={NUM_STEPS_META: stats["steps"], **meta}))

@@ -1,0 +1,98 @@
+"""Job definitions (FLARE Job Recipe API), built from a task config and shipped in the package.
+
+``build_recipe(config)`` is the one definition of a task's job: the server's initial model
+is ``config.model_spec()``, and the whole config reaches every site as one JSON argument
+of the site script (``--config``), which rebuilds it exactly. The site scripts live in
+``fedbrain/jobs/sites/`` (package data), so an installed wheel exports jobs anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from fedbrain.tasks.config import TaskConfig
+
+SITES_DIR = Path(__file__).resolve().parent / "sites"
+#: The POC hospitals; a production job names the consortium's own sites.
+DEFAULT_SITES = ("hospital-a", "hospital-b", "hospital-c")
+#: Python packages the sites and server have installed: never copied into a job's custom/.
+INSTALLED_PACKAGES = ["fedbrain"]
+
+
+def build_task_recipe(config: TaskConfig, *, site_script: str, key_metric: str,
+                      personal_names: list[str] = (), sites=None):
+    """See :func:`_build`; runs in the sites/ folder so the script is named relative to it."""
+    with contextlib.chdir(SITES_DIR):
+        return _build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names,
+                      sites=sites)
+
+
+def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites):
+    """FedAvg (or SCAFFOLD) over sites running ``site_script`` with ``config``.
+
+    With ``sites`` each site gets its own app (per-site filters); ``personal_names`` are
+    removed from every update by an ExcludeVars result filter at each site; the server
+    records what it receives (``ReceivedUpdateAudit``).
+    """
+    from nvflare.app_common.filters.exclude_vars import ExcludeVars
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.app_opt.pt.recipes.scaffold import ScaffoldRecipe
+    from nvflare.client.config import ExchangeFormat, TransferType
+    from nvflare.recipe.utils import add_experiment_tracking, add_final_global_evaluation, set_per_site_config
+
+    from fedbrain.filters.audit import ReceivedUpdateAudit
+
+    common = dict(name=config.name, model=config.model_spec(), min_clients=config.min_clients,
+                  num_rounds=config.rounds, train_script=site_script, train_args=f"--config {config.to_argument()}",
+                  server_expected_format=ExchangeFormat.PYTORCH, params_transfer_type=TransferType.DIFF)
+    if config.algorithm == "scaffold":
+        # ScaffoldRecipe has one client app for all sites (no per-site config); it keeps the last model.
+        recipe = ScaffoldRecipe(**common)
+        groups = [None]
+    else:
+        recipe = FedAvgRecipe(**common, key_metric=key_metric, key_metric_mode="max")
+        groups = [None]
+        if sites:
+            set_per_site_config(recipe, {site: {} for site in sites})  # one app per hospital
+            groups = [[site] for site in sites]
+    if personal_names:
+        for clients in groups:
+            recipe.add_client_output_filter(ExcludeVars(exclude_vars=list(personal_names)), tasks=["train"],
+                                            clients=clients)
+    recipe.add_server_input_filter(ReceivedUpdateAudit(), tasks=["train"])  # what actually arrived
+    add_experiment_tracking(recipe, "tensorboard")  # site metrics stream to the server's tb_events/
+    if config.algorithm != "scaffold":  # ScaffoldRecipe exposes no persistor id to evaluate: the report
+        add_final_global_evaluation(recipe)  # then uses the last round
+    # Sites and server run the fedbrain they installed: no shadowed copy of it in custom/.
+    recipe._job.set_app_packages(INSTALLED_PACKAGES)
+    return recipe
+
+
+def export_recipe(recipe, export_dir: str | Path, name: str) -> Path:
+    """Export into ``export_dir/name``. The site script is named relative to the package's
+    sites/ folder, so the job carries it in custom/ and names no path of this machine."""
+    export_dir = Path(export_dir).resolve()
+    with contextlib.chdir(SITES_DIR):
+        recipe.export(str(export_dir))
+    return export_dir / name
+
+
+def job_main(config_cls, export, doc: str, argv=None, default_export_dir: str | Path = ".") -> Path:
+    """The command line of a job definition: every config field is a flag."""
+    import argparse
+    import inspect
+
+    from fedbrain.tasks.config import add_config_arguments, config_from_arguments
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export_dir", "--export-dir", default=str(default_export_dir))
+    per_site = "sites" in inspect.signature(export).parameters
+    if per_site:
+        p.add_argument("--sites", nargs="+", default=list(DEFAULT_SITES), help="one app per site (default: the POC's)")
+    add_config_arguments(p, config_cls)
+    a = p.parse_args(argv)
+    extra = {"sites": a.sites} if per_site else {}
+    folder = export(config_from_arguments(config_cls, a), a.export_dir, **extra)
+    print(folder)
+    return folder

@@ -1,0 +1,36 @@
+"""The classification job: the dual-stream MRI+CT grade classifier (healthy / LGG / HGG),
+every setting from :class:`~fedbrain.tasks.classification.ClassificationConfig`.
+
+Algorithms: ``personal`` (trunks + fusion federated; each hospital's head stays on site,
+removed from every update by a per-site ExcludeVars filter), ``fedavg`` (everything shared),
+``fedprox`` (personal heads + a proximal term on the shared part), ``scaffold`` (personal
+heads + SCAFFOLD control variates on the shared part: FLARE's ScaffoldRecipe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedbrain.jobs import DEFAULT_SITES, build_task_recipe, export_recipe, job_main
+from fedbrain.models.classifier import head_parameter_names
+from fedbrain.tasks.classification import ClassificationConfig
+
+SITE_SCRIPT = "classify_client.py"
+
+
+def build_recipe(config: ClassificationConfig | None = None, sites: Sequence[str] = DEFAULT_SITES):
+    config = config or ClassificationConfig()
+    head = head_parameter_names(config.build_model()) if config.personal else []
+    return build_task_recipe(config, site_script=SITE_SCRIPT, key_metric="val_bacc", personal_names=head,
+                             sites=list(sites))
+
+
+def export(config: ClassificationConfig | None = None, export_dir: str | Path = ".",
+           sites: Sequence[str] = DEFAULT_SITES) -> Path:
+    config = config or ClassificationConfig()
+    return export_recipe(build_recipe(config, sites), export_dir, config.name)
+
+
+def main(argv=None, default_export_dir: str | Path = ".") -> Path:
+    return job_main(ClassificationConfig, export, __doc__, argv, default_export_dir)

@@ -1,0 +1,25 @@
+"""The segmentation job: FedAvg over hospitals training a MONAI UNet (or SegResNet) on
+BraTS-style MRI, every setting from :class:`~fedbrain.tasks.segmentation.SegmentationConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedbrain.contracts import VAL_DICE
+from fedbrain.jobs import build_task_recipe, export_recipe, job_main
+from fedbrain.tasks.segmentation import SegmentationConfig
+
+SITE_SCRIPT = "segment_client.py"
+
+
+def build_recipe(config: SegmentationConfig | None = None):
+    return build_task_recipe(config or SegmentationConfig(), site_script=SITE_SCRIPT, key_metric=VAL_DICE)
+
+
+def export(config: SegmentationConfig | None = None, export_dir: str | Path = ".") -> Path:
+    config = config or SegmentationConfig()
+    return export_recipe(build_recipe(config), export_dir, config.name)
+
+
+def main(argv=None, default_export_dir: str | Path = ".") -> Path:
+    return job_main(SegmentationConfig, export, __doc__, argv, default_export_dir)

@@ -1,0 +1,1 @@
+"""Synthetic multi-hospital cohorts for demos, tests and benchmarks (never hospital data)."""

@@ -1,0 +1,165 @@
+"""The base of every task config: one dataclass per task is the only place a setting and
+its default live. job.py, the site script, the CLI, the demo and the benchmarks all read it.
+
+It travels to sites whole, as one JSON command-line argument of the site script
+(:meth:`TaskConfig.to_argument`), and the site rebuilds exactly the same object
+(:meth:`TaskConfig.from_json`): no setting is re-declared as a flag on either side.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import ClassVar
+
+
+def three(v) -> tuple:
+    """A per-axis triple from one value or a triple (``--spacing 2`` means 2 mm on every axis)."""
+    if isinstance(v, Sequence) and not isinstance(v, str):
+        v = tuple(v)
+        return v * 3 if len(v) == 1 else v
+    return (v, v, v)
+
+
+@dataclass
+class TaskConfig:
+    """Settings every task has: federation, optimisation, compute. Plain values (JSON round trip)."""
+
+    #: The algorithms this task's job can build (subclasses narrow or widen it).
+    ALGORITHMS: ClassVar[tuple[str, ...]] = ("fedavg", "fedprox")
+    #: Names of the fields holding tuples (JSON gives lists back).
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    name: str = "fedbrain"  # the FLARE job name; also names a site's personal-part store
+    algorithm: str = "fedavg"
+    rounds: int = 6
+    min_clients: int = 3
+    epochs_per_round: int = 1
+    max_steps: int | None = None  # caps steps of a train() call given in epochs
+    batch_size: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    fedprox_mu: float = 0.01  # proximal weight, used when algorithm == "fedprox"
+    seed: int = 0  # initial weights (init_seed), data order and augmentation
+    num_threads: int | None = None  # torch.set_num_threads; a site's local settings may override
+    num_workers: int = 0  # data loading workers; 0 is best when sites share a few cores
+    device: str = "auto"  # "auto" -> cuda when available, else cpu; a site may override
+    amp: bool = True  # mixed precision, only ever used on cuda
+
+    def __post_init__(self) -> None:
+        for key in self.TUPLE_FIELDS:
+            setattr(self, key, tuple(getattr(self, key)))
+        if self.algorithm not in self.ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {self.ALGORITHMS}, got {self.algorithm!r}")
+        if self.fedprox_mu < 0:
+            raise ValueError("fedprox_mu must be >= 0")
+        if self.rounds < 1 or self.epochs_per_round < 1:
+            raise ValueError(f"rounds and epochs_per_round must be >= 1, got {self.rounds}, {self.epochs_per_round}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def uses_fedprox(self) -> bool:
+        return self.algorithm == "fedprox" and self.fedprox_mu > 0
+
+    def model_spec(self) -> dict:
+        """``{"class_path", "args"}`` of this task's network: what the server persistor and
+        every site build (:func:`fedbrain.models.instantiate`)."""
+        raise NotImplementedError
+
+    def build_model(self):
+        from fedbrain.models import instantiate
+
+        return instantiate(self.model_spec())
+
+    # ------------------------------------------------------------------ travel
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Build from a (JSON) dict; unknown keys are an error so a typo does not pass silently."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+    def to_argument(self) -> str:
+        """One command-line token: FLARE splits a site script's arguments on whitespace, so
+        the JSON is compact and any space inside a string is written as the JSON escape
+        ``\\u0020`` (decodes to the same string)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return text.replace(" ", "\\u0020")
+
+    def replace(self, **changes):
+        """A copy with some settings changed, validated again."""
+        return replace(self, **changes)
+
+
+# ---------------------------------------------------------------------- command lines
+def _element_type(f, default):
+    hint = str(f.type)
+    for name, typ in (("int", int), ("float", float), ("str", str)):
+        if hint.startswith(name) or hint.startswith(f"tuple[{name}"):
+            return typ
+    if isinstance(default, tuple) and default:
+        return type(default[0])
+    return type(default) if default is not None else str
+
+
+def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), *, _added: set | None = None) -> None:
+    """One ``--field`` flag per config field, its help showing the config's default.
+
+    Flags default to None (not given), so only what the user sets overrides the config:
+    the default itself is never written twice. ``config_cls`` may be a tuple of configs
+    (a command serving several tasks): each field gets one flag.
+    """
+    import argparse
+
+    if isinstance(config_cls, tuple):
+        added: set = set()
+        for cls in config_cls:
+            add_config_arguments(parser, cls, skip, _added=added)
+        return
+    added = _added if _added is not None else set()
+    group = parser.add_argument_group(f"{config_cls.__name__} settings (defaults from the config)")
+    defaults = config_cls()
+    for f in fields(config_cls):
+        if f.name in skip or f.name in added:
+            continue
+        added.add(f.name)
+        default = getattr(defaults, f.name)
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kwargs = dict(default=None, dest=f"config_{f.name}", help=f"default: {default}")
+        if isinstance(default, bool):
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(default, tuple):
+            group.add_argument(*flags, nargs="+", type=_element_type(f, default), **kwargs)
+        elif f.name == "algorithm":
+            group.add_argument(*flags, choices=config_cls.ALGORITHMS, **kwargs)
+        else:
+            group.add_argument(*flags, type=_element_type(f, default), **kwargs)
+
+
+def config_from_arguments(config_cls, namespace, **overrides):
+    """The config with every flag the user gave (and ``overrides``) applied."""
+    given = {k.removeprefix("config_"): v for k, v in vars(namespace).items()
+             if k.startswith("config_") and v is not None}
+    own = {f.name for f in fields(config_cls)}
+    foreign = sorted(set(given) - own)
+    if foreign:
+        raise SystemExit(f"{', '.join('--' + k for k in foreign)}: not a setting of {config_cls.__name__}")
+    try:
+        return config_cls(**{**given, **overrides})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"invalid {config_cls.__name__} settings: {e}") from None

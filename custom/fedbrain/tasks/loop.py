@@ -1,0 +1,363 @@
+"""The one training loop, shared by both tasks, by the centralized baseline and by FL sites.
+
+A task subclasses :class:`Trainer` and says only what differs: how it loads cases, its
+transforms, the loss of one batch (:meth:`Trainer.loss_terms`), its optimizer and how it
+validates. Everything per step that is not the task's own (the FedProx term, SCAFFOLD's
+correction, soon DP-SGD and fault handling) is a :class:`TrainingHook`: written once, used
+by both tasks. The model is passed to each call rather than owned, because an FL site
+loads new global weights into it every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from monai.data import DataLoader, MetaTensor
+from monai.utils import set_determinism
+from torch import nn
+
+from fedbrain.contracts import TRAIN_LOSS
+
+logger = logging.getLogger("fedbrain")
+
+
+def plain(x) -> torch.Tensor:
+    """Drop MONAI metadata before the network: plain tensors are faster and what Opacus expects."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TrainingHook:
+    """Per-step behaviour that is not the task's: an extra loss term and/or work after each step."""
+
+    #: Name of the loss term this hook adds (reported as the mean over steps), or None.
+    term: str | None = None
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, model: nn.Module, step: int, loss: float) -> None:
+        return None
+
+
+class FedProx(TrainingHook):
+    """FedProx: ``mu/2 * sum ||w - w_global||^2`` over the parameters that are federated.
+
+    Personal parameters (``exclude``) are never averaged, so pulling them towards a global
+    copy would be wrong. ``global_params`` maps state_dict names to tensors or numpy arrays
+    (what FLARE delivers); names it lacks are ignored.
+    """
+
+    term = "prox_loss"
+
+    def __init__(self, global_params: Mapping, mu: float, device, exclude: Sequence[str] = ()):
+        self.mu = float(mu)
+        self.exclude = set(exclude)
+        self.global_params = {k: (v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))).to(device)
+                              for k, v in global_params.items()}
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor:
+        return proximal_term(model, self.global_params, self.mu, self.exclude)
+
+
+def proximal_term(model: nn.Module, global_params: Mapping, mu: float, exclude=()) -> torch.Tensor:
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    for name, p in model.named_parameters():
+        if not p.requires_grad or name in exclude:
+            continue
+        # An Opacus-wrapped model names its parameters "_module.<name>"; FLARE's do not.
+        key = name if name in global_params else name.removeprefix("_module.")
+        if key not in global_params or key in exclude:
+            continue
+        g = torch.as_tensor(global_params[key], dtype=p.dtype, device=p.device)
+        total = total + (p - g).pow(2).sum()
+    return 0.5 * mu * total
+
+
+class Trainer:
+    """Data, loss and optimizer of one site (or of the central baseline), and the loop.
+
+    The optimizer persists across ``train()`` calls: ``load_state_dict`` keeps the same
+    parameter objects, so its moments carry on; a *different* model object gets a new
+    optimizer with the old state transferred.
+    """
+
+    #: Keys a train() result always has, besides the per-term means.
+    val_batch_size: int = 1
+
+    def __init__(self, train_cases: Sequence[dict], val_cases: Sequence[dict], config, *, progress: bool = False):
+        self.config = config
+        self._apply_threads()
+        set_determinism(seed=config.seed)
+        self.device = resolve_device(config.device)
+        self.use_amp = bool(config.amp and self.device.type == "cuda")
+        train_transform, val_transform = self.transforms(True), self.transforms(False)
+        self.train_ds, train_skipped = self.load_cases(train_cases, train_transform, progress=progress)
+        self.val_ds, val_skipped = self.load_cases(val_cases, val_transform, progress=progress)
+        self.skipped = train_skipped + val_skipped
+        if self.train_ds.transform is not None:
+            self.train_ds.transform.set_random_state(seed=config.seed)
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            self.train_ds,
+            batch_size=config.batch_size,
+            shuffle=len(self.train_ds) > 0,  # RandomSampler refuses an empty dataset
+            num_workers=config.num_workers,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(config.seed),
+            persistent_workers=config.num_workers > 0,
+        )
+        self.val_loader = DataLoader(self.val_ds, batch_size=self.val_batch_size, num_workers=config.num_workers,
+                                     pin_memory=pin)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._opt_params: list = []
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.total_steps = 0
+        self.last_step_losses: list[float] = []
+
+    # ------------------------------------------------------------------ what a task says
+    def transforms(self, train: bool):
+        raise NotImplementedError
+
+    def load_cases(self, cases, transform, *, progress: bool):
+        """``(dataset, skipped)``: bad cases skipped and named, never fatal."""
+        raise NotImplementedError
+
+    def loss_terms(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """The task's own loss of one batch, as named terms (summed into the step's loss)."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, **kwargs) -> dict:
+        raise NotImplementedError
+
+    def _new_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def data_summary(self) -> dict:
+        return {"n_train": len(self.train_ds), "n_val": len(self.val_ds), "n_skipped": len(self.skipped)}
+
+    def personal_parameter_names(self, model: nn.Module) -> list[str]:
+        """state_dict keys that stay at the site (none unless the task has a personal part)."""
+        return []
+
+    def summary_line(self, record: dict) -> str:
+        return f"loss {record[TRAIN_LOSS]:.4f}"
+
+    # ------------------------------------------------------------------ shared
+    def build_model(self) -> nn.Module:
+        """The network the config describes (same spec as the server's initial model)."""
+        return self.config.build_model()
+
+    def _apply_threads(self) -> None:
+        """Re-applied on every call: the setting is process-wide and others may change it."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+
+    def _optimizer_for(self, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        same = len(params) == len(self._opt_params) and all(a is b for a, b in zip(params, self._opt_params))
+        if self.optimizer is None or not same:
+            old = self.optimizer
+            self.optimizer = self._new_optimizer(params)
+            if old is not None:
+                try:  # a new model object of the same architecture: keep the moments
+                    self.optimizer.load_state_dict(old.state_dict())
+                except (ValueError, RuntimeError, KeyError):
+                    logger.info("Model changed shape; starting a fresh optimizer")
+            self._opt_params = params
+        return self.optimizer
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
+
+    # ------------------------------------------------------------------ the loop
+    def train(
+        self,
+        model: nn.Module,
+        *,
+        epochs: int | None = None,
+        steps: int | None = None,
+        global_params: Mapping | None = None,
+        hooks: Sequence[TrainingHook] = (),
+        progress: bool = False,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> dict:
+        """Train in place for ``steps`` optimizer steps, or ``epochs`` passes (default
+        ``config.epochs_per_round``, capped by ``config.max_steps``).
+
+        With ``global_params`` (the global model of this round) and the config's algorithm
+        FedProx, the proximal term is added (personal parameters excluded). ``hooks`` add
+        loss terms and after-step work. Returns ``train_loss`` (mean total loss per step),
+        the mean of every named term (e.g. ``ce_loss``, ``prox_loss``), ``steps`` (optimizer
+        steps actually taken: what FedAvg weights by), ``epochs`` and ``train_seconds``.
+        ``on_step(step, loss)`` gets the trainer's running step count (a TensorBoard step).
+        The model is moved to the trainer's device and left there.
+        """
+        if epochs is not None and steps is not None:
+            raise ValueError("give epochs or steps, not both")
+        hooks = list(hooks)
+        if global_params is not None and self.config.uses_fedprox:
+            hooks.append(FedProx(global_params, self.config.fedprox_mu, self.device,
+                                 exclude=self.personal_parameter_names(model)))
+        batches_per_epoch = len(self.train_loader)
+        if steps is None:
+            n_epochs = self.config.epochs_per_round if epochs is None else epochs
+            steps = n_epochs * batches_per_epoch
+            if self.config.max_steps is not None:
+                steps = min(steps, self.config.max_steps)
+        self.last_step_losses = []
+        if batches_per_epoch == 0 or steps <= 0:
+            if batches_per_epoch == 0:
+                logger.warning("No training cases left (%d skipped); not training", len(self.skipped))
+            return {TRAIN_LOSS: math.nan, "steps": 0, "epochs": 0.0, "train_seconds": 0.0}
+
+        self._apply_threads()
+        model.to(self.device)
+        model.train()
+        optimizer = self._optimizer_for(model)
+        losses, terms, taken, seen = [], {}, 0, 0
+        start = time.perf_counter()
+        with maybe_progress(progress, "Training", steps) as advance:
+            while seen < steps:
+                for batch in self.train_loader:
+                    if seen >= steps:
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    with self._autocast():
+                        parts = self.loss_terms(model, batch)
+                    for hook in hooks:
+                        if hook.term is not None:
+                            parts[hook.term] = hook.loss_term(model)
+                    loss = sum(parts.values())
+                    scale = self.scaler.get_scale() if self.use_amp else None
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                    # With AMP an overflowing step is skipped (and the scale lowered).
+                    if not self.use_amp or self.scaler.get_scale() >= scale:
+                        taken += 1
+                    seen += 1
+                    value = float(loss.detach())
+                    losses.append(value)
+                    for name, part in parts.items():
+                        terms.setdefault(name, []).append(float(part.detach()))
+                    for hook in hooks:
+                        hook.after_step(model, self.total_steps + seen, value)
+                    if on_step is not None:
+                        on_step(self.total_steps + seen, value)
+                    advance(value)
+        seconds = time.perf_counter() - start
+        self.total_steps += taken
+        self.last_step_losses = losses
+        return {
+            TRAIN_LOSS: float(np.mean(losses)),
+            **{name: float(np.mean(values)) for name, values in terms.items()},
+            "steps": taken,
+            "epochs": seen / batches_per_epoch,
+            "train_seconds": seconds,
+        }
+
+
+def train_central(
+    trainer: Trainer,
+    *,
+    epochs: int,
+    model: nn.Module | None = None,
+    log_dir: str | None = None,
+    progress: bool = True,
+    validate_kwargs: Sequence[tuple[str, dict]] = (),
+) -> list[dict]:
+    """Centralized training of pooled cases with the same trainer, one validation per epoch.
+
+    Returns one dict per epoch: ``epoch``, the ``train()`` and ``validate()`` metrics and
+    ``data_summary()``'s counts. ``validate_kwargs`` adds extra validations as
+    ``(suffix, kwargs)``, their metrics named ``<name>_<suffix>`` (e.g. a missing modality).
+    With ``log_dir`` the scalars go to TensorBoard with the epoch as step. Pass ``model``
+    to keep (and save) the trained network; otherwise one is built from the config.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    summary = {k: v for k, v in trainer.data_summary().items() if isinstance(v, (int, float))}
+    model = model if model is not None else trainer.build_model()
+    writer = None
+    if log_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(log_dir))
+    console = None
+    if progress:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    history = []
+    try:
+        for epoch in range(1, epochs + 1):
+            record = {"epoch": epoch, **trainer.train(model, epochs=1, progress=progress)}
+            record.update(trainer.validate(model))
+            for suffix, kwargs in validate_kwargs:
+                record.update({f"{k}_{suffix}": v for k, v in trainer.validate(model, **kwargs).items()
+                               if not k.startswith("n_")})
+            record.update(summary)
+            history.append(record)
+            if writer is not None:
+                for name, value in record.items():
+                    if name != "epoch" and isinstance(value, (int, float)):
+                        writer.add_scalar(name, value, epoch)
+                writer.flush()
+            line = f"epoch {epoch}/{epochs}  {record['steps']} steps {record['train_seconds']:.0f}s  " + \
+                trainer.summary_line(record)
+            if console is not None:
+                console.print(line)
+            else:
+                logger.info(line)
+    finally:
+        if writer is not None:
+            writer.close()
+    return history
+
+
+class maybe_progress:
+    """A rich progress bar when asked, else a no-op; yields ``advance(loss_or_None)``."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.enabled, self.label, self.total = enabled, label, total
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda _value: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total, info="")
+
+        def advance(value):
+            info = f"loss {value:.4f}" if value is not None else ""
+            self.bar.update(task, advance=1, info=info)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False

@@ -1,1 +1,0 @@
-"""fedbrain.training."""

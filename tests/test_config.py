@@ -1,0 +1,93 @@
+"""Task configs: the one home of every setting. They must survive every way they travel."""
+
+import argparse
+from dataclasses import fields
+
+import pytest
+
+from fedbrain.tasks.classification import ClassificationConfig
+from fedbrain.tasks.config import add_config_arguments, config_from_arguments
+from fedbrain.tasks.segmentation import SegmentationConfig
+
+# A value unlike the default for every field. A new field without an entry here fails
+# test_every_field_has_a_changed_value: add one, and the job round trip then covers it.
+CHANGED = {
+    "name": "renamed-job", "algorithm": {"SegmentationConfig": "fedprox", "ClassificationConfig": "scaffold"},
+    "rounds": 3, "min_clients": 2, "epochs_per_round": 2, "max_steps": 7, "batch_size": 3, "lr": 0.0042,
+    "weight_decay": 0.0003, "fedprox_mu": 0.2, "seed": 11, "num_threads": 1, "num_workers": 1, "device": "cpu",
+    "amp": False,
+    # segmentation
+    "arch": "segresnet", "init_filters": 16, "dropout": 0.1, "spacing": (2.0, 2.5, 3.5), "roi_size": (32, 48, 64),
+    "loss": "dicece", "val_sw_batch_size": 2, "val_overlap": 0.5,
+    # classification
+    "fusion": "attention", "streams": ("mri",), "embed_dim": 32, "channels": (8, 16, 32), "head_hidden": 16,
+    "pool": "avg", "modality_dropout": 0.1, "spatial_size": (24, 32, 24), "augment": False, "class_weights": True,
+}
+CONFIGS = [SegmentationConfig, ClassificationConfig]
+
+
+def changed(config_cls):
+    out = {}
+    for f in fields(config_cls):
+        value = CHANGED[f.name]
+        out[f.name] = value[config_cls.__name__] if isinstance(value, dict) else value
+    return config_cls(**out)
+
+
+@pytest.mark.parametrize("config_cls", CONFIGS)
+def test_every_field_has_a_changed_value(config_cls):
+    missing = [f.name for f in fields(config_cls) if f.name not in CHANGED]
+    assert not missing, f"add a non-default value for {missing} to CHANGED"
+    default, other = config_cls(), changed(config_cls)
+    same = [f.name for f in fields(config_cls) if getattr(default, f.name) == getattr(other, f.name)]
+    assert not same, f"CHANGED keeps the default of {same}"
+
+
+@pytest.mark.parametrize("config_cls", CONFIGS)
+def test_json_and_argument_round_trip(config_cls):
+    config = changed(config_cls).replace(device="cuda:0  (spaces survive)")
+    assert config_cls.from_json(config.to_json()) == config
+    arg = config.to_argument()
+    assert not any(ch.isspace() for ch in arg), "FLARE splits site-script arguments on whitespace"
+    assert config_cls.from_json(arg) == config
+
+
+@pytest.mark.parametrize("config_cls", CONFIGS)
+def test_unknown_or_invalid_settings_are_refused(config_cls):
+    with pytest.raises(ValueError, match="unknown"):
+        config_cls.from_dict({**config_cls().to_dict(), "lerning_rate": 1})
+    with pytest.raises(ValueError, match="algorithm"):
+        config_cls(algorithm="fedsgd")
+    with pytest.raises(ValueError, match="rounds"):
+        config_cls(rounds=0)
+
+
+@pytest.mark.parametrize("config_cls", CONFIGS)
+def test_command_line_flags_come_from_the_config(config_cls):
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, config_cls)
+    assert config_from_arguments(config_cls, p.parse_args([])) == config_cls()  # no default declared twice
+    target = changed(config_cls)
+    argv = []
+    for f in fields(config_cls):
+        value = getattr(target, f.name)
+        if isinstance(value, bool):
+            argv.append(f"--{f.name}" if value else f"--no-{f.name}")
+        elif isinstance(value, tuple):
+            argv += [f"--{f.name}", *map(str, value)]
+        else:
+            argv += [f"--{f.name}", str(value)]
+    assert config_from_arguments(config_cls, p.parse_args(argv)) == target
+
+
+def test_server_and_site_build_the_same_network():
+    """The spec the server persistor instantiates is the config's own; same seed, same weights."""
+    import torch
+
+    from fedbrain.models import instantiate
+
+    for config in (SegmentationConfig(seed=3), ClassificationConfig(seed=3)):
+        a, b = instantiate(config.model_spec()).state_dict(), config.build_model().state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        c = config.replace(seed=4).build_model().state_dict()
+        assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
