@@ -3,7 +3,8 @@ docs/benchmarks.md (with plots in docs/img/). These machines are shared and nois
 target is a ratio of two things measured in the same run, never an absolute time in a test.
 
     python bench/run.py                      # everything
-    python bench/run.py --only clean_demo    # row groups: clean_demo | demo | central | overhead | classify
+    python bench/run.py --only clean_demo    # row groups: clean_demo | demo | repro | central | overhead | classify
+    python bench/run.py --only repro         # the demo twice, same commit and seed: do sites agree? (~7 min)
     python bench/run.py --only classify --classify-parts central   # classifier: federated | central
     python bench/run.py --only classify_seeds   # personal vs FedAvg on seeds 1 and 2 (~15 min)
     python bench/run.py --only doc           # re-render docs/benchmarks.md and the plots from results.json
@@ -64,6 +65,25 @@ def bench_demo(settings) -> dict:
         "per_site_wt": {s: e["final"].get("val_dice_wt") for s, e in report["sites"].items()},
         "per_site_curve": {s: [r["val_dice_wt"] for r in e["rounds"]] for s, e in report["sites"].items()},
     }
+
+
+def bench_repro(settings, runs: int = 2) -> dict:
+    """The demo twice on the same commit, settings and seed: do per-site results agree?
+
+    Before init_seed was part of the segmentation model spec, the server built an unseeded
+    initial model and two runs ended 0.05-0.15 WT Dice apart at the same hospital.
+    """
+    from fedbrain.demo import run_demo
+
+    finals = []
+    for i in range(runs):
+        console.rule(f"demo run {i + 1}/{runs}")
+        report = run_demo(WORK, settings, console=console)
+        finals.append({s: {k: e["final"].get(k) for k in ("val_dice", "val_dice_wt", "val_dice_tc", "val_dice_et")}
+                       for s, e in report["sites"].items()})
+    diffs = [abs(run[s][k] - finals[0][s][k]) for run in finals[1:] for s in finals[0] for k in finals[0][s]
+             if run[s][k] is not None and finals[0][s][k] is not None]
+    return {"runs": finals, "max_abs_diff": max(diffs) if diffs else None}
 
 
 def bench_clean_demo() -> dict:
@@ -225,6 +245,12 @@ def write_doc(results: dict, plots: list[str]) -> None:
     if clean:
         rows.append(("`make demo` from a fresh clone, install included (s)", _f(clean["seconds"], "{:.0f}"), "<= 600",
                      f"commit {clean['commit']}, exit {clean['exit_code']}, WT Dice {_f(clean['mean_wt_dice'])} / min {_f(clean['min_wt_dice'])}"))
+    repro = results.get("repro")
+    if repro:
+        rows.append(("Two demo runs, same commit and seed: largest per-site difference in final Dice (WT/TC/ET/mean)",
+                     _f(repro["max_abs_diff"], "{:.4f}"), "<= 0.01",
+                     "WT per site: " + "; ".join(f"{s} " + " / ".join(_f(r[s]["val_dice_wt"]) for r in repro["runs"])
+                                                 for s in sorted(repro["runs"][0]))))
     if demo:
         rows.append(("`fedbrain demo` time, install excluded (s)", _f(demo["demo_seconds"], "{:.0f}"), "", ""))
         rows.append(("Peak memory of the whole POC during the demo (GB)", _f(demo["peak_memory_gb"], "{:.2f}"), "<= 6", ""))
@@ -264,11 +290,22 @@ def write_doc(results: dict, plots: list[str]) -> None:
     DOC.write_text("\n".join(lines) + "\n")
 
 
+def portable(obj):
+    """Paths inside the checkout written relative to it: results and docs name no machine folder."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str) and str(ROOT) in obj:
+        return obj.replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
+    return obj
+
+
 def main(argv=None):
     from fedbrain.demo import DemoSettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="clean_demo,demo,central,overhead,classify,classify_seeds")
+    p.add_argument("--only", default="clean_demo,demo,repro,central,overhead,classify,classify_seeds")
     p.add_argument("--overhead-rounds", type=int, default=4)
     p.add_argument("--classify-parts", default="federated,central")
     p.add_argument("--classify-atypical", type=float, default=0.2,
@@ -276,12 +313,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     only = set(a.only.split(","))
     settings = DemoSettings()
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    if only & {"clean_demo", "demo", "central", "overhead", "classify", "classify_seeds"}:  # "--only doc" re-renders
+    results = portable(json.loads(RESULTS.read_text())) if RESULTS.exists() else {}
+    if only & {"clean_demo", "demo", "repro", "central", "overhead", "classify", "classify_seeds"}:  # "--only doc" re-renders
         results.update({
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip(),
-            "settings": vars(settings),
+            "settings": settings.to_dict(),
         })
     WORK.mkdir(parents=True, exist_ok=True)
     if "clean_demo" in only:
@@ -290,7 +327,10 @@ def main(argv=None):
     if "demo" in only:
         console.rule("demo (federated)")
         results["demo"] = bench_demo(settings)
-    data_dir = Path(results["demo"]["run_dir"]) / "data" if results.get("demo") else None
+    if "repro" in only:
+        console.rule("demo reproducibility")
+        results["repro"] = bench_repro(settings)
+    data_dir = ROOT / results["demo"]["run_dir"] / "data" if results.get("demo") else None
     if "central" in only:
         console.rule("centralized baseline")
         if data_dir is None or not data_dir.exists():
@@ -301,7 +341,7 @@ def main(argv=None):
         if data_dir is None or not data_dir.exists():
             sys.exit("the overhead row needs the demo's data: run with --only demo,overhead")
         results["overhead"] = bench_overhead(data_dir, a.overhead_rounds, settings)
-    if only & {"clean_demo", "demo", "central", "overhead"}:
+    if only & {"clean_demo", "demo", "repro", "central", "overhead"}:
         results["segmentation_measured_at"] = results["measured_at"]
     if "classify" in only:
         console.rule("dual-stream classifier")
@@ -317,6 +357,7 @@ def main(argv=None):
     for key in CLASSIFY_SECTIONS:
         if results.get(key):
             plots += classify_bench.plot(results[key], IMG, key)
+    results = portable(results)
     RESULTS.write_text(json.dumps(results, indent=2, default=str))
     write_doc(results, plots)
     console.print(f"wrote {RESULTS} and {DOC}")

@@ -112,3 +112,10 @@ def test_shared_head_baseline_sends_everything(tmp_path):
     assert not any(f["path"].endswith("ExcludeVars") for g in client["task_result_filters"] for f in g["filters"])
     config, _ = parse_site_args(ClassificationConfig, _site_argv(client))
     assert config.algorithm == "fedavg" and not config.personal
+
+
+def test_more_required_sites_than_apps_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="min_clients 3 is more than the 2 sites"):
+        classification.export(ClassificationConfig(), tmp_path, sites=["site-1", "site-2"])
+    folder = classification.export(ClassificationConfig(min_clients=2), tmp_path, sites=["site-1", "site-2"])
+    assert sorted(p.name for p in folder.glob("app_*")) == ["app_server", "app_site-1", "app_site-2"]

@@ -93,7 +93,10 @@ def cmd_job_export(a) -> int:
     config_cls, _ = _task(a.task)
     job = importlib.import_module(f"fedbrain.jobs.{TASKS[a.task]}")
     extra = {"sites": a.sites} if getattr(a, "sites", None) else {}
-    console.print(str(job.export(config_from_arguments(config_cls, a), a.out, **extra)))
+    try:
+        console.print(str(job.export(config_from_arguments(config_cls, a), a.out, **extra)))
+    except ValueError as e:
+        raise SystemExit(f"cannot export the job: {e}") from None
     return 0
 
 

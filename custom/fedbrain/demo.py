@@ -42,6 +42,9 @@ class DemoSettings:
     keep_workspace: bool = False
     task: object = field(default_factory=_segmentation_config)
 
+    def to_dict(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "task"}, "task": self.task.to_dict()}
+
 
 @dataclass
 class ClassifyDemoSettings:
@@ -53,6 +56,8 @@ class ClassifyDemoSettings:
     atypical: float = 0.2  # gliomas that look like the other grade on MRI: grading is not trivially perfect
     keep_workspace: bool = False
     task: object = field(default_factory=_classification_config)
+
+    to_dict = DemoSettings.to_dict
 
 
 def new_run_dir(runs: Path, prefix: str = "demo") -> Path:
@@ -141,8 +146,7 @@ def run_demo(runs: Path = Path("runs"), settings: DemoSettings | ClassifyDemoSet
     timings["total_s"] = time.time() - t0
     extra = {
         "run folder": str(run_dir),
-        "settings": json.dumps({**{k: v for k, v in asdict(settings).items() if k != "task"},
-                                "task": settings.task.to_dict()}),
+        "settings": json.dumps(settings.to_dict()),
         "peak memory of the POC (GB)": f"{peak['rss'] / 1e9:.2f}",
         **{k: f"{v:.1f}" for k, v in timings.items()},
     }

@@ -23,6 +23,9 @@ INSTALLED_PACKAGES = ["fedbrain"]
 def build_task_recipe(config: TaskConfig, *, site_script: str, key_metric: str,
                       personal_names: list[str] = (), sites=None):
     """See :func:`_build`; runs in the sites/ folder so the script is named relative to it."""
+    if sites and config.min_clients > len(sites):
+        raise ValueError(f"min_clients {config.min_clients} is more than the {len(sites)} sites given "
+                         f"({', '.join(sites)}): set min_clients to at most {len(sites)}")
     with contextlib.chdir(SITES_DIR):
         return _build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names,
                       sites=sites)
@@ -93,6 +96,9 @@ def job_main(config_cls, export, doc: str, argv=None, default_export_dir: str | 
     add_config_arguments(p, config_cls)
     a = p.parse_args(argv)
     extra = {"sites": a.sites} if per_site else {}
-    folder = export(config_from_arguments(config_cls, a), a.export_dir, **extra)
+    try:
+        folder = export(config_from_arguments(config_cls, a), a.export_dir, **extra)
+    except ValueError as e:
+        raise SystemExit(f"cannot export the job: {e}") from None
     print(folder)
     return folder
