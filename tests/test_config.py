@@ -12,10 +12,10 @@ from fedbrain.tasks.segmentation import SegmentationConfig
 # A value unlike the default for every field. A new field without an entry here fails
 # test_every_field_has_a_changed_value: add one, and the job round trip then covers it.
 CHANGED = {
-    "name": "renamed-job", "algorithm": {"SegmentationConfig": "fedprox", "ClassificationConfig": "scaffold"},
+    "name": "renamed-job", "algorithm": {"SegmentationConfig": "fedprox", "ClassificationConfig": "fedavg"},
     "rounds": 3, "min_clients": 2, "epochs_per_round": 2, "max_steps": 7, "batch_size": 3, "lr": 0.0042,
     "weight_decay": 0.0003, "fedprox_mu": 0.2, "seed": 11, "num_threads": 1, "num_workers": 1, "device": "cpu",
-    "amp": False,
+    "amp": False, "he": True,
     # segmentation
     "arch": "segresnet", "init_filters": 16, "dropout": 0.1, "spacing": (2.0, 2.5, 3.5), "roi_size": (32, 48, 64),
     "loss": "dicece", "val_sw_batch_size": 2, "val_overlap": 0.5,

@@ -162,7 +162,7 @@ def cmd_demo(a) -> int:
     if a.algorithm not in (None, *config_cls.ALGORITHMS):
         raise SystemExit(f"--algorithm {a.algorithm}: the {TASKS[a.task]} job supports {', '.join(config_cls.ALGORITHMS)}")
     changes = {k: v for k, v in (("rounds", a.rounds), ("epochs_per_round", a.local_epochs), ("seed", a.seed),
-                                 ("algorithm", a.algorithm)) if v is not None}
+                                 ("algorithm", a.algorithm), ("he", a.he or None)) if v is not None}
     try:
         config = config_cls(**changes)
     except ValueError as e:
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--atypical", type=float, default=0.2,
                    help="classify only: fraction of gliomas that look like the other grade on MRI")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--he", action="store_true",
+                   help="encrypted aggregation: sites send CKKS ciphertext, the server sums what it cannot read")
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")
     d.set_defaults(func=cmd_demo)
 

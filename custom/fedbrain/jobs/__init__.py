@@ -32,6 +32,21 @@ def build_task_recipe(config: TaskConfig, *, site_script: str, key_metric: str,
 
 
 def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites):
+    if config.he:
+        from fedbrain.jobs.encrypted import EncryptedFedAvgRecipe
+
+        from nvflare.recipe.utils import add_experiment_tracking
+
+        recipe = EncryptedFedAvgRecipe(config, site_script=site_script, key_metric=key_metric,
+                                       personal_names=personal_names, sites=sites)
+        add_experiment_tracking(recipe, "tensorboard")
+        recipe._job.set_app_packages(INSTALLED_PACKAGES)
+        return recipe
+    return _build_plain(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names,
+                        sites=sites)
+
+
+def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites):
     """FedAvg (or SCAFFOLD) over sites running ``site_script`` with ``config``.
 
     With ``sites`` each site gets its own app (per-site filters); ``personal_names`` are

@@ -46,6 +46,7 @@ class TaskConfig:
     num_workers: int = 0  # data loading workers; 0 is best when sites share a few cores
     device: str = "auto"  # "auto" -> cuda when available, else cpu; a site may override
     amp: bool = True  # mixed precision, only ever used on cuda
+    he: bool = False  # CKKS-encrypted updates: the server sums what it cannot read (needs an HE-provisioned kit)
 
     def __post_init__(self) -> None:
         for key in self.TUPLE_FIELDS:
@@ -56,6 +57,9 @@ class TaskConfig:
             raise ValueError("fedprox_mu must be >= 0")
         if self.rounds < 1 or self.epochs_per_round < 1:
             raise ValueError(f"rounds and epochs_per_round must be >= 1, got {self.rounds}, {self.epochs_per_round}")
+        if self.he and self.algorithm == "scaffold":
+            raise ValueError("he: SCAFFOLD's control variates travel unencrypted in the update's meta; "
+                             "use fedavg, fedprox or personal with he")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
 

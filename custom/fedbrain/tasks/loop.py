@@ -94,7 +94,7 @@ class Trainer:
     optimizer with the old state transferred.
     """
 
-    #: Keys a train() result always has, besides the per-term means.
+    #: Validation batch size (whole volumes for segmentation: 1).
     val_batch_size: int = 1
 
     def __init__(self, train_cases: Sequence[dict], val_cases: Sequence[dict], config, *, progress: bool = False):

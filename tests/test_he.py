@@ -1,0 +1,127 @@
+"""Encrypted aggregation (CKKS through FLARE's HE components), checked on what really happened:
+the filter order in the exported job, what the server received, what its kit and disk hold."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedbrain.jobs import classification, segmentation
+from fedbrain.models.classifier import head_parameter_names
+from fedbrain.tasks.classification import ClassificationConfig
+from fedbrain.tasks.segmentation import SegmentationConfig
+
+SITES = ["hospital-a", "hospital-b", "hospital-c"]
+
+
+def _filters(client: dict, kind: str, task: str) -> list[str]:
+    return [f["path"].rsplit(".", 1)[-1] for g in client[kind] if task in g["tasks"] for f in g["filters"]]
+
+
+def test_privacy_filters_act_on_plaintext_before_the_encryptor(tmp_path):
+    folder = classification.export(ClassificationConfig(he=True), tmp_path / "cls")
+    head = head_parameter_names(ClassificationConfig().build_model())
+    for site in SITES:
+        client = json.loads((folder / f"app_{site}" / "config" / "config_fed_client.json").read_text())
+        assert _filters(client, "task_result_filters", "train") == ["ExcludeVars", "HEModelEncryptor"], site
+        exclude = next(f for g in client["task_result_filters"] for f in g["filters"] if f["path"].endswith("ExcludeVars"))
+        assert exclude["args"]["exclude_vars"] == head
+        assert _filters(client, "task_data_filters", "train") == ["SharedPartDecryptor"]
+    server = json.loads((folder / "app_server" / "config" / "config_fed_server.json").read_text())
+    components = {c["id"]: c for c in server["components"]}
+    # DIFF transfer needs WEIGHT_DIFF (FLARE's default for this aggregator, so left out of the args).
+    assert components["aggregator"]["args"].get("expected_data_kind", "WEIGHT_DIFF") == "WEIGHT_DIFF"
+    assert components["persistor"]["args"]["filter_id"] == "model_serialize_filter"  # persisted encrypted
+    assert components["model_serialize_filter"]["path"].endswith("HEModelSerializeFilter")
+
+    seg = segmentation.export(SegmentationConfig(he=True), tmp_path / "seg")
+    client = json.loads((seg / "app" / "config" / "config_fed_client.json").read_text())
+    assert _filters(client, "task_result_filters", "train") == ["HEModelEncryptor"]
+
+
+def test_scaffold_is_refused_under_he():
+    with pytest.raises(ValueError, match="SCAFFOLD"):
+        ClassificationConfig(algorithm="scaffold", he=True)
+
+
+# ------------------------------------------------------------------ POC, real kits and keys
+@pytest.fixture(scope="module")
+def he_jobs(tmp_path_factory):
+    from fedbrain.demo import ClassifyDemoSettings, DemoSettings, export_job, prepare_classification_data
+    from fedbrain.poc.consortium import PocConsortium
+    from fedbrain.poc.runner import submit_and_wait
+    from fedbrain.synthetic.cohort import synthesize_consortium
+
+    run_dir = tmp_path_factory.mktemp("poc_he")
+    poc = PocConsortium(run_dir)
+    cls_settings = ClassifyDemoSettings(cases=6, seed=3, task=ClassificationConfig(rounds=2, epochs_per_round=1,
+                                                                                 seed=3, he=True))
+    data = prepare_classification_data(run_dir / "data", poc.sites, cls_settings)
+    synthesize_consortium(run_dir / "seg_data", sites=3, cases=4, seed=0, site_names=poc.sites, progress=False)
+    out = {"poc": poc}
+    try:
+        poc.up(data_dir=data)
+        job = export_job(run_dir / "jobs", cls_settings, poc.sites)
+        out["cls_meta"], out["cls_result"] = submit_and_wait(poc, job, rounds=2, result_dir=run_dir / "r_cls")
+        out["heads"] = {s: (poc.kit(s) / "personal" / "fedbrain_classification" / "head.pt").is_file() for s in SITES}
+        from fedbrain.fl.site import write_site_config
+
+        for site in SITES:
+            write_site_config(poc.kit(site), run_dir / "seg_data" / site / "datalist.json", num_threads=1)
+        seg = DemoSettings(task=SegmentationConfig(rounds=1, epochs_per_round=1, max_steps=2, he=True))
+        job = export_job(run_dir / "jobs", seg, poc.sites)
+        out["seg_meta"], out["seg_result"] = submit_and_wait(poc, job, rounds=1, result_dir=run_dir / "r_seg")
+        out["server_files"] = sorted(p.name for p in poc.kit("localhost").rglob("*.tenseal"))
+        out["server_context"] = (poc.kit("localhost") / "startup" / "server_context.tenseal").read_bytes()
+        out["client_context"] = (poc.kit("hospital-a") / "startup" / "client_context.tenseal").read_bytes()
+    finally:
+        poc.clean()
+    yield out
+
+
+def _received(result: Path) -> list[dict]:
+    return [json.loads(line) for line in (result / "workspace" / "received_updates.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.poc
+def test_encrypted_jobs_complete(he_jobs):
+    assert he_jobs["cls_meta"]["status"] == "FINISHED:COMPLETED"
+    assert he_jobs["seg_meta"]["status"] == "FINISHED:COMPLETED"
+
+
+@pytest.mark.poc
+def test_server_received_only_ciphertext_and_no_head(he_jobs):
+    head = set(head_parameter_names(ClassificationConfig().build_model()))
+    for key, rounds in (("cls_result", 2), ("seg_result", 1)):
+        entries = _received(he_jobs[key])
+        assert len(entries) == 3 * rounds, key
+        for e in entries:
+            assert e["data_kind"] == "WEIGHT_DIFF"
+            assert e["params"] and {p["dtype"] for p in e["params"].values()} == {"CKKSVector"}, e["site"]
+            if key == "cls_result":
+                assert not head & set(e["params"]), f"{e['site']} sent its head"
+    assert all(he_jobs["heads"].values()), "each hospital keeps its head on its own disk"
+
+
+@pytest.mark.poc
+def test_server_holds_no_secret_key_and_cannot_read_its_global_model(he_jobs):
+    import tenseal as ts
+
+    assert he_jobs["server_files"] == ["server_context.tenseal"]
+    server_ctx = ts.context_from(he_jobs["server_context"])
+    assert not server_ctx.has_secret_key()
+    client_ctx = ts.context_from(he_jobs["client_context"])
+    assert client_ctx.has_secret_key()
+    saved = torch.load(next((he_jobs["cls_result"] / "workspace" / "app_server").glob("FL_global_model.pt")),
+                       weights_only=False)["model"]
+    encrypted = {k: v for k, v in saved.items() if isinstance(v, bytes)}
+    head = set(head_parameter_names(ClassificationConfig().build_model()))
+    assert encrypted and not head & set(encrypted)  # the shared part is ciphertext; the head never came
+    name, blob = next(iter(encrypted.items()))
+    with pytest.raises(ValueError, match="secret"):
+        ts.ckks_vector_from(server_ctx, blob).decrypt()
+    values = np.asarray(ts.ckks_vector_from(client_ctx, blob).decrypt())  # a hospital can
+    expected = ClassificationConfig().build_model().state_dict()[name].numel()
+    assert values.size == expected and np.isfinite(values).all()
