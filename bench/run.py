@@ -4,6 +4,7 @@ target is a ratio of two things measured in the same run, never an absolute time
 
     python bench/run.py                      # everything
     python bench/run.py --only clean_demo    # row groups: clean_demo | demo | repro | central | overhead | classify
+    python bench/run.py --only he            # the demo plaintext then --he: time, bytes, Dice (~8 min)
     python bench/run.py --only repro         # the demo twice, same commit and seed: do sites agree? (~7 min)
     python bench/run.py --only classify --classify-parts central   # classifier: federated | central
     python bench/run.py --only classify_seeds   # personal vs FedAvg on seeds 1 and 2 (~15 min)
@@ -84,6 +85,42 @@ def bench_repro(settings, runs: int = 2) -> dict:
     diffs = [abs(run[s][k] - finals[0][s][k]) for run in finals[1:] for s in finals[0] for k in finals[0][s]
              if run[s][k] is not None and finals[0][s][k] is not None]
     return {"runs": finals, "max_abs_diff": max(diffs) if diffs else None}
+
+
+def bench_he(settings) -> dict:
+    """The demo plaintext, then encrypted (--he): same commit, data, seeds and settings, one run."""
+    import math
+
+    from fedbrain.demo import run_demo
+
+    arms = {}
+    for arm, he in (("plain", False), ("he", True)):
+        console.rule(f"demo, {arm}")
+        t = time.time()
+        report = run_demo(WORK, replace(settings, task=settings.task.replace(he=he)), console=console)
+        seconds = time.time() - t
+        result = next((Path(report["run"]["run folder"]) / "result").glob("*/workspace/received_updates.jsonl"))
+        audit = [json.loads(line) for line in result.read_text().splitlines()]
+        values = sum(math.prod(p["shape"]) for p in audit[0]["params"].values())
+        arms[arm] = {
+            "demo_seconds": seconds,
+            "round_seconds": statistics.median(r["seconds"] for r in report["round_seconds"] if r["round"] > 0),
+            "bytes_per_update": statistics.median(e["bytes"] for e in audit),
+            "values_per_update": values,
+            "per_site_final": {s: {k: e["final"].get(k) for k in ("val_dice", "val_dice_wt")}
+                               for s, e in report["sites"].items()},
+            "mean_wt_dice": report["summary"]["mean_final_wt_dice"],
+        }
+    plain, he = arms["plain"], arms["he"]
+    return {
+        **arms,
+        "round_ratio": he["round_seconds"] / plain["round_seconds"],
+        "demo_ratio": he["demo_seconds"] / plain["demo_seconds"],
+        "bytes_ratio_vs_fp32": he["bytes_per_update"] / (4 * he["values_per_update"]),
+        "dice_ratio": he["mean_wt_dice"] / plain["mean_wt_dice"],
+        "max_site_dice_diff": max(abs(he["per_site_final"][s][k] - plain["per_site_final"][s][k])
+                                  for s in plain["per_site_final"] for k in ("val_dice", "val_dice_wt")),
+    }
 
 
 def bench_clean_demo() -> dict:
@@ -251,6 +288,18 @@ def write_doc(results: dict, plots: list[str]) -> None:
                      _f(repro["max_abs_diff"], "{:.4f}"), "<= 0.01",
                      "WT per site: " + "; ".join(f"{s} " + " / ".join(_f(r[s]["val_dice_wt"]) for r in repro["runs"])
                                                  for s in sorted(repro["runs"][0]))))
+    he = results.get("he")
+    if he:
+        rows += [
+            ("HE round / plaintext round wall time, same job (medians)", _f(he["round_ratio"], "{:.2f}"), "<= 1.3",
+             f"{_f(he['he']['round_seconds'], '{:.1f}')} s vs {_f(he['plain']['round_seconds'], '{:.1f}')} s"),
+            ("Bytes per update, HE / fp32", _f(he["bytes_ratio_vs_fp32"], "{:.1f}"), "<= 14",
+             f"{he['he']['bytes_per_update'] / 1e6:.1f} MB for {he['he']['values_per_update']:,} values"),
+            ("Final mean WT Dice, HE / plaintext", _f(he["dice_ratio"]), ">= 0.99",
+             f"largest per-site difference (WT or mean Dice): {_f(he['max_site_dice_diff'], '{:.4f}')}"),
+            ("`fedbrain demo --he` time / plaintext demo time", _f(he["demo_ratio"], "{:.2f}"), "<= 1.3",
+             f"{_f(he['he']['demo_seconds'], '{:.0f}')} s vs {_f(he['plain']['demo_seconds'], '{:.0f}')} s"),
+        ]
     if demo:
         rows.append(("`fedbrain demo` time, install excluded (s)", _f(demo["demo_seconds"], "{:.0f}"), "", ""))
         rows.append(("Peak memory of the whole POC during the demo (GB)", _f(demo["peak_memory_gb"], "{:.2f}"), "<= 6", ""))
@@ -305,7 +354,7 @@ def main(argv=None):
     from fedbrain.demo import DemoSettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="clean_demo,demo,repro,central,overhead,classify,classify_seeds")
+    p.add_argument("--only", default="clean_demo,demo,repro,he,central,overhead,classify,classify_seeds")
     p.add_argument("--overhead-rounds", type=int, default=4)
     p.add_argument("--classify-parts", default="federated,central")
     p.add_argument("--classify-atypical", type=float, default=0.2,
@@ -314,7 +363,7 @@ def main(argv=None):
     only = set(a.only.split(","))
     settings = DemoSettings()
     results = portable(json.loads(RESULTS.read_text())) if RESULTS.exists() else {}
-    if only & {"clean_demo", "demo", "repro", "central", "overhead", "classify", "classify_seeds"}:  # "--only doc" re-renders
+    if only & {"clean_demo", "demo", "repro", "he", "central", "overhead", "classify", "classify_seeds"}:  # "--only doc" re-renders
         results.update({
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip(),
@@ -327,6 +376,9 @@ def main(argv=None):
     if "demo" in only:
         console.rule("demo (federated)")
         results["demo"] = bench_demo(settings)
+    if "he" in only:
+        console.rule("encrypted aggregation vs plaintext")
+        results["he"] = bench_he(settings)
     if "repro" in only:
         console.rule("demo reproducibility")
         results["repro"] = bench_repro(settings)
@@ -341,7 +393,7 @@ def main(argv=None):
         if data_dir is None or not data_dir.exists():
             sys.exit("the overhead row needs the demo's data: run with --only demo,overhead")
         results["overhead"] = bench_overhead(data_dir, a.overhead_rounds, settings)
-    if only & {"clean_demo", "demo", "repro", "central", "overhead"}:
+    if only & {"clean_demo", "demo", "repro", "he", "central", "overhead"}:
         results["segmentation_measured_at"] = results["measured_at"]
     if "classify" in only:
         console.rule("dual-stream classifier")

@@ -100,6 +100,8 @@ def test_server_received_only_ciphertext_and_no_head(he_jobs):
         for e in entries:
             assert e["data_kind"] == "WEIGHT_DIFF"
             assert e["params"] and {p["dtype"] for p in e["params"].values()} == {"CKKSVector"}, e["site"]
+            values = sum(int(np.prod(p["shape"])) for p in e["params"].values())
+            assert e["bytes"] > 4 * values  # ciphertext is larger than the fp32 values it hides
             if key == "cls_result":
                 assert not head & set(e["params"]), f"{e['site']} sent its head"
     assert all(he_jobs["heads"].values()), "each hospital keeps its head on its own disk"

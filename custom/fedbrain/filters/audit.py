@@ -20,6 +20,15 @@ from nvflare.apis.shareable import Shareable
 AUDIT_FILE = "received_updates.jsonl"
 
 
+def _wire_bytes(value) -> int:
+    """Bytes this value takes in transit: a CKKS vector's serialized size, an array's buffer."""
+    if hasattr(value, "serialize") and type(value).__name__ == "CKKSVector":
+        return len(value.serialize())
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    return int(getattr(value, "nbytes", 0))
+
+
 class ReceivedUpdateAudit(Filter):
     def __init__(self, file_name: str = AUDIT_FILE):
         super().__init__()
@@ -33,7 +42,8 @@ class ReceivedUpdateAudit(Filter):
         data = dxo.data or {}
 
         def shapes(d: dict) -> dict:
-            return {k: {"shape": list(getattr(v, "shape", ())), "dtype": str(getattr(v, "dtype", type(v).__name__))}
+            return {k: {"shape": list(getattr(v, "shape", ())), "dtype": str(getattr(v, "dtype", type(v).__name__)),
+                        "bytes": _wire_bytes(v)}
                     for k, v in d.items()}
 
         meta = dxo.meta or {}
@@ -42,10 +52,12 @@ class ReceivedUpdateAudit(Filter):
             "round": shareable.get_header("current_round"),
             "data_kind": dxo.data_kind,
             "params": shapes(data) if isinstance(data, dict) else {},
+            "bytes": 0,
             "metrics": sorted(meta.get("initial_metrics", {}) or {}),
             "meta_arrays": {k: shapes(v) for k, v in meta.items()
                             if isinstance(v, dict) and v and all(hasattr(x, "shape") for x in v.values())},
         }
+        entry["bytes"] = sum(p["bytes"] for p in entry["params"].values())
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN))
         with open(Path(run_dir) / self.file_name, "a") as f:
             f.write(json.dumps(entry) + "\n")
