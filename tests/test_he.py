@@ -25,7 +25,7 @@ def test_privacy_filters_act_on_plaintext_before_the_encryptor(tmp_path):
     head = head_parameter_names(ClassificationConfig().build_model())
     for site in SITES:
         client = json.loads((folder / f"app_{site}" / "config" / "config_fed_client.json").read_text())
-        assert _filters(client, "task_result_filters", "train") == ["ExcludeVars", "HEModelEncryptor"], site
+        assert _filters(client, "task_result_filters", "train") == ["ExcludeVars", "TimedEncryptor"], site
         exclude = next(f for g in client["task_result_filters"] for f in g["filters"] if f["path"].endswith("ExcludeVars"))
         assert exclude["args"]["exclude_vars"] == head
         assert _filters(client, "task_data_filters", "train") == ["SharedPartDecryptor"]
@@ -35,10 +35,18 @@ def test_privacy_filters_act_on_plaintext_before_the_encryptor(tmp_path):
     assert components["aggregator"]["args"].get("expected_data_kind", "WEIGHT_DIFF") == "WEIGHT_DIFF"
     assert components["persistor"]["args"]["filter_id"] == "model_serialize_filter"  # persisted encrypted
     assert components["model_serialize_filter"]["path"].endswith("HEModelSerializeFilter")
+    from fedbrain.filters.he import SharedPartDecryptor, TimedEncryptor, TimedHEAggregator
+    from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
+    from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
+    from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
+
+    # fedbrain's HE classes only add timing (and plaintext personal parts) to FLARE's own
+    assert issubclass(TimedEncryptor, HEModelEncryptor) and issubclass(SharedPartDecryptor, HEModelDecryptor)
+    assert issubclass(TimedHEAggregator, HEInTimeAccumulateWeightedAggregator)
 
     seg = segmentation.export(SegmentationConfig(he=True), tmp_path / "seg")
     client = json.loads((seg / "app" / "config" / "config_fed_client.json").read_text())
-    assert _filters(client, "task_result_filters", "train") == ["HEModelEncryptor"]
+    assert _filters(client, "task_result_filters", "train") == ["TimedEncryptor"]
 
 
 def test_scaffold_is_refused_under_he():
@@ -105,6 +113,20 @@ def test_server_received_only_ciphertext_and_no_head(he_jobs):
             if key == "cls_result":
                 assert not head & set(e["params"]), f"{e['site']} sent its head"
     assert all(he_jobs["heads"].values()), "each hospital keeps its head on its own disk"
+
+
+@pytest.mark.poc
+def test_report_shows_what_crossed_the_wire_and_he_timings(he_jobs):
+    from fedbrain.report.job_report import build_report
+
+    report = build_report(he_jobs["cls_result"])
+    updates = report["exchange"]["updates"]
+    assert len(updates) == 6 and all(u["encrypted"] and u["bytes"] > 0 for u in updates)
+    assert all(u["encrypt_s"] is not None and u["encrypt_s"] > 0 for u in updates)
+    # round 0's global model is the plaintext initial one; from round 1 on every site decrypts
+    assert all(u["decrypt_s"] > 0 for u in updates if u["round"] == 1)
+    assert [a["round"] for a in report["exchange"]["he_aggregation"]] == [0, 1]
+    assert all(a["updates"] == 3 for a in report["exchange"]["he_aggregation"])
 
 
 @pytest.mark.poc

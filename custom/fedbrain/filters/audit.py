@@ -54,6 +54,7 @@ class ReceivedUpdateAudit(Filter):
             "params": shapes(data) if isinstance(data, dict) else {},
             "bytes": 0,
             "metrics": sorted(meta.get("initial_metrics", {}) or {}),
+            "timings": {k: v for k, v in meta.items() if k.endswith("_seconds") and isinstance(v, (int, float))},
             "meta_arrays": {k: shapes(v) for k, v in meta.items()
                             if isinstance(v, dict) and v and all(hasattr(x, "shape") for x in v.values())},
         }

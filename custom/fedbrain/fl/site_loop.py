@@ -18,6 +18,7 @@ import math
 import time
 
 from fedbrain.contracts import NUM_STEPS_META, ROUND_SECONDS, TRAIN_LOSS, TRAIN_STEPS
+from fedbrain.filters.timing import collect_exchange_times
 from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_diff
 from fedbrain.fl.personal import PersonalHeadStore
 from fedbrain.fl.site import load_site_cases
@@ -79,6 +80,7 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
         started = time.time()
         metrics = {k: v for k, v in trainer.validate(model).items() if not math.isnan(v)}  # no val case: no metric
         metrics.update(summary)
+        metrics.update(collect_exchange_times())  # e.g. decrypting what the server sent
         if flare.is_evaluate():
             flare.send(FLModel(metrics=metrics))
             continue

@@ -5,7 +5,7 @@ app for all sites and appends any added result filter *after* its encryptor, whe
 filter would see ciphertext. Here each site's result filters are, in order:
 
 1. the privacy filters (personal-head exclusion; later clipping and DP noise), on plaintext;
-2. ``HEModelEncryptor`` (weighs the difference by the site's step count, then encrypts).
+2. ``HEModelEncryptor`` (via fedbrain's timed subclass: weighs the difference by the site's step count, then encrypts).
 
 The server holds only the public CKKS context: it sums ciphertexts (HEInTimeAccumulate...),
 adds the encrypted mean difference to the global model (HEModelShareableGenerator) and
@@ -17,8 +17,6 @@ from __future__ import annotations
 from nvflare.apis.dxo import DataKind
 from nvflare.app_common.filters.exclude_vars import ExcludeVars
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
-from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
-from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
 from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
 from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
@@ -32,7 +30,7 @@ from nvflare.recipe.spec import ExecEnv, Recipe
 from nvflare.recipe.utils import recipe_model_to_job_model
 
 from fedbrain.filters.audit import ReceivedUpdateAudit
-from fedbrain.filters.he import SharedPartDecryptor
+from fedbrain.filters.he import SharedPartDecryptor, TimedEncryptor, TimedHEAggregator
 
 SERIALIZE_FILTER_ID = "model_serialize_filter"
 
@@ -45,7 +43,7 @@ class EncryptedFedAvgRecipe(Recipe):
         job.comp_ids.update(job.to_server(PTModel(model=model, persistor=persistor)))
         job.to_server(HEModelSerializeFilter(), id=SERIALIZE_FILTER_ID)  # the persisted global model stays encrypted
         aggregator_id = job.to_server(
-            HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF, weigh_by_local_iter=False),
+            TimedHEAggregator(expected_data_kind=DataKind.WEIGHT_DIFF, weigh_by_local_iter=False),
             id="aggregator")  # sites weigh by their step count before encrypting
         generator_id = job.to_server(HEModelShareableGenerator(), id="shareable_generator")
         job.to_server(ScatterAndGather(min_clients=config.min_clients, num_rounds=config.rounds,
@@ -66,8 +64,8 @@ class EncryptedFedAvgRecipe(Recipe):
             if personal_names:
                 place(ExcludeVars(exclude_vars=list(personal_names)), tasks=["train"],
                       filter_type=FilterType.TASK_RESULT)
-            place(HEModelEncryptor(weigh_by_local_iter=True), tasks=["train"], filter_type=FilterType.TASK_RESULT)
-            place(HEModelEncryptor(weigh_by_local_iter=False), tasks=["submit_model"],
+            place(TimedEncryptor(weigh_by_local_iter=True), tasks=["train"], filter_type=FilterType.TASK_RESULT)
+            place(TimedEncryptor(weigh_by_local_iter=False), tasks=["submit_model"],
                   filter_type=FilterType.TASK_RESULT)
         Recipe.__init__(self, job)
 

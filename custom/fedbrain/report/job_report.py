@@ -223,7 +223,8 @@ def build_report(result_dir: Path) -> dict:
         for site in row.get("sites", []):
             metrics = {m["name"]: m["value"] for m in site.get("metrics", [])}
             entry = sites.setdefault(site["name"], {"rounds": []})
-            entry["rounds"].append({"round": rnd, **{k: metrics.get(k) for k in (*keys, "train_loss", "round_seconds")}})
+            entry["rounds"].append({"round": rnd, **{k: metrics.get(k) for k in (*keys, "train_loss", "round_seconds",
+                                                                                 "he_decrypt_seconds")}})
             for k in DATA_KEYS:
                 if k in metrics:
                     entry[k] = int(metrics[k])
@@ -275,10 +276,29 @@ def build_report(result_dir: Path) -> dict:
             "flagged_sites": sorted(flags),
         },
     }
+    report["exchange"] = _exchange(ws, sites)
     if task == "segmentation":  # the names benchmarks and the README quote
         report["summary"].update(mean_final_wt_dice=report["summary"]["mean_final"], min_final_wt_dice=report["summary"]["min_final"],
                                  mean_final_dice=_mean([e["final"].get("val_dice") for e in sites.values()]))
     return report
+
+
+def _exchange(ws: Path, sites: dict) -> dict:
+    """What crossed the wire per round and site (the server's audit), and HE timings when encrypted."""
+    audit_file = ws / "received_updates.jsonl"
+    rows = []
+    if audit_file.is_file():
+        decrypt = {(name, r["round"]): r.get("he_decrypt_seconds") for name, e in sites.items() for r in e["rounds"]}
+        for line in audit_file.read_text().splitlines():
+            e = json.loads(line)
+            dtypes = {p.get("dtype") for p in e.get("params", {}).values()}
+            rows.append({"round": e.get("round"), "site": e.get("site"), "bytes": e.get("bytes"),
+                         "encrypted": dtypes == {"CKKSVector"}, "tensors": len(e.get("params", {})),
+                         "encrypt_s": (e.get("timings") or {}).get("he_encrypt_seconds"),
+                         "decrypt_s": decrypt.get((e.get("site"), e.get("round")))})
+    agg_file = ws / "he_aggregation.jsonl"
+    aggregation = [json.loads(line) for line in agg_file.read_text().splitlines()] if agg_file.is_file() else []
+    return {"updates": rows, "he_aggregation": aggregation}
 
 
 def _mean(values):
@@ -398,6 +418,20 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
     for g in report["global"]:
         lines.append(f"| {g['round']} | " + " | ".join(_fmt(g.get(k)) for k, _ in metrics) + f" | {_fmt(secs.get(g['round']))} |")
     lines += ["", f"Best global model: `{report['best_model'] or 'not saved'}`", ""]
+    updates = report.get("exchange", {}).get("updates", [])
+    if updates:
+        lines += ["## What the server received", "",
+                  "From the server's audit (`received_updates.jsonl`): size on the wire and whether it was ciphertext;"
+                  " with `--he`, the site's encryption and decryption seconds.", "",
+                  "| round | site | tensors | MB | encrypted | encrypt s | decrypt s |", "|---|---|---|---|---|---|---|"]
+        for u in sorted(updates, key=lambda u: (u["round"] or 0, u["site"] or "")):
+            lines.append(f"| {u['round']} | {u['site']} | {u['tensors']} | {_fmt((u['bytes'] or 0) / 1e6)} | "
+                         f"{'yes' if u['encrypted'] else 'no'} | {_fmt(u['encrypt_s'])} | {_fmt(u['decrypt_s'])} |")
+        lines.append("")
+    for a in report.get("exchange", {}).get("he_aggregation", []):
+        lines.append(f"- round {a.get('round')}: the server added {a.get('updates')} encrypted updates in "
+                     f"{_fmt(a.get('add_seconds'))} s and took their weighted mean in {_fmt(a.get('mean_seconds'))} s")
+    lines.append("")
     for p in plots:
         lines.append(f"![{p.stem}]({p.name})")
     return "\n".join(lines) + "\n"
