@@ -56,8 +56,7 @@ def test_site_rebuilds_exactly_the_exported_config(name, tmp_path):
     clients = _client_configs(folder)
     assert clients
     for client in clients:
-        rebuilt, datalist = parse_site_args(config_cls, _site_argv(client))
-        assert rebuilt == config and datalist is None
+        assert parse_site_args(config_cls, _site_argv(client)) == config
     server = json.loads(next(folder.glob("app*/config/config_fed_server.json")).read_text())
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     spec = json.loads(json.dumps(config.model_spec()))
@@ -110,7 +109,7 @@ def test_shared_head_baseline_sends_everything(tmp_path):
     folder = classification.export(ClassificationConfig(algorithm="fedavg"), tmp_path)
     client = json.loads((folder / "app_hospital-a" / "config" / "config_fed_client.json").read_text())
     assert not any(f["path"].endswith("ExcludeVars") for g in client["task_result_filters"] for f in g["filters"])
-    config, _ = parse_site_args(ClassificationConfig, _site_argv(client))
+    config = parse_site_args(ClassificationConfig, _site_argv(client))
     assert config.algorithm == "fedavg" and not config.personal
 
 
@@ -119,3 +118,10 @@ def test_more_required_sites_than_apps_is_refused_with_the_reason(tmp_path):
         classification.export(ClassificationConfig(), tmp_path, sites=["site-1", "site-2"])
     folder = classification.export(ClassificationConfig(min_clients=2), tmp_path, sites=["site-1", "site-2"])
     assert sorted(p.name for p in folder.glob("app_*")) == ["app_server", "app_site-1", "app_site-2"]
+
+
+def test_a_job_cannot_point_a_site_at_data():
+    """The site script takes the config only; data paths come from the hospital's own settings."""
+    arg = ClassificationConfig().to_argument()
+    with pytest.raises(SystemExit):
+        parse_site_args(ClassificationConfig, ["--config", arg, "--datalist", "/elsewhere/datalist.json"])

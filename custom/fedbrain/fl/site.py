@@ -3,7 +3,8 @@
 A job must never carry hospital paths: the hospital decides where its data lives. The site
 script resolves its settings, first found wins:
 
-1. ``--datalist`` given to the site script (tests, or a job written for one site);
+1. ``datalist`` given by a caller in the library (tests, tools); never by a job: the site
+   script takes no path argument;
 2. environment ``FEDBRAIN_DATALIST`` (``{site}`` is replaced by the site name), with optional
    ``FEDBRAIN_DATA_ROOT``, ``FEDBRAIN_NUM_THREADS`` and ``FEDBRAIN_DEVICE``;
 3. ``<site workspace>/local/fedbrain_site.json``, written by the hospital IT team next to
@@ -56,7 +57,7 @@ def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | No
     """Find this site's datalist; raise SiteConfigError naming every place looked at."""
     looked = []
     if datalist:
-        return SiteSettings(site=site, datalist=Path(datalist.format(site=site)), source="--datalist")
+        return SiteSettings(site=site, datalist=Path(datalist.format(site=site)), source="caller")
     env = os.environ.get("FEDBRAIN_DATALIST")
     if env:
         root = os.environ.get("FEDBRAIN_DATA_ROOT")

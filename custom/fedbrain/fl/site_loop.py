@@ -27,12 +27,14 @@ log = logging.getLogger("fedbrain")
 
 
 def parse_site_args(config_cls, argv=None):
-    """``(config, datalist)`` from the site script's command line (what the job wrote)."""
+    """The task config from the site script's command line (what the job wrote).
+
+    It is the only argument: a job cannot point a site at data, which the hospital alone
+    configures (local/fedbrain_site.json, or the site's own environment).
+    """
     p = argparse.ArgumentParser(description="fedbrain site script (FLARE Client API)")
     p.add_argument("--config", required=True, help="the task config as JSON (written by job.py)")
-    p.add_argument("--datalist", default=None, help="site datalist; default: the site's own settings")
-    a = p.parse_args(argv)
-    return config_cls.from_json(a.config), a.datalist
+    return config_cls.from_json(p.parse_args(argv).config)
 
 
 def run_site(config_cls, trainer_cls, argv=None) -> None:
@@ -42,10 +44,10 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
     from nvflare.app_common.app_constant import AlgorithmConstants
     from nvflare.client.tracking import SummaryWriter
 
-    config, datalist = parse_site_args(config_cls, argv)
+    config = parse_site_args(config_cls, argv)
     flare.init()
     site = flare.get_site_name()
-    settings, cases, site_error = load_site_cases(site, datalist)
+    settings, cases, site_error = load_site_cases(site)
     local = {k: v for k, v in (("num_threads", settings.num_threads), ("device", settings.device)) if v is not None}
     config = config.replace(**local)  # the hospital decides its compute
     trainer = trainer_cls(cases["training"], cases["validation"], config)
