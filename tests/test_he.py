@@ -149,3 +149,27 @@ def test_server_holds_no_secret_key_and_cannot_read_its_global_model(he_jobs):
     values = np.asarray(ts.ckks_vector_from(client_ctx, blob).decrypt())  # a hospital can
     expected = ClassificationConfig().build_model().state_dict()[name].numel()
     assert values.size == expected and np.isfinite(values).all()
+
+
+def test_ckks_settings_of_the_kit_keep_the_weighted_mean_exact_to_1e5():
+    """One aggregation of fixed updates, as the server does it (weighted sum of ciphertexts, then the
+    mean), with the CKKS settings the POC project file provisions: equal to plaintext within 1e-5."""
+    import tenseal as ts
+    import yaml
+
+    from fedbrain.poc.consortium import DEFAULT_PROJECT
+
+    builder = next(b for b in yaml.safe_load(DEFAULT_PROJECT.read_text())["builders"] if b["path"].endswith("HEBuilder"))
+    args = builder["args"]
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, args["poly_modulus_degree"], coeff_mod_bit_sizes=args["coeff_mod_bit_sizes"])
+    ctx.global_scale = 2 ** args["scale_bits"]
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(0, 0.01, 10_000) for _ in range(3)]  # weight differences of a 10k-value layer
+    steps = [12, 5, 20]
+    total = None
+    for update, n in zip(updates, steps):
+        encrypted = ts.ckks_vector(ctx, update * float(n))  # the site weighs by its steps, then encrypts
+        total = encrypted if total is None else total + encrypted
+    mean = np.asarray((total * (1.0 / sum(steps))).decrypt())
+    expected = sum(u * n for u, n in zip(updates, steps)) / sum(steps)
+    assert np.max(np.abs(mean - expected)) <= 1e-5
