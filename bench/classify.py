@@ -228,12 +228,24 @@ def rows(c: dict) -> list[tuple[str, str, str, str]]:
     if seeds and "personal" in fed and "fedavg" in fed:
         gains = {c["settings"]["seed"]: fed["personal"]["min_bacc"] - fed["fedavg"]["min_bacc"]}
         gains.update({int(k): v["personal"]["min_bacc"] - v["fedavg"]["min_bacc"] for k, v in seeds.items()})
+        values = [100 * g for _, g in sorted(gains.items())]
+        spread = ""
+        if len(values) > 1:
+            import statistics
+
+            from scipy import stats
+
+            mean, sd = statistics.mean(values), statistics.stdev(values)
+            half = stats.t.ppf(0.975, len(values) - 1) * sd / len(values) ** 0.5
+            spread = f"; mean {mean:+.1f}, 95% interval {mean - half:+.1f} to {mean + half:+.1f}"
         out.append(("Same comparison on other seeds (other cohort, split, initial weights): minimum-site gain (points)",
-                    " / ".join(f"{100 * g:+.1f}" for _, g in sorted(gains.items())), ">= +12",
-                    "seeds " + ", ".join(str(k) for k in sorted(gains)) + "; personal and FedAvg arms only"))
+                    " / ".join(f"{v:+.1f}" for v in values), ">= +12",
+                    "seeds " + ", ".join(str(k) for k in sorted(gains)) + spread
+                    + "; personal and FedAvg arms only; seeds 1-2 re-measured 2026-11-30 with their own initial weights"))
     if "fedprox" in fed and "personal" in fed:
         x, p = fed["fedprox"], fed["personal"]
-        out.append((f"FedProx (mu={c['settings']['fedprox_mu']}) - FedAvg, both with personal heads: "
+        mu = c["settings"].get("fedprox_mu", c["settings"].get("task", {}).get("fedprox_mu"))
+        out.append((f"FedProx (mu={mu}) - FedAvg, both with personal heads: "
                     "minimum-site balanced accuracy (points)", f"{100 * (x['min_bacc'] - p['min_bacc']):+.1f}", "",
                     f"min {_f(x['min_bacc'])} vs {_f(p['min_bacc'])}; mean {_f(x['mean_bacc'])} vs {_f(p['mean_bacc'])}"))
     if "scaffold" in fed and "personal" in fed:

@@ -338,3 +338,23 @@ def test_datalist_paths_independent_of_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "cases")
     results = check_datalist(os.path.relpath(path))
     assert [r.ok for r in results] == [True]
+
+
+def test_datalist_saved_with_a_byte_order_mark_loads(tmp_path):
+    """Windows Notepad writes UTF-8 with a BOM; the datalist is still the same datalist."""
+    case = _make_case(tmp_path, "C-0001")
+    plain = _write_datalist(tmp_path, [case])
+    bom = tmp_path / "datalist-bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_datalist(bom, root=plain.parent) == load_datalist(plain)
+
+
+def test_two_cases_without_case_id_in_one_folder_are_named_by_what_the_user_wrote(tmp_path):
+    a, b = _make_case(tmp_path, "C-0001"), _make_case(tmp_path, "C-0002")
+    for item in (a, b):
+        item.pop("case_id")
+        item["label"] = "labels/common/seg.nii.gz"  # both labels in one folder
+    path = _write_datalist(tmp_path, [a, b])
+    with pytest.raises(DatalistError, match=r"case_id 'common' already used by training\[0\] \(no case_id given: "
+                                            r"derived from the label's folder 'common'"):
+        load_datalist(path)

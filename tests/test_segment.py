@@ -264,3 +264,26 @@ def test_progress_bar_does_not_change_training(data):
     assert steps_a == steps_b == 3 and len(losses_a) == 3
     assert losses_a == losses_b
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+@pytest.mark.parametrize("value", [3, 1.5])
+def test_training_refuses_the_label_values_data_check_refuses(tmp_path, value):
+    """BraTS 2023's enhancing label 3, or a fractional value, once became background silently
+    in training while `data check` refused it: one rule now, the case skipped with the reason."""
+    import nibabel as nib
+
+    from fedbrain.data.check import check_case
+
+    case = make_case(tmp_path, "LABEL-3", seed=9)
+    img = nib.load(case["label"])
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[data == 4] = value
+    nib.save(nib.Nifti1Image(data, img.affine), case["label"])
+    trainer = SegmentationTrainer([case], [], SegmentationConfig(**FAST))
+    assert trainer.data_summary()["n_skipped"] == 1
+    reason = trainer.skipped[0].reason
+    assert "values outside {0, 1, 2, 4}" in reason and f"{value:g}" in reason and "seg.nii.gz" in reason
+    if value == 3:
+        assert "relabel 3 -> 4" in reason
+    checked = check_case(case)
+    assert not checked.ok and any("values outside {0, 1, 2, 4}" in p for p in checked.problems)

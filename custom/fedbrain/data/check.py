@@ -17,11 +17,11 @@ import nibabel as nib
 import numpy as np
 
 from fedbrain.contracts import AFFINE_ATOL_MM, case_id_of
+from fedbrain.data.dataset import label_values_problem, non_brats_label_values
 from fedbrain.data.datalist import MODALITIES, DatalistError, load_datalist
 from fedbrain.data.dicom import DicomSeriesError, read_ct_series
 
 __all__ = [
-    "BRATS_LABELS",
     "CaseCheck",
     "check_case",
     "check_datalist",
@@ -31,10 +31,8 @@ __all__ = [
 ]
 
 #: Label values allowed by the BraTS convention (3 is unused on purpose).
-BRATS_LABELS = (0, 1, 2, 4)
 # Affines are stored as float32 in NIfTI; 1e-3 (mm, or unitless for direction
 # terms) absorbs that rounding and nothing a resampling would ignore.
-_MAX_LISTED_VALUES = 10
 
 
 @dataclass
@@ -140,13 +138,6 @@ def _check_geometry(volumes: list[_Volume], problems: list[str]) -> None:
             )
 
 
-def _format_values(values: np.ndarray) -> str:
-    shown = [f"{v:g}" for v in values[:_MAX_LISTED_VALUES]]
-    if len(values) > _MAX_LISTED_VALUES:
-        shown.append(f"... ({len(values)} distinct)")
-    return ", ".join(shown)
-
-
 def _check_case_files(case: dict, problems: list[str]) -> None:
     label_path = Path(case["label"])
     case_dir = label_path.parent
@@ -163,12 +154,9 @@ def _check_case_files(case: dict, problems: list[str]) -> None:
         image, data = loaded
         volumes.append(_Volume(role, name, tuple(image.shape), np.asarray(image.affine, dtype=np.float64)))
         if role == "label":
-            values = np.unique(data)
-            bad = values[~np.isin(values, BRATS_LABELS)]
+            bad = non_brats_label_values(data)
             if bad.size:
-                problems.append(
-                    f"label {name}: values outside {{0, 1, 2, 4}}: {_format_values(bad)}"
-                )
+                problems.append(label_values_problem(bad, name))
         elif np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
             n_nan = int(np.count_nonzero(np.isnan(data)))
             n_inf = int(np.count_nonzero(np.isinf(data)))

@@ -108,7 +108,8 @@ def load_datalist(path, root=None, sections=SECTIONS) -> dict[str, list[dict]]:
     root = Path(root) if root is not None else path.parent
     root = Path(os.path.abspath(os.path.expanduser(root)))
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a datalist saved by Windows Notepad starts with a byte-order mark
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DatalistError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     except (OSError, UnicodeDecodeError) as exc:
@@ -130,7 +131,10 @@ def load_datalist(path, root=None, sections=SECTIONS) -> dict[str, list[dict]]:
             parsed = _parse_item(item, where, root)
             previous = seen.get(parsed["case_id"])
             if previous is not None:
-                raise DatalistError(f"{where}: case_id {parsed['case_id']!r} already used by {previous}")
+                derived = "" if item.get("case_id") else (
+                    f" (no case_id given: derived from the label's folder {Path(parsed['label']).parent.name!r};"
+                    " give each case its own case_id)")
+                raise DatalistError(f"{where}: case_id {parsed['case_id']!r} already used by {previous}{derived}")
             seen[parsed["case_id"]] = f"{section}[{index}]"
             parsed_items.append(parsed)
         result[section] = parsed_items

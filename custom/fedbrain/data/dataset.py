@@ -22,7 +22,7 @@ from monai.transforms import Compose, Transform
 from monai.transforms.transform import RandomizableTrait, apply_transform
 from torch.utils.data import Dataset
 
-from fedbrain.contracts import AFFINE_ATOL_MM, MRI_CONTRAST_LABELS, case_id_of
+from fedbrain.contracts import AFFINE_ATOL_MM, BRATS_LABELS, MRI_CONTRAST_LABELS, case_id_of
 
 logger = logging.getLogger("fedbrain")
 
@@ -113,6 +113,23 @@ def _check_case(case: dict) -> None:
             raise CaseError(
                 f"{role} file is not on the {ref[0]} voxel grid (shape {header.shape} vs {ref[1]}): {path}"
             )
+        if role == "label":  # other values would silently become background in the TC/WT/ET channels
+            bad = non_brats_label_values(header.dataobj)
+            if bad.size:
+                raise CaseError(label_values_problem(bad, path))
+
+
+def non_brats_label_values(data) -> np.ndarray:
+    """Distinct label values that are not BraTS 0/1/2/4 (fractions included): the one rule both
+    ``fedbrain data check`` and loading for training apply."""
+    values = np.unique(np.asarray(data))
+    return values[~np.isin(values, BRATS_LABELS)]
+
+
+def label_values_problem(bad: np.ndarray, name: str) -> str:
+    shown = ", ".join(f"{v:g}" for v in bad[:8]) + (f", ... ({len(bad)} distinct)" if len(bad) > 8 else "")
+    hint = " (BraTS 2023 writes enhancing tumour as 3: relabel 3 -> 4)" if 3 in bad else ""
+    return f"label {name}: values outside {{0, 1, 2, 4}}: {shown}{hint}"
 
 
 def _check_item(item: dict, case: dict) -> None:
