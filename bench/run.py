@@ -87,10 +87,42 @@ def bench_repro(settings, runs: int = 2) -> dict:
     return {"runs": finals, "max_abs_diff": max(diffs) if diffs else None}
 
 
-def bench_he(settings) -> dict:
-    """The demo plaintext, then encrypted (--he): same commit, data, seeds and settings, one run."""
+def he_arm(report: dict, seconds: float) -> dict:
+    """One arm of the HE comparison from its demo report (and the server's audit beside it)."""
     import math
 
+    result = next((Path(report["run"]["run folder"]) / "result").glob("*/workspace/received_updates.jsonl"))
+    audit = [json.loads(line) for line in result.read_text().splitlines()]
+    # The encrypted job has no final evaluation step (the server cannot evaluate ciphertext), so both arms are
+    # compared on the last round's validation: the same global model age in both.
+    last = {s: {k: e["rounds"][-1].get(k) for k in ("val_dice", "val_dice_wt")} for s, e in report["sites"].items()}
+    return {
+        "demo_seconds": seconds,
+        "round_seconds": statistics.median(r["seconds"] for r in report["round_seconds"] if r["round"] > 0),
+        "bytes_per_update": statistics.median(e["bytes"] for e in audit),
+        "values_per_update": sum(math.prod(p["shape"]) for p in audit[0]["params"].values()),
+        "per_site_last_round": last,
+        "mean_last_round_wt_dice": statistics.mean(v["val_dice_wt"] for v in last.values()),
+        "per_site_curve": {s: [r["val_dice_wt"] for r in e["rounds"]] for s, e in report["sites"].items()},
+    }
+
+
+def he_comparison(arms: dict) -> dict:
+    plain, he = arms["plain"], arms["he"]
+    sites = plain["per_site_last_round"]
+    return {
+        **arms,
+        "round_ratio": he["round_seconds"] / plain["round_seconds"],
+        "demo_ratio": he["demo_seconds"] / plain["demo_seconds"],
+        "bytes_ratio_vs_fp32": he["bytes_per_update"] / (4 * he["values_per_update"]),
+        "dice_ratio": he["mean_last_round_wt_dice"] / plain["mean_last_round_wt_dice"],
+        "max_site_dice_diff": max(abs(he["per_site_last_round"][s][k] - sites[s][k])
+                                  for s in sites for k in ("val_dice", "val_dice_wt")),
+    }
+
+
+def bench_he(settings) -> dict:
+    """The demo plaintext, then encrypted (--he): same commit, data, seeds and settings, one run."""
     from fedbrain.demo import run_demo
 
     arms = {}
@@ -98,29 +130,8 @@ def bench_he(settings) -> dict:
         console.rule(f"demo, {arm}")
         t = time.time()
         report = run_demo(WORK, replace(settings, task=settings.task.replace(he=he)), console=console)
-        seconds = time.time() - t
-        result = next((Path(report["run"]["run folder"]) / "result").glob("*/workspace/received_updates.jsonl"))
-        audit = [json.loads(line) for line in result.read_text().splitlines()]
-        values = sum(math.prod(p["shape"]) for p in audit[0]["params"].values())
-        arms[arm] = {
-            "demo_seconds": seconds,
-            "round_seconds": statistics.median(r["seconds"] for r in report["round_seconds"] if r["round"] > 0),
-            "bytes_per_update": statistics.median(e["bytes"] for e in audit),
-            "values_per_update": values,
-            "per_site_final": {s: {k: e["final"].get(k) for k in ("val_dice", "val_dice_wt")}
-                               for s, e in report["sites"].items()},
-            "mean_wt_dice": report["summary"]["mean_final_wt_dice"],
-        }
-    plain, he = arms["plain"], arms["he"]
-    return {
-        **arms,
-        "round_ratio": he["round_seconds"] / plain["round_seconds"],
-        "demo_ratio": he["demo_seconds"] / plain["demo_seconds"],
-        "bytes_ratio_vs_fp32": he["bytes_per_update"] / (4 * he["values_per_update"]),
-        "dice_ratio": he["mean_wt_dice"] / plain["mean_wt_dice"],
-        "max_site_dice_diff": max(abs(he["per_site_final"][s][k] - plain["per_site_final"][s][k])
-                                  for s in plain["per_site_final"] for k in ("val_dice", "val_dice_wt")),
-    }
+        arms[arm] = he_arm(report, time.time() - t)
+    return he_comparison(arms)
 
 
 def bench_clean_demo() -> dict:
@@ -295,8 +306,10 @@ def write_doc(results: dict, plots: list[str]) -> None:
              f"{_f(he['he']['round_seconds'], '{:.1f}')} s vs {_f(he['plain']['round_seconds'], '{:.1f}')} s"),
             ("Bytes per update, HE / fp32", _f(he["bytes_ratio_vs_fp32"], "{:.1f}"), "<= 14",
              f"{he['he']['bytes_per_update'] / 1e6:.1f} MB for {he['he']['values_per_update']:,} values"),
-            ("Final mean WT Dice, HE / plaintext", _f(he["dice_ratio"]), ">= 0.99",
-             f"largest per-site difference (WT or mean Dice): {_f(he['max_site_dice_diff'], '{:.4f}')}"),
+            ("Mean WT Dice after the same rounds, HE / plaintext", _f(he["dice_ratio"]), ">= 0.99",
+             f"last-round validation at every site; largest per-site difference (WT or mean Dice): "
+             f"{_f(he['max_site_dice_diff'], '{:.4f}')} (goal <= 0.02 end to end; one aggregation of fixed updates "
+             "matches plaintext within 1e-5: tests/test_he.py)"),
             ("`fedbrain demo --he` time / plaintext demo time", _f(he["demo_ratio"], "{:.2f}"), "<= 1.3",
              f"{_f(he['he']['demo_seconds'], '{:.0f}')} s vs {_f(he['plain']['demo_seconds'], '{:.0f}')} s"),
         ]
