@@ -32,18 +32,19 @@ def build_task_recipe(config: TaskConfig, *, site_script: str, key_metric: str,
 
 
 def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites):
+    from nvflare.recipe.utils import add_experiment_tracking
+
     if config.he:
         from fedbrain.jobs.encrypted import EncryptedFedAvgRecipe
 
-        from nvflare.recipe.utils import add_experiment_tracking
-
-        recipe = EncryptedFedAvgRecipe(config, site_script=site_script, key_metric=key_metric,
-                                       personal_names=personal_names, sites=sites)
-        add_experiment_tracking(recipe, "tensorboard")
-        recipe._job.set_app_packages(INSTALLED_PACKAGES)
-        return recipe
-    return _build_plain(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names,
-                        sites=sites)
+        build = EncryptedFedAvgRecipe
+    else:
+        build = _build_plain
+    recipe = build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names, sites=sites)
+    add_experiment_tracking(recipe, "tensorboard")  # site metrics stream to the server's tb_events/
+    # Sites and server run the fedbrain they installed: no shadowed copy of it in custom/.
+    recipe._job.set_app_packages(INSTALLED_PACKAGES)
+    return recipe
 
 
 def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites):
@@ -57,7 +58,7 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.app_opt.pt.recipes.scaffold import ScaffoldRecipe
     from nvflare.client.config import ExchangeFormat, TransferType
-    from nvflare.recipe.utils import add_experiment_tracking, add_final_global_evaluation, set_per_site_config
+    from nvflare.recipe.utils import add_final_global_evaluation, set_per_site_config
 
     from fedbrain.filters.audit import ReceivedUpdateAudit
 
@@ -79,11 +80,8 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
             recipe.add_client_output_filter(ExcludeVars(exclude_vars=list(personal_names)), tasks=["train"],
                                             clients=clients)
     recipe.add_server_input_filter(ReceivedUpdateAudit(), tasks=["train"])  # what actually arrived
-    add_experiment_tracking(recipe, "tensorboard")  # site metrics stream to the server's tb_events/
     if config.algorithm != "scaffold":  # ScaffoldRecipe exposes no persistor id to evaluate: the report
         add_final_global_evaluation(recipe)  # then uses the last round
-    # Sites and server run the fedbrain they installed: no shadowed copy of it in custom/.
-    recipe._job.set_app_packages(INSTALLED_PACKAGES)
     return recipe
 
 
