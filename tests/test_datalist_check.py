@@ -358,3 +358,38 @@ def test_two_cases_without_case_id_in_one_folder_are_named_by_what_the_user_wrot
     with pytest.raises(DatalistError, match=r"case_id 'common' already used by training\[0\] \(no case_id given: "
                                             r"derived from the label's folder 'common'"):
         load_datalist(path)
+
+
+def test_one_file_in_two_contrast_slots_is_refused(tmp_path):
+    case = _make_case(tmp_path, "C-0001")
+    case["image"] = [case["image"][0]] * 4  # one scan copied into every slot
+    path = _write_datalist(tmp_path, [case])
+    with pytest.raises(DatalistError, match=r"the same file is listed as T1 and T1ce: .*t1\.nii"):
+        load_datalist(path)
+
+
+def test_data_check_refuses_4d_files_as_training_does(tmp_path):
+    """Five 4-D files on one grid once passed `data check` and were then skipped by training."""
+    case = _make_case(tmp_path, "C-4D")
+    for rel in [*case["image"], case["label"]]:
+        f = tmp_path / rel
+        img = nib.load(f)
+        data = np.asanyarray(img.dataobj)
+        nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), img.affine), f)
+    path = _write_datalist(tmp_path, [case])
+    result = check_case(load_datalist(path)["training"][0])
+    assert not result.ok
+    assert any("not a 3D volume" in p for p in result.problems), result.problems
+
+
+def test_data_check_accepts_a_folder_of_site_datalists_like_train(tmp_path):
+    from fedbrain.cli import main as cli_main
+
+    for site in ("site-1", "site-2"):
+        folder = tmp_path / "data" / site
+        folder.mkdir(parents=True)
+        _write_datalist(folder, [_make_case(folder, f"{site}-C1")])
+    assert cli_main(["data", "check", str(tmp_path / "data")]) == 0
+    bad = tmp_path / "data" / "site-2" / "cases" / "site-2-C1" / "seg.nii.gz"
+    bad.unlink()
+    assert cli_main(["data", "check", str(tmp_path / "data")]) == 1

@@ -14,9 +14,10 @@ console = Console()
 
 
 def cmd_data_check(a) -> int:
+    """A datalist file, or a folder holding one per site (as `train --central` accepts)."""
     from fedbrain.data.check import run_data_check
 
-    return run_data_check(a.datalist, root=a.root, console=console)
+    return max(run_data_check(dl, root=a.root, console=console) for dl in _datalists([a.datalist]))
 
 
 def cmd_data_synth(a) -> int:
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="check or synthesize site data").add_subparsers(dest="data_cmd", required=True)
     c = data.add_parser("check", help="validate every case of a datalist; exit 1 if any problem")
-    c.add_argument("datalist")
+    c.add_argument("datalist", help="a datalist file, or a folder with one <site>/datalist.json per site")
     c.add_argument("--root", default=None, help="data root (default: the datalist's folder)")
     c.set_defaults(func=cmd_data_check)
     s = data.add_parser("synth", help="write a synthetic multi-hospital BraTS-style consortium")

@@ -152,6 +152,9 @@ def _check_case_files(case: dict, problems: list[str]) -> None:
         if loaded is None:
             continue
         image, data = loaded
+        if len(image.shape) != 3:  # training skips such a case ("not a 3D volume"): say so here too
+            problems.append(f"{role} {name}: not a 3D volume (shape {tuple(image.shape)})")
+            continue
         volumes.append(_Volume(role, name, tuple(image.shape), np.asarray(image.affine, dtype=np.float64)))
         if role == "label":
             bad = non_brats_label_values(data)

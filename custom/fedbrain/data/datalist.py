@@ -66,6 +66,10 @@ def _parse_item(item, where: str, root: Path) -> dict:
 
     parsed = dict(item)
     parsed["image"] = [_resolve(root, image) for image in images]
+    for n, path in enumerate(parsed["image"]):
+        first = parsed["image"].index(path)
+        if first != n:  # one file cannot be two contrasts: a copy-paste slip, or a missing contrast papered over
+            raise DatalistError(f"{where}: the same file is listed as {MODALITIES[first]} and {MODALITIES[n]}: {path}")
     parsed["label"] = _resolve(root, label)
 
     if "ct" in item and item["ct"] is not None:
