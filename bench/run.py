@@ -342,7 +342,7 @@ def write_doc(results: dict, plots: list[str]) -> None:
             continue
         lines += ["", f"## {title}", "",
                   f"Measured {cls.get('measured_at', '(see work folder)')}. Settings: `{json.dumps(cls['settings'])}`; "
-                  f"work folder of the run: `{cls['work']}`.", "",
+                  f"run folder `{cls['work']}` in bench's work folder.", "",
                   "| what | measured | goal | detail |", "|---|---|---|---|",
                   *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in classify_bench.rows(cls)], ""]
         lines += classify_bench.per_site_lines(cls)
@@ -353,13 +353,18 @@ def write_doc(results: dict, plots: list[str]) -> None:
 
 
 def portable(obj):
-    """Paths inside the checkout written relative to it: results and docs name no machine folder."""
+    """Run folders written relative to bench's work folder, other checkout paths relative to the
+    checkout: results and docs name no folder of this machine."""
     if isinstance(obj, dict):
         return {k: portable(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [portable(v) for v in obj]
-    if isinstance(obj, str) and str(ROOT) in obj:
-        return obj.replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
+    if isinstance(obj, str):
+        for prefix in (str(WORK) + "/", "bench/work/"):
+            if obj.startswith(prefix):
+                return obj[len(prefix):]
+        if str(ROOT) in obj:
+            return obj.replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
     return obj
 
 
@@ -395,7 +400,7 @@ def main(argv=None):
     if "repro" in only:
         console.rule("demo reproducibility")
         results["repro"] = bench_repro(settings)
-    data_dir = ROOT / results["demo"]["run_dir"] / "data" if results.get("demo") else None
+    data_dir = WORK / results["demo"]["run_dir"] / "data" if results.get("demo") else None
     if "central" in only:
         console.rule("centralized baseline")
         if data_dir is None or not data_dir.exists():
