@@ -309,6 +309,37 @@ def _f(v, fmt="{:.3f}"):
     return "–" if v is None else fmt.format(v)
 
 
+def met(measured: str, goal: str) -> str:
+    """'met' / 'not met' for a row whose goal is one or more '<= x' / '>= x' parts matching its measured parts."""
+    import re
+
+    goals = [g.strip() for g in goal.split("/") if g.strip()]
+    if not goals:
+        return ""
+    values = [m.strip() for m in measured.split("/")]
+    if len(goals) == 1:
+        goals = goals * len(values)  # one goal for several figures (e.g. seeds): each must meet it
+    if len(values) != len(goals):
+        return ""
+    for value, g in zip(values, goals):
+        m = re.fullmatch(r"(<=|>=)\s*([+-]?[0-9.]+)", g)
+        try:
+            v = float(value.replace("+", ""))
+        except ValueError:
+            return ""
+        if not m:
+            return ""
+        limit = float(m.group(2))
+        if (m.group(1) == "<=" and v > limit) or (m.group(1) == ">=" and v < limit):
+            return "**not met**"
+    return "met"
+
+
+def table(rows) -> list[str]:
+    return ["| what | measured | goal | met? | detail |", "|---|---|---|---|---|",
+            *[f"| {a} | {b} | {c} | {met(b, c)} | {d} |" for a, b, c, d in rows]]
+
+
 def write_doc(results: dict, plots: list[str]) -> None:
     demo, central, ov = results.get("demo"), results.get("central"), results.get("overhead")
     rows = []
@@ -360,9 +391,7 @@ def write_doc(results: dict, plots: list[str]) -> None:
         "`bench/results.json`. Ratios compare two things measured in the same run, because these machines are",
         "shared and noisy.",
         "",
-        "| what | measured | goal | detail |",
-        "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        *table(rows),
         "",
     ]
     if demo:
@@ -378,8 +407,7 @@ def write_doc(results: dict, plots: list[str]) -> None:
         lines += ["", f"## {title}", "",
                   f"Measured {cls.get('measured_at', '(see work folder)')}. Settings: `{json.dumps(cls['settings'])}`; "
                   f"run folder `{cls['work']}` in bench's work folder.", "",
-                  "| what | measured | goal | detail |", "|---|---|---|---|",
-                  *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in classify_bench.rows(cls)], ""]
+                  *table(classify_bench.rows(cls)), ""]
         lines += classify_bench.per_site_lines(cls)
         if key == "classify":
             lines += CLASSIFY_CAVEATS

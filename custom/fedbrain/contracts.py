@@ -35,7 +35,8 @@ SEGMENTATION_METRICS = (VAL_DICE, *VAL_DICE_REGIONS)
 CLASSIFICATION_METRICS = ("val_acc", "val_bacc", "val_auc", "val_loss", "n_val")
 #: What every site sends besides its task's validation metrics.
 TRAIN_LOSS, TRAIN_STEPS, ROUND_SECONDS = "train_loss", "train_steps", "round_seconds"
-SITE_SUMMARY_METRICS = ("n_train", "n_val", "n_skipped", "site_error")
+DATA_COUNTS = ("n_train", "n_val", "n_skipped")
+SITE_ERROR = "site_error"  # 1 when the site could not read its data and sends empty, zero-weight updates
 #: FLARE's meta key for the number of optimizer steps behind an update (FedAvg weights by it).
 NUM_STEPS_META = "NUM_STEPS_CURRENT_ROUND"
 

@@ -62,6 +62,7 @@ class TimedEncryptor(HEModelEncryptor):
         super().__init__(**kwargs)
         self.workers = workers  # None: the site's num_threads (local/fedbrain_site.json), else 1
         self._pool = None
+        self._pool_workers = None  # resolved once per run
 
     def _process(self, dxo, fl_ctx):
         start = time.perf_counter()
@@ -82,7 +83,9 @@ class TimedEncryptor(HEModelEncryptor):
             return 1
 
     def encryption(self, params, fl_ctx):
-        workers = self._pool_size(fl_ctx)
+        if self._pool_workers is None:
+            self._pool_workers = self._pool_size(fl_ctx)
+        workers = self._pool_workers
         with tenseal_quiet():
             if workers <= 1 or self.encrypt_layers != [True]:
                 return super().encryption(params, fl_ctx)
@@ -112,6 +115,8 @@ class TimedEncryptor(HEModelEncryptor):
         if event_type == EventType.END_RUN and self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        if event_type == EventType.END_RUN:
+            self._pool_workers = None
 
 
 class TimedHEAggregator(HEInTimeAccumulateWeightedAggregator):

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 
-from fedbrain.contracts import NUM_STEPS_META, ROUND_SECONDS, TRAIN_LOSS, TRAIN_STEPS
+from fedbrain.contracts import NUM_STEPS_META, ROUND_SECONDS, SITE_ERROR, TRAIN_LOSS, TRAIN_STEPS
 from fedbrain.filters.timing import collect_exchange_times
 from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_diff
 from fedbrain.fl.personal import PersonalHeadStore
@@ -61,7 +61,7 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
         scaffold = SharedScaffold(model, config.lr, exclude=("head",) if personal else ())
     writer = SummaryWriter()
     summary = {k: float(v) for k, v in trainer.data_summary().items() if isinstance(v, (int, float))}
-    summary["site_error"] = float(bool(site_error))
+    summary[SITE_ERROR] = float(bool(site_error))
     log.info("site %s: data from %s (%s): %s; personal part: %s", site, settings.datalist, settings.source,
              summary, store.path if store else "none")
     for case in trainer.skipped:

@@ -16,7 +16,7 @@ import statistics
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from fedbrain.contracts import REGIONS, VAL_DICE, VAL_DICE_REGIONS
+from fedbrain.contracts import DATA_COUNTS, REGIONS, VAL_DICE, VAL_DICE_REGIONS
 
 # Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
 TASKS = {
@@ -26,7 +26,7 @@ TASKS = {
                        "primary": "val_bacc", "primary_label": "balanced accuracy", "curve": "val_auc", "curve_label": "macro AUC"},
 }
 DICE_KEYS = tuple(k for k, _ in TASKS["segmentation"]["metrics"])
-DATA_KEYS = ("n_train", "n_val", "n_skipped")
+DATA_KEYS = DATA_COUNTS
 # Sites are flagged against the *other* sites: with 3 sites a plain z-score can never reach 2.
 FLAG_SD = 2.0
 # Floor of that SD: with 3 sites it comes from 2 values and can be tiny, and a site's metric on a

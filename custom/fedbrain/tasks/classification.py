@@ -28,8 +28,6 @@ from fedbrain.tasks.loop import Trainer, plain
 logger = logging.getLogger("fedbrain")
 
 DROPS = (None, "ct", "mri")
-#: Metric names returned by ``validate`` (logged by site scripts and reports).
-VAL_KEYS = CLASSIFICATION_METRICS
 
 
 @dataclass
@@ -198,8 +196,7 @@ class ClassificationTrainer(Trainer):
             raise ValueError(f"drop must be one of {DROPS}, got {drop!r}")
         if len(self.val_ds) == 0:
             logger.warning("No validation cases; validation metrics are NaN")
-            return {"val_acc": math.nan, "val_bacc": math.nan, "val_auc": math.nan, "val_loss": math.nan,
-                    "n_val": 0}
+            return {**dict.fromkeys(CLASSIFICATION_METRICS, math.nan), "n_val": 0}
         out = self.predict(model, drop=drop)
         probs, labels = out["probs"], out["labels"]
         metrics = classification_metrics(probs, labels)

@@ -22,7 +22,7 @@ from monai.data import DataLoader, MetaTensor
 from monai.utils import set_determinism
 from torch import nn
 
-from fedbrain.contracts import TRAIN_LOSS
+from fedbrain.contracts import DATA_COUNTS, TRAIN_LOSS
 
 logger = logging.getLogger("fedbrain")
 
@@ -146,7 +146,7 @@ class Trainer:
         return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def data_summary(self) -> dict:
-        return {"n_train": len(self.train_ds), "n_val": len(self.val_ds), "n_skipped": len(self.skipped)}
+        return dict(zip(DATA_COUNTS, (len(self.train_ds), len(self.val_ds), len(self.skipped))))
 
     def personal_parameter_names(self, model: nn.Module) -> list[str]:
         """state_dict keys that stay at the site (none unless the task has a personal part)."""

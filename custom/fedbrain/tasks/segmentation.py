@@ -24,7 +24,7 @@ from fedbrain.data.dataset import load_cases
 from fedbrain.data.transforms import segmentation_transforms
 from fedbrain.models.segmentation import ARCHS, model_spec, size_divisor
 from fedbrain.tasks.config import TaskConfig, three
-from fedbrain.tasks.loop import Trainer, plain
+from fedbrain.tasks.loop import Trainer, maybe_progress, plain
 
 logger = logging.getLogger("fedbrain")
 
@@ -119,8 +119,6 @@ class SegmentationTrainer(Trainer):
         from *every* validation case is reported as NaN, and ``val_dice`` is the mean of
         the regions that are present (NaN if none).
         """
-        from fedbrain.tasks.loop import maybe_progress
-
         nan = float("nan")
         if len(self.val_ds) == 0:
             logger.warning("No validation cases; validation metrics are NaN")
