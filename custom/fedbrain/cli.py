@@ -249,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cases", type=int, default=None, help="mean cases per hospital (default: 12 segment, 24 classify)")
     d.add_argument("--rounds", type=int, default=None)
     d.add_argument("--local-epochs", dest="local_epochs", type=int, default=None)
-    d.add_argument("--algorithm", default=None, choices=["personal", "fedavg", "fedprox", "scaffold"],
-                   help="classify: personal (default) | fedavg | fedprox | scaffold")
+    configs = {task: _task(task)[0] for task in TASKS}
+    d.add_argument("--algorithm", default=None, choices=sorted({a for c in configs.values() for a in c.ALGORITHMS}),
+                   help="; ".join(f"{task}: {' | '.join(c.ALGORITHMS)} (default {c().algorithm})"
+                                  for task, c in configs.items()))
     d.add_argument("--alpha", type=float, default=0.5, help="classify only: Dirichlet label-skew alpha")
     d.add_argument("--atypical", type=float, default=0.2,
                    help="classify only: fraction of gliomas that look like the other grade on MRI")

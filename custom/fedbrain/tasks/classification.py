@@ -160,9 +160,7 @@ class ClassificationTrainer(Trainer):
         return {"ce_loss": self.loss_fn(model(*self._inputs(batch)).float(), y)}
 
     def summary_line(self, r: dict) -> str:
-        line = f"loss {r['train_loss']:.4f}  acc {r['val_acc']:.3f}  bacc {r['val_bacc']:.3f}  auc {r['val_auc']:.3f}"
-        return line + "".join(f"  bacc(no {d}) {r[f'val_bacc_no_{d}']:.3f}" for d in ("ct", "mri")
-                              if f"val_bacc_no_{d}" in r)
+        return f"loss {r['train_loss']:.4f}  acc {r['val_acc']:.3f}  bacc {r['val_bacc']:.3f}  auc {r['val_auc']:.3f}"
 
     # ------------------------------------------------------------------ validate
     @torch.no_grad()

@@ -277,13 +277,11 @@ def train_central(
     model: nn.Module | None = None,
     log_dir: str | None = None,
     progress: bool = True,
-    validate_kwargs: Sequence[tuple[str, dict]] = (),
 ) -> list[dict]:
     """Centralized training of pooled cases with the same trainer, one validation per epoch.
 
     Returns one dict per epoch: ``epoch``, the ``train()`` and ``validate()`` metrics and
-    ``data_summary()``'s counts. ``validate_kwargs`` adds extra validations as
-    ``(suffix, kwargs)``, their metrics named ``<name>_<suffix>`` (e.g. a missing modality).
+    ``data_summary()``'s counts.
     With ``log_dir`` the scalars go to TensorBoard with the epoch as step. Pass ``model``
     to keep (and save) the trained network; otherwise one is built from the config.
     """
@@ -306,9 +304,6 @@ def train_central(
         for epoch in range(1, epochs + 1):
             record = {"epoch": epoch, **trainer.train(model, epochs=1, progress=progress)}
             record.update(trainer.validate(model))
-            for suffix, kwargs in validate_kwargs:
-                record.update({f"{k}_{suffix}": v for k, v in trainer.validate(model, **kwargs).items()
-                               if not k.startswith("n_")})
             record.update(summary)
             history.append(record)
             if writer is not None:
