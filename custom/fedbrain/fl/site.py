@@ -112,5 +112,5 @@ def load_site_cases(site: str, datalist: str | None = None) -> tuple[SiteSetting
         return settings, load_datalist(settings.datalist, root=settings.data_root), ""
     except (SiteConfigError, DatalistError, OSError) as e:
         log.error("site %s cannot use its data and will send empty updates: %s", site, e)
-        unusable = resolve_site_settings(site, "<unusable: see the error above>")
+        unusable = SiteSettings(site=site, datalist=Path("<unusable: see the error above>"), source="error")
         return unusable, {"training": [], "validation": []}, str(e)
