@@ -17,8 +17,17 @@ MRI_CONTRAST_LABELS = ("T1", "T1ce", "T2", "FLAIR")
 MODALITIES = ("mri", "ct")
 #: Segmentation output channels, derived from the BraTS labels 1/2/4 (TC = 1|4, WT = 1|2|4, ET = 4).
 REGIONS = ("tc", "wt", "et")
-#: BraTS label values allowed in a segmentation file.
-BRATS_LABELS = (0, 1, 2, 4)
+#: Label conventions a datalist may declare (key ``label_convention``): the values allowed in
+#: its segmentation files, the last one being enhancing tumour. BraTS 2018-2021 write it as 4,
+#: BraTS 2023 as 3 (1 core, 2 oedema in both); anything else is refused, never guessed.
+LABEL_CONVENTIONS = {"brats2021": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
+DEFAULT_LABEL_CONVENTION = "brats2021"
+#: Datalist keys beyond image/label/ct/grade/case_id: the label convention (top level or per
+#: case) and the SeriesInstanceUID that picks one series in a CT folder holding several.
+LABEL_CONVENTION_KEY, CT_SERIES_KEY = "label_convention", "ct_series_uid"
+#: A CT must hold at least this fraction of the MRI brain voxels inside its field of view
+#: (world coordinates): a CT elsewhere would feed the classifier air as "CT present".
+CT_MIN_BRAIN_COVERAGE = 0.9
 #: Classifier class index -> grade; also the allowed values of a datalist's ``grade``.
 GRADES = ("healthy", "LGG", "HGG")
 #: Datalist sections read by default.
@@ -39,6 +48,13 @@ DATA_COUNTS = ("n_train", "n_val", "n_skipped")
 SITE_ERROR = "site_error"  # 1 when the site could not read its data and sends empty, zero-weight updates
 #: FLARE's meta key for the number of optimizer steps behind an update (FedAvg weights by it).
 NUM_STEPS_META = "NUM_STEPS_CURRENT_ROUND"
+#: Differential privacy, per site and round: the epsilon this site's data has spent over all jobs so far
+#: (at ``dp_delta``), and why a site withheld its update (a code of DP_WITHHELD_REASONS; absent: it did not).
+DP_EPSILON_SPENT, DP_DELTA, DP_NOISE_MULTIPLIER = "dp_epsilon_spent", "dp_delta", "dp_noise_multiplier"
+DP_WITHHELD = "dp_withheld"
+DP_WITHHELD_REASONS = {1: "privacy budget exhausted", 2: "site requires DP; the job has none"}
+#: DXO meta key of the client-level DP filter: the epsilon its noise has bought this job so far.
+CLIENT_DP_EPSILON_META = "client_dp_epsilon"
 
 
 def case_id_of(item: dict, index: int | None = None) -> str:
@@ -53,3 +69,10 @@ def case_id_of(item: dict, index: int | None = None) -> str:
     if isinstance(label, (str, os.PathLike)) and os.path.dirname(os.fspath(label)):
         return os.path.basename(os.path.dirname(os.path.abspath(os.fspath(label))))
     return f"case-{index:04d}" if index is not None else "?"
+
+#: Filters a site's privacy.json scopes name (fedbrain.ops.builder writes them; jobs use the same classes).
+PRIVACY_FILTERS = {
+    "clip": "fedbrain.privacy.client_dp.UpdateNormClip",
+    "client_dp": "fedbrain.privacy.client_dp.ClientLevelDP",
+    "require_encryption": "fedbrain.filters.require_encryption.RequireEncryption",
+}

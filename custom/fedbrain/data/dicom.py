@@ -17,7 +17,7 @@ Geometry convention (shared by writer and reader):
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-__all__ = ["DicomSeriesError", "write_ct_series", "read_ct_series"]
+from fedbrain.contracts import CT_SERIES_KEY
+
+__all__ = ["DicomSeriesError", "SeriesInfo", "find_series", "read_ct_series", "select_series",
+           "write_ct_series"]
 
 # RAS <-> LPS flip; it is its own inverse.
 _LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -212,59 +215,181 @@ def write_ct_series(
 
 
 _REQUIRED = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+#: Companions of an image export that are not images: a CD/PACS export's index (DICOMDIR),
+#: its read-me and viewer files. Skipped by name; any other unreadable file is reported.
+_COMPANION_NAMES = ("dicomdir", "readme", "lockfile", "version", "autorun.inf")
+_COMPANION_SUFFIXES = frozenset(
+    ".txt .htm .html .xml .pdf .inf .ini .exe .dll .css .js .json .md .csv .log .jpg .jpeg .png .zip".split())
+#: DICOM objects without pixels that share study folders with images (reports, key objects,
+#: presentation states, registrations, RT structures): not a damaged slice, just not an image.
+_NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "DOC", "REG", "RTSTRUCT", "RTPLAN", "PLAN", "FID"})
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+# Pixel data above this size is read when decoded, not when the header is parsed, so a
+# study folder of thousands of files can be surveyed without holding every image.
+_DEFER_BYTES = 1024
 
 
-def _series_files(folder: Path) -> list[Path]:
-    """Every regular, non-hidden file: a stray non-DICOM file is reported, not skipped."""
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-    )
+@dataclass
+class SeriesInfo:
+    """One series found under a folder: what the error listing and the datalist builder show."""
+
+    uid: str
+    description: str
+    modality: str
+    files: list[Path]
+    datasets: list[Dataset] = field(repr=False)
+
+    @property
+    def localizer(self) -> bool:
+        """A scout / localizer: scanners mark it in ImageType; it is a projection, never a volume."""
+        return any("LOCALIZER" in str(v).upper() for ds in self.datasets[:1] for v in ds.get("ImageType", []))
+
+    def summary(self) -> str:
+        kind = ", localizer" if self.localizer else ""
+        n = len(self.files)
+        described = repr(self.description) if self.description else "(no description)"
+        return f"{self.uid} {described} ({self.modality or '?'}, {n} slice{'s' * (n != 1)}{kind})"
 
 
-def _read_slice(folder: Path, path: Path) -> Dataset:
-    """Read one file fully (pixels included) so truncation surfaces here, with its name."""
+def _is_companion(path: Path) -> bool:
+    name = path.name.lower()
+    return name.startswith(_COMPANION_NAMES) or path.suffix.lower() in _COMPANION_SUFFIXES
+
+
+def _series_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Every regular, non-hidden file at any depth (PACS exports nest patient/study/series
+    folders): ``(candidates, skipped companions)``. A stray unknown file is a candidate, so
+    it is reported rather than silently left out of a series."""
+    candidates, skipped = [], []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        (skipped if _is_companion(path) else candidates).append(path)
+    return candidates, skipped
+
+
+def _name(folder: Path, path: Path) -> str:
+    """A file as messages show it: relative to the series folder (unique even when nested)."""
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+
+
+def _read_slice(folder: Path, path: Path) -> Dataset | None:
+    """Read one file's header (pixels deferred); None for a DICOM object that is not an image.
+
+    A file cut inside its header parses as a dataset without PixelData: that is reported
+    with the file's name; one cut inside its pixels fails later, when decoded, named too.
+    """
+    name = _name(folder, path)
     try:
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
         except InvalidDicomError:
             # Old exports may lack the 128-byte preamble; a forced read of such
             # a file still finds PixelData, a forced read of junk does not.
-            ds = pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_BYTES)
             if "PixelData" not in ds:
                 raise DicomSeriesError(
-                    folder, f"{path.name} is not a DICOM file (no DICM header; truncated or foreign file)"
+                    folder, f"{name} is not a DICOM file (no DICM header; truncated or foreign file)"
                 ) from None
     except DicomSeriesError:
         raise
     except Exception as exc:  # pydicom raises EOFError, struct.error, OSError... on damage
-        raise DicomSeriesError(
-            folder, f"{path.name} is unreadable or truncated ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise DicomSeriesError(folder, f"{name} is unreadable or truncated ({type(exc).__name__}: {exc})") from exc
+    sop_class = str(ds.get("SOPClassUID", "") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID", ""))
+    if sop_class == _MEDIA_STORAGE_DIRECTORY:
+        return None
     if "PixelData" not in ds:
+        if str(ds.get("Modality", "")).upper() in _NON_IMAGE_MODALITIES:
+            return None
         # pydicom stops quietly at a premature end of file, so a file cut
         # inside its header looks like a dataset without pixels.
-        raise DicomSeriesError(folder, f"{path.name} holds no image (no PixelData): truncated or not an image")
-    missing = [name for name in _REQUIRED if name not in ds or ds[name].value in (None, "")]
-    if missing:
-        raise DicomSeriesError(folder, f"{path.name} lacks {', '.join(missing)}")
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
-        raise DicomSeriesError(folder, f"{path.name} is multi-frame; one slice per file expected")
+        raise DicomSeriesError(folder, f"{name} holds no image (no PixelData): truncated or not an image")
     return ds
 
 
+def find_series(folder) -> list[SeriesInfo]:
+    """Every image series in ``folder`` and its subfolders (a PACS or CD export, DICOMDIR
+    and read-me files skipped), largest first. Raises DicomSeriesError for a missing or
+    image-less folder and for any damaged file (named), never returns an empty list."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DicomSeriesError(folder, "not a folder" if folder.exists() else "folder does not exist")
+    files, skipped = _series_files(folder)
+    groups: dict[str, SeriesInfo] = {}
+    for path in files:
+        ds = _read_slice(folder, path)
+        if ds is None:
+            skipped.append(path)
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "<missing SeriesInstanceUID>")
+        info = groups.setdefault(uid, SeriesInfo(uid, str(ds.get("SeriesDescription", "") or ""),
+                                                 str(ds.get("Modality", "") or ""), [], []))
+        info.files.append(path)
+        info.datasets.append(ds)
+    if not groups:
+        shown = ", ".join(_name(folder, p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        raise DicomSeriesError(folder, "empty folder: no DICOM image files" + (f" (skipped: {shown})" if skipped else ""))
+    return sorted(groups.values(), key=lambda s: (-len(s.files), s.uid))
+
+
+def _unusable(series: SeriesInfo, modality: str | None) -> str | None:
+    """Why a series cannot be the volume asked for, or None when it can."""
+    if modality is not None and series.modality != modality:
+        return f"Modality is {series.modality or '<missing>'}, expected {modality}"
+    if series.localizer:
+        return f"series {series.summary()} is a scout / localizer (ImageType LOCALIZER), not a volume"
+    if len(series.files) < 2:
+        return (f"single slice: series {series.summary()} has one image; a {modality or 'volume'} "
+                "needs the whole stack of slices")
+    return None
+
+
+def select_series(folder, modality: str | None = "CT", series_uid: str | None = None) -> SeriesInfo:
+    """The one series to read from ``folder``: ``series_uid`` when given, else the only
+    series there that can be a volume of ``modality`` (scouts, single images, other
+    modalities and non-image objects beside it are left out). Refuses, listing every
+    series (UID, description, slices), when none or several qualify."""
+    folder = Path(folder)
+    found = find_series(folder)
+    listing = "; ".join(s.summary() for s in found)
+    if series_uid:
+        match = [s for s in found if s.uid == str(series_uid)]
+        if not match:
+            raise DicomSeriesError(folder, f"{CT_SERIES_KEY} {series_uid} is not in this folder; series here: {listing}")
+        chosen = match[0]
+    else:
+        usable = [s for s in found if _unusable(s, modality) is None]
+        if len(usable) > 1:
+            raise DicomSeriesError(
+                folder, f"mixed series: {len(usable)} series could be the {modality or 'volume'}; name one in the "
+                        f"datalist as \"{CT_SERIES_KEY}\". Series here: {listing}")
+        if not usable:
+            if len(found) == 1:
+                raise DicomSeriesError(folder, _unusable(found[0], modality))
+            raise DicomSeriesError(folder, f"no usable {modality or 'image'} series: {listing}")
+        chosen = usable[0]
+    reason = _unusable(chosen, modality)
+    if reason:
+        raise DicomSeriesError(folder, reason)
+    return chosen
+
+
 def _decode_hu(folder: Path, path: Path, ds: Dataset) -> np.ndarray:
-    """Decode pixels and apply the modality LUT (RescaleSlope/Intercept -> HU)."""
+    """Decode pixels (compressed transfer syntaxes through the pinned pylibjpeg plugins) and
+    apply the modality LUT (RescaleSlope/Intercept -> HU)."""
+    name = _name(folder, path)
     try:
         raw = ds.pixel_array
     except Exception as exc:  # short PixelData, missing codec, ...
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
-        name = getattr(syntax, "name", syntax)
+        syntax = getattr(syntax, "name", syntax)
         raise DicomSeriesError(
-            folder, f"{path.name}: cannot decode pixel data ({name}): {type(exc).__name__}: {exc}"
+            folder, f"{name}: cannot decode pixel data ({syntax}): {type(exc).__name__}: {' '.join(str(exc).split())}"
         ) from exc
     expected = (int(ds.Rows), int(ds.Columns))
     if raw.shape != expected:
-        raise DicomSeriesError(folder, f"{path.name}: pixel array {raw.shape} != Rows x Columns {expected}")
+        raise DicomSeriesError(folder, f"{name}: pixel array {raw.shape} != Rows x Columns {expected}: truncated "
+                                       "or not one greyscale slice")
     return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
 
 
@@ -275,37 +400,33 @@ def _check_same(folder: Path, files: list[Path], values: list, what: str, same) 
         if not same(reference, value):
             raise DicomSeriesError(
                 folder,
-                f"inconsistent {what}: {files[0].name} has {reference}, {path.name} has {value}",
+                f"inconsistent {what}: {_name(folder, files[0])} has {reference}, {_name(folder, path)} has {value}",
             )
 
 
-def read_ct_series(folder, modality: str | None = "CT") -> tuple[np.ndarray, np.ndarray]:
-    """Read one CT series folder into (HU float32 volume [i, j, k], RAS+ affine).
+def read_ct_series(folder, modality: str | None = "CT", series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CT series under ``folder`` into (HU float32 volume [i, j, k], RAS+ affine).
 
-    Slices are ordered by position along the slice normal (row x column
-    cosines), ascending, whatever the file names or InstanceNumbers say. The
-    slice step comes from the actual positions (SliceThickness is only used
-    for a single slice, where there is nothing else). Any folder that is not
-    exactly one contiguous, uniformly spaced, single-orientation series
-    raises DicomSeriesError, and so does a series whose Modality is not ``modality``
+    The series is found at any depth (see :func:`select_series`; ``series_uid`` picks one
+    where several qualify). Slices are ordered by position along the slice normal (row x
+    column cosines), ascending, whatever the file names or InstanceNumbers say, and the
+    slice step comes from the actual positions. A series that is not exactly one
+    contiguous, uniformly spaced, single-orientation greyscale stack of at least two
+    slices raises DicomSeriesError, and so does one whose Modality is not ``modality``
     (an MR series in the CT slot would otherwise be windowed as HU; None skips the check).
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DicomSeriesError(folder, "not a folder" if folder.exists() else "folder does not exist")
-    files = _series_files(folder)
-    if not files:
-        raise DicomSeriesError(folder, "empty folder: no DICOM files")
-    datasets = [_read_slice(folder, path) for path in files]
-
-    series = Counter(str(ds.get("SeriesInstanceUID", "<missing>")) for ds in datasets)
-    if len(series) > 1:
-        listing = ", ".join(f"{uid} ({n} files)" for uid, n in series.most_common())
-        raise DicomSeriesError(folder, f"mixed series: {len(series)} SeriesInstanceUIDs: {listing}")
-    if modality is not None:
-        found = sorted({str(ds.get("Modality", "")) or "<missing>" for ds in datasets})
-        if found != [modality]:
-            raise DicomSeriesError(folder, f"Modality is {'/'.join(found)}, expected {modality}")
+    series = select_series(folder, modality, series_uid)
+    files, datasets = series.files, series.datasets
+    for path, ds in zip(files, datasets):
+        missing = [name for name in _REQUIRED if name not in ds or ds[name].value in (None, "")]
+        if missing:
+            raise DicomSeriesError(folder, f"{_name(folder, path)} lacks {', '.join(missing)}")
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+            raise DicomSeriesError(folder, f"{_name(folder, path)} is multi-frame; one slice per file expected")
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise DicomSeriesError(folder, f"{_name(folder, path)} is a colour image "
+                                           f"({ds.get('PhotometricInterpretation', '?')}), not a greyscale slice")
 
     orientations = [np.asarray(ds.ImageOrientationPatient, dtype=np.float64) for ds in datasets]
     if any(o.shape != (6,) for o in orientations):
@@ -332,23 +453,17 @@ def read_ct_series(folder, modality: str | None = "CT") -> tuple[np.ndarray, np.
     along = positions @ normal
 
     row_spacing, col_spacing = (float(v) for v in datasets[0].PixelSpacing)
-    if len(datasets) == 1:
-        thickness = datasets[0].get("SliceThickness") or datasets[0].get("SpacingBetweenSlices")
-        if not thickness or float(thickness) <= 0:
-            raise DicomSeriesError(folder, f"single slice {files[0].name} without SliceThickness")
-        slice_step = normal * float(thickness)
-    else:
-        _check_slice_spacing(folder, files, along)
-        slice_step = (positions[-1] - positions[0]) / (len(positions) - 1)
-        # Every slice must sit on the line first + n * step; otherwise slices
-        # are shifted in-plane and no single affine describes them.
-        expected = positions[0] + np.outer(np.arange(len(positions)), slice_step)
-        off = np.linalg.norm(positions - expected, axis=1)
-        worst = int(np.argmax(off))
-        if off[worst] > _SPACING_ATOL + _SPACING_RTOL * float(np.linalg.norm(slice_step)):
-            raise DicomSeriesError(
-                folder, f"{files[worst].name} is displaced {off[worst]:.3f} mm from the slice stack line"
-            )
+    _check_slice_spacing(folder, files, along)
+    slice_step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    # Every slice must sit on the line first + n * step; otherwise slices
+    # are shifted in-plane and no single affine describes them.
+    expected = positions[0] + np.outer(np.arange(len(positions)), slice_step)
+    off = np.linalg.norm(positions - expected, axis=1)
+    worst = int(np.argmax(off))
+    if off[worst] > _SPACING_ATOL + _SPACING_RTOL * float(np.linalg.norm(slice_step)):
+        raise DicomSeriesError(
+            folder, f"{_name(folder, files[worst])} is displaced {off[worst]:.3f} mm from the slice stack line"
+        )
 
     lps = np.eye(4)
     lps[:3, 0] = row_cosine * col_spacing
@@ -368,7 +483,7 @@ def _check_slice_spacing(folder: Path, files: list[Path], along: np.ndarray) -> 
         if step < _DUPLICATE_ATOL:
             raise DicomSeriesError(
                 folder,
-                f"duplicate slice position: {files[n].name} and {files[n + 1].name} "
+                f"duplicate slice position: {_name(folder, files[n])} and {_name(folder, files[n + 1])} "
                 f"both at {along[n]:.3f} mm along the normal",
             )
     expected = float(np.median(steps))
@@ -379,7 +494,7 @@ def _check_slice_spacing(folder: Path, files: list[Path], along: np.ndarray) -> 
             hint = f" (about {missing} missing slice{'s' * (missing != 1)})" if missing >= 1 else ""
             raise DicomSeriesError(
                 folder,
-                f"gap / non-uniform slice spacing between {files[n].name} ({along[n]:.3f} mm) and "
-                f"{files[n + 1].name} ({along[n + 1]:.3f} mm): step {step:.3f} mm, "
+                f"gap / non-uniform slice spacing between {_name(folder, files[n])} ({along[n]:.3f} mm) and "
+                f"{_name(folder, files[n + 1])} ({along[n + 1]:.3f} mm): step {step:.3f} mm, "
                 f"expected {expected:.3f} mm{hint}",
             )
