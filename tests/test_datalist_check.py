@@ -24,7 +24,7 @@ from fedbrain.data.check import (
     summarize,
 )
 from fedbrain.data.datalist import DatalistError, load_datalist
-from fedbrain.data.dicom import write_ct_series
+from fedbrain.data.dicom import read_ct_series, write_ct_series
 
 ANATOMICAL = Path(data_path) / "anatomical.nii"  # (33, 41, 25) big-endian int16
 MODALITY_FILES = ("t1.nii", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz")
@@ -55,10 +55,27 @@ def _make_case(root: Path, case_id: str, with_ct: bool = False) -> dict:
         "grade": "HGG",
     }
     if with_ct:
-        ct = np.clip(data[:8, :8, :6] / 10.0, -1000, 2000).round()
-        write_ct_series(ct, np.diag([0.9, 0.9, 3.0, 1.0]), case_dir / "ct", patient_id=case_id)
+        _write_ct_over(source, case_dir / "ct", patient_id=case_id)
         item["ct"] = f"cases/{case_id}/ct"
     return item
+
+
+CT_SPACING = (1.7, 1.7, 3.0)
+
+
+def _write_ct_over(mri, folder: Path, patient_id: str, shift_mm=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """A CT on its own grid (1.7 x 1.7 x 3 mm, i running right to left) covering the MRI with a
+    5 mm margin, moved by ``shift_mm``; HU = 20 + i, linear in world x, so resampling by world
+    coordinates can be checked exactly. Returns the CT affine."""
+    corners = np.array([[i, j, k, 1] for i in (0, mri.shape[0] - 1) for j in (0, mri.shape[1] - 1)
+                        for k in (0, mri.shape[2] - 1)]) @ mri.affine.T
+    lo, hi = corners[:, :3].min(0) - 5 + shift_mm, corners[:, :3].max(0) + 5 + shift_mm
+    affine = np.diag([-CT_SPACING[0], CT_SPACING[1], CT_SPACING[2], 1.0])
+    affine[:3, 3] = [hi[0], lo[1], lo[2]]
+    shape = tuple(int(np.ceil((b - a) / s)) + 1 for a, b, s in zip(lo, hi, CT_SPACING))
+    hu = 20.0 + np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None], shape)
+    write_ct_series(hu, affine, folder, patient_id=patient_id)
+    return affine
 
 
 def _write_datalist(root: Path, training: list, validation: list | None = None, name="datalist.json") -> Path:
@@ -187,7 +204,7 @@ def _damage_nan(case_dir):
 def _damage_shape(case_dir):
     img = nib.load(case_dir / "t2.nii.gz")
     nib.save(nib.Nifti1Image(img.get_fdata()[:, :, :20], img.affine), case_dir / "t2.nii.gz")
-    return "t2.nii.gz", "shape (33, 41, 20) differs from label seg.nii.gz (33, 41, 25)"
+    return "t2.nii.gz", "not on the voxel grid of label seg.nii.gz: shape (33, 41, 20) differs from (33, 41, 25)"
 
 
 def _damage_affine(case_dir):
@@ -195,7 +212,7 @@ def _damage_affine(case_dir):
     affine = img.affine.copy()
     affine[:3, 3] += [3.0, 4.0, 0.0]
     nib.save(nib.Nifti1Image(img.get_fdata(), affine), case_dir / "flair.nii.gz")
-    return "flair.nii.gz", "affine differs from label seg.nii.gz: origin shifted by 5.000 mm"
+    return "flair.nii.gz", "not on the voxel grid of label seg.nii.gz: affine differs: origin shifted by 5.000 mm"
 
 
 def _damage_voxel_size(case_dir):
@@ -206,7 +223,7 @@ def _damage_voxel_size(case_dir):
 
 def _damage_missing(case_dir):
     (case_dir / "t1ce.nii.gz").unlink()
-    return "t1ce.nii.gz", "file missing"
+    return "t1ce.nii.gz", "file not found"
 
 
 def _damage_empty(case_dir):
@@ -225,10 +242,46 @@ def _damage_ct_truncated(case_dir):
     return "IM0002.dcm", "CT ct:"
 
 
+def _damage_all_4d(case_dir):
+    for f in (*MODALITY_FILES, "seg.nii.gz"):
+        img = nib.load(case_dir / f)
+        data = np.asanyarray(img.dataobj)
+        nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), img.affine), case_dir / f)
+    return "seg.nii.gz", "not a 3D volume"
+
+
+def _damage_label_fraction(case_dir):
+    img = nib.load(case_dir / "seg.nii.gz")
+    label = np.asanyarray(img.dataobj).astype(np.float32)
+    label[label == 4] = 1.5
+    nib.save(nib.Nifti1Image(label, img.affine), case_dir / "seg.nii.gz")
+    return "seg.nii.gz", "values outside {0, 1, 2, 4}: 1.5"
+
+
+def _damage_zero_image(case_dir):
+    img = nib.load(case_dir / "t2.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), case_dir / "t2.nii.gz")
+    return "t2.nii.gz", "all voxels are zero (no brain)"
+
+
+def _damage_ct_elsewhere(case_dir):
+    """A CT of the same head in its scanner's own space, 400 mm away from the MRI's."""
+    shutil.rmtree(case_dir / "ct")
+    _write_ct_over(nib.load(case_dir / "seg.nii.gz"), case_dir / "ct", "P", shift_mm=(0.0, 0.0, 400.0))
+    return "ct", "covers 0% of the MRI brain (needs 90%)"
+
+
+def _damage_ct_single_slice(case_dir):
+    for extra in sorted((case_dir / "ct").iterdir())[1:]:
+        extra.unlink()
+    return "ct", "single slice"
+
+
 DAMAGES = [
     _damage_truncate_gz, _damage_gz_trailer, _damage_short_nii, _damage_label_value_3, _damage_nan,
     _damage_shape, _damage_affine, _damage_voxel_size, _damage_missing, _damage_empty,
-    _damage_ct_gap, _damage_ct_truncated,
+    _damage_ct_gap, _damage_ct_truncated, _damage_all_4d, _damage_label_fraction, _damage_zero_image,
+    _damage_ct_elsewhere, _damage_ct_single_slice,
 ]
 
 
@@ -248,13 +301,13 @@ def test_each_damage_is_reported_with_file_and_reason(tmp_path, damage):
     assert not result.ok
     matching = [p for p in result.problems if file_name in p and reason in p]
     assert matching, result.problems
-    # A single damage should not cascade into unrelated complaints.
-    assert len(result.problems) == 1, result.problems
+    # A single damage should not cascade into unrelated complaints (five 4-D files are five).
+    assert len(result.problems) == (5 if damage is _damage_all_4d else 1), result.problems
 
 
 def test_check_case_never_raises_on_malformed_item():
     result = check_case({"case_id": "X", "image": None}, "training")
-    assert not result.ok and "malformed" in result.problems[0]
+    assert not result.ok and "expected 4 image files" in result.problems[0]
 
 
 # --------------------------------------------------------------------------- check_datalist / CLI helpers
@@ -393,3 +446,129 @@ def test_data_check_accepts_a_folder_of_site_datalists_like_train(tmp_path):
     bad = tmp_path / "data" / "site-2" / "cases" / "site-2-C1" / "seg.nii.gz"
     bad.unlink()
     assert cli_main(["data", "check", str(tmp_path / "data")]) == 1
+
+
+# --------------------------------------------------------------------------- one validator: check == training
+
+
+def _load_for_training(case):
+    """What a segmentation and a classification site load from ``[case]``: (loaded?, skip reason) per task."""
+    from fedbrain.data.dataset import load_cases
+    from fedbrain.data.multimodal import classification_transforms, load_classification_cases
+    from fedbrain.data.transforms import segmentation_transforms
+
+    out = {}
+    for task, (load, transform) in {
+        "segment": (load_cases, segmentation_transforms(False, spacing=4.0)),
+        "classify": (load_classification_cases, classification_transforms(False, spatial_size=(8, 8, 8))),
+    }.items():
+        dataset, skipped = load([case], transform)
+        out[task] = (len(dataset) == 1, skipped[0].reason if skipped else None)
+    return out
+
+
+@pytest.mark.parametrize("damage", [None, *DAMAGES], ids=lambda f: f.__name__.removeprefix("_damage_") if f else "clean")
+def test_data_check_and_training_decide_alike(tmp_path, damage):
+    """Every damaged-case fixture through `data check` and through both tasks' loading:
+    a case the check passes is loaded, a case it fails is skipped with exactly its problems."""
+    item = _make_case(tmp_path, "CASE", with_ct=True)
+    if damage is not None:
+        damage(_case_dir(tmp_path, "CASE"))
+    case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
+    checked = check_case(case)
+    assert checked.ok == (damage is None), checked.problems
+    for task, (loaded, reason) in _load_for_training(case).items():
+        assert loaded == checked.ok, (task, reason)
+        assert reason == (None if checked.ok else "; ".join(checked.problems)), task
+
+
+# --------------------------------------------------------------------------- label conventions
+
+
+def _relabel(case_dir: Path, mapping: dict) -> np.ndarray:
+    img = nib.load(case_dir / "seg.nii.gz")
+    label = np.asanyarray(img.dataobj).copy()
+    out = label.copy()
+    for old, new in mapping.items():
+        out[label == old] = new
+    nib.save(nib.Nifti1Image(out, img.affine), case_dir / "seg.nii.gz")
+    return out
+
+
+def test_brats2023_labels_are_read_when_the_datalist_says_so(tmp_path):
+    """BraTS 2023 writes enhancing tumour as 3: declared at the datalist's top level, the check
+    passes and training's ET channel is exactly the voxels labelled 3."""
+    from fedbrain.data.dataset import load_cases
+    from fedbrain.data.transforms import segmentation_transforms
+
+    item = _make_case(tmp_path, "C-2023")
+    label = _relabel(_case_dir(tmp_path, "C-2023"), {4: 3})
+    path = _write_datalist(tmp_path, [item])
+    content = json.loads(path.read_text())
+    content["label_convention"] = "brats2023"
+    path.write_text(json.dumps(content))
+    case = load_datalist(path)["training"][0]
+    assert case["label_convention"] == "brats2023"
+    assert check_case(case).ok
+    dataset, skipped = load_cases([case], segmentation_transforms(False, spacing=2.0, k_divisible=1))
+    assert not skipped
+    tc, wt, et = (dataset.items[0]["label"][n].numpy() for n in range(3))
+    assert et.sum() == (label == 3).sum() > 0
+    assert wt.sum() == (label > 0).sum() and tc.sum() == np.isin(label, (1, 3)).sum()
+
+
+def test_a_label_outside_the_declared_convention_is_refused_in_both_paths(tmp_path):
+    item = _make_case(tmp_path, "C-0001", with_ct=True)  # labels 0/1/2/4 ...
+    item["label_convention"] = "brats2023"  # ... declared as BraTS 2023 for this case
+    case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
+    problems = check_case(case).problems
+    assert problems == ['label seg.nii.gz: values outside {0, 1, 2, 3}: 4 (label convention brats2023; these are '
+                        'brats2021\'s values (enhancing tumour 4): declare "label_convention": "brats2021" in the '
+                        'datalist, or relabel 4 -> 3)']
+    assert {reason for _, reason in _load_for_training(case).values()} == {problems[0]}
+
+
+def test_an_unknown_label_convention_is_a_datalist_error(tmp_path):
+    path = _write_datalist(tmp_path, [_make_case(tmp_path, "C-0001")])
+    path.write_text(json.dumps({**json.loads(path.read_text()), "label_convention": "brats2024"}))
+    with pytest.raises(DatalistError, match=r"label_convention 'brats2024' is not one of brats2021, brats2023"):
+        load_datalist(path)
+
+
+# --------------------------------------------------------------------------- CT in the MRI's world
+
+
+def test_ct_on_another_grid_is_resampled_onto_the_mri_by_world_coordinates(tmp_path):
+    """The fixture CT has 1.7 x 1.7 x 3 mm voxels, i running right to left, and HU = 20 + i:
+    on the MRI grid every voxel must hold the CT's HU at that voxel's world position."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ResampleToMatchd
+
+    from fedbrain.data.multimodal import LoadCTSeriesd
+
+    item = _make_case(tmp_path, "C-0001", with_ct=True)
+    case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
+    assert check_case(case).ok
+    chain = Compose([
+        LoadImaged(keys="mri", reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys="mri"),
+        LoadCTSeriesd(keys="ct", ref_key="mri"),
+        ResampleToMatchd(keys="ct", key_dst="mri", mode="bilinear", padding_mode="border"),
+    ])
+    out = chain({"mri": case["image"], "ct": case["ct"]})
+    mri = nib.load(case["label"])
+    np.testing.assert_allclose(np.asarray(out["ct"].affine), mri.affine, atol=1e-4)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in mri.shape], indexing="ij"), -1).reshape(-1, 3)
+    world_x = index @ mri.affine[0, :3] + mri.affine[0, 3]
+    _, ct_affine = read_ct_series(case["ct"])
+    expected = 20.0 + (world_x - ct_affine[0, 3]) / ct_affine[0, 0]  # HU = 20 + i of the CT
+    np.testing.assert_allclose(out["ct"][0].numpy().reshape(-1), expected, atol=1e-3)
+
+
+def test_a_ct_elsewhere_is_refused_with_the_overlap_and_never_fed_as_zeros(tmp_path):
+    item = _make_case(tmp_path, "C-0001", with_ct=True)
+    _damage_ct_elsewhere(_case_dir(tmp_path, "C-0001"))
+    case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
+    [problem] = check_case(case).problems
+    assert problem.startswith("CT ct: covers 0% of the MRI brain (needs 90%): CT spans x ")
+    assert "z 379..439, brain x -32..32 y -40..40 z -16..32 (mm, RAS); CT and MRI must be in one space" in problem
+    assert _load_for_training(case) == {"segment": (False, problem), "classify": (False, problem)}

@@ -19,7 +19,16 @@ import json
 import os
 from pathlib import Path
 
-from fedbrain.contracts import GRADES, MRI_CONTRAST_LABELS, SECTIONS, case_id_of
+from fedbrain.contracts import (
+    CT_SERIES_KEY,
+    DEFAULT_LABEL_CONVENTION,
+    GRADES,
+    LABEL_CONVENTION_KEY,
+    LABEL_CONVENTIONS,
+    MRI_CONTRAST_LABELS,
+    SECTIONS,
+    case_id_of,
+)
 
 __all__ = [
     "DatalistError",
@@ -46,8 +55,16 @@ def _is_path_string(value) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
-def _parse_item(item, where: str, root: Path) -> dict:
-    """Validate one item and return a copy with absolute paths and a case_id."""
+def _label_convention(value, where: str) -> str:
+    if value not in LABEL_CONVENTIONS:
+        raise DatalistError(f"{where}: {LABEL_CONVENTION_KEY} {value!r} is not one of {', '.join(LABEL_CONVENTIONS)} "
+                            "(BraTS 2018-2021 labels 0/1/2/4, BraTS 2023 labels 0/1/2/3)")
+    return value
+
+
+def _parse_item(item, where: str, root: Path, convention: str = DEFAULT_LABEL_CONVENTION) -> dict:
+    """Validate one item and return a copy with absolute paths, a case_id and its label convention
+    (the item's own, else the datalist's)."""
     if not isinstance(item, dict):
         raise DatalistError(f"{where}: item must be an object, got {type(item).__name__}")
     images = item.get("image")
@@ -78,6 +95,14 @@ def _parse_item(item, where: str, root: Path) -> dict:
         parsed["ct"] = _resolve(root, item["ct"])
     else:
         parsed.pop("ct", None)
+    if item.get(CT_SERIES_KEY) is not None:
+        if not _is_path_string(item[CT_SERIES_KEY]) or "ct" not in parsed:
+            raise DatalistError(f"{where}: {CT_SERIES_KEY} must be a SeriesInstanceUID string next to a 'ct' folder, "
+                                f"got {item[CT_SERIES_KEY]!r}")
+        parsed[CT_SERIES_KEY] = item[CT_SERIES_KEY].strip()
+    else:
+        parsed.pop(CT_SERIES_KEY, None)
+    parsed[LABEL_CONVENTION_KEY] = _label_convention(item.get(LABEL_CONVENTION_KEY) or convention, where)
 
     if "grade" in item and item["grade"] is not None:
         if item["grade"] not in GRADES:
@@ -98,8 +123,10 @@ def load_datalist(path, root=None, sections=SECTIONS) -> dict[str, list[dict]]:
     """Read a datalist and return ``{section: [item, ...]}`` for ``sections``.
 
     Every item has absolute ``image`` (4 paths, BraTS order), ``label``,
-    optional ``ct``, a ``case_id`` (default: the label's folder name) and a
-    validated optional ``grade``. Files are not opened here (that is
+    optional ``ct`` (and ``ct_series_uid`` picking one series in it), a
+    ``case_id`` (default: the label's folder name), a validated optional
+    ``grade`` and its ``label_convention`` (the item's, else the datalist's
+    top-level one, else ``brats2021``). Files are not opened here (that is
     ``fedbrain.data.check``'s job), so loading stays cheap.
 
     A missing section is an empty list, but a datalist with no case in any
@@ -121,6 +148,7 @@ def load_datalist(path, root=None, sections=SECTIONS) -> dict[str, list[dict]]:
     if not isinstance(raw, dict):
         raise DatalistError(f"{path}: top level must be a JSON object with sections, got {type(raw).__name__}")
 
+    convention = _label_convention(raw.get(LABEL_CONVENTION_KEY) or DEFAULT_LABEL_CONVENTION, str(path))
     result: dict[str, list[dict]] = {}
     seen: dict[str, str] = {}
     for section in sections:
@@ -132,7 +160,7 @@ def load_datalist(path, root=None, sections=SECTIONS) -> dict[str, list[dict]]:
         parsed_items = []
         for index, item in enumerate(items):
             where = f"{path}: {section}[{index}]"
-            parsed = _parse_item(item, where, root)
+            parsed = _parse_item(item, where, root, convention)
             previous = seen.get(parsed["case_id"])
             if previous is not None:
                 derived = "" if item.get("case_id") else (

@@ -5,6 +5,8 @@ the whole site. Real hospital exports contain such cases, and a federated site t
 crashes takes its data out of the round. Here each case runs the deterministic prefix
 of the transform inside its own try/except; failures become :class:`SkippedCase`
 records (logged at WARNING on the ``fedbrain`` logger) that the caller can report.
+Which cases are bad is decided by :func:`fedbrain.data.validate.case_problems`, the
+validator ``fedbrain data check`` runs, so the check's verdict is what training does.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from dataclasses import asdict, dataclass
 
 import nibabel as nib
 import numpy as np
-import torch
 from monai.transforms import Compose, Transform
 from monai.transforms.transform import RandomizableTrait, apply_transform
 from torch.utils.data import Dataset
 
-from fedbrain.contracts import AFFINE_ATOL_MM, BRATS_LABELS, MRI_CONTRAST_LABELS, case_id_of
+from fedbrain.contracts import LABEL_CONVENTION_KEY, MRI_CONTRAST_LABELS, case_id_of
+from fedbrain.data.validate import case_problems, label_convention_of
 
 logger = logging.getLogger("fedbrain")
 
@@ -86,64 +88,19 @@ def _files(case: dict) -> list[tuple[str, str]]:
     return out
 
 
-def _check_case(case: dict) -> None:
-    """Cheap header-level checks that would otherwise fail late or silently.
-
-    All five files must share one voxel grid (shape and affine), as BraTS ships them:
-    a label on another grid would be cropped and padded out of register without error.
-    """
-    images = case.get("image")
-    if not isinstance(images, Sequence) or isinstance(images, (str, bytes)) or len(images) != N_MODALITIES:
-        raise CaseError(f"expected {N_MODALITIES} image files (T1, T1ce, T2, FLAIR), got {images!r}")
-    if not case.get("label"):
-        raise CaseError("no label file")
-    ref = None
-    for role, path in _files(case):
-        if not os.path.isfile(path):
-            raise CaseError(f"{role} file not found: {path}")
-        try:
-            header = nib.load(path)
-        except Exception as exc:  # noqa: BLE001
-            raise CaseError(f"{role} file unreadable: {path} ({type(exc).__name__}: {_first_line(exc)})") from exc
-        if len(header.shape) != 3:
-            raise CaseError(f"{role} file is not a 3D volume (shape {header.shape}): {path}")
-        if ref is None:
-            ref = (role, header.shape, header.affine)
-        elif header.shape != ref[1] or not np.allclose(header.affine, ref[2], rtol=0, atol=AFFINE_ATOL_MM):
-            raise CaseError(
-                f"{role} file is not on the {ref[0]} voxel grid (shape {header.shape} vs {ref[1]}): {path}"
-            )
-        if role == "label":  # other values would silently become background in the TC/WT/ET channels
-            bad = non_brats_label_values(header.dataobj)
-            if bad.size:
-                raise CaseError(label_values_problem(bad, path))
-
-
-def non_brats_label_values(data) -> np.ndarray:
-    """Distinct label values that are not BraTS 0/1/2/4 (fractions included): the one rule both
-    ``fedbrain data check`` and loading for training apply."""
-    values = np.unique(np.asarray(data))
-    return values[~np.isin(values, BRATS_LABELS)]
-
-
-def label_values_problem(bad: np.ndarray, name: str) -> str:
-    shown = ", ".join(f"{v:g}" for v in bad[:8]) + (f", ... ({len(bad)} distinct)" if len(bad) > 8 else "")
-    hint = " (BraTS 2023 writes enhancing tumour as 3: relabel 3 -> 4)" if 3 in bad else ""
-    return f"label {name}: values outside {{0, 1, 2, 4}}: {shown}{hint}"
+def require_usable(case: dict) -> None:
+    """The one validator ``fedbrain data check`` runs: a case it reports is skipped here, with
+    the same reasons, and a case it passes is loaded."""
+    problems = case_problems(case)
+    if problems:
+        raise CaseError("; ".join(problems))
 
 
 def _check_item(item: dict, case: dict) -> None:
-    """Reject outputs that would poison training: empty brain, non-finite intensities."""
+    """The transforms' output has the shapes the network expects (a guard on our own chain)."""
     image, label = item["image"], item["label"]
-    files = dict(_files(case))
     if image.shape[0] != N_MODALITIES or label.shape[0] != 3 or image.shape[1:] != label.shape[1:]:
-        raise CaseError(f"unexpected shapes image {tuple(image.shape)} label {tuple(label.shape)} ({files['T1']})")
-    if not bool(image.any()):
-        raise CaseError(f"no brain voxels: all four images are zero ({files['T1']} ...)")
-    finite = torch.isfinite(torch.as_tensor(image)).flatten(1).all(1)
-    if not bool(finite.all()):
-        bad = [role for (role, _), ok in zip(_files(case), finite.tolist()) if not ok]
-        raise CaseError(f"non-finite intensities in {', '.join(files[r] for r in bad)}")
+        raise CaseError(f"unexpected shapes image {tuple(image.shape)} label {tuple(label.shape)} ({case['image'][0]})")
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -236,8 +193,9 @@ def load_with_skips(
 
 
 def _prepare_segmentation_case(case: dict, head: Compose) -> dict:
-    _check_case(case)
-    item = apply_transform(head, {"image": list(case["image"]), "label": case["label"]})
+    require_usable(case)
+    item = apply_transform(head, {"image": list(case["image"]), "label": case["label"],
+                                  LABEL_CONVENTION_KEY: label_convention_of(case)})
     _check_item(item, case)
     return item
 

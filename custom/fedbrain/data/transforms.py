@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from monai.transforms import (
     Compose,
+    MapTransform,
     ConvertToMultiChannelBasedOnBratsClassesd,
     CropForegroundd,
     DivisiblePadd,
@@ -30,13 +31,34 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from fedbrain.contracts import MRI_CONTRASTS
+from fedbrain.contracts import DEFAULT_LABEL_CONVENTION, LABEL_CONVENTION_KEY, LABEL_CONVENTIONS, MRI_CONTRASTS
 
 #: Order of the four MRI channels (BraTS order, see docs/CONTRACTS.md).
 MODALITIES = MRI_CONTRASTS
 
 
 KEYS = ("image", "label")
+
+
+class ToBratsLabelsd(MapTransform):
+    """Relabel a segmentation from the item's label convention (``label_convention``, default
+    BraTS 2018-2021) to BraTS 2018-2021 values, whose 1/2/4 MONAI's region conversion reads:
+    BraTS 2023's enhancing tumour 3 becomes 4. Values were validated before (data.validate).
+    The convention key is removed: later MONAI transforms expect only arrays in the item."""
+
+    def __call__(self, data):
+        d = dict(data)
+        source = LABEL_CONVENTIONS[d.pop(LABEL_CONVENTION_KEY, None) or DEFAULT_LABEL_CONVENTION]
+        target = LABEL_CONVENTIONS[DEFAULT_LABEL_CONVENTION]
+        if source != target:
+            for key in self.key_iterator(d):
+                label = d[key]
+                out = label.clone() if hasattr(label, "clone") else label.copy()
+                for old, new in zip(source, target):
+                    if old != new:
+                        out[label == old] = new
+                d[key] = out
+        return d
 
 
 def _triple(value: float | Sequence[float], name: str) -> tuple:
@@ -53,7 +75,8 @@ def segmentation_transforms(
     roi_size: int | Sequence[int] = (64, 64, 64),
     k_divisible: int = 16,
 ) -> Compose:
-    """Dict transform for items ``{"image": [t1, t1ce, t2, flair], "label": seg}``.
+    """Dict transform for items ``{"image": [t1, t1ce, t2, flair], "label": seg}`` (plus the
+    optional ``label_convention`` of the case's datalist).
 
     Output: ``image`` float32 (4, X, Y, Z) z-scored per channel inside the brain, and
     ``label`` float32 (3, X, Y, Z) holding TC / WT / ET.
@@ -73,6 +96,7 @@ def segmentation_transforms(
     steps = [
         LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys=keys),  # the 4 image files are stacked as 4 channels
+        ToBratsLabelsd(keys="label"),  # consumes the item's label_convention
         # labels=None: use the MetaTensor's own space (RAS for NIfTI), MONAI's new default.
         Orientationd(keys=keys, axcodes="RAS", labels=None),
         Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest")),
