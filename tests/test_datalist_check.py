@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from nibabel.testing import data_path
 from rich.console import Console
@@ -277,11 +278,27 @@ def _damage_ct_single_slice(case_dir):
     return "ct", "single slice"
 
 
+def _damage_ct_air(case_dir):
+    """The CT grid covers the brain but holds air there: a CT of another region or position."""
+    files = sorted((case_dir / "ct").iterdir())
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.zeros_like(ds.pixel_array).tobytes()  # stored 0 = -1024 HU
+        ds.save_as(path)
+    return "ct", "is air (below -200 HU) in 100% of the MRI brain"
+
+
+def _damage_ct_two_series(case_dir):
+    """A second CT volume (another reconstruction kernel) exported into the same folder."""
+    _write_ct_over(nib.load(case_dir / "seg.nii.gz"), case_dir / "ct" / "bone", "P")
+    return "ct", 'mixed series: 2 series could be the CT; name one in the datalist as "ct_series_uid"'
+
+
 DAMAGES = [
     _damage_truncate_gz, _damage_gz_trailer, _damage_short_nii, _damage_label_value_3, _damage_nan,
     _damage_shape, _damage_affine, _damage_voxel_size, _damage_missing, _damage_empty,
     _damage_ct_gap, _damage_ct_truncated, _damage_all_4d, _damage_label_fraction, _damage_zero_image,
-    _damage_ct_elsewhere, _damage_ct_single_slice,
+    _damage_ct_elsewhere, _damage_ct_single_slice, _damage_ct_air, _damage_ct_two_series,
 ]
 
 
@@ -572,3 +589,20 @@ def test_a_ct_elsewhere_is_refused_with_the_overlap_and_never_fed_as_zeros(tmp_p
     assert problem.startswith("CT ct: covers 0% of the MRI brain (needs 90%): CT spans x ")
     assert "z 379..439, brain x -32..32 y -40..40 z -16..32 (mm, RAS); CT and MRI must be in one space" in problem
     assert _load_for_training(case) == {"segment": (False, problem), "classify": (False, problem)}
+
+
+def test_ct_series_uid_in_the_datalist_picks_one_of_several_series(tmp_path):
+    item = _make_case(tmp_path, "C-0001", with_ct=True)
+    case_dir = _case_dir(tmp_path, "C-0001")
+    _damage_ct_two_series(case_dir)
+    wanted = pydicom.dcmread(next((case_dir / "ct" / "bone").iterdir())).SeriesInstanceUID
+    item["ct_series_uid"] = wanted
+    case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
+    assert check_case(case).ok
+    assert _load_for_training(case) == {"segment": (True, None), "classify": (True, None)}
+    item["ct_series_uid"] = "1.2.3"
+    case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
+    assert "ct_series_uid 1.2.3 is not in this folder; series here: " in check_case(case).problems[0]
+    item.pop("ct")
+    with pytest.raises(DatalistError, match="ct_series_uid must be a SeriesInstanceUID string next to a 'ct' folder"):
+        load_datalist(_write_datalist(tmp_path, [item]))
