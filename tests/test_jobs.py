@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from fedbrain.fl.executor import installed_site_script
 from test_config import changed
 
 from fedbrain.fl.site_loop import parse_site_args
@@ -68,7 +70,8 @@ def test_site_rebuilds_exactly_the_exported_config(name, tmp_path):
 
 @pytest.mark.parametrize("name", JOBS)
 def test_exported_job_is_portable(name):
-    """No path of the machine that exported it; the site script rides in custom/; no library copy."""
+    """No path of the machine that exported it; no code at all: each site runs the script of the
+    fedbrain it installed (FLARE then treats the job as code-free and checks its class allow-list)."""
     job, config_cls = JOBS[name]
     folder = JOBS_DIR / name / config_cls().name
     machine = {str(Path.home()), str(JOBS_DIR.parent), sys.prefix, tempfile.gettempdir(), str(Path.cwd())}
@@ -78,15 +81,19 @@ def test_exported_job_is_portable(name):
             assert not [m for m in machine if m in text], path
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["name"] == config_cls().name
+    assert not list(folder.rglob("custom")), "a job folder carries configuration only"
     for app in folder.glob("app*"):
-        assert not (app / "custom" / "fedbrain").exists(), "the installed fedbrain would shadow this copy"
         config = app / "config" / "config_fed_client.json"
         if not config.is_file():
             continue
         client = json.loads(config.read_text())
-        scripts = [e["executor"]["args"].get("task_script_path") for e in client.get("executors", [])]
-        assert scripts == [job.SITE_SCRIPT], (app, scripts)
-        assert (app / "custom" / job.SITE_SCRIPT).is_file()
+        executors = [e["executor"] for e in client.get("executors", [])]
+        assert [e["path"] for e in executors] == ["fedbrain.fl.executor.InstalledScriptExecutor"], app
+        assert [e["args"]["site_script"] for e in executors] == [job.SITE_SCRIPT], app
+        # The installed fedbrain has the script the job names; a job naming another is refused clearly.
+        assert Path(installed_site_script(job.SITE_SCRIPT)).is_file()
+    with pytest.raises(ValueError, match="has no site script 'train.py'"):
+        installed_site_script("train.py")
 
 
 def test_classification_job_excludes_exactly_the_head_at_every_site():

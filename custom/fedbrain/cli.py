@@ -188,6 +188,29 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_provision(a) -> int:
+    from fedbrain.ops.kit import KitError
+    from fedbrain.ops.provision import provision
+
+    try:
+        prod = provision(Path(a.project), Path(a.out))
+    except KitError as e:
+        console.print(f"[red]provisioning failed:[/] {e}")
+        return 1
+    console.print(f"kits written to [bold]{prod}[/]:")
+    for kit in sorted(p for p in prod.iterdir() if p.is_dir()):
+        console.print(f"  {kit.name}")
+    console.print("Send each participant only its own folder (it holds its private key); keep "
+                  f"{prod.parent / 'state'} (the root CA key) offline. Hospitals: docs/hospital-it.md.")
+    return 0
+
+
+def cmd_kit_verify(a) -> int:
+    from fedbrain.ops.kit_guard import guard
+
+    return 1 if guard(Path(a.kit), probe_server=not a.offline) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fedbrain import __version__
 
@@ -261,6 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encrypted aggregation: sites send CKKS ciphertext, the server sums what it cannot read")
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")
     d.set_defaults(func=cmd_demo)
+
+    pv = sub.add_parser("provision", help="production startup kits for every participant (FLARE provisioning "
+                        "plus site policies and a signed kit manifest)")
+    pv.add_argument("project", help="project file, e.g. provisioning/consortium/project.yml")
+    pv.add_argument("--out", required=True, help="folder for the kits (and the consortium's root CA state)")
+    pv.set_defaults(func=cmd_provision)
+
+    kv = sub.add_parser("kit", help="startup kit tools").add_subparsers(dest="kit_cmd", required=True)
+    kvv = kv.add_parser("verify", help="check a kit against its signed manifest, its certificate and the server "
+                                       "(what the kit's start script runs); exit 1 if refused")
+    kvv.add_argument("kit", help="the participant's kit folder (holding startup/ and local/)")
+    kvv.add_argument("--offline", action="store_true", help="skip the TLS handshake with the server")
+    kvv.set_defaults(func=cmd_kit_verify)
 
     r = sub.add_parser("report", help="render the per-site report of any downloaded job result")
     r.add_argument("result", help="downloaded job result folder")

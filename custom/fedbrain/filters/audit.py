@@ -1,7 +1,7 @@
 """Server-side record of exactly what each site sent: parameter names, shapes, dtypes.
 
 An auditor (or a test) can then prove from the job result alone that a personal head, or anything
-shaped like an input image, never reached the server. Arrays riding in the update's meta (SCAFFOLD's
+shaped like an input image, never reached the server, and how large (L2 norm) each plaintext update was. Arrays riding in the update's meta (SCAFFOLD's
 control differences) are recorded the same way under ``meta_arrays``. It records and passes the
 update unchanged.
 """
@@ -27,6 +27,20 @@ def _wire_bytes(value) -> int:
     if isinstance(value, (bytes, bytearray)):
         return len(value)
     return int(getattr(value, "nbytes", 0))
+
+
+def _plain_l2_norm(data: dict) -> float | None:
+    """L2 norm of a plaintext update over all its arrays (proves clipping on the wire); None if encrypted."""
+    import numpy as np
+
+    total = 0.0
+    for value in data.values():
+        if type(value).__name__ == "CKKSVector" or isinstance(value, (bytes, bytearray)):
+            return None
+        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        if arr.dtype.kind == "f":
+            total += float(np.sum(arr.astype(np.float64) ** 2))
+    return total ** 0.5
 
 
 class ReceivedUpdateAudit(Filter):
@@ -59,6 +73,7 @@ class ReceivedUpdateAudit(Filter):
                             if isinstance(v, dict) and v and all(hasattr(x, "shape") for x in v.values())},
         }
         entry["bytes"] = sum(p["bytes"] for p in entry["params"].values())
+        entry["l2_norm"] = _plain_l2_norm(data) if isinstance(data, dict) else None
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN))
         with open(Path(run_dir) / self.file_name, "a") as f:
             f.write(json.dumps(entry) + "\n")

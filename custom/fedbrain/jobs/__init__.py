@@ -3,7 +3,9 @@
 ``build_recipe(config)`` is the one definition of a task's job: the server's initial model
 is ``config.model_spec()``, and the whole config reaches every site as one JSON argument
 of the site script (``--config``), which rebuilds it exactly. The site scripts live in
-``fedbrain/jobs/sites/`` (package data), so an installed wheel exports jobs anywhere.
+``fedbrain/jobs/sites/`` (package data). A job carries no code: each site runs the script
+of the fedbrain it installed (:class:`fedbrain.fl.executor.InstalledScriptExecutor`), so the
+exported job has no ``custom/`` folder and FLARE treats it as code-free, not BYOC.
 """
 
 from __future__ import annotations
@@ -41,10 +43,45 @@ def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_na
     else:
         build = _build_plain
     recipe = build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names, sites=sites)
+    run_installed_scripts(recipe._job)  # client apps that exist already (SCAFFOLD, encrypted)
     add_experiment_tracking(recipe, "tensorboard")  # site metrics stream to the server's tb_events/
     # Sites and server run the fedbrain they installed: no shadowed copy of it in custom/.
     recipe._job.set_app_packages(INSTALLED_PACKAGES)
     return recipe
+
+
+def run_installed_scripts(job) -> None:
+    """Make every client app code-free: FLARE's script executor becomes fedbrain's installed-script
+    executor (same script name, arguments and exchange formats) and the copied script is dropped."""
+    from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+
+    from fedbrain.fl.executor import InstalledScriptExecutor
+
+    for app in job._deploy_map.values():
+        cfg = getattr(app, "app_config", None)
+        replaced = set()
+        for definition in getattr(cfg, "executors", []):
+            old = definition.executor
+            if type(old) is ClientAPIExecutor:
+                name = Path(old._task_script_path).name
+                definition.executor = InstalledScriptExecutor(
+                    name, old._task_script_args, params_exchange_format=old._params_exchange_format,
+                    server_expected_format=old._server_expected_format, params_transfer_type=old._params_transfer_type)
+                replaced.add(name)
+        if cfg is not None and replaced:
+            cfg.ext_scripts = [s for s in cfg.ext_scripts if Path(s).name not in replaced]
+
+
+def _code_free_fedavg():
+    """FLARE's FedAvg recipe whose per-site client apps (made at export) run installed scripts."""
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+
+    class CodeFreeFedAvgRecipe(FedAvgRecipe):
+        def _prepare_client_apps(self) -> None:
+            super()._prepare_client_apps()
+            run_installed_scripts(self._job)
+
+    return CodeFreeFedAvgRecipe
 
 
 def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites):
@@ -55,7 +92,6 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
     records what it receives (``ReceivedUpdateAudit``).
     """
     from nvflare.app_common.filters.exclude_vars import ExcludeVars
-    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.app_opt.pt.recipes.scaffold import ScaffoldRecipe
     from nvflare.client.config import ExchangeFormat, TransferType
     from nvflare.recipe.utils import add_final_global_evaluation, set_per_site_config
@@ -70,7 +106,7 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
         recipe = ScaffoldRecipe(**common)
         groups = [None]
     else:
-        recipe = FedAvgRecipe(**common, key_metric=key_metric, key_metric_mode="max")
+        recipe = _code_free_fedavg()(**common, key_metric=key_metric, key_metric_mode="max")
         groups = [None]
         if sites:
             set_per_site_config(recipe, {site: {} for site in sites})  # one app per hospital
@@ -86,8 +122,7 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
 
 
 def export_recipe(recipe, export_dir: str | Path, name: str) -> Path:
-    """Export into ``export_dir/name``. The site script is named relative to the package's
-    sites/ folder, so the job carries it in custom/ and names no path of this machine."""
+    """Export into ``export_dir/name``: configuration only (the site script is named, not carried)."""
     export_dir = Path(export_dir).resolve()
     with contextlib.chdir(SITES_DIR):
         recipe.export(str(export_dir))

@@ -26,36 +26,6 @@ from fedbrain.fl.site import write_site_config
 DEFAULT_PROJECT = Path(__file__).resolve().parent / "project.yml"
 
 
-#: Components a fedbrain server app names besides FLARE's default allow-list. The server app
-#: carries no code (it runs the fedbrain the server installed), so FLARE enforces its class
-#: allow-list on it: the server's own local/resources.json must admit these.
-SERVER_COMPONENTS = (
-    "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
-    "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
-    "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
-    "fedbrain.",  # the update audit filter and the model classes the persistor builds
-)
-
-
-def allow_server_components(server_kit: Path) -> Path:
-    """Add fedbrain's server components to the kit's class allow-list (FLARE's defaults kept).
-
-    FLARE reads the first of local/resources.json and resources.json.default (no merge), so
-    the default file is copied with the list added.
-    """
-    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-
-    local = Path(server_kit) / "local"
-    target = local / "resources.json"
-    source = target if target.is_file() else local / "resources.json.default"
-    resources = json.loads(source.read_text())
-    allowed = list(resources.get("class_allow_list") or DEFAULT_CLASS_ALLOW_LIST)
-    resources["class_allow_list"] = allowed + [c for c in SERVER_COMPONENTS if c not in allowed]
-    resources.setdefault("class_list_enforcement_mode", "enforce")
-    target.write_text(json.dumps(resources, indent=2) + "\n")
-    return target
-
-
 class PocError(RuntimeError):
     """A POC step failed; the message carries the command's own output."""
 
@@ -150,7 +120,6 @@ class PocConsortium:
         server["fed_learn_port"], server["admin_port"] = free_ports(2)
         self.project_copy.write_text(yaml.safe_dump(project, sort_keys=False))
         self._nvflare("poc", "prepare", "-i", str(self.project_copy), "--force")
-        allow_server_components(self.kit(server["name"]))
         if data_dir is not None:
             for site in self.sites:
                 datalist = Path(data_dir).resolve() / site / "datalist.json"
@@ -167,19 +136,7 @@ class PocConsortium:
 
     def pids(self) -> list[int]:
         """Processes started from this workspace (server, sites, their job processes, wrappers)."""
-        marker = str(self.workspace)
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                cwd = os.readlink(entry / "cwd")
-            except OSError:
-                continue
-            if marker in cmdline or cwd.startswith(marker):
-                found.append(int(entry.name))
-        return sorted(found)
+        return processes_under(self.workspace)
 
     def is_running(self) -> bool:
         return bool(self.pids())
@@ -206,17 +163,7 @@ class PocConsortium:
             deadline = time.time() + grace
             while self.is_running() and time.time() < deadline:
                 time.sleep(0.5)
-        for pass_no in range(3):
-            left = self.pids()
-            if not left:
-                return
-            wrappers = [p for p in left if _is_wrapper(p)]
-            for pid in wrappers or left:
-                _kill(pid, signal.SIGTERM if pass_no == 0 else signal.SIGKILL)
-            time.sleep(1.0)
-        left = self.pids()
-        if left:
-            raise PocError(f"processes still running from {self.workspace}: {left}")
+        kill_processes_under(self.workspace)
 
     def clean(self) -> None:
         """Remove the provisioned workspace (kits, keys, job stores); results downloaded elsewhere stay."""
@@ -256,6 +203,39 @@ class PocConsortium:
             }
         finally:
             sess.close()
+
+
+def processes_under(folder: Path) -> list[int]:
+    """PIDs whose command line or working directory lies in ``folder`` (this process excluded)."""
+    marker = str(Path(folder).resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if marker in cmdline or cwd.startswith(marker):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def kill_processes_under(folder: Path) -> None:
+    """Kill by PID what runs from ``folder``: start-script wrappers first (they restart killed
+    processes), TERM then KILL; raises PocError if anything survives."""
+    for pass_no in range(3):
+        left = processes_under(folder)
+        if not left:
+            return
+        wrappers = [p for p in left if _is_wrapper(p)]
+        for pid in wrappers or left:
+            _kill(pid, signal.SIGTERM if pass_no == 0 else signal.SIGKILL)
+        time.sleep(1.0)
+    left = processes_under(folder)
+    if left:
+        raise PocError(f"processes still running from {folder}: {left}")
 
 
 def _cmdline(pid: int) -> str:

@@ -1,0 +1,1 @@
+"""Running fedbrain for real: provisioning (site policies, signed kit manifest), kit checks."""

@@ -1,0 +1,204 @@
+"""FLARE provisioning builders that make a kit a fedbrain kit.
+
+``SitePolicyBuilder`` (listed in project.yml before FLARE's SignatureBuilder, so FLARE's own
+signature covers what it writes) puts a hospital's decisions into each kit's ``local/``:
+
+- ``privacy.json``: the named privacy scopes a job may ask for (``standard``, ``dp``,
+  ``encrypted``) and the site's ``default_scope``; FLARE applies a scope's filters to every
+  job at that site, before the job's own filters;
+- ``authorization.json``: FLARE's roles with ``byoc`` granted to nobody: fedbrain jobs carry
+  no code (sites run the fedbrain they installed), so a job that does is refused;
+- ``resources.json``: the class allow-list (FLARE's defaults plus fedbrain's components),
+  log streaming off unless the project file turns it on, and for the server job storage
+  under ``storage_root`` instead of FLARE's ``/tmp/nvflare``;
+- ``fedbrain_site.json.template``: where the hospital says where its data is;
+
+and adds a start-time check of the kit (:mod:`fedbrain.ops.kit_guard`) to ``sub_start.sh``.
+
+``KitManifestBuilder`` (listed last) signs a manifest of every file in ``startup/`` and
+``local/`` with the consortium's root key (:mod:`fedbrain.ops.kit`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nvflare.lighter.constants import CtxKey, ParticipantType
+from nvflare.lighter.spec import Builder, Project, ProvisionContext
+
+from fedbrain.ops.kit import write_manifest
+
+#: Components a fedbrain server app names besides FLARE's default allow-list (a code-free
+#: app is checked against the list; FLARE's defaults lack the PyTorch persistor and locator).
+SERVER_COMPONENTS = (
+    "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+    "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
+    "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
+    "fedbrain.",  # the update audit, HE timing components, and the model classes the persistor builds
+)
+#: Components a fedbrain site app names besides FLARE's defaults: the installed-script
+#: executor and fedbrain's filters.
+SITE_COMPONENTS = ("fedbrain.",)
+
+#: Scope names, in the order a hospital would read them (see docs/privacy.md).
+SCOPES = ("standard", "dp", "encrypted")
+#: What a federated update must never contain: the classifier's personal head (regex on
+#: state_dict keys; an Opacus-wrapped model names it ``_module.head.``).
+PERSONAL_PARTS = r"(^|\.)head\."
+
+GUARD_LINE = ('python3 -m fedbrain.ops.kit_guard "$SOURCE_WORKSPACE" '
+              '|| { echo "fedbrain: this kit was refused; see the lines above (also in log.txt)"; exit 1; }')
+GUARD_ANCHOR = 'echo "WORKSPACE set to $WORKSPACE"'
+
+
+def privacy_policy(default_scope: str = "standard", update_norm_clip: float = 100.0,
+                   client_dp_clip: float = 1.0, client_dp_noise: float = 1.0) -> dict:
+    """The privacy.json a hospital gets: each scope adds to the one before it."""
+    from fedbrain.contracts import PRIVACY_FILTERS
+
+    if default_scope not in SCOPES:
+        raise ValueError(f"default_scope '{default_scope}' is not one of {', '.join(SCOPES)}")
+    standard = [
+        {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars", "args": {"exclude_vars": PERSONAL_PARTS}},
+        {"path": PRIVACY_FILTERS["clip"], "args": {"max_norm": float(update_norm_clip)}},
+    ]
+    dp = standard + [{"path": PRIVACY_FILTERS["client_dp"],
+                      "args": {"clip_norm": float(client_dp_clip), "noise_multiplier": float(client_dp_noise)}}]
+    encrypted = standard + [{"path": PRIVACY_FILTERS["require_encryption"], "args": {}}]
+    scopes = {"standard": standard, "dp": dp, "encrypted": encrypted}
+    return {
+        "scopes": [{"name": name, "properties": {}, "task_result_filters": scopes[name]} for name in SCOPES],
+        "default_scope": default_scope,
+    }
+
+
+def authorization_policy() -> dict:
+    """FLARE's default roles, with custom code (``byoc``) allowed to nobody, the project admin included."""
+    rights = ("submit_job", "clone_job", "manage_job", "download_job", "view", "operate", "shell_commands")
+    return {
+        "format_version": "1.0",
+        "permissions": {
+            "project_admin": {**{r: "any" for r in rights}, "byoc": "none"},
+            "org_admin": {"submit_job": "none", "clone_job": "none", "manage_job": "o:submitter",
+                          "download_job": "o:submitter", "view": "any", "operate": "o:site",
+                          "shell_commands": "o:site", "byoc": "none"},
+            "lead": {"submit_job": "any", "clone_job": "n:submitter", "manage_job": "n:submitter",
+                     "download_job": "n:submitter", "view": "any", "operate": "o:site",
+                     "shell_commands": "o:site", "byoc": "none"},
+            "member": {"view": "any"},
+        },
+    }
+
+
+def resources_with_policy(default_resources: dict, components, allow_log_streaming: bool,
+                          storage_root: str | None = None) -> dict:
+    """FLARE's generated resources with fedbrain's allow-list, log streaming and storage decided."""
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+    res = json.loads(json.dumps(default_resources))
+    allowed = list(res.get("class_allow_list") or DEFAULT_CLASS_ALLOW_LIST)
+    res["class_allow_list"] = allowed + [c for c in components if c not in allowed]
+    res["class_list_enforcement_mode"] = "enforce"
+    if "allow_log_streaming" in res or allow_log_streaming is not None:
+        res["allow_log_streaming"] = bool(allow_log_streaming)
+    if storage_root:
+        _move_server_storage(res, storage_root)
+    return res
+
+
+def _move_server_storage(res: dict, storage_root: str) -> None:
+    """Point the server's job store and snapshots under ``storage_root`` (FLARE defaults to /tmp/nvflare)."""
+    root = str(storage_root).rstrip("/")
+    snap = res.get("snapshot_persistor", {}).get("args", {}).get("storage", {}).get("args")
+    if snap is not None:
+        snap["root_dir"] = f"{root}/snapshot-storage"
+    for comp in res.get("components", []):
+        if comp.get("id") == "job_manager":
+            comp.setdefault("args", {})["uri_root"] = f"{root}/jobs-storage"
+
+
+def site_config_template() -> dict:
+    """local/fedbrain_site.json.template: copy to fedbrain_site.json and fill in (docs/hospital-it.md)."""
+    return {
+        "datalist": "/data/brats/datalist.json",
+        "data_root": "/data/brats",
+        "num_threads": 4,
+        "device": "auto",
+        "dp_budget": {"epsilon": 10.0, "delta": 1e-6},
+        "require_dp": False,
+    }
+
+
+def add_kit_guard(sub_start: Path) -> None:
+    """Check the kit (manifest, certificates, server TLS) before FLARE starts from it."""
+    text = sub_start.read_text()
+    if GUARD_LINE in text:
+        return
+    if GUARD_ANCHOR not in text:
+        raise RuntimeError(f"{sub_start}: FLARE's start script changed; cannot place fedbrain's kit check")
+    sub_start.write_text(text.replace(GUARD_ANCHOR, GUARD_LINE + "\n" + GUARD_ANCHOR, 1))
+
+
+def _flag(value, default: bool) -> bool:
+    """A yes/no project-file property read as written (FLARE 2.9 reads False as unset)."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+class SitePolicyBuilder(Builder):
+    def __init__(self, default_scope: str = "standard", update_norm_clip: float = 100.0,
+                 client_dp_clip: float = 1.0, client_dp_noise: float = 1.0,
+                 allow_log_streaming: bool = False, storage_root: str | None = None):
+        """Args are consortium-wide defaults; a participant in project.yml may set its own
+        ``default_scope``, ``allow_log_streaming`` (sites) or ``storage_root`` (server)."""
+        privacy_policy(default_scope, update_norm_clip, client_dp_clip, client_dp_noise)  # refuse bad args early
+        self.default_scope = default_scope
+        self.update_norm_clip = update_norm_clip
+        self.client_dp_clip = client_dp_clip
+        self.client_dp_noise = client_dp_noise
+        self.allow_log_streaming = allow_log_streaming
+        self.storage_root = storage_root
+
+    def build(self, project: Project, ctx: ProvisionContext):
+        for p in project.get_all_participants():
+            local = Path(ctx.get_local_dir(p))
+            startup = Path(ctx.get_kit_dir(p))
+            if p.type == ParticipantType.ADMIN:
+                continue
+            default_path = local / "resources.json.default"
+            default = json.loads(default_path.read_text()) if default_path.exists() else {}
+            streaming = _flag(p.props.get("allow_log_streaming"), self.allow_log_streaming)
+            (local / "authorization.json").write_text(json.dumps(authorization_policy(), indent=2) + "\n")
+            if p.type == ParticipantType.SERVER:
+                storage = p.props.get("storage_root", self.storage_root) or "/var/lib/fedbrain/server"
+                res = resources_with_policy(default, SERVER_COMPONENTS, None, storage_root=storage)
+            else:
+                res = resources_with_policy(default, SITE_COMPONENTS, streaming)
+                scope = p.props.get("default_scope", self.default_scope)
+                policy = privacy_policy(scope, self.update_norm_clip, self.client_dp_clip, self.client_dp_noise)
+                (local / "privacy.json").write_text(json.dumps(policy, indent=2) + "\n")
+                (local / "privacy.json.sample").unlink(missing_ok=True)  # FLARE's names a class that does not exist
+                (local / "fedbrain_site.json.template").write_text(json.dumps(site_config_template(), indent=2) + "\n")
+            # Both files: FLARE reads the first of them, and `nvflare poc prepare` rebuilds the
+            # server's resources.json from the .default one (only moving its storage).
+            for name in ("resources.json", "resources.json.default"):
+                (local / name).write_text(json.dumps(res, indent=2) + "\n")
+            sub_start = startup / "sub_start.sh"
+            if sub_start.exists():
+                add_kit_guard(sub_start)
+
+
+class KitManifestBuilder(Builder):
+    """Sign every kit's startup/ and local/ with the root key; list it after every other builder."""
+
+    def build(self, project: Project, ctx: ProvisionContext):
+        key = ctx.get(CtxKey.ROOT_PRI_KEY)
+        if not key:
+            raise RuntimeError("no root private key in the provisioning context: list CertBuilder before "
+                               "fedbrain.ops.builder.KitManifestBuilder")
+        for p in project.get_all_participants():
+            write_manifest(Path(ctx.get_ws_dir(p)), p.name, key)

@@ -1,0 +1,176 @@
+"""A real (non-POC) deployment: production kits from `fedbrain provision`, each started with its
+own start.sh, a job through the admin API, and the kits a hospital must not be able to start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from fedbrain.fl.site import write_site_config
+from fedbrain.jobs.segmentation import export
+from fedbrain.poc.consortium import processes_under
+from fedbrain.poc.runner import submit_and_wait
+from fedbrain.synthetic.cohort import synthesize_consortium
+from fedbrain.tasks.segmentation import SegmentationConfig
+
+from deployment import Deployment
+
+pytestmark = pytest.mark.poc
+
+
+def _log_line(kit: Path, needle: str, timeout: float = 60) -> str:
+    """The first line of the kit's log.txt containing ``needle``, waiting up to ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = kit / "log.txt"
+        if log.exists():
+            for line in log.read_text(errors="replace").splitlines():
+                if needle in line:
+                    return line
+        time.sleep(1)
+    seen = (kit / "log.txt").read_text(errors="replace")[-2000:] if (kit / "log.txt").exists() else "(no log.txt)"
+    raise AssertionError(f"'{needle}' not in {kit}/log.txt after {timeout:.0f} s; it holds:\n{seen}")
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    dep = Deployment(root)
+    dep.provision()
+    data = root / "data"
+    synthesize_consortium(data, sites=len(dep.sites), cases=6, seed=3, site_names=dep.sites, progress=False)
+    for site in dep.sites:  # what each hospital's IT does: say where its data is, in its own kit
+        write_site_config(dep.kit(site), data / site / "datalist.json", num_threads=1)
+    out = {"dep": dep, "root": root}
+    try:
+        dep.start(dep.kit("localhost"))
+        for site in dep.sites:
+            dep.start(dep.kit(site))
+        dep.wait_for_sites(dep.sites)
+        # Encrypted: the template's hospital-c releases updates only under encryption (scope `encrypted`).
+        config = SegmentationConfig(rounds=1, epochs_per_round=1, max_steps=2, min_clients=len(dep.sites), he=True)
+        job = export(config, root / "jobs")
+        out["job"] = job
+        out["meta"], out["result"] = submit_and_wait(dep, job, rounds=1, result_dir=root / "result")
+        out["negative"] = _negative_cases(dep, root, job)
+        yield out
+    finally:
+        dep.stop()
+        assert processes_under(root) == []
+
+
+def _negative_cases(dep: Deployment, root: Path, job: Path) -> dict:
+    found = {}
+    # A job that carries code: every kit grants `byoc` to nobody, the project admin included.
+    byoc = Path(shutil.copytree(job, root / "byoc_job" / job.name))
+    (byoc / "app" / "custom").mkdir(parents=True)
+    (byoc / "app" / "custom" / "extra.py").write_text("print('custom code')\n")
+    sess = dep.session()
+    try:
+        try:
+            job_id = sess.submit_job(str(byoc))
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                meta = sess.get_job_meta(job_id)
+                if meta.get("status", "").startswith("FINISHED") or meta.get("status") in ("FAILED", "ABORTED"):
+                    break
+                time.sleep(3)
+            found["byoc"] = ("ran", meta)
+        except Exception as e:  # noqa: BLE001 - the refusal is what we want to see
+            found["byoc"] = ("refused", str(e))
+    finally:
+        sess.close()
+
+    # A site kit from another consortium (its own root CA), pointed at this server.
+    other = Deployment(root / "other", project_name="other_consortium")
+
+    def same_server(project):
+        server = next(p for p in project["participants"] if p["type"] == "server")
+        mine = next(p for p in dep.project["participants"] if p["type"] == "server")
+        server["fed_learn_port"], server["admin_port"] = mine["fed_learn_port"], mine["admin_port"]
+
+    other.provision(edit=same_server)
+    foreign = other.kit("hospital-a")
+    # An edited kit file, and a corrupted certificate, each in a copy of a real site kit.
+    edited = Path(shutil.copytree(dep.kit("hospital-b"), root / "edited" / "hospital-b", symlinks=True))
+    cfg = edited / "startup" / "fed_client.json"
+    cfg.write_text(cfg.read_text().replace('"mtls"', '"tls"'))
+    corrupted = Path(shutil.copytree(dep.kit("hospital-c"), root / "corrupted" / "hospital-c", symlinks=True))
+    crt = bytearray((corrupted / "startup" / "client.crt").read_bytes())
+    crt[300] ^= 0x21
+    (corrupted / "startup" / "client.crt").write_bytes(bytes(crt))
+    for name, kit in (("foreign", foreign), ("edited", edited), ("corrupted", corrupted)):
+        for stale in ("log.txt", "daemon_pid.fl", "pid.fl"):
+            (kit / stale).unlink(missing_ok=True)
+        started = time.time()
+        dep.start(kit)
+        line = _log_line(kit, "REFUSED", timeout=60)
+        found[name] = {"line": line, "seconds": time.time() - started}
+        time.sleep(3)
+        found[name]["flare_started"] = any("nvflare.private.fed.app" in _cmd(p) for p in processes_under(kit))
+    sess = dep.session()
+    try:
+        found["connected"] = sorted(c.name for c in sess.get_system_info().client_info)
+    finally:
+        sess.close()
+    return found
+
+
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_job_completes_on_production_kits(deployed):
+    meta = deployed["meta"]
+    assert meta["status"] == "FINISHED:COMPLETED"
+    assert sorted(d.split(":")[0] for d in meta["job_deploy_detail"]) == ["hospital-a", "hospital-b", "hospital-c", "server"]
+    for site in deployed["dep"].sites:
+        assert "kit verified" in (deployed["dep"].kit(site) / "log.txt").read_text()
+
+
+def test_the_job_carried_no_code_and_the_server_stored_it_where_told(deployed):
+    assert not list(Path(deployed["job"]).rglob("custom"))
+    assert any((deployed["root"] / "server-storage" / "jobs-storage").iterdir())
+
+
+def test_a_job_carrying_code_is_refused(deployed):
+    outcome, detail = deployed["negative"]["byoc"]
+    if outcome == "ran":
+        assert detail.get("status") != "FINISHED:COMPLETED", detail
+    else:
+        assert "byoc" in detail.lower() or "not authorized" in detail.lower() or "not permitted" in detail.lower(), detail
+
+
+def test_a_foreign_kit_is_refused_in_its_log_within_60s(deployed):
+    neg = deployed["negative"]["foreign"]
+    assert neg["seconds"] < 60 and "did not issue" in neg["line"], neg
+    assert not neg["flare_started"]
+    assert "hospital-a" in deployed["negative"]["connected"]  # the real hospital-a; no second one joined
+
+
+def test_an_edited_kit_is_refused_at_start_naming_the_file(deployed):
+    neg = deployed["negative"]["edited"]
+    assert "startup/fed_client.json: edited since provisioning" in neg["line"], neg
+    assert not neg["flare_started"]
+
+
+def test_a_corrupted_certificate_is_a_clear_error_not_a_hang(deployed):
+    neg = deployed["negative"]["corrupted"]
+    assert "startup/client.crt" in neg["line"] and neg["seconds"] < 60, neg
+    assert not neg["flare_started"]
+
+
+def test_site_logs_stay_at_the_site(deployed):
+    """Log streaming is off in the template: the server holds no ERRORLOG from any site."""
+    store = deployed["root"] / "server-storage" / "jobs-storage"
+    assert not [p for p in store.rglob("ERRORLOG_*")]
+    for site in deployed["dep"].sites:
+        res = json.loads((deployed["dep"].kit(site) / "local" / "resources.json").read_text())
+        assert res["allow_log_streaming"] is False

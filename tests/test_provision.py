@@ -1,0 +1,161 @@
+"""`fedbrain provision` on the production template: what each kit's local/ holds, the signed
+manifest, and the start-time kit check (fedbrain.ops.kit_guard) on edited or corrupted kits."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedbrain.ops.builder import PERSONAL_PARTS, SCOPES
+from fedbrain.ops.kit import KitError, check_certificate, verify_manifest
+from fedbrain.ops.kit_guard import guard
+from fedbrain.ops.provision import CONSORTIUM_TEMPLATE, provision, with_fedbrain_builders
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kits")
+    env = {**os.environ, "HOME": str(out / "home")}
+    return provision(REPO / "provisioning" / "consortium" / "project.yml", out, env=env)
+
+
+def _participants():
+    return yaml.safe_load(CONSORTIUM_TEMPLATE.read_text())["participants"]
+
+
+def test_repo_template_is_the_packaged_one():
+    assert (REPO / "provisioning/consortium/project.yml").resolve() == CONSORTIUM_TEMPLATE
+    roles = {p.get("role") for p in _participants() if p["type"] == "admin"}
+    assert roles == {"project_admin", "org_admin", "lead", "member"}
+    orgs = {p["org"] for p in _participants() if p["type"] == "client"}
+    assert len(orgs) >= 3
+
+
+def test_every_site_gets_policies_that_flare_can_load(kits):
+    for p in _participants():
+        if p["type"] != "client":
+            continue
+        local = kits / p["name"] / "local"
+        privacy = json.loads((local / "privacy.json").read_text())
+        assert [s["name"] for s in privacy["scopes"]] == list(SCOPES)
+        assert privacy["default_scope"] == p.get("default_scope", "standard")
+        for scope in privacy["scopes"]:
+            paths = [f["path"] for f in scope["task_result_filters"]]
+            assert paths[0].endswith("ExcludeVars") and scope["task_result_filters"][0]["args"]["exclude_vars"] == PERSONAL_PARTS
+            for path in paths:  # each class must exist in the installed packages, or FLARE refuses the site
+                module, name = path.rsplit(".", 1)
+                assert hasattr(importlib.import_module(module), name), path
+        assert not (local / "privacy.json.sample").exists()
+        authz = json.loads((local / "authorization.json").read_text())
+        assert {role: rights.get("byoc") for role, rights in authz["permissions"].items() if role != "member"} == {
+            "project_admin": "none", "org_admin": "none", "lead": "none"}
+        res = json.loads((local / "resources.json").read_text())
+        assert res["allow_log_streaming"] is False
+        assert res["class_list_enforcement_mode"] == "enforce" and "fedbrain." in res["class_allow_list"]
+        template = json.loads((local / "fedbrain_site.json.template").read_text())
+        assert {"datalist", "dp_budget", "require_dp"} <= set(template)
+        assert "fedbrain.ops.kit_guard" in (kits / p["name"] / "startup" / "sub_start.sh").read_text()
+
+
+def test_server_storage_is_not_tmp(kits):
+    server = next(p for p in _participants() if p["type"] == "server")
+    res = json.loads((kits / server["name"] / "local" / "resources.json").read_text())
+    text = json.dumps(res)
+    assert "/tmp/nvflare" not in text and f"{server['storage_root']}/jobs-storage" in text
+
+
+def test_log_streaming_false_in_project_file_is_honoured(tmp_path):
+    project = yaml.safe_load(CONSORTIUM_TEMPLATE.read_text())
+    for p in project["participants"]:
+        if p["name"] == "hospital-a":
+            p["allow_log_streaming"] = True
+        if p["name"] == "hospital-b":
+            p["allow_log_streaming"] = False  # FLARE 2.9 alone reads this as "unset" -> true
+    for b in project["builders"]:
+        if b["path"].endswith("SitePolicyBuilder"):
+            b["args"]["allow_log_streaming"] = True
+    f = tmp_path / "p.yml"
+    f.write_text(yaml.safe_dump(project))
+    prod = provision(f, tmp_path / "out", env={**os.environ, "HOME": str(tmp_path)})
+    streaming = {s: json.loads((prod / s / "local/resources.json").read_text())["allow_log_streaming"]
+                 for s in ("hospital-a", "hospital-b", "hospital-c")}
+    assert streaming == {"hospital-a": True, "hospital-b": False, "hospital-c": True}
+
+
+def test_builders_are_inserted_in_order():
+    project = {"name": "x", "participants": [], "builders": [
+        {"path": "nvflare.lighter.impl.cert.CertBuilder"}, {"path": "nvflare.lighter.impl.signature.SignatureBuilder"}]}
+    paths = [b["path"] for b in with_fedbrain_builders(project)["builders"]]
+    assert paths == ["nvflare.lighter.impl.cert.CertBuilder", "fedbrain.ops.builder.SitePolicyBuilder",
+                     "nvflare.lighter.impl.signature.SignatureBuilder", "fedbrain.ops.builder.KitManifestBuilder"]
+
+
+def test_untouched_kits_verify(kits):
+    for p in _participants():
+        state = verify_manifest(kits / p["name"])
+        assert state.participant == p["name"]
+        assert not state.refused() and not state.local_changes()
+        assert check_certificate(kits / p["name"], expected_name=p["name"]).days_left() > 300
+    assert guard(kits / "fl-server.example-consortium.org") == []
+
+
+def _copy(kits: Path, name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(kits / name, tmp_path / name, symlinks=True))
+
+
+def test_an_edited_startup_file_is_refused_and_named(kits, tmp_path):
+    kit = _copy(kits, "hospital-a", tmp_path)
+    cfg = kit / "startup" / "fed_client.json"
+    cfg.write_bytes(cfg.read_bytes().replace(b"8002", b"8009", 1))  # a one-byte-class edit: another port
+    problems = guard(kit, probe_server=False)
+    assert len(problems) == 1 and "startup/fed_client.json: edited since provisioning" in problems[0]
+    assert "startup/fed_client.json: edited" in (kit / "log.txt").read_text()
+
+
+def test_a_local_change_is_reported_not_refused(kits, tmp_path):
+    kit = _copy(kits, "hospital-b", tmp_path)
+    privacy = kit / "local" / "privacy.json"
+    policy = json.loads(privacy.read_text())
+    policy["default_scope"] = "dp"  # the hospital tightens its own policy
+    privacy.write_text(json.dumps(policy))
+    (kit / "local" / "fedbrain_site.json").write_text("{}")
+    assert guard(kit, probe_server=False) == []
+    log = (kit / "log.txt").read_text()
+    assert "local/privacy.json: edited since provisioning" in log and "local/fedbrain_site.json: not provisioned" in log
+
+
+def test_a_corrupted_certificate_gets_a_clear_error(kits, tmp_path):
+    kit = _copy(kits, "hospital-c", tmp_path)
+    crt = kit / "startup" / "client.crt"
+    data = bytearray(crt.read_bytes())
+    data[200] ^= 0x55  # one flipped byte inside the base64 body
+    crt.write_bytes(bytes(data))
+    with pytest.raises(KitError, match="client.crt"):
+        check_certificate(kit)
+    res = subprocess.run([sys.executable, "-m", "fedbrain.ops.kit_guard", str(kit)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1
+    assert "REFUSED" in res.stderr and "startup/client.crt" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_kit_from_another_consortium_is_not_vouched_for(kits, tmp_path):
+    other = provision(REPO / "provisioning" / "consortium" / "project.yml", tmp_path / "other",
+                      env={**os.environ, "HOME": str(tmp_path)})
+    kit = _copy(kits, "hospital-a", tmp_path)
+    shutil.copy(other / "hospital-a" / "startup" / "rootCA.pem", kit / "startup" / "rootCA.pem")
+    with pytest.raises(KitError, match="signature does not match startup/rootCA.pem"):
+        verify_manifest(kit)
+    shutil.copy(other / "hospital-a" / "startup" / "client.crt", kit / "startup" / "client.crt")
+    shutil.copy(kits / "hospital-a" / "startup" / "rootCA.pem", kit / "startup" / "rootCA.pem")
+    with pytest.raises(KitError, match="not issued by this kit's root CA"):
+        check_certificate(kit)
