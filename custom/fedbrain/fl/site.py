@@ -11,7 +11,12 @@ script resolves its settings, first found wins:
    FLARE's own ``local/resources.json``::
 
        {"datalist": "/data/brats/datalist.json", "data_root": "/data/brats",
-        "num_threads": 4, "device": "auto"}
+        "num_threads": 4, "device": "auto",
+        "dp_budget": {"epsilon": 10.0, "delta": 1e-6}, "require_dp": false}
+
+The privacy keys (the site's lifetime DP budget for its data, and whether it refuses jobs
+without DP: :mod:`fedbrain.privacy.budget`) are read from that file whichever way the data
+was found: they are the hospital's to decide, never a job's or a caller's environment.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedbrain.privacy.budget import SiteBudget
 
 log = logging.getLogger("fedbrain")
 
@@ -39,6 +46,8 @@ class SiteSettings:
     num_threads: int | None = None
     device: str | None = None  # None: the job's setting
     source: str = ""
+    budget: SiteBudget = SiteBudget()  # lifetime DP budget and require_dp (local/fedbrain_site.json)
+    workspace: Path | None = None  # the FLARE site workspace, when in one (where the privacy ledger lives)
 
 
 def site_workspace(start: Path | None = None) -> Path | None:
@@ -54,10 +63,17 @@ def site_workspace(start: Path | None = None) -> Path | None:
 
 
 def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | None = None) -> SiteSettings:
-    """Find this site's datalist; raise SiteConfigError naming every place looked at."""
+    """Find this site's datalist and privacy settings; raise SiteConfigError naming every place looked at."""
+    workspace = site_workspace(cwd)
+    cfg = workspace / "local" / SITE_CONFIG_NAME if workspace else None
+    local = _read_site_json(site, cfg) if cfg is not None and cfg.is_file() else {}
+    try:
+        privacy = dict(budget=SiteBudget.from_site_json(local), workspace=workspace)
+    except (ValueError, TypeError) as e:
+        raise SiteConfigError(f"site {site}: {cfg}: {e}") from None
     looked = []
     if datalist:
-        return SiteSettings(site=site, datalist=Path(datalist.format(site=site)), source="caller")
+        return SiteSettings(site=site, datalist=Path(datalist.format(site=site)), source="caller", **privacy)
     env = os.environ.get("FEDBRAIN_DATALIST")
     if env:
         root = os.environ.get("FEDBRAIN_DATA_ROOT")
@@ -68,26 +84,35 @@ def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | No
             num_threads=int(os.environ["FEDBRAIN_NUM_THREADS"]) if os.environ.get("FEDBRAIN_NUM_THREADS") else None,
             device=os.environ.get("FEDBRAIN_DEVICE") or None,
             source="FEDBRAIN_DATALIST",
+            **privacy,
         )
     looked.append("FEDBRAIN_DATALIST (unset)")
-    workspace = site_workspace(cwd)
-    cfg = workspace / "local" / SITE_CONFIG_NAME if workspace else None
     looked.append(str(cfg) if cfg else f"local/{SITE_CONFIG_NAME} of a site workspace (a folder with startup/ and "
                                       f"local/) at or above {(cwd or Path.cwd()).resolve()}: none found")
-    if cfg is not None and cfg.is_file():
+    if local:
         try:
-            data = json.loads(cfg.read_text())
             return SiteSettings(
                 site=site,
-                datalist=Path(data["datalist"]),
-                data_root=Path(data["data_root"]) if data.get("data_root") else None,
-                num_threads=data.get("num_threads"),
-                device=data.get("device"),
+                datalist=Path(local["datalist"]),
+                data_root=Path(local["data_root"]) if local.get("data_root") else None,
+                num_threads=local.get("num_threads"),
+                device=local.get("device"),
                 source=str(cfg),
+                **privacy,
             )
         except (ValueError, KeyError, TypeError) as e:
             raise SiteConfigError(f"site {site}: {cfg} is not valid ({e!r}); expected keys: datalist[, data_root]")
     raise SiteConfigError(f"site {site}: no datalist configured; looked at: " + "; ".join(looked))
+
+
+def _read_site_json(site: str, cfg: Path) -> dict:
+    try:
+        data = json.loads(cfg.read_text())
+    except ValueError as e:
+        raise SiteConfigError(f"site {site}: {cfg} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SiteConfigError(f"site {site}: {cfg} must hold a JSON object")
+    return data
 
 
 def write_site_config(workspace: Path, datalist: Path, data_root: Path | None = None, **extra) -> Path:

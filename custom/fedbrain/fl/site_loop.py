@@ -6,7 +6,9 @@ keep the personal part on disk -> send the weight difference, the step count and
 The task config arrives whole (``--config``, one JSON argument written by job.py) and is
 rebuilt exactly; the hospital's own local settings (data, threads, device) come from its
 site workspace, never from the job. A site whose data cannot be read stays in the
-federation with empty, zero-weight updates and says why (``site_error``).
+federation with empty, zero-weight updates and says why (``site_error``); so does a site
+whose privacy budget is spent or that requires DP of a job without it (``dp_withheld``,
+:class:`fedbrain.privacy.budget.SitePrivacy`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fedbrain.filters.timing import collect_exchange_times
 from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_diff
 from fedbrain.fl.personal import PersonalHeadStore
 from fedbrain.fl.site import load_site_cases
+from fedbrain.privacy.budget import SitePrivacy
 
 log = logging.getLogger("fedbrain")
 
@@ -53,6 +56,7 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
     trainer = trainer_cls(cases["training"], cases["validation"], config)
     model = trainer.build_model().to(trainer.device)
     personal = trainer.personal_parameter_names(model)
+    privacy = SitePrivacy(trainer, settings, site)
     store = PersonalHeadStore.for_site(config.name) if personal else None
     # SCAFFOLD's control difference is the local update in disguise and rides in meta, which
     # ExcludeVars does not filter: control only the modules that are federated anyway.
@@ -62,8 +66,8 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
     writer = SummaryWriter()
     summary = {k: float(v) for k, v in trainer.data_summary().items() if isinstance(v, (int, float))}
     summary[SITE_ERROR] = float(bool(site_error))
-    log.info("site %s: data from %s (%s): %s; personal part: %s", site, settings.datalist, settings.source,
-             summary, store.path if store else "none")
+    log.info("site %s: data from %s (%s): %s; personal part: %s; privacy: %s", site, settings.datalist,
+             settings.source, summary, store.path if store else "none", privacy.describe())
     for case in trainer.skipped:
         log.warning("site %s: skipped case %s: %s", site, case.case_id, case.reason)
 
@@ -93,12 +97,15 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
             global_copy = copy.deepcopy(model)
             scaffold.begin_round(global_model.meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL))
             hooks.append(scaffold)
-        if summary["n_train"] > 0:
+        withheld = privacy.withhold()
+        if summary["n_train"] > 0 and not withheld:
             stats = trainer.train(model, global_params=before, hooks=hooks)
-        else:  # nothing usable here: contribute zero weight rather than take the federation down
-            log.error("site %s: no usable training case (%d skipped); sending an empty update",
-                      site, summary["n_skipped"])
+        else:  # nothing usable or nothing more to release: contribute zero weight, the federation goes on
+            if not withheld:
+                log.error("site %s: no usable training case (%d skipped); sending an empty update",
+                          site, summary["n_skipped"])
             stats = {TRAIN_LOSS: math.nan, "steps": 0}
+        metrics.update(privacy.after_round(flare.get_job_id(), round_no, withheld))  # before anything leaves
         if scaffold is not None:
             meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = scaffold.end_round(global_copy)
         if store is not None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import math
 
 import torch
+from monai.networks.blocks.segresnet_block import ResBlock
 from monai.networks.nets import SegResNet, UNet
 from torch import nn
 
 from fedbrain.contracts import MRI_CONTRASTS, REGIONS
 
 ARCHS = ("segresnet", "unet")
+#: The activation under DP-SGD: Opacus has no per-sample gradient for MONAI's default PReLU
+#: (it would fall back to slow functorch), and in-place activations break its hooks.
+DP_ACT = ["LEAKYRELU", {"negative_slope": 0.01, "inplace": False}]
 
 
 def _seeded_init(module: nn.Module, init_seed: int | None, build) -> None:
@@ -39,12 +43,26 @@ class SeededUNet(UNet):
         _seeded_init(self, init_seed, lambda: UNet.__init__(self, **kwargs))
 
 
+class OutOfPlaceResBlock(ResBlock):
+    """MONAI's ResBlock with ``x + identity`` instead of ``x += identity``: the same values, but
+    Opacus' per-sample-gradient hooks refuse an in-place add on a hooked module's output."""
+
+    def forward(self, x):
+        identity = x
+        x = self.conv1(self.act(self.norm1(x)))
+        x = self.conv2(self.act(self.norm2(x)))
+        return x + identity
+
+
 class SeededSegResNet(SegResNet):
     """MONAI SegResNet whose initial weights are drawn from ``init_seed`` (same state_dict names)."""
 
     def __init__(self, init_seed: int | None = None, norm=("GROUP", {"num_groups": 8}), **kwargs):
         norm = tuple(norm) if isinstance(norm, list) else norm  # JSON turns the tuple into a list
         _seeded_init(self, init_seed, lambda: SegResNet.__init__(self, norm=norm, **kwargs))
+        for module in self.modules():
+            if type(module) is ResBlock:
+                module.__class__ = OutOfPlaceResBlock
 
 
 def model_spec(
@@ -55,6 +73,7 @@ def model_spec(
     init_seed: int | None = 0,
     in_channels: int = len(MRI_CONTRASTS),
     out_channels: int = len(REGIONS),
+    act: list | None = None,
 ) -> dict:
     """The network as class path + constructor args: the one description that both the site
     (``build_segmentation_model``) and FLARE's server persistor (job config) instantiate.
@@ -63,7 +82,10 @@ def model_spec(
       to 8 groups. About 1.2 M parameters at ``init_filters=8``.
     * ``unet``: 4-level residual UNet with InstanceNorm, channels f..16f. Strided first
       layer makes it several times faster per step on CPU than SegResNet.
+
+    ``act`` replaces the architecture's default activation (e.g. :data:`DP_ACT`); None keeps it.
     """
+    own_act = {"act": act} if act is not None else {}
     arch = arch.lower()
     if arch == "segresnet":
         return {
@@ -71,7 +93,7 @@ def model_spec(
             "args": {
                 "init_seed": init_seed, "spatial_dims": 3, "in_channels": in_channels, "out_channels": out_channels,
                 "init_filters": init_filters, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1],
-                "norm": ["GROUP", {"num_groups": math.gcd(8, init_filters)}], "dropout_prob": dropout,
+                "norm": ["GROUP", {"num_groups": math.gcd(8, init_filters)}], "dropout_prob": dropout, **own_act,
             },
         }
     if arch == "unet":
@@ -81,7 +103,7 @@ def model_spec(
             "args": {
                 "init_seed": init_seed, "spatial_dims": 3, "in_channels": in_channels, "out_channels": out_channels,
                 "channels": [f, 2 * f, 4 * f, 8 * f, 16 * f], "strides": [2, 2, 2, 2], "num_res_units": 2,
-                "norm": "INSTANCE", "dropout": dropout or 0.0,
+                "norm": "INSTANCE", "dropout": dropout or 0.0, **own_act,
             },
         }
     raise ValueError(f"unknown segmentation arch {arch!r}; choose one of {ARCHS}")

@@ -109,7 +109,10 @@ class ClassificationTrainer(Trainer):
         config = config or ClassificationConfig()
         self.val_batch_size = config.batch_size
         super().__init__(train_cases, val_cases, config, progress=progress)
-        self.loss_fn = nn.CrossEntropyLoss(weight=self._class_weights())
+        weights = self._class_weights()
+        # A weighted "mean" divides by the batch's weight sum, mixing samples; DP-SGD needs per-sample terms.
+        self._per_sample_mean = config.dp and weights is not None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weights, reduction="none" if self._per_sample_mean else "mean")
 
     def transforms(self, train: bool):
         c = self.config
@@ -157,7 +160,8 @@ class ClassificationTrainer(Trainer):
 
     def loss_terms(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         y = plain(batch["label"]).long().to(self.device)
-        return {"ce_loss": self.loss_fn(model(*self._inputs(batch)).float(), y)}
+        loss = self.loss_fn(model(*self._inputs(batch)).float(), y)
+        return {"ce_loss": loss.mean() if self._per_sample_mean else loss}
 
     def summary_line(self, r: dict) -> str:
         return f"loss {r['train_loss']:.4f}  acc {r['val_acc']:.3f}  bacc {r['val_bacc']:.3f}  auc {r['val_auc']:.3f}"

@@ -47,6 +47,14 @@ class TaskConfig:
     device: str = "auto"  # "auto" -> cuda when available, else cpu; a site may override
     amp: bool = True  # mixed precision, only ever used on cuda
     he: bool = False  # CKKS-encrypted updates: the server sums what it cannot read (needs an HE-provisioned kit)
+    # Sample-level DP-SGD (fedbrain.privacy.dpsgd): on when dp_epsilon or dp_noise_multiplier is set.
+    dp_epsilon: float | None = None  # this job's epsilon: noise calibrated to spend it over rounds x epochs; a cap
+    dp_noise_multiplier: float | None = None  # fixed noise instead of calibrating to dp_epsilon
+    dp_max_grad_norm: float = 1.0  # per-sample gradient clip (L2)
+    dp_delta: float | None = None  # None: 1 / (10 * n_train) of each site
+    # Client-level DP (fedbrain.privacy.client_dp): each site clips its whole update, adds Gaussian noise.
+    client_dp_clip: float | None = None  # L2 bound of an outgoing update; None: off
+    client_dp_noise: float = 0.0  # noise std = client_dp_noise * client_dp_clip; 0: clip only
 
     def __post_init__(self) -> None:
         for key in self.TUPLE_FIELDS:
@@ -62,11 +70,24 @@ class TaskConfig:
                              "use fedavg, fedprox or personal with he")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        for key in ("dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta", "client_dp_clip"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"{key} must be > 0 or unset, got {value}")
+        if self.dp_delta is not None and self.dp_delta >= 1:
+            raise ValueError(f"dp_delta must be < 1, got {self.dp_delta}")
+        if self.client_dp_noise < 0 or (self.client_dp_noise > 0 and self.client_dp_clip is None):
+            raise ValueError("client_dp_noise must be >= 0 and needs client_dp_clip (the noise is relative to it)")
 
     # ------------------------------------------------------------------ derived
     @property
     def uses_fedprox(self) -> bool:
         return self.algorithm == "fedprox" and self.fedprox_mu > 0
+
+    @property
+    def dp(self) -> bool:
+        """Sample-level DP-SGD on (the model spec may differ: see the tasks' model_spec)."""
+        return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
 
     def model_spec(self) -> dict:
         """``{"class_path", "args"}`` of this task's network: what the server persistor and

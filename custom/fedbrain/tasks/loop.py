@@ -3,8 +3,8 @@
 A task subclasses :class:`Trainer` and says only what differs: how it loads cases, its
 transforms, the loss of one batch (:meth:`Trainer.loss_terms`), its optimizer and how it
 validates. Everything per step that is not the task's own (the FedProx term, SCAFFOLD's
-correction, soon DP-SGD and fault handling) is a :class:`TrainingHook`: written once, used
-by both tasks. The model is passed to each call rather than owned, because an FL site
+correction, DP-SGD (:mod:`fedbrain.privacy.dpsgd`), soon fault handling) is a
+:class:`TrainingHook`: written once, used by both tasks. The model is passed to each call rather than owned, because an FL site
 loads new global weights into it every round.
 """
 
@@ -39,10 +39,23 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 class TrainingHook:
-    """Per-step behaviour that is not the task's: an extra loss term and/or work after each step."""
+    """Per-step behaviour that is not the task's: an extra loss term and/or work after each step;
+    a hook may also wrap the model, optimizer and batches of one ``train()`` call (DP-SGD does)."""
 
     #: Name of the loss term this hook adds (reported as the mean over steps), or None.
     term: str | None = None
+
+    def wrap(self, model: nn.Module, optimizer, loader, hooks: Sequence["TrainingHook"]) -> tuple:
+        """``(model, optimizer, loader)`` this call trains with; ``hooks`` are all of the call's hooks."""
+        return model, optimizer, loader
+
+    def unwrap(self) -> dict:
+        """End of the call: undo :meth:`wrap`; returns metrics added to ``train()``'s result."""
+        return {}
+
+    def empty_step(self, model: nn.Module) -> None:
+        """Before a step on an empty batch (only a hook whose loader can yield one needs this)."""
+        return None
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
         return None
@@ -102,7 +115,8 @@ class Trainer:
         self._apply_threads()
         set_determinism(seed=config.seed)
         self.device = resolve_device(config.device)
-        self.use_amp = bool(config.amp and self.device.type == "cuda")
+        # DP-SGD clips per-sample gradients itself; a loss scaler's skipped steps would break its accounting.
+        self.use_amp = bool(config.amp and self.device.type == "cuda" and not config.dp)
         train_transform, val_transform = self.transforms(True), self.transforms(False)
         self.train_ds, train_skipped = self.load_cases(train_cases, train_transform, progress=progress)
         self.val_ds, val_skipped = self.load_cases(val_cases, val_transform, progress=progress)
@@ -126,6 +140,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.total_steps = 0
         self.last_step_losses: list[float] = []
+        #: The DP-SGD hook when the config asks for DP (set by fedbrain.privacy.dpsgd.DPSGD.attach).
+        self.privacy: TrainingHook | None = None
 
     # ------------------------------------------------------------------ what a task says
     def transforms(self, train: bool):
@@ -179,6 +195,13 @@ class Trainer:
             self._opt_params = params
         return self.optimizer
 
+    def round_steps(self, epochs: int | None = None) -> int:
+        """Optimizer steps of one ``train(epochs=...)`` call (default ``config.epochs_per_round``,
+        capped by ``config.max_steps``): what a round costs, e.g. in privacy."""
+        n_epochs = self.config.epochs_per_round if epochs is None else epochs
+        steps = n_epochs * len(self.train_loader)
+        return min(steps, self.config.max_steps) if self.config.max_steps is not None else steps
+
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
 
@@ -199,7 +222,8 @@ class Trainer:
 
         With ``global_params`` (the global model of this round) and the config's algorithm
         FedProx, the proximal term is added (personal parameters excluded). ``hooks`` add
-        loss terms and after-step work. Returns ``train_loss`` (mean total loss per step),
+        loss terms and after-step work; with DP on in the config, :attr:`privacy` (the DP-SGD
+        hook) is always one of them and its metrics join the result. Returns ``train_loss`` (mean total loss per step),
         the mean of every named term (e.g. ``ce_loss``, ``prox_loss``), ``steps`` (optimizer
         steps actually taken: what FedAvg weights by), ``epochs`` and ``train_seconds``.
         ``on_step(step, loss)`` gets the trainer's running step count (a TensorBoard step).
@@ -211,12 +235,14 @@ class Trainer:
         if global_params is not None and self.config.uses_fedprox:
             hooks.append(FedProx(global_params, self.config.fedprox_mu, self.device,
                                  exclude=self.personal_parameter_names(model)))
+        if self.config.dp:
+            if self.privacy is None:
+                raise RuntimeError("the config turns DP-SGD on but no DP-SGD hook is attached: "
+                                   "call fedbrain.privacy.dpsgd.DPSGD.attach(trainer) first")
+            hooks.append(self.privacy)
         batches_per_epoch = len(self.train_loader)
         if steps is None:
-            n_epochs = self.config.epochs_per_round if epochs is None else epochs
-            steps = n_epochs * batches_per_epoch
-            if self.config.max_steps is not None:
-                steps = min(steps, self.config.max_steps)
+            steps = self.round_steps(epochs)
         self.last_step_losses = []
         if batches_per_epoch == 0 or steps <= 0:
             if batches_per_epoch == 0:
@@ -226,47 +252,61 @@ class Trainer:
         self._apply_threads()
         model.to(self.device)
         model.train()
-        optimizer = self._optimizer_for(model)
+        net, optimizer, loader = model, self._optimizer_for(model), self.train_loader
+        for hook in hooks:
+            net, optimizer, loader = hook.wrap(net, optimizer, loader, hooks)
         losses, terms, taken, seen = [], {}, 0, 0
         start = time.perf_counter()
-        with maybe_progress(progress, "Training", steps) as advance:
-            while seen < steps:
-                for batch in self.train_loader:
-                    if seen >= steps:
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    with self._autocast():
-                        parts = self.loss_terms(model, batch)
-                    for hook in hooks:
-                        if hook.term is not None:
-                            parts[hook.term] = hook.loss_term(model)
-                    loss = sum(parts.values())
-                    scale = self.scaler.get_scale() if self.use_amp else None
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(optimizer)
-                    self.scaler.update()
-                    # With AMP an overflowing step is skipped (and the scale lowered).
-                    if not self.use_amp or self.scaler.get_scale() >= scale:
-                        taken += 1
-                    seen += 1
-                    value = float(loss.detach())
-                    losses.append(value)
-                    for name, part in parts.items():
-                        terms.setdefault(name, []).append(float(part.detach()))
-                    for hook in hooks:
-                        hook.after_step(model, self.total_steps + seen, value)
-                    if on_step is not None:
-                        on_step(self.total_steps + seen, value)
-                    advance(value)
+        try:
+            with maybe_progress(progress, "Training", steps) as advance:
+                while seen < steps:
+                    for batch in loader:
+                        if seen >= steps:
+                            break
+                        optimizer.zero_grad(set_to_none=True)
+                        if batch:
+                            with self._autocast():
+                                parts = self.loss_terms(net, batch)
+                            for hook in hooks:
+                                if hook.term is not None:
+                                    parts[hook.term] = hook.loss_term(model)
+                            loss = sum(parts.values())
+                            scale = self.scaler.get_scale() if self.use_amp else None
+                            self.scaler.scale(loss).backward()
+                        else:  # Poisson sampling (DP-SGD) drew no case: a noise-only step, no loss
+                            parts, loss, scale = {}, None, None
+                            for hook in hooks:
+                                hook.empty_step(model)
+                        self.scaler.step(optimizer)
+                        self.scaler.update()
+                        # With AMP an overflowing step is skipped (and the scale lowered).
+                        if not self.use_amp or self.scaler.get_scale() >= scale:
+                            taken += 1
+                        seen += 1
+                        value = float(loss.detach()) if loss is not None else math.nan
+                        if loss is not None:
+                            losses.append(value)
+                        for name, part in parts.items():
+                            terms.setdefault(name, []).append(float(part.detach()))
+                        for hook in hooks:
+                            hook.after_step(model, self.total_steps + seen, value)
+                        if on_step is not None:
+                            on_step(self.total_steps + seen, value)
+                        advance(value)
+        finally:
+            extra = {}
+            for hook in reversed(hooks):
+                extra.update(hook.unwrap())
         seconds = time.perf_counter() - start
         self.total_steps += taken
         self.last_step_losses = losses
         return {
-            TRAIN_LOSS: float(np.mean(losses)),
+            TRAIN_LOSS: float(np.mean(losses)) if losses else math.nan,
             **{name: float(np.mean(values)) for name, values in terms.items()},
             "steps": taken,
             "epochs": seen / batches_per_epoch,
             "train_seconds": seconds,
+            **extra,
         }
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from fedbrain.contracts import REGIONS, SEGMENTATION_METRICS, VAL_DICE
 from fedbrain.data.dataset import load_cases
 from fedbrain.data.transforms import segmentation_transforms
-from fedbrain.models.segmentation import ARCHS, model_spec, size_divisor
+from fedbrain.models.segmentation import ARCHS, DP_ACT, model_spec, size_divisor
 from fedbrain.tasks.config import TaskConfig, three
 from fedbrain.tasks.loop import Trainer, maybe_progress, plain
 
@@ -64,7 +64,8 @@ class SegmentationConfig(TaskConfig):
             raise ValueError(f"roi_size {self.roi_size} must be a multiple of {div} for {self.arch}")
 
     def model_spec(self) -> dict:
-        return model_spec(self.arch, init_filters=self.init_filters, dropout=self.dropout, init_seed=self.seed)
+        return model_spec(self.arch, init_filters=self.init_filters, dropout=self.dropout, init_seed=self.seed,
+                          act=DP_ACT if self.dp else None)
 
 
 def _make_loss(name: str) -> nn.Module:

@@ -1,0 +1,239 @@
+"""Differential privacy: DP-SGD in the one loop, the site's ledger and budget, client-level DP."""
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+
+from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD
+from fedbrain.fl.site import SiteSettings, resolve_site_settings, write_site_config
+from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED, AccountantStore, SiteBudget, SitePrivacy
+from fedbrain.privacy.dpsgd import DPSGD, validate_model
+from fedbrain.tasks.classification import ClassificationConfig
+from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
+
+try:
+    from .fixtures_seg import make_cases
+except ImportError:  # tests/ is not a package
+    from fixtures_seg import make_cases
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+# 3 cases at batch 2: 2 batches per epoch, Poisson rate q = 1/2, 2 steps per round.
+SMALL = dict(spacing=(6.0, 6.0, 6.0), roi_size=(32, 32, 32), seed=0, num_threads=1, epochs_per_round=1, rounds=3)
+NOISE = 1.3
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp")
+    return make_cases(root, 3, prefix="DP", seed=100)
+
+
+def _site(tmp_path, budget=SiteBudget()):
+    return SiteSettings(site="hospital-x", datalist=tmp_path / "data" / "datalist.json", budget=budget,
+                        workspace=tmp_path / "site")
+
+
+def _offline_epsilon(steps, q, delta, noise=NOISE):
+    acc = RDPAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=noise, sample_rate=q)
+    return acc.get_epsilon(delta)
+
+
+def _rounds(privacy, trainer, model, rounds, job="job-1", first=1):
+    out = []
+    for r in range(first, first + rounds):
+        withheld = privacy.withhold()
+        stats = trainer.train(model) if not withheld else {"steps": 0}
+        out.append({**privacy.after_round(job, r, withheld), "steps": stats["steps"]})
+    return out
+
+
+# ---------------------------------------------------------------- accounting and the site's ledger
+def test_epsilon_after_k_rounds_equals_opacus_offline(cases, tmp_path):
+    config = SegmentationConfig(**SMALL, dp_noise_multiplier=NOISE)
+    trainer = SegmentationTrainer(cases, [], config)
+    privacy = SitePrivacy(trainer, _site(tmp_path), "hospital-x")
+    model = trainer.build_model()
+    per_round = trainer.round_steps()
+    assert per_round == 2 and privacy.dp.sample_rate == 0.5
+    delta = 1 / (10 * 3)
+    for k, m in enumerate(_rounds(privacy, trainer, model, 3), start=1):
+        assert m["steps"] == per_round
+        assert m[DP_DELTA] == pytest.approx(delta)
+        assert m[DP_EPSILON_SPENT] == pytest.approx(_offline_epsilon(k * per_round, 0.5, delta), rel=1e-9)
+
+
+def test_a_restarted_site_continues_its_epsilon(cases, tmp_path):
+    config = SegmentationConfig(**SMALL, dp_noise_multiplier=NOISE)
+    budget = SiteBudget(epsilon=1e6, delta=1e-5)
+    trainer = SegmentationTrainer(cases, [], config)
+    first = _rounds(SitePrivacy(trainer, _site(tmp_path, budget), "hospital-x"), trainer, trainer.build_model(), 2)
+    # the site process restarts (same job), then a later job trains on the same data
+    for job in ("job-1", "job-2"):
+        trainer = SegmentationTrainer(cases, [], config)
+        privacy = SitePrivacy(trainer, _site(tmp_path, budget), "hospital-x")
+        assert privacy.spent() >= first[-1][DP_EPSILON_SPENT]
+        _rounds(privacy, trainer, trainer.build_model(), 1, job=job, first=3)
+    assert privacy.spent() == pytest.approx(_offline_epsilon(4 * 2, 0.5, 1e-5), rel=1e-9)
+    store = AccountantStore.for_data(tmp_path / "site", tmp_path / "data" / "datalist.json")
+    assert store.path.is_relative_to(tmp_path / "site" / "privacy")
+    ledger = store.load()
+    assert ledger["history"] == [[NOISE, 0.5, 8]] and set(ledger["jobs"]) == {"job-1", "job-2"}
+    other = AccountantStore.for_data(tmp_path / "site", tmp_path / "other" / "datalist.json")
+    assert other.history() == []  # keyed by the data, not by the job
+
+
+def test_budget_exhaustion_stops_releasing(cases, tmp_path, caplog):
+    config = SegmentationConfig(**SMALL, dp_noise_multiplier=NOISE)
+    delta = 1e-5
+    budget = SiteBudget(epsilon=(_offline_epsilon(4, 0.5, delta) + _offline_epsilon(6, 0.5, delta)) / 2, delta=delta)
+    trainer = SegmentationTrainer(cases, [], config)
+    privacy = SitePrivacy(trainer, _site(tmp_path, budget), "hospital-x")
+    model = trainer.build_model()
+    with caplog.at_level(logging.ERROR, logger="fedbrain"):
+        rounds = _rounds(privacy, trainer, model, 4)
+    assert [r["steps"] for r in rounds] == [2, 2, 0, 0]
+    assert [r.get(DP_WITHHELD, 0) for r in rounds] == [0, 0, BUDGET_EXHAUSTED, BUDGET_EXHAUSTED]
+    assert rounds[-1][DP_EPSILON_SPENT] == rounds[1][DP_EPSILON_SPENT] <= budget.epsilon
+    told = [r.message for r in caplog.records if "budget exhausted" in r.message]
+    assert len(told) == 1 and "hospital-x" in told[0]
+
+
+def test_require_dp_refuses_a_job_without_dp(cases, tmp_path):
+    trainer = SegmentationTrainer(cases, [], SegmentationConfig(**SMALL))
+    privacy = SitePrivacy(trainer, _site(tmp_path, SiteBudget(require_dp=True)), "hospital-x")
+    assert privacy.withhold() == DP_REQUIRED
+    assert privacy.after_round("job", 1, DP_REQUIRED) == {DP_WITHHELD: DP_REQUIRED}
+
+
+def test_target_epsilon_is_met_over_the_planned_rounds_and_capped(cases, tmp_path):
+    config = SegmentationConfig(**SMALL, dp_epsilon=8.0, dp_delta=1e-5)
+    trainer = SegmentationTrainer(cases, [], config)
+    privacy = SitePrivacy(trainer, _site(tmp_path), "hospital-x")
+    rounds = _rounds(privacy, trainer, trainer.build_model(), config.rounds + 1)
+    spent = rounds[config.rounds - 1][DP_EPSILON_SPENT]
+    assert 7.9 < spent <= 8.0
+    assert rounds[-1][DP_WITHHELD] == BUDGET_EXHAUSTED  # one round more than planned: the job's own cap
+
+
+def test_site_json_privacy_keys(tmp_path):
+    ws = tmp_path / "hospital-a"
+    (ws / "startup").mkdir(parents=True)
+    write_site_config(ws, tmp_path / "dl.json", dp_budget={"epsilon": 3.0, "delta": 1e-6}, require_dp=True)
+    s = resolve_site_settings("hospital-a", cwd=ws)
+    assert s.budget == SiteBudget(3.0, 1e-6, True) and s.workspace == ws.resolve()
+    write_site_config(ws, tmp_path / "dl.json", dp_budget={"epsilon": -1})
+    with pytest.raises(Exception, match="epsilon"):
+        resolve_site_settings("hospital-a", cwd=ws)
+
+
+# ---------------------------------------------------------------- DP-SGD in the loop
+def test_dp_off_training_is_the_plain_loop_bit_for_bit(cases):
+    """DP off: Trainer.train is exactly zero_grad -> loss -> backward -> step (as before DP existed)."""
+    config = SegmentationConfig(**SMALL, algorithm="fedavg")
+    trainer = SegmentationTrainer(cases, [], config)
+    model = trainer.build_model()
+    trainer.train(model, steps=3)
+
+    ref_trainer = SegmentationTrainer(cases, [], config)
+    ref = ref_trainer.build_model()
+    opt = ref_trainer._optimizer_for(ref)
+    ref.train()
+    taken = 0
+    while taken < 3:
+        for batch in ref_trainer.train_loader:
+            if taken == 3:
+                break
+            opt.zero_grad(set_to_none=True)
+            sum(ref_trainer.loss_terms(ref, batch).values()).backward()
+            opt.step()
+            taken += 1
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_without_noise_or_clipping_dp_sgd_is_plain_sgd_fedprox_included(cases):
+    """Scaling, the FedProx term added back after the noise, and q = 1 all checked at once."""
+    config = SegmentationConfig(**SMALL, algorithm="fedprox", fedprox_mu=0.5, lr=1e-2)
+    twice = [cases[0], cases[0]]  # one batch of two random crops of one case, whichever order a loader uses
+    dp_config = config.replace(dp_noise_multiplier=1.0, dp_max_grad_norm=1e6)
+    results = []
+    for dp in (False, True):
+        trainer = SegmentationTrainer(twice, [], dp_config if dp else config)
+        if dp:
+            DPSGD.attach(trainer).noise_multiplier = 0.0  # the config refuses no noise: a test may
+            assert trainer.privacy.sample_rate == 1.0  # every case in every batch
+        model = dp_config.build_model()  # DP's activation in both runs
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():  # away from the global model, so the proximal term pulls
+                p.add_(0.01)
+        trainer.train(model, steps=1, global_params=start)
+        results.append(model.state_dict())
+    for name, a in results[0].items():
+        assert torch.allclose(a, results[1][name], atol=1e-4), name
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step(cases):
+    config = SegmentationConfig(**SMALL, dp_noise_multiplier=NOISE)
+    trainer = SegmentationTrainer(cases, [], config)
+    dp = DPSGD.attach(trainer)
+    dp._loader = [{}, {}]  # Poisson sampling drew nobody, twice
+    model = trainer.build_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    out = trainer.train(model, steps=2)
+    assert out["steps"] == 2 and math.isnan(out["train_loss"])
+    assert dp.history == [(NOISE, 0.5, 2)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # noise was released
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # Opacus detached
+    assert list(model.state_dict()) == list(trainer.build_model().state_dict())
+
+
+def test_dp_config_without_hook_is_refused(cases):
+    trainer = SegmentationTrainer(cases, [], SegmentationConfig(**SMALL, dp_epsilon=3.0))
+    with pytest.raises(RuntimeError, match="DP-SGD"):
+        trainer.train(trainer.build_model(), steps=1)
+
+
+# ---------------------------------------------------------------- models pass Opacus with DP on
+@pytest.mark.parametrize("config", [
+    SegmentationConfig(dp_epsilon=8.0, roi_size=(32, 32, 32)),
+    SegmentationConfig(dp_epsilon=8.0, roi_size=(32, 32, 32), arch="segresnet"),
+    *(ClassificationConfig(dp_epsilon=8.0, fusion=f, spatial_size=(16, 16, 16), channels=(8, 16))
+      for f in ("late", "masked_mean", "attention")),
+], ids=["unet", "segresnet", "late", "masked_mean", "attention"])
+def test_models_pass_opacus_validation_with_dp(config):
+    model = config.build_model()
+    validate_model(model)
+    gsm = GradSampleModule(model)
+    if isinstance(config, SegmentationConfig):
+        out = gsm(torch.randn(2, 4, *config.roi_size))
+    else:
+        size = config.spatial_size
+        out = gsm(torch.randn(2, 4, *size), torch.randn(2, 2, *size), torch.ones(2), torch.tensor([1.0, 0.0]))
+    out.float().pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape == (2, *p.shape), name
+    gsm._close()
+
+
+def test_dp_changes_the_segmentation_activation_only_when_on():
+    plain, dp = SegmentationConfig().model_spec(), SegmentationConfig(dp_noise_multiplier=1.0).model_spec()
+    assert "act" not in plain["args"] and dp["args"]["act"][0] == "LEAKYRELU"
+    assert {k: v for k, v in dp["args"].items() if k != "act"} == plain["args"]
+    assert not any(isinstance(m, torch.nn.PReLU) for m in SegmentationConfig(dp_epsilon=1.0).build_model().modules())
