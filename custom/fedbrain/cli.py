@@ -20,6 +20,13 @@ def cmd_data_check(a) -> int:
     return max(run_data_check(dl, root=a.root, console=console) for dl in _datalists([a.datalist]))
 
 
+def cmd_data_build(a) -> int:
+    from fedbrain.data.build import run_build_datalist
+
+    return run_build_datalist(a.folder, a.out, console=console, val_fraction=a.val_fraction, seed=a.seed,
+                              ct_dir=a.ct_dir, label_convention=a.label_convention)
+
+
 def cmd_data_synth(a) -> int:
     from fedbrain.synthetic.cohort import synthesize_consortium
 
@@ -224,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("datalist", help="a datalist file, or a folder with one <site>/datalist.json per site")
     c.add_argument("--root", default=None, help="data root (default: the datalist's folder)")
     c.set_defaults(func=cmd_data_check)
+    b = data.add_parser("build-datalist", help="write a datalist from a folder of cases; prints every guess")
+    b.add_argument("folder", help="cases as BraTS 2021 / 2023 or per-case folders (t1, t1ce, t2, flair, seg)")
+    b.add_argument("--out", required=True, help="datalist file to write (paths relative to its folder)")
+    b.add_argument("--val-fraction", dest="val_fraction", type=float, default=0.2)
+    b.add_argument("--seed", type=int, default=0, help="which cases go to validation")
+    b.add_argument("--ct-dir", dest="ct_dir", default=None, help="CT DICOM folders named by case_id")
+    from fedbrain.contracts import LABEL_CONVENTIONS
+    b.add_argument("--label-convention", dest="label_convention", default="auto",
+                   choices=["auto", *LABEL_CONVENTIONS], help="auto: from the label values")
+    b.set_defaults(func=cmd_data_build)
     s = data.add_parser("synth", help="write a synthetic multi-hospital BraTS-style consortium")
     s.add_argument("--sites", type=int, default=3)
     s.add_argument("--cases", type=int, default=12, help="mean cases per site (sites differ)")
