@@ -281,7 +281,7 @@ def test_several_series_are_listed_and_the_datalist_can_pick_one(tmp_path):
         read_ct_series(export)
     message = str(info.value)
     ct5n = pydicom.dcmread(next((DICOMDIR_TESTS / "98892001" / "CT5N").iterdir())).SeriesInstanceUID
-    assert f"{ct5n} 'SmartScore - Gated 0.5 sec' (CT, 5 slices)" in message
+    assert f"Series here: {ct5n} 'SmartScore - Gated 0.5 sec' (CT, 5 slices) in 98892001/CT5N; " in message
     assert "'Routine Brain' (CT, 4 slices)" in message and "'Scout' (CT, 2 slices, localizer)" in message
     assert "'Cervical LAT' (CR, 1 slice)" in message
 

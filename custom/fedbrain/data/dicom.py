@@ -238,6 +238,7 @@ class SeriesInfo:
     modality: str
     files: list[Path]
     datasets: list[Dataset] = field(repr=False)
+    where: str = ""  # its subfolder, relative to the folder searched ("" when at the top)
 
     @property
     def localizer(self) -> bool:
@@ -248,7 +249,8 @@ class SeriesInfo:
         kind = ", localizer" if self.localizer else ""
         n = len(self.files)
         described = repr(self.description) if self.description else "(no description)"
-        return f"{self.uid} {described} ({self.modality or '?'}, {n} slice{'s' * (n != 1)}{kind})"
+        where = f" in {self.where}" if self.where else ""
+        return f"{self.uid} {described} ({self.modality or '?'}, {n} slice{'s' * (n != 1)}{kind}){where}"
 
 
 def _is_companion(path: Path) -> bool:
@@ -329,6 +331,9 @@ def find_series(folder) -> list[SeriesInfo]:
     if not groups:
         shown = ", ".join(_name(folder, p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         raise DicomSeriesError(folder, "empty folder: no DICOM image files" + (f" (skipped: {shown})" if skipped else ""))
+    for info in groups.values():
+        parents = {p.parent for p in info.files}
+        info.where = "" if parents == {folder} else ", ".join(sorted(_name(folder, p) for p in parents))
     return sorted(groups.values(), key=lambda s: (-len(s.files), s.uid))
 
 
@@ -351,7 +356,8 @@ def select_series(folder, modality: str | None = "CT", series_uid: str | None = 
     series (UID, description, slices), when none or several qualify."""
     folder = Path(folder)
     found = find_series(folder)
-    listing = "; ".join(s.summary() for s in found)
+    # the series that could be meant first: a long study listing stays readable
+    listing = "; ".join(s.summary() for s in sorted(found, key=lambda s: _unusable(s, modality) is not None))
     if series_uid:
         match = [s for s in found if s.uid == str(series_uid)]
         if not match:
