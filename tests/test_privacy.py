@@ -237,3 +237,73 @@ def test_dp_changes_the_segmentation_activation_only_when_on():
     assert "act" not in plain["args"] and dp["args"]["act"][0] == "LEAKYRELU"
     assert {k: v for k, v in dp["args"].items() if k != "act"} == plain["args"]
     assert not any(isinstance(m, torch.nn.PReLU) for m in SegmentationConfig(dp_epsilon=1.0).build_model().modules())
+
+
+# ---------------------------------------------------------------- client-level DP filters
+def _dxo(data, kind="WEIGHT_DIFF"):
+    from nvflare.apis.dxo import DXO
+
+    return DXO(data_kind=kind, data=data, meta={"NUM_STEPS_CURRENT_ROUND": 4})
+
+
+def _filtered(flt, dxo):
+    from nvflare.apis.dxo import from_shareable
+    from nvflare.apis.fl_context import FLContext
+
+    return from_shareable(flt.process(dxo.to_shareable(), FLContext()))
+
+
+def _update(scale=10.0, torch_tensors=False):
+    rng = np.random.default_rng(0)
+    data = {"a": rng.normal(size=(50, 40)).astype(np.float32) * scale, "b": rng.normal(size=300) * scale,
+            "steps": np.array([7], dtype=np.int64)}
+    return {k: torch.as_tensor(v) for k, v in data.items()} if torch_tensors else data
+
+
+@pytest.mark.parametrize("torch_tensors", [False, True])
+def test_update_norm_clip_bounds_the_norm_and_keeps_small_updates(torch_tensors):
+    from fedbrain.privacy.client_dp import UpdateNormClip, update_norm
+
+    big, small = _update(10.0, torch_tensors), _update(1e-3, torch_tensors)
+    out = _filtered(UpdateNormClip(max_norm=5.0), _dxo(big))
+    assert update_norm(out.data) == pytest.approx(5.0, rel=1e-5)
+    assert out.get_meta_prop("NUM_STEPS_CURRENT_ROUND") == 4
+    assert out.data["steps"][0] == 7 and out.data["a"].dtype == big["a"].dtype  # ints untouched, dtypes kept
+    same = _filtered(UpdateNormClip(max_norm=5.0), _dxo(small))
+    for k in small:
+        assert np.array_equal(np.asarray(same.data[k]), np.asarray(small[k]))
+
+
+def test_client_level_dp_norm_bounded_by_clip_plus_noise_and_epsilon_matches_opacus():
+    from fedbrain.contracts import CLIENT_DP_EPSILON_META
+    from fedbrain.privacy.client_dp import ClientLevelDP, update_norm
+
+    clip, sigma = 2.0, 0.8
+    flt = ClientLevelDP(clip_norm=clip, noise_multiplier=sigma, delta=1e-5)
+    update = _update(10.0)
+    d = sum(v.size for k, v in update.items() if k != "steps")
+    for release in range(1, 4):
+        out = _filtered(flt, _dxo(update))
+        noise_std = sigma * clip
+        # ||clipped + noise|| <= clip + ||noise||, and ||noise|| ~ std * sqrt(d) (chi, tight for d = 2300)
+        assert update_norm(out.data) <= clip + noise_std * (math.sqrt(d) + 4)
+        residual = np.concatenate([(out.data[k] - update[k] * clip / update_norm(update)).ravel()
+                                   for k in ("a", "b")])
+        assert residual.std() == pytest.approx(noise_std, rel=0.06)  # the configured scale, not more, not less
+        acc = RDPAccountant()
+        for _ in range(release):
+            acc.step(noise_multiplier=sigma, sample_rate=1.0)
+        assert out.get_meta_prop(CLIENT_DP_EPSILON_META) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+        assert out.data["steps"][0] == 7
+
+
+def test_client_dp_filters_follow_the_config():
+    from fedbrain.privacy.client_dp import ClientLevelDP, UpdateNormClip, client_dp_filters
+
+    assert client_dp_filters(SegmentationConfig()) == []
+    (clip,) = client_dp_filters(SegmentationConfig(client_dp_clip=3.0))
+    assert type(clip) is UpdateNormClip and clip.max_norm == 3.0
+    (dp,) = client_dp_filters(ClassificationConfig(client_dp_clip=3.0, client_dp_noise=1.1))
+    assert isinstance(dp, ClientLevelDP) and dp.std == pytest.approx(3.3)
+    with pytest.raises(ValueError, match="client_dp_noise"):
+        SegmentationConfig(client_dp_noise=1.0)

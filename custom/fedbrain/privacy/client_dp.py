@@ -1,0 +1,140 @@
+"""Client-level DP (DP-FedAvg) on what leaves a site: FLARE result filters.
+
+``UpdateNormClip(max_norm)`` scales an outgoing update so its L2 norm (over all its float
+tensors) is at most ``max_norm``: it bounds any one site's influence on the global model.
+``ClientLevelDP(clip_norm, noise_multiplier)`` clips the same way, then adds Gaussian noise
+of std ``noise_multiplier * clip_norm`` to every value, and keeps an RDP account of the job
+(sampling rate 1, one release per round): the epsilon it has bought so far rides in the
+update's meta (``client_dp_epsilon``) and in the site's log.
+
+Both act on plaintext: a site's privacy.json scope runs before the job's filters, and a job
+must place them before an HE encryptor (after ExcludeVars, so a personal head is neither
+counted nor noised). Noise comes from the OS's random source, never from the job's seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from fedbrain.contracts import CLIENT_DP_EPSILON_META
+from fedbrain.privacy.accounting import epsilon_of
+
+KINDS = [DataKind.WEIGHT_DIFF, DataKind.WEIGHTS]
+
+
+def _is_float(v) -> bool:
+    if isinstance(v, np.ndarray):
+        return np.issubdtype(v.dtype, np.floating)
+    return hasattr(v, "is_floating_point") and v.is_floating_point()  # a torch tensor
+
+
+def _as_numpy(v) -> np.ndarray:
+    return v if isinstance(v, np.ndarray) else v.detach().cpu().numpy()
+
+
+def update_norm(data: dict) -> float:
+    """L2 norm over every float tensor of an update (numpy arrays or torch tensors)."""
+    return math.sqrt(sum(float(np.sum(np.square(_as_numpy(v), dtype=np.float64))) for v in data.values() if _is_float(v)))
+
+
+def clip_update(data: dict, max_norm: float) -> tuple[dict, float]:
+    """The update scaled to L2 norm <= ``max_norm`` (new dict, same types); and its norm before."""
+    norm = update_norm(data)
+    factor = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    if factor == 1.0:
+        return dict(data), norm
+    return {k: (v * factor if _is_float(v) else v) for k, v in data.items()}, norm
+
+
+def add_gaussian_noise(data: dict, std: float, rng: np.random.Generator) -> dict:
+    """Every float value plus N(0, std^2), in its own dtype and type."""
+    out = {}
+    for k, v in data.items():
+        if not _is_float(v):
+            out[k] = v
+            continue
+        noise = rng.normal(0.0, std, size=tuple(v.shape))
+        if isinstance(v, np.ndarray):
+            out[k] = (v + noise).astype(v.dtype)
+        else:
+            import torch
+
+            out[k] = v + torch.as_tensor(noise, dtype=v.dtype, device=v.device)
+    return out
+
+
+class UpdateNormClip(DXOFilter):
+    """Clip each outgoing update (WEIGHT_DIFF; WEIGHTS are clipped as a whole) to L2 norm ``max_norm``."""
+
+    def __init__(self, max_norm: float, data_kinds_to_filter: list[str] | None = None):
+        super().__init__(supported_data_kinds=KINDS, data_kinds_to_filter=data_kinds_to_filter)
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        self.max_norm = float(max_norm)
+
+    def _clip(self, dxo: DXO, fl_ctx: FLContext) -> dict:
+        if dxo.data_kind == DataKind.WEIGHTS:
+            self.log_warning(fl_ctx, "clipping full WEIGHTS, not a difference: send weight differences "
+                                     "(params_transfer_type DIFF) for a meaningful bound")
+        data, norm = clip_update(dxo.data, self.max_norm)
+        # The norm itself describes the local data: it stays in the site's own log.
+        self.log_debug(fl_ctx, f"update L2 norm {norm:.4g}, clipped to {min(norm, self.max_norm):.4g}")
+        return data
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        return DXO(data_kind=dxo.data_kind, data=self._clip(dxo, fl_ctx), meta=dxo.meta)
+
+
+class ClientLevelDP(UpdateNormClip):
+    """Clip to ``clip_norm``, add N(0, (noise_multiplier * clip_norm)^2), account per job.
+
+    The epsilon is for adding or removing this site's whole contribution in a round (sensitivity
+    ``clip_norm``) at ``delta``; replacing one update by another arbitrary one doubles the
+    sensitivity (the same noise is then worth ``noise_multiplier / 2``).
+    """
+
+    def __init__(self, clip_norm: float, noise_multiplier: float, delta: float = 1e-5,
+                 data_kinds_to_filter: list[str] | None = None):
+        super().__init__(max_norm=clip_norm, data_kinds_to_filter=data_kinds_to_filter)
+        if not noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0 (use UpdateNormClip to only clip), got {noise_multiplier}")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        self.noise_multiplier, self.delta = float(noise_multiplier), float(delta)
+        self.releases = 0
+        self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+
+    @property
+    def std(self) -> float:
+        return self.noise_multiplier * self.max_norm
+
+    def epsilon(self) -> float:
+        """Epsilon bought by this job's releases so far (RDP, sampling rate 1)."""
+        return epsilon_of([(self.noise_multiplier, 1.0, self.releases)] if self.releases else [], self.delta)
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        data = add_gaussian_noise(self._clip(dxo, fl_ctx), self.std, self._rng)
+        self.releases += 1
+        eps = self.epsilon()
+        self.log_info(fl_ctx, f"client-level DP: release {self.releases}, clip {self.max_norm:g}, noise std "
+                              f"{self.std:g}: epsilon {eps:.3f} at delta {self.delta:g} for this job")
+        out = DXO(data_kind=dxo.data_kind, data=data, meta=dxo.meta)
+        out.set_meta_prop(CLIENT_DP_EPSILON_META, eps)
+        return out
+
+
+def client_dp_filters(config) -> list:
+    """The result filters a job places at each site for its config (empty when off), on
+    plaintext: after ExcludeVars, before any encryptor."""
+    if config.client_dp_clip is None:
+        return []
+    if config.client_dp_noise > 0:
+        return [ClientLevelDP(clip_norm=config.client_dp_clip, noise_multiplier=config.client_dp_noise)]
+    return [UpdateNormClip(max_norm=config.client_dp_clip)]
