@@ -307,3 +307,30 @@ def test_client_dp_filters_follow_the_config():
     assert isinstance(dp, ClientLevelDP) and dp.std == pytest.approx(3.3)
     with pytest.raises(ValueError, match="client_dp_noise"):
         SegmentationConfig(client_dp_noise=1.0)
+
+
+# ---------------------------------------------------------------- the report
+def test_report_shows_epsilon_per_site_per_round_and_withheld_rounds(tmp_path):
+    import json
+
+    from fedbrain.report.job_report import build_report, render_markdown
+
+    ws = tmp_path / "job" / "workspace"
+    (ws / "metrics").mkdir(parents=True)
+    eps = {"hospital-a": [0.5, 1.0, 1.4], "hospital-b": [0.7, 0.7, 0.7]}
+    with open(ws / "metrics" / "round_metrics.jsonl", "w") as f:
+        for r in range(3):
+            sites = []
+            for name, curve in eps.items():
+                m = {"val_dice_wt": 0.5, DP_EPSILON_SPENT: curve[r], DP_DELTA: 1e-5}
+                if name == "hospital-b" and r > 0:
+                    m[DP_WITHHELD] = BUDGET_EXHAUSTED
+                sites.append({"name": name, "metrics": [{"name": k, "value": v} for k, v in m.items()]})
+            f.write(json.dumps({"round": r, "aggregated_metrics": [], "sites": sites}) + "\n")
+    report = build_report(tmp_path / "job")
+    assert report["privacy"]["hospital-a"]["epsilon"] == {0: 0.5, 1: 1.0, 2: 1.4}
+    assert report["privacy"]["hospital-b"]["withheld"] == [{"round": 1, "reason": "privacy budget exhausted"},
+                                                           {"round": 2, "reason": "privacy budget exhausted"}]
+    text = render_markdown(report, [])
+    assert "## Differential privacy" in text and "| 2 | 1.400 | 0.700 |" in text
+    assert "hospital-b withheld its update in round 1: privacy budget exhausted" in text

@@ -82,6 +82,10 @@ def cmd_train(a) -> int:
         val += cases["validation"]
     config = config_from_arguments(config_cls, a)
     trainer = trainer_cls(train, val, config, progress=True)
+    if config.dp:  # noise calibrated to dp_epsilon over these epochs
+        from fedbrain.privacy.dpsgd import DPSGD
+
+        DPSGD.attach(trainer, planned_steps=a.epochs * trainer.round_steps(epochs=1))
     model = trainer.build_model()
     history = train_central(trainer, epochs=a.epochs, model=model, log_dir=a.out, progress=True)
     out = Path(a.out)
@@ -170,7 +174,8 @@ def cmd_demo(a) -> int:
     if a.algorithm not in (None, *config_cls.ALGORITHMS):
         raise SystemExit(f"--algorithm {a.algorithm}: the {TASKS[a.task]} job supports {', '.join(config_cls.ALGORITHMS)}")
     changes = {k: v for k, v in (("rounds", a.rounds), ("epochs_per_round", a.local_epochs), ("seed", a.seed),
-                                 ("algorithm", a.algorithm), ("he", a.he or None)) if v is not None}
+                                 ("algorithm", a.algorithm), ("he", a.he or None), ("dp_epsilon", a.dp_epsilon))
+               if v is not None}
     try:
         config = config_cls(**changes)
     except ValueError as e:
@@ -299,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--he", action="store_true",
                    help="encrypted aggregation: sites send CKKS ciphertext, the server sums what it cannot read")
+    d.add_argument("--dp-epsilon", dest="dp_epsilon", type=float, default=None,
+                   help="sample-level DP-SGD: the job's epsilon at each site over all its rounds (docs/privacy.md)")
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")
     d.set_defaults(func=cmd_demo)
 

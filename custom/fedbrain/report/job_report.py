@@ -16,7 +16,8 @@ import statistics
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from fedbrain.contracts import DATA_COUNTS, REGIONS, VAL_DICE, VAL_DICE_REGIONS
+from fedbrain.contracts import (DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS, REGIONS,
+                                VAL_DICE, VAL_DICE_REGIONS)
 
 # Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
 TASKS = {
@@ -224,7 +225,7 @@ def build_report(result_dir: Path) -> dict:
             metrics = {m["name"]: m["value"] for m in site.get("metrics", [])}
             entry = sites.setdefault(site["name"], {"rounds": []})
             entry["rounds"].append({"round": rnd, **{k: metrics.get(k) for k in (*keys, "train_loss", "round_seconds",
-                                                                                 "he_decrypt_seconds")}})
+                                                                                 "he_decrypt_seconds", *PRIVACY_KEYS)}})
             for k in DATA_KEYS:
                 if k in metrics:
                     entry[k] = int(metrics[k])
@@ -277,6 +278,7 @@ def build_report(result_dir: Path) -> dict:
         },
     }
     report["exchange"] = _exchange(ws, sites)
+    report["privacy"] = _privacy(sites)
     if task == "segmentation":  # the names benchmarks and the README quote
         report["summary"].update(mean_final_wt_dice=report["summary"]["mean_final"], min_final_wt_dice=report["summary"]["min_final"],
                                  mean_final_dice=_mean([e["final"].get("val_dice") for e in sites.values()]))
@@ -299,6 +301,46 @@ def _exchange(ws: Path, sites: dict) -> dict:
     agg_file = ws / "he_aggregation.jsonl"
     aggregation = [json.loads(line) for line in agg_file.read_text().splitlines()] if agg_file.is_file() else []
     return {"updates": rows, "he_aggregation": aggregation}
+
+
+PRIVACY_KEYS = (DP_EPSILON_SPENT, DP_DELTA, DP_WITHHELD)
+
+
+def _privacy(sites: dict) -> dict:
+    """Per site: epsilon spent after each round (all jobs on its data so far) and the rounds it withheld."""
+    out = {}
+    for name, e in sites.items():
+        rounds = e["rounds"]
+        if not any(r.get(k) is not None for r in rounds for k in PRIVACY_KEYS):
+            continue
+        withheld = [{"round": r["round"], "reason": DP_WITHHELD_REASONS.get(int(r[DP_WITHHELD]), "?")}
+                    for r in rounds if r.get(DP_WITHHELD)]
+        spent = [r.get(DP_EPSILON_SPENT) for r in rounds if r.get(DP_EPSILON_SPENT) is not None]
+        out[name] = {"epsilon": {r["round"]: r.get(DP_EPSILON_SPENT) for r in rounds},
+                     "final_epsilon": spent[-1] if spent else None,
+                     "delta": next((r[DP_DELTA] for r in reversed(rounds) if r.get(DP_DELTA) is not None), None),
+                     "withheld": withheld}
+    return out
+
+
+def _privacy_markdown(privacy: dict) -> list[str]:
+    if not privacy:
+        return []
+    names = sorted(privacy)
+    rounds = sorted({r for p in privacy.values() for r in p["epsilon"]})
+    lines = ["## Differential privacy", "",
+             "Epsilon each site's data has spent after each round, over every job on that data so far (the site's "
+             "ledger), at the delta shown. Sites stop sending updates before their budget would be exceeded.", "",
+             "| round | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in rounds:
+        lines.append(f"| {r} | " + " | ".join(_fmt(privacy[n]["epsilon"].get(r)) for n in names) + " |")
+    lines.append("| delta | " + " | ".join(f"{privacy[n]['delta']:.1e}" if privacy[n]["delta"] else "–" for n in names)
+                 + " |")
+    lines.append("")
+    for n in names:
+        for w in privacy[n]["withheld"]:
+            lines.append(f"- {n} withheld its update in round {w['round']}: {w['reason']} (zero weight)")
+    return lines + [""]
 
 
 def _mean(values):
@@ -428,6 +470,7 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
             lines.append(f"| {u['round']} | {u['site']} | {u['tensors']} | {_fmt((u['bytes'] or 0) / 1e6)} | "
                          f"{'yes' if u['encrypted'] else 'no'} | {_fmt(u['encrypt_s'])} | {_fmt(u['decrypt_s'])} |")
         lines.append("")
+    lines += _privacy_markdown(report.get("privacy", {}))
     for a in report.get("exchange", {}).get("he_aggregation", []):
         lines.append(f"- round {a.get('round')}: the server added {a.get('updates')} encrypted updates in "
                      f"{_fmt(a.get('add_seconds'))} s and took their weighted mean in {_fmt(a.get('mean_seconds'))} s")
@@ -473,3 +516,7 @@ def print_site_table(report: dict, console=None) -> None:
     s = report["summary"]
     console.print(f"{report['primary_label']} of the final model: mean {_fmt(s['mean_final'])}, "
                   f"minimum site {_fmt(s['min_final'])} ({s['min_site'] or '–'}); r0 = round 0 (untrained)")
+    for site, p in sorted(report.get("privacy", {}).items()):
+        stops = ", ".join(f"round {w['round']}: {w['reason']}" for w in p["withheld"])
+        console.print(f"{site}: epsilon spent {_fmt(p['final_epsilon'])} at delta {p['delta'] or float('nan'):.1e}"
+                      + (f"; withheld {stops}" if stops else ""))
