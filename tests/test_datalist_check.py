@@ -294,11 +294,17 @@ def _damage_ct_two_series(case_dir):
     return "ct", 'mixed series: 2 series could be the CT; name one in the datalist as "ct_series_uid"'
 
 
+def _damage_copied_contrast(case_dir):
+    """A missing FLAIR papered over with a copy of the T2 under the FLAIR name."""
+    shutil.copy(case_dir / "t2.nii.gz", case_dir / "flair.nii.gz")
+    return "flair.nii.gz", "same voxels as T2 t2.nii.gz (a copied contrast?)"
+
+
 DAMAGES = [
     _damage_truncate_gz, _damage_gz_trailer, _damage_short_nii, _damage_label_value_3, _damage_nan,
     _damage_shape, _damage_affine, _damage_voxel_size, _damage_missing, _damage_empty,
     _damage_ct_gap, _damage_ct_truncated, _damage_all_4d, _damage_label_fraction, _damage_zero_image,
-    _damage_ct_elsewhere, _damage_ct_single_slice, _damage_ct_air, _damage_ct_two_series,
+    _damage_ct_elsewhere, _damage_ct_single_slice, _damage_ct_air, _damage_ct_two_series, _damage_copied_contrast,
 ]
 
 

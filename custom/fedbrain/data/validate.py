@@ -7,7 +7,7 @@ one string naming the role, the file (relative to the case folder) and the reaso
 never raises for a bad case, so a site learns about every bad file in one pass.
 
 What is checked, per case: every NIfTI readable to the end (gzip trailer included), 3-D, finite,
-not all zero; the five files on one voxel grid; label values in the datalist's label convention;
+not all zero, no contrast a voxel copy of another; the five files on one voxel grid; label values in the datalist's label convention;
 the CT series (when listed) one clean stack whose field of view holds the MRI brain in world
 coordinates and is not air there (a CT elsewhere would reach the classifier as "CT present"
 while every CT voxel it sees is padding).
@@ -16,6 +16,7 @@ while every CT voxel it sees is padding).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import zlib
 from collections import Counter
@@ -230,6 +231,7 @@ def _check_files(case: dict, problems: list[str]) -> None:
         return
     volumes: list[_Volume] = []
     brain = None
+    contrasts: dict[str, str] = {}  # voxel digest -> the first contrast that had it
     roles = [MRI_CONTRAST_LABELS[n] if n < len(MRI_CONTRAST_LABELS) else f"image[{n}]"
              for n in range(len(case["image"]))]
     for role, path in [*zip(roles, map(Path, case["image"])), ("label", label_path)]:
@@ -253,6 +255,11 @@ def _check_files(case: dict, problems: list[str]) -> None:
             if n_nan or n_inf:
                 problems.append(f"{where}: non-finite voxels ({n_nan} NaN, {n_inf} Inf)")
                 continue
+        digest = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+        if digest in contrasts:  # one scan copied into another slot: a contrast is missing, not present
+            problems.append(f"{where}: same voxels as {contrasts[digest]} (a copied contrast?)")
+            continue
+        contrasts[digest] = where
         nonzero = data != 0
         if not nonzero.any():
             problems.append(f"{where}: all voxels are zero (no brain)")
