@@ -255,18 +255,16 @@ def _check_files(case: dict, problems: list[str]) -> None:
             if n_nan or n_inf:
                 problems.append(f"{where}: non-finite voxels ({n_nan} NaN, {n_inf} Inf)")
                 continue
+        nonzero = data != 0
+        if not nonzero.any():
+            problems.append(f"{where}: all voxels are zero (no brain)")
+            continue
         digest = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
         if digest in contrasts:  # one scan copied into another slot: a contrast is missing, not present
             problems.append(f"{where}: same voxels as {contrasts[digest]} (a copied contrast?)")
             continue
         contrasts[digest] = where
-        nonzero = data != 0
-        if not nonzero.any():
-            problems.append(f"{where}: all voxels are zero (no brain)")
-        elif brain is None or brain.shape != nonzero.shape:
-            brain = nonzero
-        else:
-            brain |= nonzero
+        brain = nonzero if brain is None or brain.shape != nonzero.shape else brain | nonzero
         del data
 
     grid = _check_geometry(volumes, problems)
