@@ -1,0 +1,117 @@
+"""Differential privacy in a real POC: the hospital's budget and require_dp (local/fedbrain_site.json)
+stop a site's updates while the job completes with the others; epsilon per site per round in the report
+equals Opacus' accountant computed offline; the ledger lives in the site's kit."""
+
+import json
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, TRAIN_STEPS
+from fedbrain.data.datalist import load_datalist
+from fedbrain.demo import ClassifyDemoSettings, export_job, prepare_classification_data
+from fedbrain.fl.site import write_site_config
+from fedbrain.poc.consortium import PocConsortium
+from fedbrain.poc.runner import submit_and_wait
+from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED
+from fedbrain.report.job_report import build_report
+
+pytestmark = pytest.mark.poc
+
+ROUNDS, NOISE, DELTA, BATCH = 3, 1.0, 1e-5, 4
+
+
+def _epsilon(steps: int, q: float) -> float:
+    acc = RDPAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=NOISE, sample_rate=q)
+    return acc.get_epsilon(DELTA)
+
+
+def _site_round(n_train: int) -> tuple[int, float]:
+    """Steps per round (1 epoch) and the Poisson rate of a site with ``n_train`` cases."""
+    steps = math.ceil(n_train / BATCH)
+    return steps, 1.0 / steps
+
+
+def _rows(result):
+    lines = (result / "workspace" / "metrics" / "round_metrics.jsonl").read_text().splitlines()
+    return [{s["name"]: {m["name"]: m["value"] for m in s["metrics"]} for s in json.loads(line)["sites"]}
+            for line in lines]
+
+
+@pytest.fixture(scope="module")
+def dp_jobs(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("poc_dp")
+    poc = PocConsortium(run_dir)
+    task = ClassifyDemoSettings().task.replace(rounds=ROUNDS, epochs_per_round=1, batch_size=BATCH,
+                                               dp_noise_multiplier=NOISE, dp_delta=DELTA)
+    settings = ClassifyDemoSettings(cases=8, seed=5, task=task)
+    data = prepare_classification_data(run_dir / "data", poc.sites, settings)
+    n_train = {s: len(load_datalist(data / s / "datalist.json")["training"]) for s in poc.sites}
+    steps, q = _site_round(n_train["hospital-c"])
+    out = {"poc": poc, "n_train": n_train}
+    try:
+        poc.up(data_dir=data)
+        # hospital-c's budget allows one round; hospital-b refuses jobs without DP.
+        out["budget"] = (_epsilon(steps, q) + _epsilon(2 * steps, q)) / 2
+        write_site_config(poc.kit("hospital-c"), data / "hospital-c" / "datalist.json", num_threads=1,
+                          dp_budget={"epsilon": out["budget"], "delta": DELTA})
+        write_site_config(poc.kit("hospital-b"), data / "hospital-b" / "datalist.json", num_threads=1,
+                          require_dp=True)
+        job1 = export_job(run_dir / "jobs1", settings, poc.sites)
+        out["meta1"], out["result1"] = submit_and_wait(poc, job1, rounds=ROUNDS, result_dir=run_dir / "r1")
+        plain = ClassifyDemoSettings(task=ClassifyDemoSettings().task.replace(rounds=1, epochs_per_round=1))
+        job2 = export_job(run_dir / "jobs2", plain, poc.sites)
+        out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=1, result_dir=run_dir / "r2")
+        out["log_c"] = (poc.kit("hospital-c") / out["meta1"]["job_id"] / "log.txt").read_text(errors="replace")
+        out["ledgers"] = {s: [json.loads(p.read_text()) for p in (poc.kit(s) / "privacy").glob("*/accountant.json")]
+                          for s in poc.sites}
+    finally:
+        poc.clean()
+    yield out
+
+
+def test_jobs_complete_with_the_other_sites(dp_jobs):
+    assert dp_jobs["meta1"]["status"] == "FINISHED:COMPLETED"
+    assert dp_jobs["meta2"]["status"] == "FINISHED:COMPLETED"
+
+
+def test_budget_exhausted_site_stops_releasing(dp_jobs):
+    rows = _rows(dp_jobs["result1"])
+    assert len(rows) == ROUNDS
+    c = [r["hospital-c"] for r in rows]
+    assert c[0][TRAIN_STEPS] > 0 and DP_WITHHELD not in c[0]
+    for later in c[1:]:
+        assert later[TRAIN_STEPS] == 0 and later[DP_WITHHELD] == BUDGET_EXHAUSTED
+        assert later[DP_EPSILON_SPENT] == c[0][DP_EPSILON_SPENT] <= dp_jobs["budget"]
+    for site in ("hospital-a", "hospital-b"):
+        assert all(r[site][TRAIN_STEPS] > 0 for r in rows), site
+    assert dp_jobs["log_c"].count("privacy budget exhausted") == 1
+    report = build_report(dp_jobs["result1"])
+    assert [w["round"] for w in report["privacy"]["hospital-c"]["withheld"]] == [1, 2]
+
+
+def test_epsilon_per_round_equals_opacus_offline(dp_jobs):
+    rows = _rows(dp_jobs["result1"])
+    for site in ("hospital-a", "hospital-b"):
+        steps, q = _site_round(dp_jobs["n_train"][site])
+        for k, row in enumerate(rows, start=1):
+            assert row[site][DP_EPSILON_SPENT] == pytest.approx(_epsilon(k * steps, q), rel=1e-6), (site, k)
+    report = build_report(dp_jobs["result1"])
+    assert set(report["privacy"]) == {"hospital-a", "hospital-b", "hospital-c"}
+
+
+def test_ledgers_live_in_the_site_kits(dp_jobs):
+    for site in ("hospital-a", "hospital-b", "hospital-c"):
+        (ledger,) = dp_jobs["ledgers"][site]
+        steps, q = _site_round(dp_jobs["n_train"][site])
+        rounds = 1 if site == "hospital-c" else ROUNDS
+        assert ledger["history"] == [[NOISE, q, rounds * steps]], site
+
+
+def test_require_dp_site_refuses_a_job_without_dp(dp_jobs):
+    (row,) = _rows(dp_jobs["result2"])
+    assert row["hospital-b"][TRAIN_STEPS] == 0 and row["hospital-b"][DP_WITHHELD] == DP_REQUIRED
+    assert row["hospital-a"][TRAIN_STEPS] > 0 and row["hospital-c"][TRAIN_STEPS] > 0
