@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedbrain.ops.builder import PERSONAL_PARTS, SCOPES
+from fedbrain.ops.builder import PERSONAL_PARTS, offered_scopes
 from fedbrain.ops.kit import KitError, check_certificate, verify_manifest
 from fedbrain.ops.kit_guard import guard
 from fedbrain.ops.provision import CONSORTIUM_TEMPLATE, provision, with_fedbrain_builders
@@ -47,8 +47,9 @@ def test_every_site_gets_policies_that_flare_can_load(kits):
             continue
         local = kits / p["name"] / "local"
         privacy = json.loads((local / "privacy.json").read_text())
-        assert [s["name"] for s in privacy["scopes"]] == list(SCOPES)
-        assert privacy["default_scope"] == p.get("default_scope", "standard")
+        default = p.get("default_scope", "standard")
+        assert privacy["default_scope"] == default
+        assert [s["name"] for s in privacy["scopes"]] == offered_scopes(default)
         for scope in privacy["scopes"]:
             paths = [f["path"] for f in scope["task_result_filters"]]
             assert paths[0].endswith("ExcludeVars") and scope["task_result_filters"][0]["args"]["exclude_vars"] == PERSONAL_PARTS
@@ -92,6 +93,28 @@ def test_log_streaming_false_in_project_file_is_honoured(tmp_path):
     assert streaming == {"hospital-a": True, "hospital-b": False, "hospital-c": True}
 
 
+def test_a_site_offers_no_scope_weaker_than_its_default():
+    """A job may name any scope a site defines: an `encrypted` site must not define `standard`."""
+    assert offered_scopes("standard") == ["standard", "dp", "encrypted", "dp_encrypted"]
+    assert offered_scopes("encrypted") == ["encrypted", "dp_encrypted"]
+    assert offered_scopes("dp") == ["dp", "dp_encrypted"]
+    with pytest.raises(ValueError, match="not one of"):
+        offered_scopes("none")
+
+
+def test_the_project_admin_keeps_every_admin_command_but_byoc():
+    from nvflare.security.security import FLAuthorizer
+
+    from fedbrain.ops.builder import authorization_policy
+
+    policy = authorization_policy()
+    FLAuthorizer("hospital_a", policy)  # FLARE parses it
+    admin = policy["permissions"]["project_admin"]
+    assert admin["byoc"] == "none"
+    assert {"get_job_log", "download_job_components", "submit_job", "abort_job", "shutdown"} <= {
+        r for r, v in admin.items() if v == "any"}
+
+
 def test_builders_are_inserted_in_order():
     project = {"name": "x", "participants": [], "builders": [
         {"path": "nvflare.lighter.impl.cert.CertBuilder"}, {"path": "nvflare.lighter.impl.signature.SignatureBuilder"}]}
@@ -131,7 +154,7 @@ def test_a_local_change_is_reported_not_refused(kits, tmp_path):
     (kit / "local" / "fedbrain_site.json").write_text("{}")
     assert guard(kit, probe_server=False) == []
     log = (kit / "log.txt").read_text()
-    assert "local/privacy.json: edited since provisioning" in log and "local/fedbrain_site.json: not provisioned" in log
+    assert "local/privacy.json: edited since provisioning" in log and "local/fedbrain_site.json: added since provisioning" in log
 
 
 def test_a_corrupted_certificate_gets_a_clear_error(kits, tmp_path):

@@ -43,6 +43,6 @@ class RequireEncryption(Filter):
         site = fl_ctx.get_identity_name()
         reason = (f"site {site} requires encrypted model updates (privacy scope with RequireEncryption) but job "
                   f"{fl_ctx.get_job_id()} would send its '{task}' result in plaintext: refused, nothing was sent. "
-                  f"Submit the job with encryption (fedbrain job export-* --he true).")
+                  f"Submit the job with encryption (fedbrain job export-* --he).")
         self.log_error(fl_ctx, reason)
         raise UnsafeJobError(reason)

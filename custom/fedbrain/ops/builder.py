@@ -41,8 +41,15 @@ SERVER_COMPONENTS = (
 #: executor and fedbrain's filters.
 SITE_COMPONENTS = ("fedbrain.",)
 
-#: Scope names, in the order a hospital would read them (see docs/privacy.md).
-SCOPES = ("standard", "dp", "encrypted")
+#: Scope names, in the order a hospital would read them (see docs/privacy.md), and what each
+#: adds to `standard` (personal-head exclusion + update-norm clip).
+SCOPE_PARTS = {
+    "standard": (),
+    "dp": ("client_dp",),
+    "encrypted": ("require_encryption",),
+    "dp_encrypted": ("client_dp", "require_encryption"),
+}
+SCOPES = tuple(SCOPE_PARTS)
 #: What a federated update must never contain: the classifier's personal head (regex on
 #: state_dict keys; an Opacus-wrapped model names it ``_module.head.``).
 PERSONAL_PARTS = r"(^|\.)head\."
@@ -52,34 +59,53 @@ GUARD_LINE = ('python3 -m fedbrain.ops.kit_guard "$SOURCE_WORKSPACE" '
 GUARD_ANCHOR = 'echo "WORKSPACE set to $WORKSPACE"'
 
 
+def offered_scopes(default_scope: str) -> list[str]:
+    """The scopes a site offers: its default and those that protect at least as much. A job may
+    name any scope a site defines, so a site whose default is `encrypted` must not define
+    `standard`, or a job could choose plaintext there."""
+    if default_scope not in SCOPE_PARTS:
+        raise ValueError(f"default_scope '{default_scope}' is not one of {', '.join(SCOPES)}")
+    floor = set(SCOPE_PARTS[default_scope])
+    return [name for name, parts in SCOPE_PARTS.items() if floor <= set(parts)]
+
+
 def privacy_policy(default_scope: str = "standard", update_norm_clip: float = 100.0,
                    client_dp_clip: float = 1.0, client_dp_noise: float = 1.0) -> dict:
-    """The privacy.json a hospital gets: each scope adds to the one before it."""
+    """The privacy.json a site gets: every scope is `standard` plus its parts."""
     from fedbrain.contracts import PRIVACY_FILTERS
 
-    if default_scope not in SCOPES:
-        raise ValueError(f"default_scope '{default_scope}' is not one of {', '.join(SCOPES)}")
+    parts = {
+        "client_dp": {"path": PRIVACY_FILTERS["client_dp"],
+                      "args": {"clip_norm": float(client_dp_clip), "noise_multiplier": float(client_dp_noise)}},
+        "require_encryption": {"path": PRIVACY_FILTERS["require_encryption"], "args": {}},
+    }
     standard = [
         {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars", "args": {"exclude_vars": PERSONAL_PARTS}},
         {"path": PRIVACY_FILTERS["clip"], "args": {"max_norm": float(update_norm_clip)}},
     ]
-    dp = standard + [{"path": PRIVACY_FILTERS["client_dp"],
-                      "args": {"clip_norm": float(client_dp_clip), "noise_multiplier": float(client_dp_noise)}}]
-    encrypted = standard + [{"path": PRIVACY_FILTERS["require_encryption"], "args": {}}]
-    scopes = {"standard": standard, "dp": dp, "encrypted": encrypted}
     return {
-        "scopes": [{"name": name, "properties": {}, "task_result_filters": scopes[name]} for name in SCOPES],
+        "scopes": [{"name": name, "properties": {},
+                    "task_result_filters": standard + [parts[p] for p in SCOPE_PARTS[name]]}
+                   for name in offered_scopes(default_scope)],
         "default_scope": default_scope,
     }
 
 
 def authorization_policy() -> dict:
-    """FLARE's default roles, with custom code (``byoc``) allowed to nobody, the project admin included."""
-    rights = ("submit_job", "clone_job", "manage_job", "download_job", "view", "operate", "shell_commands")
+    """FLARE's default roles, with custom code (``byoc``) allowed to nobody, the project admin included.
+
+    FLARE's own default gives the project admin ``"any"``, which cannot exclude one right, so
+    every right FLARE's admin commands check is granted by name instead.
+    """
+    from nvflare.apis.fl_constant import AdminCommandNames
+    from nvflare.security.security import CommandCategory
+
+    rights = {v for k, v in vars(AdminCommandNames).items() if not k.startswith("_") and isinstance(v, str)}
+    rights |= {v for k, v in vars(CommandCategory).items() if not k.startswith("_") and isinstance(v, str)}
     return {
         "format_version": "1.0",
         "permissions": {
-            "project_admin": {**{r: "any" for r in rights}, "byoc": "none"},
+            "project_admin": {**{r: "any" for r in sorted(rights)}, "byoc": "none"},
             "org_admin": {"submit_job": "none", "clone_job": "none", "manage_job": "o:submitter",
                           "download_job": "o:submitter", "view": "any", "operate": "o:site",
                           "shell_commands": "o:site", "byoc": "none"},

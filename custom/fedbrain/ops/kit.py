@@ -87,7 +87,7 @@ class KitState:
 
     def _differences(self) -> list[tuple[str, str]]:
         return [(f, why) for why, names in (("edited", self.changed), ("missing", self.missing),
-                                            ("not provisioned", self.added)) for f in names]
+                                            ("added", self.added)) for f in names]
 
     def refused(self) -> list[tuple[str, str]]:
         """(file, what happened) for differences that make the kit unusable: anything in startup/."""
