@@ -193,7 +193,7 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(cases):
     config = SegmentationConfig(**SMALL, dp_noise_multiplier=NOISE)
     trainer = SegmentationTrainer(cases, [], config)
     dp = DPSGD.attach(trainer)
-    dp._loader = [{}, {}]  # Poisson sampling drew nobody, twice
+    dp._loader.batch_sampler.sample_rate = 0.0  # Poisson sampling draws nobody (the accountant still says q)
     model = trainer.build_model()
     before = [p.detach().clone() for p in model.parameters()]
     out = trainer.train(model, steps=2)
