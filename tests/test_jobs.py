@@ -132,3 +132,17 @@ def test_a_job_cannot_point_a_site_at_data():
     arg = ClassificationConfig().to_argument()
     with pytest.raises(SystemExit):
         parse_site_args(ClassificationConfig, ["--config", arg, "--datalist", "/elsewhere/datalist.json"])
+
+
+@pytest.mark.parametrize("he", [False, True])
+def test_job_level_client_dp_runs_on_plaintext_before_any_encryptor(he, tmp_path):
+    """Privacy filters at each site, in order: head removed, then clip + noise, then (HE) the encryptor."""
+    config = ClassificationConfig(client_dp_clip=0.5, client_dp_noise=1.2, he=he)
+    folder = classification.export(config, tmp_path)
+    client = json.loads((folder / "app_hospital-a" / "config" / "config_fed_client.json").read_text())
+    train = [f for g in client["task_result_filters"] if "train" in g["tasks"] for f in g["filters"]]
+    names = [f["path"].rsplit(".", 1)[1] for f in train]
+    expected = ["ExcludeVars", "ClientLevelDP"] + (["TimedEncryptor"] if he else [])
+    assert names == expected, names
+    dp = train[1]["args"]
+    assert dp["clip_norm"] == 0.5 and dp["noise_multiplier"] == 1.2

@@ -217,10 +217,72 @@ def cmd_provision(a) -> int:
     return 0
 
 
+def cmd_export_bundle(a) -> int:
+    from fedbrain.bundle import BundleError, export_bundle
+
+    try:
+        out = export_bundle(Path(a.source), Path(a.out), a.config)
+    except BundleError as e:
+        console.print(f"[red]cannot export the bundle:[/] {e}")
+        return 1
+    console.print(f"MONAI bundle written to [bold]{out}[/] (run: python -m monai.bundle run --config_file "
+                  f"{out / 'configs' / 'inference.json'} --t1 ... --t1ce ... --t2 ... --flair ...)")
+    return 0
+
+
 def cmd_kit_verify(a) -> int:
     from fedbrain.ops.kit_guard import guard
 
     return 1 if guard(Path(a.kit), probe_server=not a.offline) else 0
+
+
+def cmd_site_check(a) -> int:
+    """Rows on the console, or only JSON on stdout with --json; exit 1 when any row fails."""
+    from fedbrain.ops.site_check import Needs, render, run_site_check
+
+    needs = Needs(disk_gib=a.need_disk_gib, ram_gib=a.need_ram_gib, gpu_gib=a.need_gpu_gib)
+    check = run_site_check(Path(a.kit), datalist=a.data, expect_version=a.expect_version, python=a.python,
+                           allow_server_down=a.allow_server_down, workspace=Path(a.workspace) if a.workspace else None,
+                           needs=needs, preflight=not a.no_preflight, progress=not a.json and console.is_terminal)
+    if a.json:
+        print(json.dumps(check.to_json(), indent=1))
+    else:
+        render(check, console)
+    return 0 if check.ok else 1
+
+
+def cmd_site_install_service(a) -> int:
+    from fedbrain.ops.service import ServiceError, install_service
+
+    try:
+        path, next_steps = install_service(Path(a.kit), user=a.user, output=Path(a.output) if a.output else None,
+                                           workspace=Path(a.workspace) if a.workspace else None, datalist=a.data)
+    except ServiceError as e:
+        console.print(f"[red]install-service:[/] {e}")
+        return 1
+    console.print(f"wrote {path}; then, as root:")
+    for step in next_steps:
+        console.print(f"  {step}")
+    return 0
+
+
+def cmd_status(a) -> int:
+    """Only JSON on stdout with --json."""
+    from fedbrain.ops.status import StatusError, consortium_status, render_status
+
+    try:
+        status = consortium_status(Path(a.admin_kit), timeout=a.timeout)
+    except StatusError as e:
+        if a.json:
+            print(json.dumps({"ok": False, "error": str(e)}))
+        else:
+            console.print(f"[red]status:[/] {e}")
+        return 1
+    if a.json:
+        print(json.dumps(status, indent=1, default=str))
+    else:
+        render_status(status, console)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +383,54 @@ def build_parser() -> argparse.ArgumentParser:
     kvv.add_argument("kit", help="the participant's kit folder (holding startup/ and local/)")
     kvv.add_argument("--offline", action="store_true", help="skip the TLS handshake with the server")
     kvv.set_defaults(func=cmd_kit_verify)
+
+    from fedbrain.ops import site_check as sc
+    st = sub.add_parser("site", help="run a hospital site: pre-flight check, system service")
+    st_sub = st.add_subparsers(dest="site_cmd", required=True)
+    sck = st_sub.add_parser("check", help="will this machine work as a site? one row per check; exit 1 if any fails",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            epilog="example: fedbrain site check --kit /srv/flare/hospital-a --json")
+    sck.add_argument("--kit", required=True, help="the site's kit folder (holding startup/ and local/)")
+    sck.add_argument("--data", default=None, help="datalist to check (default: the one local/fedbrain_site.json names)")
+    sck.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    sck.add_argument("--expect-version", dest="expect_version", default=None,
+                     help="fedbrain version the consortium runs (default: this fedbrain's)")
+    sck.add_argument("--python", default=None, help="the python3 the kit's start script runs (default: python3 on PATH)")
+    sck.add_argument("--workspace", default=None, help="where FLARE writes job workspaces (default: NVFL_WORKSPACE "
+                                                       "or the kit)")
+    sck.add_argument("--allow-server-down", dest="allow_server_down", action="store_true",
+                     help="an unreachable server is a warning, not a failure (used before a service starts)")
+    sck.add_argument("--no-preflight", dest="no_preflight", action="store_true",
+                     help="skip FLARE's nvflare preflight-check (it dry-runs the site for ~5 s)")
+    sck.add_argument("--need-disk-gib", dest="need_disk_gib", type=float, default=sc.NEED_DISK_GIB)
+    sck.add_argument("--need-ram-gib", dest="need_ram_gib", type=float, default=sc.NEED_RAM_GIB)
+    sck.add_argument("--need-gpu-gib", dest="need_gpu_gib", type=float, default=sc.NEED_GPU_GIB)
+    sck.set_defaults(func=cmd_site_check)
+    sis = st_sub.add_parser("install-service", help="write a systemd unit that runs this kit as a service",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            epilog="example: fedbrain site install-service --kit /srv/flare/hospital-a --user fedbrain")
+    sis.add_argument("--kit", required=True, help="the site's kit folder")
+    sis.add_argument("--user", default="fedbrain", help="the dedicated account the service runs as")
+    sis.add_argument("--workspace", default=None, help="writable folder for FLARE's job workspaces "
+                                                       "(default: /var/lib/fedbrain/<site>)")
+    sis.add_argument("--data", default=None, help="datalist (default: the one local/fedbrain_site.json names)")
+    sis.add_argument("--output", default=None, help="unit file to write (default: /etc/systemd/system/fedbrain-<site>.service)")
+    sis.set_defaults(func=cmd_site_install_service)
+
+    sts = sub.add_parser("status", help="the consortium as an admin kit sees it: sites, jobs, rounds",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         epilog="example: fedbrain status --admin-kit ~/kits/admin@example-consortium.org --json")
+    sts.add_argument("--admin-kit", "--kit", dest="admin_kit", required=True,
+                     help="an admin's kit folder (POC or production); the user is its certificate's name")
+    sts.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    sts.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the admin connection")
+    sts.set_defaults(func=cmd_status)
+
+    eb = sub.add_parser("export-bundle", help="hand a trained segmentation model over as a MONAI bundle")
+    eb.add_argument("source", help="a `train --central` output folder, a downloaded FLARE job result, or a model file")
+    eb.add_argument("--out", required=True, help="bundle folder to write")
+    eb.add_argument("--config", default=None, help="task config JSON (when the source does not carry one)")
+    eb.set_defaults(func=cmd_export_bundle)
 
     r = sub.add_parser("report", help="render the per-site report of any downloaded job result")
     r.add_argument("result", help="downloaded job result folder")

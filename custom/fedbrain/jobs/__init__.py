@@ -50,6 +50,17 @@ def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_na
     return recipe
 
 
+def site_privacy_filters(config: TaskConfig, personal_names=()) -> list:
+    """A job's own privacy filters for what a site sends, in order, all on plaintext: the personal
+    part removed first (neither counted nor noised), then client-level DP (clip, noise)."""
+    from nvflare.app_common.filters.exclude_vars import ExcludeVars
+
+    from fedbrain.privacy.client_dp import client_dp_filters
+
+    out = [ExcludeVars(exclude_vars=list(personal_names))] if personal_names else []
+    return out + client_dp_filters(config)
+
+
 def run_installed_scripts(job) -> None:
     """Make every client app code-free: FLARE's script executor becomes fedbrain's installed-script
     executor (same script name, arguments and exchange formats) and the copied script is dropped."""
@@ -91,7 +102,6 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
     removed from every update by an ExcludeVars result filter at each site; the server
     records what it receives (``ReceivedUpdateAudit``).
     """
-    from nvflare.app_common.filters.exclude_vars import ExcludeVars
     from nvflare.app_opt.pt.recipes.scaffold import ScaffoldRecipe
     from nvflare.client.config import ExchangeFormat, TransferType
     from nvflare.recipe.utils import add_final_global_evaluation, set_per_site_config
@@ -111,10 +121,9 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
         if sites:
             set_per_site_config(recipe, {site: {} for site in sites})  # one app per hospital
             groups = [[site] for site in sites]
-    if personal_names:
-        for clients in groups:
-            recipe.add_client_output_filter(ExcludeVars(exclude_vars=list(personal_names)), tasks=["train"],
-                                            clients=clients)
+    for clients in groups:
+        for privacy_filter in site_privacy_filters(config, personal_names):
+            recipe.add_client_output_filter(privacy_filter, tasks=["train"], clients=clients)
     recipe.add_server_input_filter(ReceivedUpdateAudit(), tasks=["train"])  # what actually arrived
     if config.algorithm != "scaffold":  # ScaffoldRecipe exposes no persistor id to evaluate: the report
         add_final_global_evaluation(recipe)  # then uses the last round

@@ -15,7 +15,6 @@ persists that global model encrypted (HEModelSerializeFilter). Sites decrypt wha
 from __future__ import annotations
 
 from nvflare.apis.dxo import DataKind
-from nvflare.app_common.filters.exclude_vars import ExcludeVars
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
 from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
@@ -37,6 +36,8 @@ SERIALIZE_FILTER_ID = "model_serialize_filter"
 
 class EncryptedFedAvgRecipe(Recipe):
     def __init__(self, config, *, site_script: str, key_metric: str, personal_names=(), sites=None):
+        from fedbrain.jobs import site_privacy_filters
+
         job = BaseFedJob(name=config.name, min_clients=config.min_clients, key_metric=key_metric)
         model = recipe_model_to_job_model(config.model_spec())
         persistor = PTFileModelPersistor(model=model, filter_id=SERIALIZE_FILTER_ID)
@@ -61,9 +62,8 @@ class EncryptedFedAvgRecipe(Recipe):
                                params_transfer_type=TransferType.DIFF))
             place(SharedPartDecryptor(), tasks=["train", "validate"], filter_type=FilterType.TASK_DATA)
             # Privacy filters first, on plaintext; the encryptor last.
-            if personal_names:
-                place(ExcludeVars(exclude_vars=list(personal_names)), tasks=["train"],
-                      filter_type=FilterType.TASK_RESULT)
+            for privacy_filter in site_privacy_filters(config, personal_names):
+                place(privacy_filter, tasks=["train"], filter_type=FilterType.TASK_RESULT)
             place(TimedEncryptor(weigh_by_local_iter=True), tasks=["train"], filter_type=FilterType.TASK_RESULT)
             place(TimedEncryptor(weigh_by_local_iter=False), tasks=["submit_model"],
                   filter_type=FilterType.TASK_RESULT)

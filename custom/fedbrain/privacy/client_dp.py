@@ -108,6 +108,7 @@ class ClientLevelDP(UpdateNormClip):
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         self.noise_multiplier, self.delta = float(noise_multiplier), float(delta)
+        self.clip_norm = self.max_norm  # FLARE's job export reads each init argument back by its name
         self.releases = 0
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
 
