@@ -1,0 +1,142 @@
+"""``fedbrain status --admin-kit DIR``: what the consortium is doing, seen from any admin kit.
+
+Monitoring used to exist only inside ``fedbrain demo``; a hospital's IT or the consortium's
+admin needs it from their own kit, with their own role (FLARE decides what that role may see).
+It goes through FLARE's admin API as the admin console does: ``check_status`` (sites and their
+last contact), ``list_jobs``, the sites' job status and, where the role may read the server's
+job log, the round in progress (the log lines ``fedbrain demo`` reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import sys
+from pathlib import Path
+
+from fedbrain.ops.kit import KitError, kit_identity, server_address
+
+#: Job states whose round is worth looking up.
+ACTIVE = ("RUNNING", "DISPATCHED")
+
+
+class StatusError(RuntimeError):
+    """The admin kit cannot be used, or the server cannot be reached; the message says which."""
+
+
+def admin_username(kit: Path) -> str:
+    """FLARE logs an admin in by name: the CN of the kit's client.crt (the kit folder's name as fallback)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    kit = Path(kit)
+    try:
+        role, cert, _ = kit_identity(kit)
+    except KitError as e:
+        raise StatusError(str(e)) from None
+    if role != "admin":
+        raise StatusError(f"{kit} is a {role} kit; `fedbrain status` needs an admin's kit (it holds fed_admin.json)")
+    try:
+        names = x509.load_pem_x509_certificate((kit / "startup" / cert).read_bytes()).subject \
+            .get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else kit.name
+    except (OSError, ValueError):
+        return kit.name
+
+
+def open_session(kit: Path, username: str, timeout: float):
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    return new_secure_session(username, str(Path(kit).resolve()), timeout=timeout)
+
+
+def _when(value) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(float(value), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError):
+        return str(value or "")
+
+
+def job_round(session, job_id: str) -> dict:
+    """The round in progress and the sites aggregated in it, from the server's job log; a note
+    instead when this admin's role may not read that log."""
+    from fedbrain.poc.runner import parse_progress
+
+    try:
+        logs = session.get_job_logs(job_id, "server").get("logs", {})
+    except Exception as e:  # noqa: BLE001 - FLARE raises its own types for "not authorized"
+        return {"round": None, "note": f"server job log not readable with this kit ({type(e).__name__})"}
+    current, done = parse_progress(next(iter(logs.values()), "") if logs else "")
+    return {"round": None if current is None else current + 1, "aggregated": sorted(done)}
+
+
+def consortium_status(kit: Path, timeout: float = 10.0, session_factory=open_session) -> dict:
+    """Sites connected (and last contact), jobs with their status, rounds where available."""
+    kit = Path(kit).resolve()
+    username = admin_username(kit)
+    try:
+        host, port = server_address(kit)
+    except KitError as e:
+        raise StatusError(str(e)) from None
+    # FLARE prints "Connecting to FLARE ..." on stdout, where --json promises only JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            session = session_factory(kit, username, timeout)
+        except Exception as e:  # noqa: BLE001 - FLARE's connection errors have no common base class
+            raise StatusError(f"cannot log in to the admin server {host}:{port} as {username} within {timeout:g} s "
+                              f"({type(e).__name__}: {e}); is the server up, and is port {port} open to you?") from None
+        return _collect(session, host, port, username)
+
+
+def _collect(session, host: str, port: int, username: str) -> dict:
+    try:
+        info = session.get_system_info()
+        jobs = []
+        for job in session.list_jobs() or []:
+            entry = {k: job.get(k) for k in ("job_id", "job_name", "status", "submit_time", "duration")}
+            if str(entry.get("status", "")).upper() in ACTIVE:
+                entry.update(job_round(session, entry["job_id"]))
+            jobs.append(entry)
+        try:
+            site_jobs = session.get_client_job_status() or []
+        except Exception:  # noqa: BLE001 - a role that may not ask the sites still sees the rest
+            site_jobs = []
+        return {
+            "server": {"address": f"{host}:{port}", "engine": info.server_info.status,
+                       "start_time": _when(info.server_info.start_time)},
+            "user": username,
+            "sites": [{"name": c.name, "last_contact": _when(c.last_connect_time)} for c in info.client_info],
+            "running_jobs": [{"job_id": j.job_id, "app": j.app_name} for j in info.job_info],
+            "jobs": jobs,
+            "site_jobs": site_jobs,
+        }
+    finally:
+        try:
+            session.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def render_status(status: dict, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    server = status["server"]
+    console.print(f"server {server['address']} (job engine {server['engine']}, up since {server['start_time']}); "
+                  f"you are {escape(status['user'])}")
+    sites = Table(title=f"{len(status['sites'])} sites connected")
+    sites.add_column("site")
+    sites.add_column("last contact")
+    for s in status["sites"]:
+        sites.add_row(escape(str(s["name"])), s["last_contact"])
+    console.print(sites)
+    jobs = Table(title=f"{len(status['jobs'])} jobs")
+    for col in ("job", "name", "status", "submitted", "duration", "round"):
+        jobs.add_column(col)
+    for j in status["jobs"]:
+        rnd = "" if "round" not in j else (str(j["round"]) if j["round"] else j.get("note", "not started"))
+        if j.get("aggregated"):
+            rnd += f" (aggregated: {', '.join(j['aggregated'])})"
+        jobs.add_row(str(j["job_id"]), escape(str(j.get("job_name") or "")), str(j["status"]),
+                     str(j.get("submit_time") or ""), str(j.get("duration") or ""), escape(rnd))
+    console.print(jobs)
