@@ -584,9 +584,10 @@ def run_site_check(kit: Path, datalist: str | None = None, expect_version: str |
                    path: str | None = None, python: str | None = None, allow_server_down: bool = False,
                    workspace: Path | None = None, needs: Needs | None = None, preflight: bool = True,
                    gpu: GpuFacts | None = None, resources: Resources | None = None,
-                   progress: bool = False) -> SiteCheck:
-    """All checks for one kit. ``path``/``python`` say which python3 the start script runs; ``gpu``
-    and ``resources`` replace the probes (tests inject the facts of other machines)."""
+                   python_facts: dict | None = None, progress: bool = False) -> SiteCheck:
+    """All checks for one kit. ``path``/``python`` say which python3 the start script runs; ``gpu``,
+    ``resources`` and ``python_facts`` (what :func:`probe_python` returns) replace the probes:
+    tests inject the facts of other machines."""
     from fedbrain import __version__
 
     kit = Path(kit).resolve()
@@ -609,7 +610,7 @@ def run_site_check(kit: Path, datalist: str | None = None, expect_version: str |
                                    "would start a second copy of it", "run it while the site is stopped"))
         else:
             result.rows.append(flare_preflight(kit, python, server_row))
-    facts = probe_python(python) if role != "admin" else {}
+    facts = {} if role == "admin" else python_facts if python_facts is not None else probe_python(python)
     if role != "admin":
         result.rows.append(diagnose_python(facts, python, expect_version or __version__))
     device = None
