@@ -40,7 +40,7 @@ def test_compose_parses_and_mounts_kits_read_only():
         assert source.endswith("-workspace") and mode == "rw"  # a named volume, writable, not the kit
         assert svc["restart"] == "on-failure" and svc["build"]["dockerfile"] == "docker/Dockerfile"
         if name != "server":
-            assert mounts["/data"].endswith(":ro") and svc["depends_on"] == ["server"]
+            assert mounts["/data"][1] == "ro" and svc["depends_on"] == ["server"]
             assert svc["build"]["target"] == "site" and svc["environment"]["FEDBRAIN_DATALIST"].startswith("/data/")
     assert services["server"]["build"]["target"] == "server"
     named = {src for svc in services.values() for src, _ in (_mount(v)[1] for v in svc["volumes"])
