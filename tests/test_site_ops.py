@@ -1,0 +1,152 @@
+"""Running a site for real: the systemd unit `fedbrain site install-service` writes (systemctl is
+never called), and `fedbrain status` from an admin kit over FLARE's admin API (a recorded
+session stands in for the server; an unreachable server gives one clear line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fedbrain.ops import status as st
+from fedbrain.ops.provision import provision
+from fedbrain.ops.service import TEMPLATE, ServiceError, render_unit
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN = "admin@example-consortium.org"
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kits")
+    return provision(REPO / "provisioning" / "consortium" / "project.yml", out, env={**os.environ, "HOME": str(out)})
+
+
+def _settings(unit: str) -> dict:
+    settings = {}
+    for line in unit.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_install_service_writes_a_unit_for_the_kit(kits, tmp_path):
+    from fedbrain.cli import main
+
+    kit = kits / "hospital-a"
+    out = tmp_path / "fedbrain-hospital-a.service"
+    assert main(["site", "install-service", "--kit", str(kit), "--user", "fedbrain", "--output", str(out),
+                 "--workspace", "/var/lib/fedbrain/hospital-a", "--data", "/data/brats/datalist.json"]) == 0
+    s = _settings(out.read_text())
+    assert s["User"] == ["fedbrain"] and s["Restart"] == ["on-failure"]
+    assert s["ExecStart"] == [f"{kit}/startup/sub_start.sh"]
+    pre = s["ExecStartPre"][0]
+    assert pre.startswith(f"{Path(sys.executable).parent}/fedbrain site check --kit {kit} ") and "--allow-server-down" in pre
+    env = s["Environment"]
+    assert "NVFL_WORKSPACE=/var/lib/fedbrain/hospital-a" in env and "FEDBRAIN_DATALIST=/data/brats/datalist.json" in env
+    assert f"PATH={Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin" in env  # sub_start.sh's python3
+    assert s["ReadWritePaths"] == ["/var/lib/fedbrain/hospital-a"] and s["WantedBy"] == ["multi-user.target"]
+    assert not re.search(r"@[A-Z_]+@", out.read_text())  # every placeholder filled
+
+
+def test_the_unit_template_ships_in_the_package_and_refuses_what_systemd_would_misread(kits, tmp_path):
+    assert TEMPLATE.is_file()
+    assert 'ops/*.service' in (REPO / "pyproject.toml").read_text()
+    unit = render_unit(kits / "hospital-b", "fedbrain")  # defaults: workspace under /var/lib/fedbrain, no datalist
+    assert "NVFL_WORKSPACE=/var/lib/fedbrain/hospital-b" in unit and "FEDBRAIN_DATALIST" not in unit
+    with pytest.raises(ServiceError, match="admin kit"):
+        render_unit(kits / ADMIN, "fedbrain")
+    with pytest.raises(ServiceError, match="characters a systemd unit would misread"):
+        render_unit(kits / "hospital-a", "fedbrain", workspace=Path("/var/lib/my site"))
+    with pytest.raises(ServiceError, match="not a plain account name"):
+        render_unit(kits / "hospital-a", "root; rm")
+    assert "fl-server" in render_unit(kits / "fl-server.example-consortium.org", "fedbrain")
+
+
+def test_install_service_that_cannot_write_says_so(kits, tmp_path, capsys):
+    from fedbrain.cli import main
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    assert main(["site", "install-service", "--kit", str(kits / "hospital-a"), "--output",
+                 str(blocker / "x.service")]) == 1
+    assert "run as root or pass --output" in capsys.readouterr().out
+
+
+class RecordedSession:
+    """What FLARE's admin API returns on a server with two sites and one running job."""
+
+    closed = False
+
+    def get_system_info(self):
+        return SimpleNamespace(
+            server_info=SimpleNamespace(status="started", start_time=1764500000.0),
+            client_info=[SimpleNamespace(name="hospital-a", last_connect_time=1764500100.0),
+                         SimpleNamespace(name="hospital-b", last_connect_time=1764500101.5)],
+            job_info=[SimpleNamespace(job_id="j-run", app_name="app")])
+
+    def list_jobs(self):
+        return [{"job_id": "j-run", "job_name": "segmentation", "status": "RUNNING", "submit_time": "2026-11-30T10:00",
+                 "duration": "0:05:00"},
+                {"job_id": "j-old", "job_name": "segmentation", "status": "FINISHED:COMPLETED",
+                 "submit_time": "2026-11-29T10:00", "duration": "0:30:00"}]
+
+    def get_job_logs(self, job_id, target):
+        assert (job_id, target) == ("j-run", "server")
+        return {"logs": {"server": "Round 0 started.\nRound 1 started.\n"
+                                   "[peer=hospital-b, ...] Aggregated 1/2 results\n"}}
+
+    def get_client_job_status(self):
+        return [{"client": "hospital-a", "job_id": "j-run", "status": "running"}]
+
+    def close(self):
+        RecordedSession.closed = True
+
+
+def test_status_from_an_admin_kit(kits):
+    seen = {}
+
+    def factory(kit, username, timeout):
+        seen.update(kit=kit, username=username)
+        return RecordedSession()
+
+    status = st.consortium_status(kits / ADMIN, session_factory=factory)
+    assert seen["username"] == ADMIN and RecordedSession.closed  # the CN of the kit's client.crt
+    assert status["server"]["address"] == "fl-server.example-consortium.org:8003"
+    assert [s["name"] for s in status["sites"]] == ["hospital-a", "hospital-b"]
+    assert status["sites"][0]["last_contact"].endswith("UTC")
+    running, old = status["jobs"]
+    assert running["round"] == 2 and running["aggregated"] == ["hospital-b"] and "round" not in old
+    assert status["site_jobs"][0]["client"] == "hospital-a"
+    json.dumps(status)  # --json output
+
+
+def test_status_when_the_role_may_not_read_the_job_log(kits):
+    class Member(RecordedSession):
+        def get_job_logs(self, job_id, target):
+            raise PermissionError("not authorized")
+
+    status = st.consortium_status(kits / ADMIN, session_factory=lambda *a: Member())
+    assert status["jobs"][0]["round"] is None and "not readable with this kit" in status["jobs"][0]["note"]
+
+
+def test_status_refuses_a_site_kit(kits):
+    with pytest.raises(st.StatusError, match="needs an admin's kit"):
+        st.consortium_status(kits / "hospital-a")
+
+
+def test_status_against_an_unreachable_server_is_one_clear_line(kits, capsys):
+    """The real admin API, whose server name does not resolve here."""
+    from fedbrain.cli import main
+
+    code = main(["status", "--admin-kit", str(kits / ADMIN), "--json", "--timeout", "1"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # FLARE's "Connecting to FLARE ..." went to stderr
+    assert code == 1 and out["ok"] is False
+    assert "cannot log in to the admin server fl-server.example-consortium.org:8003" in out["error"]
