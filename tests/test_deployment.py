@@ -41,6 +41,12 @@ def deployed(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     dep = Deployment(root)
     dep.provision()
+    # The consortium's server would accept code (FLARE's default for its admin): the sites' own
+    # policies must be what refuses a job that carries it.
+    server_authz = dep.kit("localhost") / "local" / "authorization.json"
+    policy = json.loads(server_authz.read_text())
+    policy["permissions"]["project_admin"]["byoc"] = "any"
+    server_authz.write_text(json.dumps(policy))
     data = root / "data"
     synthesize_consortium(data, sites=len(dep.sites), cases=6, seed=3, site_names=dep.sites, progress=False)
     for site in dep.sites:  # what each hospital's IT does: say where its data is, in its own kit
@@ -140,12 +146,13 @@ def test_the_job_carried_no_code_and_the_server_stored_it_where_told(deployed):
     assert any((deployed["root"] / "server-storage" / "jobs-storage").iterdir())
 
 
-def test_a_job_carrying_code_is_refused(deployed):
-    outcome, detail = deployed["negative"]["byoc"]
-    if outcome == "ran":
-        assert detail.get("status") != "FINISHED:COMPLETED", detail
-    else:
-        assert "byoc" in detail.lower() or "not authorized" in detail.lower() or "not permitted" in detail.lower(), detail
+def test_a_job_carrying_code_is_refused_by_each_site(deployed):
+    outcome, meta = deployed["negative"]["byoc"]
+    assert outcome == "ran" and meta["status"] != "FINISHED:COMPLETED", meta
+    detail = meta["job_deploy_detail"]
+    for site in deployed["dep"].sites:
+        assert f"{site}: NVFLARE_ERROR: BYOC not permitted" in detail, detail
+    assert "server: OK" in detail  # the server allowed it (the test set that): the sites refused
 
 
 def test_a_foreign_kit_is_refused_in_its_log_within_60s(deployed):
