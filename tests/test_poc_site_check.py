@@ -10,7 +10,6 @@ import json
 import sys
 
 import pytest
-
 from fedbrain.cli import main as cli_main
 from fedbrain.ops import site_check as sc
 from fedbrain.ops.status import consortium_status

@@ -22,10 +22,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from nibabel.testing import data_path
-
 from fedbrain.ops import site_check as sc
 from fedbrain.ops.provision import CONSORTIUM_TEMPLATE, provision
+from nibabel.testing import data_path
 
 SERVER = "localhost"
 CPU_BOX = sc.GpuFacts(torch_version="2.13.0+cpu")
@@ -79,7 +78,7 @@ class FakeServer:
         while not self.stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from fedbrain.ops import status as st
 from fedbrain.ops.provision import provision
 from fedbrain.ops.service import TEMPLATE, ServiceError, render_unit

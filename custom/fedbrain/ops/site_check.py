@@ -23,7 +23,14 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedbrain.ops.kit import KitError, check_certificate, kit_identity, server_address, tls_handshake, verify_manifest
+from fedbrain.ops.kit import (
+    KitError,
+    check_certificate,
+    kit_identity,
+    server_address,
+    tls_handshake,
+    verify_manifest,
+)
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
