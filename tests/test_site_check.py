@@ -300,6 +300,10 @@ def test_clock_skew_against_the_server(consortium, datalist, tmp_path):
     assert sc.diagnose_clock(120).status == sc.WARN and "behind" in sc.diagnose_clock(-120).detail
     assert sc.diagnose_clock(0.4).status == sc.OK
     assert sc.diagnose_clock(None, "gRPC").status == sc.WARN
+    cfg = kit / "startup" / "fed_client.json"
+    cfg.write_text(cfg.read_text().replace('"scheme": "http"', '"scheme": "grpc"'))
+    grpc = sc.check_clock(kit, sc.Row("server TLS", sc.OK, ""))
+    assert grpc.status == sc.WARN and "connects over grpc, which carries no server time" in grpc.detail
 
 
 def test_server_and_admin_kits(consortium, tmp_path):

@@ -158,7 +158,7 @@ def diagnose_gpu(f: GpuFacts) -> Row:
                                f"build: the site trains on CPU",
                    f"to use the GPU install torch built for CUDA <= {_cuda(top)} "
                    f"(pip install torch --index-url https://download.pytorch.org/whl/cu{''.join(map(str, top or ()))})")
-    need = _version(f.torch_cuda)
+    need = _version(f.torch_cuda) or (0, 0)
     if f.driver is None:
         level = FAIL if f.device == "cuda" else WARN
         return Row(name, level, f"torch {f.torch_version} is built for CUDA {f.torch_cuda} but no NVIDIA driver was "
@@ -544,9 +544,24 @@ def check_server(kit: Path, allow_server_down: bool, timeout: float = NETWORK_TI
     return Row(name, WARN if allow_server_down else FAIL, result, fix)
 
 
+def _scheme(kit: Path) -> str:
+    """The transport FLARE uses to the server (fed_client.json / fed_admin.json): http, grpc, tcp..."""
+    startup = Path(kit) / "startup"
+    try:
+        if (startup / "fed_client.json").exists():
+            return json.loads((startup / "fed_client.json").read_text())["servers"][0]["service"].get("scheme", "grpc")
+        return json.loads((startup / "fed_admin.json").read_text())["admin"].get("scheme", "grpc")
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "unknown"
+
+
 def check_clock(kit: Path, server_row: Row) -> Row:
     if server_row.status != OK:
         return diagnose_clock(None, "the server is not reachable")
+    scheme = _scheme(kit)
+    if scheme not in ("http", "https"):
+        return diagnose_clock(None, f"the kit connects over {scheme}, which carries no server time; only FLARE's "
+                                    f"http scheme answers with a Date header")
     try:
         server_now = server_date(kit)
     except (OSError, ssl.SSLError, KitError, ValueError) as e:
@@ -612,7 +627,7 @@ def run_site_check(kit: Path, datalist: str | None = None, expect_version: str |
         result.rows += [server_row, check_clock(kit, server_row)]
     python = python or start_script_python(path)
     if preflight:
-        if site_running(kit, workspace):
+        if site_running(kit, workspace or os.environ.get("NVFL_WORKSPACE")):
             result.rows.append(Row("FLARE preflight-check", WARN, "skipped: this site is running, and FLARE's dry run "
                                    "would start a second copy of it", "run it while the site is stopped"))
         else:
