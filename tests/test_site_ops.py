@@ -149,3 +149,31 @@ def test_status_against_an_unreachable_server_is_one_clear_line(kits, capsys):
     out = json.loads(captured.out)  # FLARE's "Connecting to FLARE ..." went to stderr
     assert code == 1 and out["ok"] is False
     assert "cannot log in to the admin server fl-server.example-consortium.org:8003" in out["error"]
+
+
+def test_watch_follows_a_job_until_it_ends(kits):
+    """Two polls of a running job, then it finishes: the watch ends by itself."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedbrain.ops.status import watch
+
+    class Ending(RecordedSession):
+        polls = 0
+
+        def list_jobs(self):
+            Ending.polls += 1
+            jobs = super().list_jobs()
+            if Ending.polls >= 3:
+                jobs[0]["status"] = "FINISHED:COMPLETED"
+            return jobs
+
+    out = StringIO()
+    sleeps = []
+    last = watch(kits / ADMIN, job="j-run", interval=2.0, console=Console(file=out, width=120),
+                 session_factory=lambda *a: Ending(), polls=10, sleep=sleeps.append)
+    assert Ending.polls == 3 and sleeps == [2.0, 2.0]
+    assert [j["job_id"] for j in last["jobs"]] == ["j-run"] and last["jobs"][0]["status"] == "FINISHED:COMPLETED"
+    text = out.getvalue()
+    assert "2 sites connected" in text and "aggregated: hospital-b" in text

@@ -285,6 +285,17 @@ def cmd_status(a) -> int:
     return 0
 
 
+def cmd_watch(a) -> int:
+    from fedbrain.ops.status import StatusError, watch
+
+    try:
+        watch(Path(a.admin_kit), job=a.job, interval=a.interval, console=console, timeout=a.timeout)
+    except StatusError as e:
+        console.print(f"[red]watch:[/] {e}")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fedbrain import __version__
 
@@ -425,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     sts.add_argument("--json", action="store_true", help="print only JSON on stdout")
     sts.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the admin connection")
     sts.set_defaults(func=cmd_status)
+    wt = sub.add_parser("watch", help="the consortium live from an admin kit (Ctrl-C to stop; ends with the job)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        epilog="example: fedbrain watch 3f2a --admin-kit ~/kits/admin@example-consortium.org")
+    wt.add_argument("job", nargs="?", default=None, help="a job id (or its first characters); default: every job")
+    wt.add_argument("--admin-kit", "--kit", dest="admin_kit", required=True, help="an admin's kit folder")
+    wt.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    wt.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the admin connection")
+    wt.set_defaults(func=cmd_watch)
 
     eb = sub.add_parser("export-bundle", help="hand a trained segmentation model over as a MONAI bundle")
     eb.add_argument("source", help="a `train --central` output folder, a downloaded FLARE job result, or a model file")

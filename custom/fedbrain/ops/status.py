@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import sys
+import time
 from pathlib import Path
 
 from fedbrain.ops.kit import KitError, kit_identity, server_address
@@ -70,8 +71,9 @@ def job_round(session, job_id: str) -> dict:
     return {"round": None if current is None else current + 1, "aggregated": sorted(done)}
 
 
-def consortium_status(kit: Path, timeout: float = 10.0, session_factory=open_session) -> dict:
-    """Sites connected (and last contact), jobs with their status, rounds where available."""
+@contextlib.contextmanager
+def admin_session(kit: Path, timeout: float = 10.0, session_factory=open_session):
+    """An admin API session as the kit's own user; yields (session, "host:port", username)."""
     kit = Path(kit).resolve()
     username = admin_username(kit)
     try:
@@ -85,15 +87,28 @@ def consortium_status(kit: Path, timeout: float = 10.0, session_factory=open_ses
         except Exception as e:  # noqa: BLE001 - FLARE's connection errors have no common base class
             raise StatusError(f"cannot log in to the admin server {host}:{port} as {username} within {timeout:g} s "
                               f"({type(e).__name__}: {e}); is the server up, and is port {port} open to you?") from None
-        return _collect(session, host, port, username)
-
-
-def _collect(session, host: str, port: int, username: str) -> dict:
     try:
+        yield session, f"{host}:{port}", username
+    finally:
+        with contextlib.suppress(Exception):
+            session.close()
+
+
+def consortium_status(kit: Path, timeout: float = 10.0, session_factory=open_session) -> dict:
+    """Sites connected (and last contact), jobs with their status, rounds where available."""
+    with admin_session(kit, timeout, session_factory) as (session, address, username):
+        return collect(session, address, username)
+
+
+def collect(session, address: str, username: str, job: str | None = None) -> dict:
+    """One snapshot through an open session; ``job`` (an id prefix) keeps only that job."""
+    with contextlib.redirect_stdout(sys.stderr):
         info = session.get_system_info()
         jobs = []
-        for job in session.list_jobs() or []:
-            entry = {k: job.get(k) for k in ("job_id", "job_name", "status", "submit_time", "duration")}
+        for entry in session.list_jobs() or []:
+            entry = {k: entry.get(k) for k in ("job_id", "job_name", "status", "submit_time", "duration")}
+            if job and not str(entry["job_id"]).startswith(job):
+                continue
             if str(entry.get("status", "")).upper() in ACTIVE:
                 entry.update(job_round(session, entry["job_id"]))
             jobs.append(entry)
@@ -101,35 +116,56 @@ def _collect(session, host: str, port: int, username: str) -> dict:
             site_jobs = session.get_client_job_status() or []
         except Exception:  # noqa: BLE001 - a role that may not ask the sites still sees the rest
             site_jobs = []
-        return {
-            "server": {"address": f"{host}:{port}", "engine": info.server_info.status,
-                       "start_time": _when(info.server_info.start_time)},
-            "user": username,
-            "sites": [{"name": c.name, "last_contact": _when(c.last_connect_time)} for c in info.client_info],
-            "running_jobs": [{"job_id": j.job_id, "app": j.app_name} for j in info.job_info],
-            "jobs": jobs,
-            "site_jobs": site_jobs,
-        }
-    finally:
+    return {
+        "server": {"address": address, "engine": info.server_info.status,
+                   "start_time": _when(info.server_info.start_time)},
+        "user": username,
+        "sites": [{"name": c.name, "last_contact": _when(c.last_connect_time)} for c in info.client_info],
+        "running_jobs": [{"job_id": j.job_id, "app": j.app_name} for j in info.job_info],
+        "jobs": jobs,
+        "site_jobs": site_jobs,
+    }
+
+
+def watch(kit: Path, job: str | None = None, interval: float = 5.0, console=None, timeout: float = 10.0,
+          session_factory=open_session, polls: int | None = None, sleep=time.sleep) -> dict:
+    """``fedbrain watch``: the status, refreshed every ``interval`` s over one session, until Ctrl-C,
+    or until the watched ``job`` ends (``polls`` bounds the loop in tests). Returns the last snapshot."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = console or Console()
+    status, n = {}, 0
+    with admin_session(kit, timeout, session_factory) as (session, address, username), \
+            Live(console=console, auto_refresh=False) as live:
         try:
-            session.close()
-        except Exception:  # noqa: BLE001
+            while polls is None or n < polls:
+                status = collect(session, address, username, job)
+                live.update(status_view(status), refresh=True)
+                n += 1
+                if job and status["jobs"] and all(str(j["status"]).upper() not in ACTIVE + ("SUBMITTED",)
+                                                  for j in status["jobs"]):
+                    break
+                sleep(interval)
+        except KeyboardInterrupt:
             pass
+    return status
 
 
-def render_status(status: dict, console) -> None:
+def status_view(status: dict):
+    """The status as one rich renderable: a server line, the sites, the jobs with their round."""
+    from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
 
     server = status["server"]
-    console.print(f"server {server['address']} (job engine {server['engine']}, up since {server['start_time']}); "
-                  f"you are {escape(status['user'])}")
+    head = (f"server {server['address']} (job engine {server['engine']}, up since {server['start_time']}); "
+            f"you are {escape(status['user'])}")
     sites = Table(title=f"{len(status['sites'])} sites connected")
     sites.add_column("site")
     sites.add_column("last contact")
     for s in status["sites"]:
         sites.add_row(escape(str(s["name"])), s["last_contact"])
-    console.print(sites)
     jobs = Table(title=f"{len(status['jobs'])} jobs")
     for col in ("job", "name", "status", "submitted", "duration", "round"):
         jobs.add_column(col)
@@ -139,4 +175,8 @@ def render_status(status: dict, console) -> None:
             rnd += f" (aggregated: {', '.join(j['aggregated'])})"
         jobs.add_row(str(j["job_id"]), escape(str(j.get("job_name") or "")), str(j["status"]),
                      str(j.get("submit_time") or ""), str(j.get("duration") or ""), escape(rnd))
-    console.print(jobs)
+    return Group(head, sites, jobs)
+
+
+def render_status(status: dict, console) -> None:
+    console.print(status_view(status))
