@@ -36,7 +36,7 @@ from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
 from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
 
 from fedbrain.filters.ckks import encrypt_serialized, init_worker, tenseal_quiet
-from fedbrain.filters.timing import record_exchange_time
+from fedbrain.fl.timing import record_exchange_time
 
 ENCRYPT_SECONDS = "he_encrypt_seconds"
 DECRYPT_SECONDS = "he_decrypt_seconds"

@@ -20,7 +20,7 @@ import math
 import time
 
 from fedbrain.contracts import NUM_STEPS_META, ROUND_SECONDS, SITE_ERROR, TRAIN_LOSS, TRAIN_STEPS
-from fedbrain.filters.timing import collect_exchange_times
+from fedbrain.fl.timing import collect_exchange_times
 from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_diff
 from fedbrain.fl.personal import PersonalHeadStore
 from fedbrain.fl.site import load_site_cases
