@@ -208,9 +208,67 @@ def test_lgg_calcifications_show_on_ct_only(anatomy, profile):
     # Same spot on FLAIR is unremarkable: within the range of the rest of the core.
     spot = np.unravel_index(np.argmax(np.where(core, case["ct"], -np.inf)), core.shape)
     assert case["flair"][spot] < np.percentile(case["flair"][core], 99.9) * 1.5
-    for other in ("HGG", "healthy"):
-        case = synth.synthesize_case(np.random.default_rng([5, 0]), anatomy, profile, other)
-        assert not case["meta"]["calcified"]
+    healthy = synth.synthesize_case(np.random.default_rng([5, 0]), anatomy, profile, "healthy")
+    assert not healthy["meta"]["calcified"] and healthy["ct"][healthy["brain"]].max() < 150
+
+
+# Every CT finding certain (or off), so one case shows what a setting does.
+ALL_FINDINGS = synth.GliomaCT(calcification_lgg=1.0, calcification_hgg=0.0, haemorrhage_hgg=1.0,
+                              haemorrhage_lgg=0.0, density_hgg_hu=(10.0, 0.0), density_lgg_hu=(-8.0, 0.0))
+NO_CT_FINDINGS = synth.GliomaCT(calcification_lgg=0.0, calcification_hgg=0.0, haemorrhage_hgg=0.0,
+                                haemorrhage_lgg=0.0, density_hgg_hu=(0.0, 0.0), density_lgg_hu=(0.0, 0.0))
+
+
+def _core_minus_wm_hu(case):
+    """Median HU of the tumour core (no calcification or blood) minus normal white matter."""
+    seg, ct = case["seg"], case["ct"]
+    wm = (case["wm"] > 0.9) & (seg == 0) & case["brain"]
+    solid = np.isin(seg, (1, 4)) & (ct < 50)  # without blood or calcium
+    return float(np.median(ct[solid]) - np.median(ct[wm]))
+
+
+def test_ct_findings_follow_the_true_grade_not_the_mri_look(anatomy, profile):
+    """An atypical glioma looks like the other grade on MRI but keeps its own grade's CT signs."""
+    seed = [11, 3]
+    for grade, looks in (("LGG", "HGG"), ("HGG", "LGG")):
+        case = synth.synthesize_case(np.random.default_rng(seed), anatomy, profile, grade, atypical=1.0,
+                                     ct_findings=ALL_FINDINGS)
+        meta, core = case["meta"], np.isin(case["seg"], (1, 4))
+        assert meta["looks_like"] == looks
+        assert meta["calcified"] == (grade == "LGG") and meta["haemorrhage"] == (grade == "HGG")
+        if grade == "LGG":  # calcified although it enhances like an HGG
+            assert case["ct"][core].max() >= 150
+        else:  # acute blood (55-80 HU) although it looks like a non-enhancing LGG
+            assert ((case["ct"] >= 50) & (case["ct"] < 100) & core).sum() >= 3
+    # Cellularity: the same tumour is denser as an HGG (+10 HU setting), fainter as an LGG (-8 HU),
+    # than with no density finding; partial volume with necrosis and oedema dilutes it a little.
+    for grade, sign in (("HGG", 1), ("LGG", -1)):
+        for k in range(2):
+            with_ = synth.synthesize_case(np.random.default_rng([12, k]), anatomy, profile, grade, ct_findings=ALL_FINDINGS)
+            without = synth.synthesize_case(np.random.default_rng([12, k]), anatomy, profile, grade,
+                                            ct_findings=NO_CT_FINDINGS)
+            assert sign * (_core_minus_wm_hu(with_) - _core_minus_wm_hu(without)) > 4.0, (grade, k)
+
+
+def test_ct_findings_never_change_the_mri_and_can_be_switched_off(anatomy, profile):
+    rng = lambda: np.random.default_rng([13, 1])  # noqa: E731
+    on = synth.synthesize_case(rng(), anatomy, profile, "LGG", ct_findings=ALL_FINDINGS)
+    off = synth.synthesize_case(rng(), anatomy, profile, "LGG", ct_findings=NO_CT_FINDINGS)
+    for key in (*synth.MRI_CONTRASTS, "seg"):
+        assert np.array_equal(on[key], off[key]), key  # CT draws come after the MRI's
+    assert on["meta"]["calcified"] and not off["meta"]["calcified"] and off["meta"]["ct_density_hu"] == 0.0
+    assert off["ct"][np.isin(off["seg"], (1, 4))].max() < 100
+
+
+def test_midline_shift_pushes_tissue_away_from_the_tumour(anatomy, profile):
+    rng = lambda: np.random.default_rng([14, 2])  # noqa: E731
+    shifted = synth.synthesize_case(rng(), anatomy, profile, "HGG")
+    still = synth.synthesize_case(rng(), anatomy, profile, "HGG", ct_findings=synth.GliomaCT(midline_shift_mm=0.0))
+    assert shifted["meta"]["midline_shift_mm"] >= 2.0 and still["meta"]["midline_shift_mm"] == 0.0
+    side = np.sign(shifted["meta"]["tumour_centre_mm"][0] - float(anatomy.affine[0, :3] @ (np.array(anatomy.shape) - 1) / 2 + anatomy.affine[0, 3]))
+    x = np.arange(anatomy.shape[0])[:, None, None] * anatomy.spacing_mm
+    centroid = {k: float((c["wm"] * x).sum() / c["wm"].sum()) for k, c in (("shifted", shifted), ("still", still))}
+    assert side * (centroid["still"] - centroid["shifted"]) > 0.1, centroid  # white matter moved across (mm)
 
 
 # --------------------------------------------------------------------------- determinism and sites

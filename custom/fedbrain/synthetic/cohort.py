@@ -13,8 +13,9 @@ from and non-IID in the ways real consortia are*:
   creeping along white matter and a mass effect pushing tissue aside;
 * MRI: T1, T1ce, T2 and FLAIR from per-tissue intensities with partial-volume
   mixing, scanner PSF, slice thickness, bias field and Rician noise;
-* CT: a paired head CT in HU (skull, scalp, air, hypodense oedema, LGG
-  calcifications that only CT shows), written as a DICOM series;
+* CT: a paired head CT in HU (skull, scalp, air) with the glioma findings of plain
+  CT in :class:`GliomaCT` (calcification, tumour density, haemorrhage, oedema, midline
+  shift), each following the *true* grade, written as a DICOM series;
 * sites: a :class:`SiteProfile` per hospital skews scanner parameters, grade
   mix and case count, and the last hospital (when there are >= 3) has no CT.
 
@@ -49,6 +50,7 @@ __all__ = [
     "MRI_CONTRASTS",
     "LABELS",
     "SiteProfile",
+    "GliomaCT",
     "Anatomy",
     "default_site_profiles",
     "load_anatomy",
@@ -82,7 +84,57 @@ TISSUE_HU = {
     "scalp": 20.0, "air": -1000.0,
 }
 
-_SYNTH_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GliomaCT:
+    """What a plain head CT shows of a glioma, one setting per finding with its clinical basis.
+
+    Why: CT must carry grade information of its own, or a dual-stream classifier has nothing
+    to learn from it. Every finding follows the tumour's *true* grade (its biology), not how it
+    looks on MRI, so an atypical glioma (see :func:`sample_tumour_plan`) keeps the CT signs of
+    its grade. Strengths are deliberately weaker than MRI's: no single finding grades a case
+    (calcification is absent in most LGG, haemorrhage in most HGG, densities overlap), so CT
+    alone should grade better than chance but worse than MRI. Probabilities are per glioma;
+    0 switches a finding off. Densities are drawn per case as (mean, sd) HU relative to this
+    patient's normal white matter.
+    """
+
+    #: Calcification: the classic CT sign of oligodendroglial tumours (calcified in 70-90 %),
+    #: seen in ~20 % of diffuse astrocytomas, so ~40 % of LGG overall; rare in glioblastoma
+    #: (a few %). Clustered foci of 150-500 HU, a few mm each (MRI shows them poorly).
+    calcification_lgg: float = 0.40
+    calcification_hgg: float = 0.04
+    calcification_hu: tuple = (150.0, 500.0)
+    calcification_mm: tuple = (4.0, 9.0)  # diameter of one focus; 1-3 foci per calcified tumour
+    #: Cellularity: attenuation rises with cell density (nuclear/cytoplasmic ratio; it tracks
+    #: low ADC). Solid high-grade tumour is iso- to hyperdense (~35-45 HU), low-grade tumour
+    #: hypo- to isodense (~18-28 HU). This includes non-enhancing HGG: hyperattenuation on CT
+    #: flags a non-enhancing glioma as high grade (IDH-wildtype).
+    density_hgg_hu: tuple = (8.0, 5.0)
+    density_lgg_hu: tuple = (-6.0, 4.0)
+    #: Haemorrhage: macroscopic intratumoural bleeding (acute blood 55-80 HU) in ~15-20 % of
+    #: glioblastomas at presentation (microbleeds on SWI are far commoner), rare in LGG.
+    haemorrhage_hgg: float = 0.20
+    haemorrhage_lgg: float = 0.02
+    haemorrhage_hu: tuple = (55.0, 80.0)
+    haemorrhage_mm: tuple = (6.0, 14.0)
+    #: Oedema: vasogenic oedema is hypodense (more water), ~8-14 HU below white matter; its
+    #: extent (larger around HGG) comes from the shared tumour geometry, seen on MRI too.
+    oedema_hu: tuple = (-14.0, -8.0)
+    #: Mass effect and midline shift: a space-occupying lesion pushes the midline (septum,
+    #: third ventricle) to the other side; shifts of several mm are common with glioblastoma,
+    #: small with LGG for its size. Shift at the midline = this * the tumour's mass-effect
+    #: strength (HGG-looking 0.2-0.45 -> 2.4-5.4 mm; LGG-looking 0.05-0.25 -> 0.6-3 mm). It warps
+    #: the anatomy, so MRI shows it as well.
+    midline_shift_mm: float = 12.0
+    midline_sigma_mm: float = 30.0  # reach of the shift around the tumour's level
+
+    def probability(self, finding: str, grade: str) -> float:
+        return getattr(self, f"{finding}_{grade.lower()}") if grade in ("LGG", "HGG") else 0.0
+
+
+_SYNTH_VERSION = 2
 _GRID_MULTIPLE = 16  # volume edges divisible by 16: any 4-level U-Net takes whole volumes
 _HEAD_MARGIN_MM = 21.0  # room for CSF gap + skull + scalp around the brain
 _SUPRATENTORIAL_Z_MM = -10.0  # gliomas seeded above roughly the tentorium
@@ -357,8 +409,9 @@ class TumourPlan:
     rotation: np.ndarray  # ellipsoid orientation
     mass_effect: float  # k in u(r) = k r exp(-r^2 / 2 s^2)
     mass_sigma_mm: float
-    calcified: bool
     appearance: str = ""  # the grade it looks like on MRI ("" = its own grade)
+    midline_shift_mm: float = 0.0  # lateral push at the midline (GliomaCT.midline_shift_mm)
+    midline_sigma_mm: float = 30.0
 
     @property
     def looks_like(self) -> str:
@@ -397,6 +450,13 @@ def _to_template(points_mm: np.ndarray, anatomy: Anatomy, deform: Deformation,
         r2 = np.einsum("in,in->n", rel, rel)
         # Tissue at radius r came from r (1 - k exp(-r^2/2s^2)): pushed outward, monotone for k < 1.
         p = p - plan.mass_effect * rel * np.exp(-r2 / (2.0 * plan.mass_sigma_mm ** 2))
+    if plan is not None and plan.midline_shift_mm > 0:
+        # The midline level with the tumour shows tissue from the tumour's side: pushed across.
+        side = 1.0 if plan.centre_mm[0] >= anatomy.centre_mm[0] else -1.0
+        anchor = np.array([anatomy.centre_mm[0], plan.centre_mm[1], plan.centre_mm[2]])
+        rel = p - anchor[:, None]
+        w = np.exp(-np.einsum("in,in->n", rel, rel) / (2.0 * plan.midline_sigma_mm ** 2))
+        p = p + np.array([side, 0.0, 0.0])[:, None] * (plan.midline_shift_mm * w)[None, :]
     if disp is not None:
         p = p + disp
     c = anatomy.centre_mm[:, None]
@@ -409,8 +469,8 @@ def sample_tumour_plan(rng: np.random.Generator, anatomy: Anatomy, deform: Defor
 
     With probability ``atypical`` a glioma looks like the other grade on MRI (an
     enhancing, necrotic LGG; a non-enhancing HGG without necrosis), as a minority do
-    in real cohorts: then MRI alone cannot grade it, and the site's grade mix (or a
-    calcification on CT, which follows the true grade) decides. 0 draws nothing extra,
+    in real cohorts: then MRI alone cannot grade it, and the site's grade mix (or the
+    CT findings of :class:`GliomaCT`, which follow the true grade) decides. 0 draws nothing extra,
     so cohorts made without it stay identical.
     """
     if grade == "healthy":
@@ -450,7 +510,6 @@ def sample_tumour_plan(rng: np.random.Generator, anatomy: Anatomy, deform: Defor
         rim_mm=float(rim), axes=axes,
         rotation=Rotation.from_euler("zyx", rng.uniform(0.0, 180.0, 3), degrees=True).as_matrix(),
         mass_effect=float(mass), mass_sigma_mm=float(1.2 * core_r),
-        calcified=bool(grade == "LGG" and rng.random() < 0.4),
         appearance="" if appearance == grade else appearance,
     )
 
@@ -504,7 +563,6 @@ class Tumour:
     enhancing: np.ndarray
     oedema: np.ndarray
     texture: np.ndarray  # smooth heterogeneity (unit std) inside the lesion
-    calcifications: np.ndarray  # bool, CT only
 
 
 def _soft(score: np.ndarray, width: float) -> np.ndarray:
@@ -520,7 +578,7 @@ def grow_tumour(rng: np.random.Generator, tissue: Tissue, anatomy: Anatomy, plan
     """
     shape = anatomy.shape
     zeros = np.zeros(shape, np.float32)
-    empty = Tumour(np.zeros(shape, np.uint8), zeros, zeros, zeros, zeros, zeros, np.zeros(shape, bool))
+    empty = Tumour(np.zeros(shape, np.uint8), zeros, zeros, zeros, zeros, zeros)
     if plan is None:
         return empty
     sp = anatomy.spacing_mm
@@ -579,12 +637,6 @@ def grow_tumour(rng: np.random.Generator, tissue: Tissue, anatomy: Anatomy, plan
     label_box[~brain] = 0
     oedema = oedema * (1.0 - core)  # oedema fraction in the healthy part of the voxel
 
-    calc = np.zeros(bshape, bool)
-    if plan.calcified:
-        inside = np.argwhere(label_box == 1)
-        if len(inside):
-            for idx in inside[rng.choice(len(inside), size=min(len(inside), int(rng.integers(1, 5))), replace=False)]:
-                calc[tuple(idx)] = True
 
     def paste(values, dtype):
         out = np.zeros(shape, dtype)
@@ -595,7 +647,6 @@ def grow_tumour(rng: np.random.Generator, tissue: Tissue, anatomy: Anatomy, plan
         label=paste(label_box, np.uint8), necrosis=paste(necrosis, np.float32),
         nonenh=paste(nonenh, np.float32), enhancing=paste(enhancing, np.float32),
         oedema=paste(oedema, np.float32), texture=paste(texture, np.float32),
-        calcifications=paste(calc, bool),
     )
 
 
@@ -661,17 +712,50 @@ def simulate_mri(rng: np.random.Generator, tissue: Tissue, tumour: Tumour, profi
 # --------------------------------------------------------------------------- CT
 
 
+def _foci(rng: np.random.Generator, where: np.ndarray, n: int, diameter_mm: tuple, spacing_mm: float) -> np.ndarray:
+    """``n`` balls (diameters drawn from ``diameter_mm``) centred on random voxels of ``where``, kept inside it."""
+    out = np.zeros(where.shape, bool)
+    points = np.argwhere(where)
+    if not len(points):
+        return out
+    for centre in points[rng.choice(len(points), size=min(n, len(points)), replace=False)]:
+        r = rng.uniform(*diameter_mm) / 2.0 / spacing_mm
+        k = int(math.ceil(r))
+        lo = np.maximum(centre - k, 0)
+        hi = np.minimum(centre + k + 1, where.shape)
+        grid = np.indices(tuple(hi - lo)).reshape(3, -1).T + lo
+        inside = ((grid - centre) ** 2).sum(1) <= max(r * r, 0.5)
+        out[tuple(grid[inside].T)] = True
+    return out & where
+
+
 def simulate_ct(rng: np.random.Generator, tissue: Tissue, tumour: Tumour, profile: SiteProfile,
-                spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Head CT in HU on the MRI grid, and the skull mask (for checks).
+                spacing_mm: float, grade: str = "healthy",
+                findings: GliomaCT | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Head CT in HU on the MRI grid, the skull mask (for checks) and what it shows.
 
     Layers outside the brain by distance: CSF gap, skull (dense tables, lighter
-    diploe, varying thickness), scalp, air. Calcifications are added after the
-    PSF so their 200-600 HU survive; enhancement is invisible on plain CT.
+    diploe, varying thickness), scalp, air. Tumour findings (:class:`GliomaCT`) follow the
+    true ``grade``: solid-tumour density, oedema, haemorrhage before the PSF, calcification
+    foci after it so their HU survive; enhancement is invisible on plain CT. Every draw
+    here comes after the MRI's, so CT settings never change the MRI of a case.
     """
+    f = findings or GliomaCT()
     shape = tissue.gm.shape
     hu = {t: v + rng.normal(0.0, 1.0) for t, v in TISSUE_HU.items() if t not in ("air", "scalp")}
+    found = {"calcified": False, "haemorrhage": False, "density_hu": 0.0}
+    glioma = grade in ("LGG", "HGG")
+    if glioma:
+        mean, sd = f.density_hgg_hu if grade == "HGG" else f.density_lgg_hu
+        found["density_hu"] = round(float(rng.normal(mean, sd)), 2)
+        hu["nonenh"] = hu["enhancing"] = hu["wm"] + found["density_hu"]  # solid tumour, whatever its MRI look
+        hu["oedema"] = hu["wm"] + rng.uniform(*f.oedema_hu)
     inside = _tissue_image(hu, tissue, tumour, {"oedema": 0.03})
+    core = np.isin(tumour.label, (1, 4))
+    if glioma and rng.random() < f.probability("haemorrhage", grade):
+        blood = _foci(rng, core, 1, f.haemorrhage_mm, spacing_mm)
+        inside = np.where(blood, rng.uniform(*f.haemorrhage_hu), inside).astype(np.float32)
+        found["haemorrhage"] = bool(blood.any())
 
     d = ndimage.distance_transform_edt(~tissue.brain, sampling=spacing_mm).astype(np.float32)
     gap = rng.uniform(2.0, 4.0)
@@ -692,19 +776,20 @@ def simulate_ct(rng: np.random.Generator, tissue: Tissue, tumour: Tumour, profil
     outside = (w_csf * hu["csf"] + w_bone * bone + w_scalp * TISSUE_HU["scalp"] + w_air * TISSUE_HU["air"])
     ct = tissue.brain_frac * inside + (1.0 - tissue.brain_frac) * outside
     ct = ndimage.gaussian_filter(ct, profile.ct_psf_sigma_vox)
-    calc = tumour.calcifications
-    if calc.any():
-        ct[calc] = rng.uniform(200.0, 600.0, int(calc.sum()))
+    if glioma and rng.random() < f.probability("calcification", grade):
+        calc = _foci(rng, core, int(rng.integers(1, 4)), f.calcification_mm, spacing_mm)
+        ct[calc] = rng.uniform(*f.calcification_hu, int(calc.sum()))
+        found["calcified"] = bool(calc.any())
     ct = ct + rng.normal(0.0, profile.ct_noise_hu, shape) + profile.ct_offset_hu
     ct = np.clip(np.rint(ct), -1024.0, 3071.0).astype(np.float32)
-    return ct, (w_bone > 0.5) & ~tissue.brain
+    return ct, (w_bone > 0.5) & ~tissue.brain, found
 
 
 # --------------------------------------------------------------------------- one case
 
 
 def synthesize_case(rng: np.random.Generator, anatomy: Anatomy, site_profile: SiteProfile, grade: str,
-                    atypical: float = 0.0) -> dict:
+                    atypical: float = 0.0, ct_findings: GliomaCT | None = None) -> dict:
     """One patient: MRI contrasts, label, CT (if the site has CT) and metadata.
 
     Returns ``{"t1", "t1ce", "t2", "flair": float32, "seg": uint8, "brain": bool,
@@ -715,15 +800,21 @@ def synthesize_case(rng: np.random.Generator, anatomy: Anatomy, site_profile: Si
     if grade not in GRADES:
         raise ValueError(f"grade must be one of {GRADES}, got {grade!r}")
     deform = sample_deformation(rng)
+    findings = ct_findings or GliomaCT()
     plan = sample_tumour_plan(rng, anatomy, deform, grade, atypical)
+    if plan is not None:  # deterministic from the plan: no draw, so it changes no other random choice
+        plan.midline_shift_mm = findings.midline_shift_mm * plan.mass_effect
+        plan.midline_sigma_mm = findings.midline_sigma_mm
     tissue = warp_anatomy(anatomy, deform, plan)
     tumour = grow_tumour(rng, tissue, anatomy, plan)
     case = simulate_mri(rng, tissue, tumour, site_profile, anatomy.spacing_mm)
     case["seg"] = tumour.label
     case["brain"] = tissue.brain
     case["wm"] = tissue.wm
+    ct_found = {}
     if site_profile.has_ct:
-        case["ct"], case["skull"] = simulate_ct(rng, tissue, tumour, site_profile, anatomy.spacing_mm)
+        case["ct"], case["skull"], ct_found = simulate_ct(rng, tissue, tumour, site_profile, anatomy.spacing_mm,
+                                                          grade, findings)
 
     voxel_ml = anatomy.spacing_mm ** 3 / 1000.0
     lab = tumour.label
@@ -738,9 +829,12 @@ def synthesize_case(rng: np.random.Generator, anatomy: Anatomy, site_profile: Si
         "et_ml": round(float((lab == 4).sum()) * voxel_ml, 2),
         "wt_fraction_of_brain": round(wt_ml / brain_ml, 4) if brain_ml else 0.0,
         "tumour_centre_mm": None if plan is None else [round(float(v), 1) for v in plan.centre_mm],
-        "calcified": bool(tumour.calcifications.any()),
+        "calcified": ct_found.get("calcified", False),  # CT findings: only where the site has CT
+        "haemorrhage": ct_found.get("haemorrhage", False),
+        "ct_density_hu": ct_found.get("density_hu", 0.0),
         "head_scale": [round(float(v), 3) for v in deform.scale],
         "mass_effect": 0.0 if plan is None else round(plan.mass_effect, 3),
+        "midline_shift_mm": 0.0 if plan is None else round(plan.midline_shift_mm, 2),
     }
     return case
 
@@ -821,6 +915,7 @@ def synthesize_consortium(
     site_names: list[str] | None = None,
     val_fraction: float = 0.25,
     atypical: float = 0.0,
+    ct_findings: GliomaCT | None = None,
     progress: bool = True,
 ) -> dict:
     """Write a synthetic consortium (layout in docs/CONTRACTS.md); returns the manifest.
@@ -829,6 +924,7 @@ def synthesize_consortium(
     (at least 3 so each site has >= 2 validation and >= 1 training case).
     ``atypical``: fraction of gliomas that look like the other grade on MRI
     (see :func:`sample_tumour_plan`); 0 gives a cohort MRI alone grades perfectly.
+    ``ct_findings``: the glioma signs on CT and their strengths (:class:`GliomaCT` defaults).
     """
     if sites < 1:
         raise ValueError("sites must be >= 1")
@@ -865,7 +961,7 @@ def synthesize_consortium(
                 case_id = f"SYN-{letter}-{ci + 1:04d}"
                 bar.update(task, description=f"{profile.name} {case_id}")
                 rng = np.random.default_rng([seed, si, ci])
-                case = synthesize_case(rng, anatomy, profile, grade, atypical)
+                case = synthesize_case(rng, anatomy, profile, grade, atypical, ct_findings)
                 study_uid = generate_uid(entropy_srcs=["fedbrain-synth", str(seed), profile.name, case_id])
                 item = write_case(case, site_dir / "cases" / case_id, anatomy.affine,
                                   case_id=case_id, study_uid=study_uid)
@@ -906,6 +1002,7 @@ def synthesize_consortium(
         "labels": {str(k): v for k, v in LABELS.items()},
         "val_fraction": val_fraction,
         "atypical": atypical,
+        "ct_findings": asdict(ct_findings or GliomaCT()),
         "n_sites": sites,
         "n_cases": total,
         "grade_counts": {g: sum(s["grade_counts"][g] for s in manifest_sites) for g in GRADES},
