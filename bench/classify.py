@@ -208,6 +208,262 @@ def bench_seeds(work: Path, seeds=(1, 2), settings: ClassifyBenchSettings | None
     return out
 
 
+# --------------------------------------------------------------------------- statistics over seeds
+
+#: Dirichlet concentration that makes a "split" IID in practice (every site ~ the pooled class mix).
+IID_ALPHA = 1000.0
+
+
+@dataclass
+class SeedBenchSettings:
+    """Comparisons repeated over seeds: each seed draws a new cohort, split and initial weights.
+
+    Per seed one synthetic pool of three hospitals is made, and from it:
+
+    * the consortium where personalization should matter: the hospitals as synthesized, each
+      with its own scanner (``SiteProfile``: slice thickness, gain, gamma, noise, CT calibration,
+      the last without CT), a Dirichlet(``alpha``) grade mix per hospital (label skew), and
+      ``relabel_site`` grading borderline gliomas (the atypical ones) by their MRI look, as a
+      rater with another habit would (site-specific labels; its validation uses its own labels);
+    * the consortium where it should not: the same cases pooled and re-split IID
+      (Dirichlet(IID_ALPHA), no quantity skew), true grades everywhere;
+    * the centralized arms (dual / MRI-only / CT-only) trained on the IID consortium's training
+      cases and scored on its validation cases that have CT (held out: never trained on).
+
+    Federated arms here run in process (:func:`simulate_federation`: the product's trainer, FedAvg
+    weighted by steps like the FLARE job, heads kept per site for ``personal``), not as FLARE jobs:
+    20 FLARE jobs (5 seeds x 2 consortia x 2 arms) do not fit a benchmark run on 2 cores.
+    """
+
+    seeds: tuple = (0, 1, 2, 3, 4)
+    cases: int = 50  # per hospital, no quantity skew: val_fraction 0.3 gives every site 15 validation cases
+    val_fraction: float = 0.3
+    alpha: float = 0.5
+    relabel_site: str = "hospital-b"
+    atypical: float = 0.2
+    rounds: int = 10
+    epochs_per_round: int = 2
+    central_epochs: int = 40
+    task: ClassificationConfig = field(default_factory=ClassificationConfig)
+
+    def config(self, seed: int, **changes) -> ClassificationConfig:
+        return self.task.replace(seed=seed, epochs_per_round=self.epochs_per_round, rounds=self.rounds, **changes)
+
+    def to_dict(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "task"}, "task": self.task.to_dict()}
+
+
+def skewed_profiles(seed: int, alpha: float, sites=SITES) -> list:
+    """The default hospitals (their scanners) with a Dirichlet(alpha) grade mix each and equal size."""
+    import numpy as np
+
+    from fedbrain.synthetic.cohort import GRADES, default_site_profiles
+
+    rng = np.random.default_rng([seed, 0xD1])
+    return [replace(p, case_factor=1.0, grade_mix=dict(zip(GRADES, (round(float(v), 3) for v in rng.dirichlet([alpha] * 3)))))
+            for p in default_site_profiles(len(sites), seed, list(sites))]
+
+
+def relabel_borderline(cases: list[dict], looks_like: dict[str, str]) -> tuple[list[dict], int]:
+    """A hospital that grades atypical gliomas by how they look on MRI: its own labels."""
+    out, changed = [], 0
+    for c in cases:
+        look = looks_like.get(c["case_id"], c["grade"])
+        changed += look != c["grade"]
+        out.append({**c, "grade": look})
+    return out, changed
+
+
+def seed_data(work: Path, s: SeedBenchSettings, seed: int, console: Console) -> dict:
+    """Both consortia of one seed as ``{name: {site: {"training": [...], "validation": [...]}}}``."""
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.data.splits import write_partitioned_datalists
+    from fedbrain.synthetic.cohort import synthesize_consortium
+
+    manifest = synthesize_consortium(work / "pool", sites=len(SITES), cases=s.cases, seed=seed, site_names=list(SITES),
+                                     atypical=s.atypical, val_fraction=s.val_fraction,
+                                     profiles=skewed_profiles(seed, s.alpha), progress=True)
+    looks = {c["case_id"]: c["looks_like"] for c in manifest["cases"]}
+    matters, relabelled = {}, 0
+    for site in SITES:
+        lists = load_datalist(work / "pool" / site / "datalist.json")
+        if site == s.relabel_site:
+            for section in ("training", "validation"):
+                lists[section], n = relabel_borderline(lists[section], looks)
+                relabelled += n
+        matters[site] = lists
+    pooled = [c for site in SITES for sec in ("training", "validation")
+              for c in load_datalist(work / "pool" / site / "datalist.json")[sec]]
+    write_partitioned_datalists(pooled, work / "iid", list(SITES), alpha=IID_ALPHA, seed=seed,
+                                val_fraction=s.val_fraction, quantity_skew=False)
+    iid = {site: load_datalist(work / "iid" / site / "datalist.json") for site in SITES}
+    return {"matters": matters, "iid": iid, "relabelled": relabelled,
+            "grade_mix": {p["name"]: p["grade_counts"] for p in manifest["sites"]}}
+
+
+def federate(trainers: dict, config: ClassificationConfig, arm: str) -> dict:
+    """One arm's rounds; returns each site's final model (global shared part + its head for ``personal``).
+
+    Per round each site loads the global model into its own model object (the optimizer's moments
+    carry on, as in the site loop), puts its own head back unless ``fedavg``, trains
+    ``config.epochs_per_round``; the server averages the shared part (all of it for ``fedavg``)
+    weighted by optimizer steps, as the FLARE job's FedAvg does.
+    """
+    from fedbrain.models.classifier import head_parameter_names
+
+    start = config.build_model()  # init_seed = config.seed: every arm starts from the same weights
+    heads = set(head_parameter_names(start))
+    averaged = [k for k in start.state_dict() if arm == "fedavg" or k not in heads]
+    global_state = {k: v.clone() for k, v in start.state_dict().items()}
+    models = {site: config.build_model() for site in trainers}
+    for trainer in trainers.values():
+        trainer.optimizer, trainer._opt_params = None, []  # a fresh optimizer per arm
+
+    def receive(site):
+        model = models[site]
+        own = {k: v.clone() for k, v in model.state_dict().items() if k in heads}
+        model.load_state_dict(global_state)
+        if arm != "fedavg":
+            model.load_state_dict(own, strict=False)  # round 0: the global initial head
+        return model
+
+    for _ in range(config.rounds):
+        states, weights = {}, {}
+        for site, trainer in trainers.items():
+            model = receive(site)
+            weights[site] = trainer.train(model)["steps"]
+            states[site] = model.state_dict()
+        total = sum(weights.values()) or 1
+        for k in averaged:
+            global_state[k] = sum(states[site][k].float() * (weights[site] / total)
+                                  for site in trainers).to(global_state[k].dtype)
+    return {site: receive(site) for site in trainers}
+
+
+def simulate_federation(site_cases: dict, config: ClassificationConfig, arms=("personal", "fedavg"),
+                        console: Console | None = None) -> dict:
+    """Personal vs FedAvg in process with the product's trainer (:func:`federate`): what the FLARE
+    job does, minus FLARE. Final figure: each site's validation of its final model."""
+    from fedbrain.tasks.classification import ClassificationTrainer
+
+    trainers = {site: ClassificationTrainer(c["training"], c["validation"], config) for site, c in site_cases.items()}
+    out = {}
+    for arm in arms:
+        models = federate(trainers, config, arm)
+        metrics = {site: trainers[site].validate(model) for site, model in models.items()}
+        per_site = {site: m["val_bacc"] for site, m in metrics.items()}
+        values = [v for v in per_site.values() if v == v]
+        out[arm] = {"per_site_bacc": per_site, "n_val": {site: m["n_val"] for site, m in metrics.items()},
+                    "min_bacc": min(values), "mean_bacc": sum(values) / len(values)}
+        if console:
+            console.print(f"  {arm}: " + ", ".join(f"{k} {v:.3f} (n={out[arm]['n_val'][k]})" for k, v in per_site.items()))
+    return out
+
+
+def bench_seed_statistics(work: Path, settings: SeedBenchSettings | None = None, console: Console | None = None,
+                          parts: tuple[str, ...] = ("central", "matters", "iid")) -> dict:
+    """Every seed of ``settings.seeds``: centralized dual / MRI-only / CT-only, and personal vs FedAvg on
+    both consortia. Written to the run folder after each seed, so a stopped run keeps what it measured."""
+    s = settings or SeedBenchSettings()
+    console = console or Console()
+    root = Path(work) / f"classify-stats-{time.strftime('%Y%m%d-%H%M%S')}"
+    root.mkdir(parents=True)
+    out = {"settings": s.to_dict(), "work": str(root), "seeds": {}}
+    for seed in s.seeds:
+        console.rule(f"seed {seed}")
+        folder = root / f"seed{seed}"
+        data = seed_data(folder, s, seed, console)
+        row = {"relabelled": data["relabelled"], "grade_mix": data["grade_mix"]}
+        if "central" in parts:
+            cen = replace(ClassifyBenchSettings(seed=seed, central_epochs=s.central_epochs, atypical=s.atypical),
+                          task=s.task)
+            train = [c for site in SITES for c in data["iid"][site]["training"]]
+            test = [c for site in SITES for c in data["iid"][site]["validation"] if c.get("ct")]
+            with_ct = [c for c in train if c.get("ct")]
+            row["central"] = {
+                arm: {k: v for k, v in _central_arm(tr, test, None, cen, console, **kw).items()
+                      if k.startswith(("bacc", "auc", "n_"))}
+                for arm, tr, kw in (("dual", train, {}), ("mri_only", train, {"streams": ("mri",)}),
+                                    ("ct_only", with_ct, {"streams": ("ct",)}))}
+        for name in ("matters", "iid"):
+            if name in parts:
+                console.print(f"federated (in process), consortium: {name}")
+                row[name] = simulate_federation(data[name], s.config(seed), console=console)
+        out["seeds"][str(seed)] = row
+        (root / "results.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and two-sided t interval over seeds (NaN bounds with one value)."""
+    import statistics
+
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
+    """Rows with mean [95% interval] over seeds; the verdict is explicit: a gain is met only when its
+    interval excludes 0 (and its mean reaches the goal); "within x" needs the whole interval inside."""
+    seeds = st.get("seeds", {})
+    keys = sorted(seeds, key=int)
+    out = []
+    if not keys:
+        return out
+
+    def fmt(m, lo, hi, scale=1.0, sign=""):
+        f = "{:" + sign + ".1f}" if scale == 100 else "{:" + sign + ".3f}"
+        return f"{f.format(scale * m)} [{f.format(scale * lo)}, {f.format(scale * hi)}]"
+
+    seeds_note = f"seeds {', '.join(keys)}"
+    cen = [seeds[k]["central"] for k in keys if "central" in seeds[k]]
+    if cen:
+        n_test = sorted({c["dual"]["n_test"] for c in cen})
+        arms = {a: [c[a]["bacc"] for c in cen] for a in ("dual", "mri_only", "ct_only")}
+        m, lo, hi = interval(arms["ct_only"])
+        out.append(("CT-only test balanced accuracy (centralized), mean [95% interval]", fmt(m, lo, hi), ">= 0.60",
+                    f"{seeds_note}; per seed " + " / ".join(f"{v:.3f}" for v in arms["ct_only"])
+                    + f"; {n_test} held-out test cases with CT per seed", _verdict(m >= 0.60)))
+        for a, b, label in (("dual", "mri_only", "Dual-stream - MRI-only"), ("mri_only", "ct_only", "MRI-only - CT-only")):
+            diffs = [100 * (x - y) for x, y in zip(arms[a], arms[b])]
+            m, lo, hi = interval(diffs)
+            out.append((f"{label}, test balanced accuracy (points, centralized)", fmt(m / 100, lo / 100, hi / 100, 100, "+"),
+                        "> 0", f"{seeds_note}; {a} {interval(arms[a])[0]:.3f}, {b} {interval(arms[b])[0]:.3f} (means)",
+                        _verdict(lo > 0)))
+    for name, goal, label in (("matters", 12.0, "where personalization should matter (label skew, one hospital's "
+                               "own grading, scanner shift)"),
+                              ("iid", 2.0, "where it should not (IID split, one labelling)")):
+        runs = [seeds[k][name] for k in keys if name in seeds[k]]
+        if not runs:
+            continue
+        diffs = [100 * (r["personal"]["min_bacc"] - r["fedavg"]["min_bacc"]) for r in runs]
+        m, lo, hi = interval(diffs)
+        n_val = sorted({n for r in runs for n in r["personal"]["n_val"].values()})
+        detail = (f"{seeds_note}; per seed " + " / ".join(f"{d:+.1f}" for d in diffs)
+                  + f"; min-site personal {interval([r['personal']['min_bacc'] for r in runs])[0]:.3f} vs "
+                  f"FedAvg {interval([r['fedavg']['min_bacc'] for r in runs])[0]:.3f} (means); validation cases per "
+                  f"site {min(n_val)}-{max(n_val)}; in-process federation")
+        if name == "matters":
+            ok = m >= goal and lo > 0
+            out.append((f"Personal heads - FedAvg, minimum-site balanced accuracy (points), {label}",
+                        fmt(m / 100, lo / 100, hi / 100, 100, "+"), f">= +{goal:.0f}, interval > 0", detail, _verdict(ok)))
+        else:
+            ok = -goal <= lo and hi <= goal
+            out.append((f"Personal heads - FedAvg, minimum-site balanced accuracy (points), {label}",
+                        fmt(m / 100, lo / 100, hi / 100, 100, "+"), f"within +-{goal:.0f} (whole interval)", detail,
+                        _verdict(ok)))
+    return out
+
+
 # --------------------------------------------------------------------------- doc rows and plots
 
 

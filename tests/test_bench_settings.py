@@ -29,3 +29,61 @@ def test_seed_rows_start_from_their_own_initial_weights(tmp_path):
         assert persistor["args"]["model"]["args"]["init_seed"] == seed
         client = json.loads((folder / "app_hospital-a" / "config" / "config_fed_client.json").read_text())
         assert f'"seed":{seed}' in client["executors"][0]["executor"]["args"]["task_script_args"]
+
+
+def test_a_gain_counts_only_when_its_interval_excludes_zero():
+    bench = _bench_classify()
+
+    def run(personal, fedavg):
+        return {"personal": {"min_bacc": personal, "n_val": {"a": 15}}, "fedavg": {"min_bacc": fedavg, "n_val": {"a": 15}}}
+
+    steady = {"seeds": {str(k): {"matters": run(0.80 + d, 0.60), "iid": run(0.9, 0.9 - d / 10)}
+                        for k, d in enumerate((0.0, 0.01, -0.01, 0.02, -0.02))}}
+    noisy = {"seeds": {str(k): {"matters": run(p, 0.60), "iid": run(0.9, f)}
+                       for k, (p, f) in enumerate(((1.0, 0.9), (0.4, 0.95), (1.0, 0.85), (0.5, 0.9), (1.0, 0.92)))}}
+    verdict = {name: {row[0].split("where")[1][:5]: row[4] for row in bench.stats_rows(st)}
+               for name, st in (("steady", steady), ("noisy", noisy))}
+    assert verdict["steady"] == {" pers": "met", " it s": "met"}
+    # mean gain +18 points but the interval reaches below 0; IID arm 3 points apart on average
+    assert verdict["noisy"] == {" pers": "**not met**", " it s": "**not met**"}
+    mean, lo, hi = bench.interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and lo < 0.0 < 4.0 < hi  # t(2) = 4.30: wide with 3 seeds
+
+
+def test_skewed_consortium_and_a_hospital_with_its_own_grading():
+    bench = _bench_classify()
+    a, b = bench.skewed_profiles(0, 0.5), bench.skewed_profiles(1, 0.5)
+    assert [p.name for p in a] == list(bench.SITES) and a != b
+    assert all(p.case_factor == 1.0 and abs(sum(p.grade_mix.values()) - 1) < 0.01 for p in a)
+    assert [p.has_ct for p in a] == [True, True, False]  # scanner shift: a hospital without CT
+    cases = [{"case_id": "x", "grade": "LGG"}, {"case_id": "y", "grade": "HGG"}, {"case_id": "z", "grade": "healthy"}]
+    out, changed = bench.relabel_borderline(cases, {"x": "HGG", "y": "HGG"})
+    assert [c["grade"] for c in out] == ["HGG", "HGG", "healthy"] and changed == 1
+    assert cases[0]["grade"] == "LGG"  # the pool itself keeps the true grade
+
+
+def test_in_process_federation_keeps_heads_at_sites_only_when_personal(tmp_path):
+    import torch
+
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.models.classifier import head_parameter_names
+    from fedbrain.synthetic.cohort import synthesize_consortium
+    from fedbrain.tasks.classification import ClassificationConfig, ClassificationTrainer
+
+    bench = _bench_classify()
+    manifest = synthesize_consortium(tmp_path, sites=2, cases=4, seed=0, progress=False)
+    config = ClassificationConfig(spatial_size=(16, 20, 16), channels=(8, 16), embed_dim=16, head_hidden=8,
+                                  batch_size=4, num_threads=2, rounds=2, epochs_per_round=1)
+    trainers = {}
+    for site in manifest["sites"]:
+        lists = load_datalist(tmp_path / site["datalist"])
+        trainers[site["name"]] = ClassificationTrainer(lists["training"], lists["validation"], config)
+    for arm in ("personal", "fedavg"):
+        models = bench.federate(trainers, config, arm)
+        (a, ma), (b, mb) = models.items()
+        heads = set(head_parameter_names(ma))
+        sa, sb, start = ma.state_dict(), mb.state_dict(), config.build_model().state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa if k not in heads)  # one shared part
+        assert any(not torch.equal(sa[k], start[k]) for k in sa if k not in heads)  # it trained
+        same_heads = all(torch.equal(sa[k], sb[k]) for k in heads)
+        assert same_heads == (arm == "fedavg"), arm

@@ -916,6 +916,7 @@ def synthesize_consortium(
     val_fraction: float = 0.25,
     atypical: float = 0.0,
     ct_findings: GliomaCT | None = None,
+    profiles: list[SiteProfile] | None = None,
     progress: bool = True,
 ) -> dict:
     """Write a synthetic consortium (layout in docs/CONTRACTS.md); returns the manifest.
@@ -925,6 +926,8 @@ def synthesize_consortium(
     ``atypical``: fraction of gliomas that look like the other grade on MRI
     (see :func:`sample_tumour_plan`); 0 gives a cohort MRI alone grades perfectly.
     ``ct_findings``: the glioma signs on CT and their strengths (:class:`GliomaCT` defaults).
+    ``profiles``: one :class:`SiteProfile` per site instead of :func:`default_site_profiles`
+    (e.g. a benchmark's own grade mixes).
     """
     if sites < 1:
         raise ValueError("sites must be >= 1")
@@ -935,7 +938,10 @@ def synthesize_consortium(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     anatomy = load_anatomy(float(spacing_mm))
-    profiles = default_site_profiles(sites, seed, site_names)
+    if profiles is None:
+        profiles = default_site_profiles(sites, seed, site_names)
+    elif len(profiles) != sites:
+        raise ValueError(f"need {sites} site profiles, got {len(profiles)}")
 
     plans = []
     for si, profile in enumerate(profiles):
