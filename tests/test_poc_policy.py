@@ -59,7 +59,8 @@ def policy_jobs(tmp_path_factory):
         poc.start()
         job = export(task, run_dir / "jobs_ab", sites=["hospital-a", "hospital-b"])
         out["meta1"], out["result1"] = submit_and_wait(poc, job, rounds=1, result_dir=run_dir / "r1")
-        job = export(task, run_dir / "jobs_abc", sites=poc.sites)
+        # min_clients 3: the server waits for hospital-c's answer (else a and b may end the round first).
+        job = export(task.replace(min_clients=3), run_dir / "jobs_abc", sites=poc.sites)
         out["meta2"], out["result2"] = submit_and_wait(poc, job, rounds=1, result_dir=run_dir / "r2")
         out["log_c"] = (poc.kit("hospital-c") / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
         meta = json.loads((job / "meta.json").read_text())

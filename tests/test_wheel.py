@@ -84,7 +84,7 @@ def test_poc_and_a_one_round_job_from_the_wheel(installed):
         _run([fedbrain, "job", "export-segment", "--out", str(work / "jobs"), "--rounds", "1",
               "--epochs_per_round", "1", "--max_steps", "2"], cwd=work, env=env)
         job = work / "jobs" / "fedbrain_segmentation"
-        assert (job / "app" / "custom" / "segment_client.py").is_file()
+        assert not list(job.rglob("custom")), "the job carries no code: sites run the wheel's site script"
         out = _run([fedbrain, "poc", "submit", "--run-dir", str(run_dir), "--job", str(job),
                     "--result", str(work / "results")], cwd=work, env=env)
         assert "FINISHED:COMPLETED" in out
