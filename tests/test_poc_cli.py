@@ -24,7 +24,17 @@ def test_poc_up_status_down(tmp_path, capsys):
         for site in status["sites"]:
             cfg = json.loads((PocConsortium(run_dir).kit(site) / "local" / "fedbrain_site.json").read_text())
             assert cfg["datalist"].endswith(f"data/{site}/datalist.json")
+        # `up` again must not re-provision under the running processes (new certificates)
+        root_ca = (PocConsortium(run_dir).kit("hospital-a") / "startup" / "rootCA.pem").read_bytes()
+        capsys.readouterr()
+        assert cli_main(["poc", "up", "--run-dir", str(run_dir)]) == 1
+        assert "already running" in capsys.readouterr().out
+        assert (PocConsortium(run_dir).kit("hospital-a") / "startup" / "rootCA.pem").read_bytes() == root_ca
     finally:
         assert cli_main(["poc", "down", "--run-dir", str(run_dir)]) == 0
-    assert PocConsortium(run_dir).pids() == []
+    poc = PocConsortium(run_dir)
+    assert poc.pids() == []
+    assert (poc.kit("hospital-a") / "startup" / "rootCA.pem").is_file()  # `down` keeps the kits
     assert cli_main(["poc", "status", "--run-dir", str(run_dir)]) == 1
+    assert cli_main(["poc", "down", "--run-dir", str(run_dir), "--remove"]) == 0
+    assert not poc.workspace.exists()

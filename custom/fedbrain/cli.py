@@ -121,6 +121,10 @@ def _poc(a):
 def cmd_poc(a) -> int:
     poc = _poc(a)
     if a.action == "up":
+        if poc.is_running():  # re-provisioning would issue new certificates under the running processes
+            console.print(f"a POC consortium is already running in {poc.run_dir} (sites {', '.join(poc.sites)}); "
+                          f"`fedbrain poc status` shows it, `fedbrain poc down` stops it")
+            return 1
         data = Path(a.data) if a.data else None
         if data is None:
             from fedbrain.synthetic.cohort import synthesize_consortium
@@ -152,8 +156,9 @@ def cmd_poc(a) -> int:
         console.print(f"job {meta.get('job_id')} {meta.get('status')}; result {result}, report {result / 'report'}")
         return 0 if meta.get("status") == "FINISHED:COMPLETED" else 1
     if a.action == "down":
-        poc.clean() if not a.keep else poc.stop()
-        console.print(f"POC consortium in {poc.run_dir} stopped; no process left")
+        poc.clean() if a.remove else poc.stop()
+        console.print(f"POC consortium in {poc.run_dir} stopped; no process left; "
+                      + ("kits removed" if a.remove else f"kits kept in {poc.workspace} (--remove deletes them)"))
         return 0
     raise SystemExit(f"unknown action {a.action}")
 
@@ -358,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--run-dir", dest="run_dir", default="runs/poc")
     pc.add_argument("--data", default=None, help="synth output folder (default: generate into RUN_DIR/data)")
     pc.add_argument("--cases", type=int, default=12)
-    pc.add_argument("--keep", action="store_true", help="down: keep the provisioned workspace")
+    pc.add_argument("--remove", action="store_true", help="down: also delete the provisioned kits (default: keep)")
     pc.set_defaults(func=cmd_poc)
 
     d = sub.add_parser("demo", help="main job end to end: data, POC, submit, watch, report, teardown")
@@ -458,12 +463,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe the user's input (file, site, reason): printed as one line, not a traceback."""
+    from fedbrain.bundle import BundleError
+    from fedbrain.data.datalist import DatalistError
+    from fedbrain.fl.site import SiteConfigError
+    from fedbrain.ops.kit import KitError
+    from fedbrain.poc.consortium import PocError
+    from fedbrain.report.job_report import ReportError
+
+    return DatalistError, SiteConfigError, KitError, PocError, ReportError, BundleError, FileNotFoundError
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     # FLARE's own INFO chatter (connections, cells) drowns the progress bar: keep it at WARNING.
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedbrain").setLevel(logging.DEBUG if a.verbose else logging.INFO)
-    return a.func(a) or 0
+    try:
+        return a.func(a) or 0
+    except user_errors() as e:
+        if a.verbose:
+            raise
+        console.print(f"[red]fedbrain {a.command}:[/] {e}", highlight=False)
+        return 2
 
 
 if __name__ == "__main__":

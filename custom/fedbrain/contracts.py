@@ -70,6 +70,10 @@ def case_id_of(item: dict, index: int | None = None) -> str:
         return os.path.basename(os.path.dirname(os.path.abspath(os.fspath(label))))
     return f"case-{index:04d}" if index is not None else "?"
 
+#: The server log line (written by the update audit) that carries a site's round metrics to
+#: anyone allowed to read the server's job log (``fedbrain watch``).
+SITE_METRICS_LOG_TAG = "fedbrain-site-metrics"
+
 #: Filters a site's privacy.json scopes name (fedbrain.ops.builder writes them; jobs use the same classes).
 PRIVACY_FILTERS = {
     "clip": "fedbrain.privacy.client_dp.UpdateNormClip",

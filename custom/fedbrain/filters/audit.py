@@ -17,6 +17,8 @@ from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
+from fedbrain.contracts import SITE_METRICS_LOG_TAG
+
 AUDIT_FILE = "received_updates.jsonl"
 
 
@@ -74,6 +76,11 @@ class ReceivedUpdateAudit(Filter):
         }
         entry["bytes"] = sum(p["bytes"] for p in entry["params"].values())
         entry["l2_norm"] = _plain_l2_norm(data) if isinstance(data, dict) else None
+        values = {k: float(v) for k, v in (meta.get("initial_metrics") or {}).items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        # Metrics the server already holds, as one log line: what `fedbrain watch` shows per site.
+        self.log_info(fl_ctx, f"{SITE_METRICS_LOG_TAG} " + json.dumps(
+            {"site": entry["site"], "round": entry["round"], "metrics": values}, sort_keys=True))
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN))
         with open(Path(run_dir) / self.file_name, "a") as f:
             f.write(json.dumps(entry) + "\n")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import sys
 import time
 from pathlib import Path
 
+from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_ERROR, SITE_METRICS_LOG_TAG
 from fedbrain.ops.kit import KitError, kit_identity, server_address
 
 #: Job states whose round is worth looking up.
@@ -67,8 +69,37 @@ def job_round(session, job_id: str) -> dict:
         logs = session.get_job_logs(job_id, "server").get("logs", {})
     except Exception as e:  # noqa: BLE001 - FLARE raises its own types for "not authorized"
         return {"round": None, "note": f"server job log not readable with this kit ({type(e).__name__})"}
-    current, done = parse_progress(next(iter(logs.values()), "") if logs else "")
-    return {"round": None if current is None else current + 1, "aggregated": sorted(done)}
+    text = next(iter(logs.values()), "") if logs else ""
+    current, done = parse_progress(text)
+    return {"round": None if current is None else current + 1, "aggregated": sorted(done),
+            "site_metrics": site_metrics(text)}
+
+
+#: Per-site columns `fedbrain watch` shows, the first present of each group (segmentation or classification).
+WATCH_COLUMNS = (("val_dice", "val_bacc"), ("train_loss",), (DP_EPSILON_SPENT,), (DP_WITHHELD,), (SITE_ERROR,))
+
+
+def site_metrics(server_log: str) -> dict[str, dict]:
+    """Each site's latest round metrics, from the update audit's lines in the server's job log."""
+    out = {}
+    for line in server_log.splitlines():
+        at = line.find(SITE_METRICS_LOG_TAG + " ")
+        if at < 0:
+            continue
+        try:
+            record = json.loads(line[at + len(SITE_METRICS_LOG_TAG) + 1:])
+        except ValueError:
+            continue
+        out[str(record.get("site"))] = {"round": record.get("round"), **(record.get("metrics") or {})}
+    return out
+
+
+def _flag(m: dict) -> str:
+    if m.get(SITE_ERROR):
+        return "site error (its data could not be used)"
+    if m.get(DP_WITHHELD):
+        return DP_WITHHELD_REASONS.get(int(m[DP_WITHHELD]), "withheld")
+    return ""
 
 
 @contextlib.contextmanager
@@ -175,7 +206,28 @@ def status_view(status: dict):
             rnd += f" (aggregated: {', '.join(j['aggregated'])})"
         jobs.add_row(str(j["job_id"]), escape(str(j.get("job_name") or "")), str(j["status"]),
                      str(j.get("submit_time") or ""), str(j.get("duration") or ""), escape(rnd))
-    return Group(head, sites, jobs)
+    parts = [head, sites, jobs]
+    for j in status["jobs"]:
+        if j.get("site_metrics"):
+            parts.append(_metrics_table(j))
+    return Group(*parts)
+
+
+def _metrics_table(job: dict):
+    """A job's per-site metrics of the latest round each site sent, with the reason a site is flagged."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = job["site_metrics"]
+    present = [next(k for k in group if any(k in m for m in rows.values()))
+               for group in WATCH_COLUMNS if any(k in m for m in rows.values() for k in group)]
+    table = Table(title=f"job {str(job['job_id'])[:8]}: per site, latest round received")
+    for col in ("site", "round", *present, "flag"):
+        table.add_column(col)
+    for site, m in sorted(rows.items()):
+        cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "" for k in present]
+        table.add_row(escape(site), str(m.get("round", "")), *cells, escape(_flag(m)))
+    return table
 
 
 def render_status(status: dict, console) -> None:
