@@ -111,3 +111,24 @@ def test_a_misconfigured_site_does_not_take_the_federation_down(finished_job):
     assert "val_dice" not in sites["hospital-c"]  # nothing to validate on: no made-up number
     for ok in ("hospital-a", "hospital-b"):
         assert sites[ok]["site_error"] == 0 and sites[ok]["train_steps"] > 0
+
+
+def test_the_server_log_carries_each_sites_round_metrics_for_watch(finished_job):
+    """What `fedbrain watch` shows per site comes from the server's job log (the update audit's lines)."""
+    from fedbrain.ops.status import _metrics_table, site_metrics
+
+    log = (Path(finished_job["result"]) / "workspace" / "log.txt").read_text(errors="replace")
+    latest = site_metrics(log)
+    assert set(latest) == {"hospital-a", "hospital-b", "hospital-c"}
+    for site, m in latest.items():
+        assert m["round"] == ROUNDS - 1 and 0.0 <= m["val_dice"] <= 1.0 and m["site_error"] == 0.0, (site, m)
+    bad = site_metrics((Path(finished_job["bad_site"][1]) / "workspace" / "log.txt").read_text(errors="replace"))
+    assert bad["hospital-c"]["site_error"] == 1.0
+
+    from io import StringIO
+
+    from rich.console import Console
+
+    out = StringIO()
+    Console(file=out, width=140).print(_metrics_table({"job_id": "j", "site_metrics": bad}))
+    assert "site error (its data could not be used)" in out.getvalue()
