@@ -357,7 +357,7 @@ def simulate_federation(site_cases: dict, config: ClassificationConfig, arms=("p
 
 
 def bench_seed_statistics(work: Path, settings: SeedBenchSettings | None = None, console: Console | None = None,
-                          parts: tuple[str, ...] = ("central", "matters", "iid")) -> dict:
+                          parts: tuple[str, ...] = ("matters", "iid", "central")) -> dict:
     """Every seed of ``settings.seeds``: centralized dual / MRI-only / CT-only, and personal vs FedAvg on
     both consortia. Written to the run folder after each seed, so a stopped run keeps what it measured."""
     s = settings or SeedBenchSettings()
@@ -369,7 +369,12 @@ def bench_seed_statistics(work: Path, settings: SeedBenchSettings | None = None,
         console.rule(f"seed {seed}")
         folder = root / f"seed{seed}"
         data = seed_data(folder, s, seed, console)
-        row = {"relabelled": data["relabelled"], "grade_mix": data["grade_mix"]}
+        row = out["seeds"][str(seed)] = {"relabelled": data["relabelled"], "grade_mix": data["grade_mix"]}
+        for name in ("matters", "iid"):
+            if name in parts:
+                console.print(f"federated (in process), consortium: {name}")
+                row[name] = simulate_federation(data[name], s.config(seed), console=console)
+                (root / "results.json").write_text(json.dumps(out, indent=2, default=str))
         if "central" in parts:
             cen = replace(ClassifyBenchSettings(seed=seed, central_epochs=s.central_epochs, atypical=s.atypical),
                           task=s.task)
@@ -381,11 +386,6 @@ def bench_seed_statistics(work: Path, settings: SeedBenchSettings | None = None,
                       if k.startswith(("bacc", "auc", "n_"))}
                 for arm, tr, kw in (("dual", train, {}), ("mri_only", train, {"streams": ("mri",)}),
                                     ("ct_only", with_ct, {"streams": ("ct",)}))}
-        for name in ("matters", "iid"):
-            if name in parts:
-                console.print(f"federated (in process), consortium: {name}")
-                row[name] = simulate_federation(data[name], s.config(seed), console=console)
-        out["seeds"][str(seed)] = row
         (root / "results.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
