@@ -8,6 +8,8 @@ target is a ratio of two things measured in the same run, never an absolute time
     python bench/run.py --only repro         # the demo twice, same commit and seed: do sites agree? (~7 min)
     python bench/run.py --only classify --classify-parts central   # classifier: federated | central
     python bench/run.py --only classify_seeds   # classifier comparisons over 5 seeds, 95% intervals (~60 min)
+    python bench/run.py --only dp            # DP-SGD step time; demo with/without --dp-epsilon 8, both tasks (~30 min)
+    python bench/run.py --only dp --dp-tasks classification,segmentation   # + utility at epsilon 1/3/8/inf (hours)
     python bench/run.py --only doc           # re-render docs/benchmarks.md and the plots from results.json
 """
 
@@ -28,6 +30,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import classify as classify_bench  # noqa: E402  (bench/classify.py: the classifier's rows)
+import dp as dp_bench  # noqa: E402  (bench/dp.py: differential-privacy rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
@@ -401,6 +404,10 @@ def write_doc(results: dict, plots: list[str]) -> None:
                   for s, v in sorted(demo["per_site_wt"].items())]
         lines.append("")
     lines += [f"![{Path(p).stem}]({p})" for p in plots if "classify" not in p]
+    if results.get("dp"):
+        lines += ["", "## Differential privacy", "", f"Measured {results['dp'].get('measured_at', '')} (bench/dp.py; "
+                  "how to read the rows below the table).", "", *table(dp_bench.rows(results["dp"])), "",
+                  *dp_bench.NOTES, ""]
     if results.get("classify_stats"):
         lines += ["", "## Classifier statistics over seeds", "", *classify_bench.stats_intro(results["classify_stats"]),
                   *table(classify_bench.stats_rows(results["classify_stats"])), ""]
@@ -439,16 +446,19 @@ def main(argv=None):
     from fedbrain.demo import DemoSettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="clean_demo,demo,repro,he,central,overhead,classify,classify_seeds")
+    p.add_argument("--only", default="clean_demo,demo,repro,he,central,overhead,classify,classify_seeds,dp")
     p.add_argument("--overhead-rounds", type=int, default=4)
     p.add_argument("--classify-parts", default="federated,central")
+    p.add_argument("--dp-tasks", default="", help="dp: tasks of the utility rows at scale, e.g. "
+                   "classification,segmentation (hours on 2 cores)")
+    p.add_argument("--no-dp-demos", dest="dp_demos", action="store_false", help="dp: skip the demos with/without DP")
     p.add_argument("--classify-atypical", type=float, default=0.2,
                    help="fraction of atypical gliomas; 0 is stored as the separate 'typical cohort' section")
     a = p.parse_args(argv)
     only = set(a.only.split(","))
     settings = DemoSettings()
     results = portable(json.loads(RESULTS.read_text())) if RESULTS.exists() else {}
-    if only & {"clean_demo", "demo", "repro", "he", "central", "overhead", "classify", "classify_seeds"}:  # "--only doc" re-renders
+    if only & {"clean_demo", "demo", "repro", "he", "central", "overhead", "classify", "classify_seeds", "dp"}:  # "--only doc" re-renders
         results.update({
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip(),
@@ -491,6 +501,12 @@ def main(argv=None):
         console.rule("classifier statistics over seeds")
         results["classify_stats"] = {**classify_bench.bench_seed_statistics(WORK, console=console),
                                      "measured_at": results["measured_at"]}
+    if "dp" in only:
+        console.rule("differential privacy")
+        results["dp"] = {"step_time": dp_bench.bench_step_time(), "measured_at": results["measured_at"],
+                         "utility": [dp_bench.bench_utility(WORK, task, console=console, **dp_bench.UTILITY[task])
+                                     for task in a.dp_tasks.split(",") if task],
+                         "demo_scale": dp_bench.bench_demo_scale(WORK, console=console) if a.dp_demos else None}
     plots = plot(results)
     for key in CLASSIFY_SECTIONS:
         if results.get(key):
