@@ -193,6 +193,8 @@ def bench_classify(work: Path, settings: ClassifyBenchSettings | None = None, co
 
 # --------------------------------------------------------------------------- statistics over seeds
 
+#: Fewest seeds a statistics row may be judged on (issue 13): fewer, and the row is "not met" whatever its mean.
+MIN_SEEDS = 5
 #: Dirichlet concentration that makes a "split" IID in practice (every site ~ the pooled class mix).
 IID_ALPHA = 1000.0
 
@@ -459,7 +461,9 @@ def stats_intro(st: dict) -> list[str]:
             "`federate`: the product's trainer, FedAvg weighted by steps, heads kept at the site), not as FLARE jobs.", ""]
 
 
-def _verdict(ok: bool) -> str:
+def _verdict(ok: bool, n_seeds: int | None = None) -> str:
+    if n_seeds is not None and n_seeds < MIN_SEEDS:
+        return f"**not met** ({n_seeds} of {MIN_SEEDS} seeds)"
     return "met" if ok else "**not met**"
 
 
@@ -493,13 +497,13 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
         out.append(("CT-only test balanced accuracy (centralized), mean [95% interval]", fmt(m, lo, hi), ">= 0.60",
                     f"{seeds_note}; per seed " + " / ".join(f"{v:.3f}" for v in arms["ct_only"])
                     + f"; {'-'.join(str(n) for n in (n_test[0], n_test[-1])[:len(set(n_test))])} held-out test "
-                    "cases with CT per seed; judged on the mean", _verdict(m >= 0.60)))
+                    "cases with CT per seed; judged on the mean", _verdict(m >= 0.60, len(cen))))
         for a, b, label in (("dual", "mri_only", "Dual-stream - MRI-only"), ("mri_only", "ct_only", "MRI-only - CT-only")):
             diffs = [100 * (x - y) for x, y in zip(arms[a], arms[b])]
             m, lo, hi = interval(diffs)
             out.append((f"{label}, test balanced accuracy (points, centralized)", fmt(m / 100, lo / 100, hi / 100, 100, "+"),
                         "> 0", f"{seeds_note}; {a} {interval(arms[a])[0]:.3f}, {b} {interval(arms[b])[0]:.3f} (means)",
-                        _verdict(lo > 0)))
+                        _verdict(lo > 0, len(cen))))
     for name, goal, label in (("matters", 12.0, "where personalization should matter (label skew, one hospital's "
                                "own grading, scanner shift)"),
                               ("iid", 2.0, "where it should not (IID split, one labelling)")):
@@ -516,12 +520,13 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
         if name == "matters":
             ok = m >= goal and lo > 0
             out.append((f"Personal heads - FedAvg, minimum-site balanced accuracy (points), {label}",
-                        fmt(m / 100, lo / 100, hi / 100, 100, "+"), f">= +{goal:.0f}, interval > 0", detail, _verdict(ok)))
+                        fmt(m / 100, lo / 100, hi / 100, 100, "+"), f">= +{goal:.0f}, interval > 0", detail,
+                        _verdict(ok, len(runs))))
         else:
             ok = -goal <= lo and hi <= goal
             out.append((f"Personal heads - FedAvg, minimum-site balanced accuracy (points), {label}",
                         fmt(m / 100, lo / 100, hi / 100, 100, "+"), f"within +-{goal:.0f} (whole interval)", detail,
-                        _verdict(ok)))
+                        _verdict(ok, len(runs))))
     return out
 
 

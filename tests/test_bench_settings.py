@@ -46,6 +46,8 @@ def test_a_gain_counts_only_when_its_interval_excludes_zero():
     assert verdict["steady"] == {" pers": "met", " it s": "met"}
     # mean gain +18 points but the interval reaches below 0; IID arm 3 points apart on average
     assert verdict["noisy"] == {" pers": "**not met**", " it s": "**not met**"}
+    three = {"seeds": {k: v for k, v in steady["seeds"].items() if int(k) < 3}}
+    assert all(row[4] == "**not met** (3 of 5 seeds)" for row in bench.stats_rows(three))  # too few seeds to judge
     mean, lo, hi = bench.interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and lo < 0.0 < 4.0 < hi  # t(2) = 4.30: wide with 3 seeds
 
