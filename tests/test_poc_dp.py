@@ -65,6 +65,11 @@ def dp_jobs(tmp_path_factory):
         plain = ClassifyDemoSettings(task=ClassifyDemoSettings().task.replace(rounds=1, epochs_per_round=1))
         job2 = export_job(run_dir / "jobs2", plain, poc.sites)
         out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=1, result_dir=run_dir / "r2")
+        # Every hospital now requires DP: a job without it has no site left to learn from.
+        for site in poc.sites:
+            write_site_config(poc.kit(site), data / site / "datalist.json", num_threads=1, require_dp=True)
+        job3 = export_job(run_dir / "jobs3", ClassifyDemoSettings(task=plain.task.replace(rounds=3)), poc.sites)
+        out["meta3"], out["result3"] = submit_and_wait(poc, job3, rounds=3, result_dir=run_dir / "r3")
         out["log_c"] = (poc.kit("hospital-c") / out["meta1"]["job_id"] / "log.txt").read_text(errors="replace")
         out["ledgers"] = {s: [json.loads(p.read_text()) for p in (poc.kit(s) / "privacy").glob("*/accountant.json")]
                           for s in poc.sites}
@@ -115,3 +120,11 @@ def test_require_dp_site_refuses_a_job_without_dp(dp_jobs):
     (row,) = _rows(dp_jobs["result2"])
     assert row["hospital-b"][TRAIN_STEPS] == 0 and row["hospital-b"][DP_WITHHELD] == DP_REQUIRED
     assert row["hospital-a"][TRAIN_STEPS] > 0 and row["hospital-c"][TRAIN_STEPS] > 0
+
+
+def test_a_job_no_site_may_release_to_ends_with_that_reason(dp_jobs):
+    """Every site requires DP of a 3-round job without it: the job ends instead of running on."""
+    assert dp_jobs["meta3"]["status"] != "FINISHED:COMPLETED", dp_jobs["meta3"]
+    log = (dp_jobs["result3"] / "workspace" / "log.txt").read_text(errors="replace")
+    assert "no site may release updates any more (hospital-a: site requires DP; the job has none; " in log
+    assert "Round 2 started" not in log  # FLARE's abort is asynchronous: the next round may begin, not the last

@@ -17,7 +17,7 @@ from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedbrain.contracts import SITE_METRICS_LOG_TAG
+from fedbrain.contracts import DP_WITHHELD, DP_WITHHELD_REASONS, SITE_METRICS_LOG_TAG
 
 AUDIT_FILE = "received_updates.jsonl"
 
@@ -47,8 +47,13 @@ def _plain_l2_norm(data: dict) -> float | None:
 
 class ReceivedUpdateAudit(Filter):
     def __init__(self, file_name: str = AUDIT_FILE):
+        """When no site may release updates any more (each withholds for privacy: budget spent, DP
+        required), the job ends with that reason instead of running on with empty updates. While
+        one may, it goes on: in FLARE's FedAvg ``min_clients`` is the number of sites asked each
+        round, and a withholding site still answers (with zero weight)."""
         super().__init__()
         self.file_name = file_name
+        self._withheld: dict[str, str] = {}  # site -> why; a site that withholds once does for the whole job
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         try:
@@ -78,6 +83,8 @@ class ReceivedUpdateAudit(Filter):
         entry["l2_norm"] = _plain_l2_norm(data) if isinstance(data, dict) else None
         values = {k: float(v) for k, v in (meta.get("initial_metrics") or {}).items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if values.get(DP_WITHHELD):
+            self._end_if_too_few_can_release(entry["site"], int(values[DP_WITHHELD]), fl_ctx)
         # Metrics the server already holds, as one log line: what `fedbrain watch` shows per site.
         self.log_info(fl_ctx, f"{SITE_METRICS_LOG_TAG} " + json.dumps(
             {"site": entry["site"], "round": entry["round"], "metrics": values}, sort_keys=True))
@@ -85,3 +92,10 @@ class ReceivedUpdateAudit(Filter):
         with open(Path(run_dir) / self.file_name, "a") as f:
             f.write(json.dumps(entry) + "\n")
         return shareable
+
+    def _end_if_too_few_can_release(self, site: str, code: int, fl_ctx: FLContext) -> None:
+        self._withheld[site] = DP_WITHHELD_REASONS.get(code, "withheld")
+        sites = len(fl_ctx.get_engine().get_clients() or []) or len(self._withheld)
+        if len(self._withheld) >= sites:
+            why = "; ".join(f"{s}: {r}" for s, r in sorted(self._withheld.items()))
+            self.system_panic(f"no site may release updates any more ({why}): the job ends here", fl_ctx)

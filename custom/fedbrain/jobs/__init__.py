@@ -124,7 +124,8 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
     for clients in groups:
         for privacy_filter in site_privacy_filters(config, personal_names):
             recipe.add_client_output_filter(privacy_filter, tasks=["train"], clients=clients)
-    recipe.add_server_input_filter(ReceivedUpdateAudit(), tasks=["train"])  # what actually arrived
+    # What actually arrived; it ends the job once no site may release updates any more.
+    recipe.add_server_input_filter(ReceivedUpdateAudit(), tasks=["train"])
     if config.algorithm != "scaffold":  # ScaffoldRecipe exposes no persistor id to evaluate: the report
         add_final_global_evaluation(recipe)  # then uses the last round
     return recipe
