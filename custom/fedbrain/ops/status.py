@@ -140,7 +140,7 @@ def collect(session, address: str, username: str, job: str | None = None) -> dic
             entry = {k: entry.get(k) for k in ("job_id", "job_name", "status", "submit_time", "duration")}
             if job and not str(entry["job_id"]).startswith(job):
                 continue
-            if str(entry.get("status", "")).upper() in ACTIVE:
+            if str(entry.get("status", "")).upper() in ACTIVE or job:  # a watched job keeps its last metrics
                 entry.update(job_round(session, entry["job_id"]))
             jobs.append(entry)
         try:
