@@ -33,14 +33,6 @@ FAST = dict(arch="segresnet", lr=1e-3, spacing=(6.0, 6.0, 6.0), roi_size=(32, 32
 VAL_KEYS = {"val_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"}
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """The trainer sets torch's (process-wide) thread count; give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("seg")
