@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MANIFEST_NAME = "fedbrain_kit_manifest.json"
-#: The folders of a kit the manifest covers, and whether a change there refuses the kit.
-COVERED = {"startup": True, "local": True}
+#: The folders of a kit the manifest covers, and those where a change refuses the kit.
+COVERED = ("startup", "local")
 REFUSE_CHANGES_IN = ("startup",)
 
 
