@@ -117,3 +117,15 @@ def test_cli_build_then_check(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli_main(["data", "build-datalist", str(tmp_path / "empty"), "--out", str(tmp_path / "x.json")]) == 1
     assert "cannot build a datalist:" in capsys.readouterr().out
+
+
+def test_data_index_command_with_a_layout_writes_root_datalist(tmp_path, capsys):
+    """`fedbrain data index ROOT --layout brats2023`: the issue's spelling; the layout fixes the labels' convention."""
+    from fedbrain.cli import main
+
+    names = ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000"]
+    _tree(tmp_path / "data", names, BRATS2023, relabel=(4, 3))
+    assert main(["data", "index", str(tmp_path / "data"), "--layout", "brats2023", "--val-fraction", "0.5"]) == 0
+    written = json.loads((tmp_path / "data" / "datalist.json").read_text())
+    assert written["label_convention"] == "brats2023"
+    assert all(r.ok for r in check_datalist(tmp_path / "data" / "datalist.json"))

@@ -225,8 +225,17 @@ def test_short_training_improves_whole_tumour_dice(data):
 def test_train_central_logs_per_epoch(data, tmp_path):
     cfg = SegmentationConfig(**FAST)
     trainer = SegmentationTrainer(data["train"][:2], data["val"][:1], cfg)
-    history = train_central(trainer, epochs=2, log_dir=tmp_path / "tb", progress=False)
+    model = trainer.build_model()
+    history = train_central(trainer, epochs=2, model=model, log_dir=tmp_path / "tb", progress=False,
+                            best_path=tmp_path / "best.pt")
     assert [h["epoch"] for h in history] == [1, 2]
+    # the best epoch's weights are kept: the first epoch always, the second only if its Dice is higher
+    best = [h["epoch"] for h in history if h.get("best")]
+    dice = [h["val_dice"] for h in history]
+    assert best == ([1, 2] if dice[1] > dice[0] else [1]), (best, dice)
+    saved = torch.load(tmp_path / "best.pt")
+    same_as_final = all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert same_as_final == (best[-1] == 2)
     for h in history:
         assert VAL_KEYS | {"train_loss", "steps", "n_train", "n_val", "n_skipped"} <= set(h)
         assert h["steps"] == 1 and h["n_train"] == 2

@@ -23,8 +23,11 @@ def cmd_data_check(a) -> int:
 def cmd_data_build(a) -> int:
     from fedbrain.data.build import run_build_datalist
 
-    return run_build_datalist(a.folder, a.out, console=console, val_fraction=a.val_fraction, seed=a.seed,
-                              ct_dir=a.ct_dir, label_convention=a.label_convention)
+    out = a.out or str(Path(a.folder) / "datalist.json")
+    # Both BraTS namings are recognised file by file; a named layout fixes its label convention.
+    convention = a.label_convention if a.label_convention != "auto" or a.layout == "auto" else a.layout
+    return run_build_datalist(a.folder, out, console=console, val_fraction=a.val_fraction, seed=a.seed,
+                              ct_dir=a.ct_dir, label_convention=convention)
 
 
 def cmd_data_synth(a) -> int:
@@ -87,13 +90,17 @@ def cmd_train(a) -> int:
 
         DPSGD.attach(trainer, planned_steps=a.epochs * trainer.round_steps(epochs=1))
     model = trainer.build_model()
-    history = train_central(trainer, epochs=a.epochs, model=model, log_dir=a.out, progress=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    history = train_central(trainer, epochs=a.epochs, model=model, log_dir=a.out, progress=True,
+                            best_path=out / "best_model.pt")
     (out / "history.json").write_text(json.dumps(history, indent=2))
     (out / "config.json").write_text(config.to_json() + "\n")
     torch.save(model.state_dict(), out / "model.pt")
-    console.print(f"final: {history[-1]}; model {out / 'model.pt'}, config {out / 'config.json'}, TensorBoard logs in {out}")
+    best = next((h["epoch"] for h in reversed(history) if h.get("best")), None)
+    console.print(f"final: {history[-1]}; final model {out / 'model.pt'}"
+                  + (f", best model (epoch {best}) {out / 'best_model.pt'}" if best else "")
+                  + f", config {out / 'config.json'}, TensorBoard logs in {out}")
     return 0
 
 
@@ -314,9 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("datalist", help="a datalist file, or a folder with one <site>/datalist.json per site")
     c.add_argument("--root", default=None, help="data root (default: the datalist's folder)")
     c.set_defaults(func=cmd_data_check)
-    b = data.add_parser("build-datalist", help="write a datalist from a folder of cases; prints every guess")
-    b.add_argument("folder", help="cases as BraTS 2021 / 2023 or per-case folders (t1, t1ce, t2, flair, seg)")
-    b.add_argument("--out", required=True, help="datalist file to write (paths relative to its folder)")
+    b = data.add_parser("index", aliases=["build-datalist"],
+                        help="write a datalist from a folder tree of cases; prints every guess and what it could not place")
+    b.add_argument("folder", metavar="ROOT", help="cases as BraTS 2021 (…_t1.nii.gz) / 2023 (…-t1n.nii.gz) files or "
+                                                  "per-case folders (t1, t1ce, t2, flair, seg)")
+    b.add_argument("--out", default=None, help="datalist file to write, paths relative to its folder "
+                                               "(default: ROOT/datalist.json)")
+    b.add_argument("--layout", default="auto", choices=["auto", "brats2021", "brats2023"],
+                   help="file naming and label convention of the tree (auto: recognised per file, labels from their "
+                        "values)")
     b.add_argument("--val-fraction", dest="val_fraction", type=float, default=0.2)
     b.add_argument("--seed", type=int, default=0, help="which cases go to validation")
     b.add_argument("--ct-dir", dest="ct_dir", default=None, help="CT DICOM folders named by case_id")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedbrain.jobs import DEFAULT_SITES, build_task_recipe, export_recipe, job_main
 from fedbrain.models.classifier import head_parameter_names
-from fedbrain.tasks.classification import ClassificationConfig
+from fedbrain.tasks.classification import ClassificationConfig, ClassificationTrainer
 
 SITE_SCRIPT = "classify_client.py"
 
@@ -22,7 +22,7 @@ SITE_SCRIPT = "classify_client.py"
 def build_recipe(config: ClassificationConfig | None = None, sites: Sequence[str] = DEFAULT_SITES):
     config = config or ClassificationConfig()
     head = head_parameter_names(config.build_model()) if config.personal else []
-    return build_task_recipe(config, site_script=SITE_SCRIPT, key_metric="val_bacc", personal_names=head,
+    return build_task_recipe(config, site_script=SITE_SCRIPT, key_metric=ClassificationTrainer.key_metric, personal_names=head,
                              sites=list(sites))
 
 

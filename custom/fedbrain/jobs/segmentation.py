@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedbrain.contracts import VAL_DICE
 from fedbrain.jobs import build_task_recipe, export_recipe, job_main
-from fedbrain.tasks.segmentation import SegmentationConfig
+from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
 
 SITE_SCRIPT = "segment_client.py"
 
 
 def build_recipe(config: SegmentationConfig | None = None):
-    return build_task_recipe(config or SegmentationConfig(), site_script=SITE_SCRIPT, key_metric=VAL_DICE)
+    return build_task_recipe(config or SegmentationConfig(), site_script=SITE_SCRIPT, key_metric=SegmentationTrainer.key_metric)
 
 
 def export(config: SegmentationConfig | None = None, export_dir: str | Path = ".") -> Path:

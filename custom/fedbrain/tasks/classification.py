@@ -105,6 +105,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
 class ClassificationTrainer(Trainer):
     """One site's (or the central baseline's) classification data, loss and AdamW optimizer."""
 
+    key_metric = "val_bacc"
+
     def __init__(self, train_cases, val_cases, config: ClassificationConfig | None = None, *, progress: bool = False):
         config = config or ClassificationConfig()
         self.val_batch_size = config.batch_size

@@ -109,6 +109,8 @@ class Trainer:
 
     #: Validation batch size (whole volumes for segmentation: 1).
     val_batch_size: int = 1
+    #: The validation metric that picks the best model (higher is better).
+    key_metric: str = ""
 
     def __init__(self, train_cases: Sequence[dict], val_cases: Sequence[dict], config, *, progress: bool = False):
         self.config = config
@@ -317,13 +319,16 @@ def train_central(
     model: nn.Module | None = None,
     log_dir: str | None = None,
     progress: bool = True,
+    best_path: str | None = None,
 ) -> list[dict]:
     """Centralized training of pooled cases with the same trainer, one validation per epoch.
 
     Returns one dict per epoch: ``epoch``, the ``train()`` and ``validate()`` metrics and
     ``data_summary()``'s counts.
     With ``log_dir`` the scalars go to TensorBoard with the epoch as step. Pass ``model``
-    to keep (and save) the trained network; otherwise one is built from the config.
+    to keep (and save) the trained network; otherwise one is built from the config. With
+    ``best_path`` the weights of the epoch with the best ``trainer.key_metric`` are saved
+    there (that epoch's record gets ``best: True``).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -345,6 +350,11 @@ def train_central(
             record = {"epoch": epoch, **trainer.train(model, epochs=1, progress=progress)}
             record.update(trainer.validate(model))
             record.update(summary)
+            score = record.get(trainer.key_metric, math.nan)
+            if best_path is not None and score == score and score > max(
+                    (h[trainer.key_metric] for h in history if h.get("best")), default=-math.inf):
+                torch.save(model.state_dict(), best_path)
+                record["best"] = True
             history.append(record)
             if writer is not None:
                 for name, value in record.items():

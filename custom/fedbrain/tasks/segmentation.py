@@ -86,6 +86,8 @@ def _make_loss(name: str) -> nn.Module:
 class SegmentationTrainer(Trainer):
     """One site's (or the central baseline's) segmentation data, loss and Adam optimizer."""
 
+    key_metric = VAL_DICE
+
     val_batch_size = 1
 
     def __init__(self, train_cases, val_cases, config: SegmentationConfig | None = None, *, progress: bool = False):
