@@ -473,8 +473,6 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
     seeds = st.get("seeds", {})
     keys = sorted(seeds, key=int)
     out = []
-    if not keys:
-        return out
 
     def fmt(m, lo, hi, scale=1.0, sign=""):
         f = "{:" + sign + ".1f}" if scale == 100 else "{:" + sign + ".3f}"
