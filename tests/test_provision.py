@@ -129,7 +129,14 @@ def test_untouched_kits_verify(kits):
         assert state.participant == p["name"]
         assert not state.refused() and not state.local_changes()
         assert check_certificate(kits / p["name"], expected_name=p["name"]).days_left() > 300
-    assert guard(kits / "fl-server.example-consortium.org") == []
+    server = kits / "fl-server.example-consortium.org"
+    assert guard(server) == []
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    root = x509.load_pem_x509_certificate((server / "startup" / "rootCA.pem").read_bytes())
+    fingerprint = root.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert f"root CA SHA-256 {fingerprint}" in (server / "log.txt").read_text()
 
 
 def _copy(kits: Path, name: str, tmp_path: Path) -> Path:

@@ -224,6 +224,11 @@ def cmd_provision(a) -> int:
     console.print(f"kits written to [bold]{prod}[/]:")
     for kit in sorted(p for p in prod.iterdir() if p.is_dir()):
         console.print(f"  {kit.name}")
+    from fedbrain.ops.kit import root_fingerprint
+
+    first = next(p for p in sorted(prod.iterdir()) if (p / "startup" / "rootCA.pem").is_file())
+    console.print(f"root CA SHA-256 fingerprint (publish it to every participant out of band): "
+                  f"{root_fingerprint(first)}")
     console.print("Send each participant only its own folder (it holds its private key); keep "
                   f"{prod.parent / 'state'} (the root CA key) offline. Hospitals: docs/hospital-it.md.")
     return 0

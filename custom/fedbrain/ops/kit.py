@@ -110,6 +110,14 @@ def read_root_cert(kit: Path):
         raise KitError(f"{path}: not a valid PEM certificate ({e})") from None
 
 
+def root_fingerprint(kit: Path) -> str:
+    """SHA-256 fingerprint of the kit's root CA: the consortium publishes it out of band, so a kit whose
+    rootCA.pem and manifest were both replaced (it verifies against itself) can still be told apart."""
+    from cryptography.hazmat.primitives import hashes
+
+    return read_root_cert(kit).fingerprint(hashes.SHA256()).hex(":").upper()
+
+
 def verify_manifest(kit: Path) -> KitState:
     """Check the manifest's signature against the kit's root CA, then every file against it.
 

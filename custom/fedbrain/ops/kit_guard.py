@@ -14,7 +14,14 @@ import datetime
 import sys
 from pathlib import Path
 
-from fedbrain.ops.kit import KitError, check_certificate, kit_identity, tls_handshake, verify_manifest
+from fedbrain.ops.kit import (
+    KitError,
+    check_certificate,
+    kit_identity,
+    root_fingerprint,
+    tls_handshake,
+    verify_manifest,
+)
 
 
 def guard(kit: Path, probe_server: bool = True) -> list[str]:
@@ -40,7 +47,8 @@ def guard(kit: Path, probe_server: bool = True) -> list[str]:
     for p in problems:
         _say(kit, f"REFUSED: {p}")
     if not problems:
-        _say(kit, "kit verified (signed manifest, certificate chain, key, expiry)")
+        _say(kit, f"kit verified (signed manifest, certificate chain, key, expiry); root CA SHA-256 "
+                  f"{root_fingerprint(kit)}: compare it with the one the consortium published")
     return problems
 
 
