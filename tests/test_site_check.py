@@ -18,13 +18,12 @@ import threading
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import yaml
+from test_datalist_check import _make_case  # a real-file case from nibabel's scanner image
+
 from fedbrain.ops import site_check as sc
 from fedbrain.ops.provision import CONSORTIUM_TEMPLATE, provision
-from nibabel.testing import data_path
 
 SERVER = "localhost"
 CPU_BOX = sc.GpuFacts(torch_version="2.13.0+cpu")
@@ -107,29 +106,11 @@ class FakeServer:
         self.sock.close()
 
 
-def _case(root: Path, case_id: str) -> dict:
-    """Four contrasts and a label derived from nibabel's scanner test image."""
-    folder = root / "cases" / case_id
-    folder.mkdir(parents=True)
-    source = nib.load(Path(data_path) / "anatomical.nii")
-    data = np.asanyarray(source.dataobj).astype(np.float32)
-    names = ("t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz")
-    for n, name in enumerate(names):
-        nib.save(nib.Nifti1Image(data * (1.0 + 0.5 * n), source.affine), folder / name)
-    label = np.zeros(data.shape, np.uint8)
-    label[data > np.percentile(data, 80)] = 2
-    label[data > np.percentile(data, 90)] = 1
-    label[data > np.percentile(data, 95)] = 4
-    nib.save(nib.Nifti1Image(label, source.affine), folder / "seg.nii.gz")
-    return {"case_id": case_id, "image": [f"cases/{case_id}/{n}" for n in names],
-            "label": f"cases/{case_id}/seg.nii.gz", "grade": "HGG"}
-
-
 @pytest.fixture(scope="module")
 def datalist(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     path = root / "datalist.json"
-    path.write_text(json.dumps({"training": [_case(root, "c1")], "validation": [_case(root, "c2")]}))
+    path.write_text(json.dumps({"training": [_make_case(root, "c1")], "validation": [_make_case(root, "c2")]}))
     return path
 
 
@@ -281,7 +262,7 @@ def test_site_settings_and_data(consortium, datalist, tmp_path):
     assert "nowhere.json" in rows["data"].detail
     # one good, one broken case: training skips the broken one -> a warning with the count
     root = tmp_path / "data"
-    good, bad = _case(root, "g1"), _case(root, "b1")
+    good, bad = _make_case(root, "g1"), _make_case(root, "b1")
     (root / "cases" / "b1" / "flair.nii.gz").write_bytes(b"\x1f\x8b truncated")
     mixed = root / "datalist.json"
     mixed.write_text(json.dumps({"training": [good, bad]}))
