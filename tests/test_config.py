@@ -16,7 +16,8 @@ CHANGED = {
     "rounds": 3, "min_clients": 2, "epochs_per_round": 2, "max_steps": 7, "batch_size": 3, "lr": 0.0042,
     "weight_decay": 0.0003, "fedprox_mu": 0.2, "seed": 11, "num_threads": 1, "num_workers": 1, "device": "cpu",
     "amp": False, "he": True, "dp_epsilon": 5.0, "dp_noise_multiplier": 0.9, "dp_max_grad_norm": 2.0,
-    "dp_delta": 1e-6, "client_dp_clip": 5.0, "client_dp_noise": 0.5,
+    "dp_delta": 1e-6, "client_dp_clip": 5.0, "client_dp_noise": 0.5, "aggregation": "median", "trim_fraction": 0.3,
+    "krum_byzantine": 2, "guard": False, "guard_z": 5.0, "guard_flag_after": 2,
     # segmentation
     "arch": "segresnet", "init_filters": 16, "dropout": 0.1, "spacing": (2.0, 2.5, 3.5), "roi_size": (32, 48, 64),
     "loss": "dicece", "val_sw_batch_size": 2, "val_overlap": 0.5,

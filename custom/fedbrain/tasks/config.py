@@ -28,6 +28,8 @@ class TaskConfig:
 
     #: The algorithms this task's job can build (subclasses narrow or widen it).
     ALGORITHMS: ClassVar[tuple[str, ...]] = ("fedavg", "fedprox")
+    #: How the server combines a round's updates (``aggregation``).
+    AGGREGATIONS: ClassVar[tuple[str, ...]] = ("fedavg", "median", "trimmed_mean", "krum")
     #: Names of the fields holding tuples (JSON gives lists back).
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ()
 
@@ -55,6 +57,14 @@ class TaskConfig:
     # Client-level DP (fedbrain.privacy.client_dp): each site clips its whole update, adds Gaussian noise.
     client_dp_clip: float | None = None  # L2 bound of an outgoing update; None: off
     client_dp_noise: float = 0.0  # noise std = client_dp_noise * client_dp_clip; 0: clip only
+    # Server side (fedbrain.aggregation): how the round's updates are screened, then combined.
+    aggregation: str = "fedavg"  # fedavg | median | trimmed_mean | krum (coordinate-wise / Krum, on weight differences)
+    trim_fraction: float = 0.2  # trimmed_mean: share of sites cut at each end of every coordinate
+    krum_byzantine: int = 1  # krum: sites assumed faulty (f); multi-Krum averages the n - f best-scored updates
+    guard: bool = True  # update guard: refuse NaN/Inf, unknown names or shapes, and norm outliers
+    guard_z: float = 3.5  # robust z-score (median/MAD over the round) of an update norm above which it is refused
+    guard_flag_after: int = 3  # a site refused this many rounds in a row is flagged (log line, report)
+    # Fault tolerance (fedbrain.fl / jobs): settings of the round's waiting policy live here.
 
     def __post_init__(self) -> None:
         for key in self.TUPLE_FIELDS:
@@ -76,6 +86,12 @@ class TaskConfig:
                 raise ValueError(f"{key} must be > 0 or unset, got {value}")
         if self.dp_delta is not None and self.dp_delta >= 1:
             raise ValueError(f"dp_delta must be < 1, got {self.dp_delta}")
+        if self.aggregation not in self.AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {self.AGGREGATIONS}, got {self.aggregation!r}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.krum_byzantine < 0 or self.guard_flag_after < 1 or not self.guard_z > 0:
+            raise ValueError("krum_byzantine must be >= 0, guard_flag_after >= 1 and guard_z > 0")
         if self.client_dp_noise < 0 or (self.client_dp_noise > 0 and self.client_dp_clip is None):
             raise ValueError("client_dp_noise must be >= 0 and needs client_dp_clip (the noise is relative to it)")
 
@@ -172,6 +188,8 @@ def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), *, _add
             group.add_argument(*flags, nargs="+", type=_element_type(f, default), **kwargs)
         elif f.name == "algorithm":
             group.add_argument(*flags, choices=config_cls.ALGORITHMS, **kwargs)
+        elif f.name == "aggregation":
+            group.add_argument(*flags, choices=config_cls.AGGREGATIONS, **kwargs)
         else:
             group.add_argument(*flags, type=_element_type(f, default), **kwargs)
 
