@@ -10,6 +10,7 @@ target is a ratio of two things measured in the same run, never an absolute time
     python bench/run.py --only classify_seeds   # classifier comparisons over 5 seeds, 95% intervals (~60 min)
     python bench/run.py --only dp            # DP-SGD step time; demo with/without --dp-epsilon 8, both tasks (~30 min)
     python bench/run.py --only dp --dp-tasks classification,segmentation   # + utility at epsilon 1/3/8/inf (hours)
+    python bench/run.py --only faults        # reliability groups (bench/<group>.py, see GROUP_MODULES): faults | attacks | load
     python bench/run.py --only doc           # re-render docs/benchmarks.md and the plots from results.json
 """
 
@@ -31,6 +32,12 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import classify as classify_bench  # noqa: E402  (bench/classify.py: the classifier's rows)
 import dp as dp_bench  # noqa: E402  (bench/dp.py: differential-privacy rows)
+
+#: Row groups that live in their own module bench/<group>.py, each with
+#: ``TITLE`` (its docs/benchmarks.md section), ``run(work: Path, console) -> dict`` (JSON-able results),
+#: ``rows(result) -> [(what, measured, goal, detail)]``, and optionally ``notes(result) -> [lines]`` and
+#: ``plot(result, img_dir: Path) -> [relative png paths]``. A module not written yet is skipped.
+GROUP_MODULES = ("faults", "attacks", "load")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
@@ -403,7 +410,8 @@ def write_doc(results: dict, plots: list[str]) -> None:
         lines += [f"- {s}: {_f(v)}" + (f" (centralized: {_f(central['per_site_wt'].get(s))})" if central else "")
                   for s, v in sorted(demo["per_site_wt"].items())]
         lines.append("")
-    lines += [f"![{Path(p).stem}]({p})" for p in plots if "classify" not in p]
+    lines += [f"![{Path(p).stem}]({p})" for p in plots
+              if "classify" not in p and not Path(p).stem.startswith(GROUP_MODULES)]
     if results.get("dp"):
         lines += ["", "## Differential privacy", "", f"Measured {results['dp'].get('measured_at', '')} (bench/dp.py; "
                   "how to read the rows below the table).", "", *table(dp_bench.rows(results["dp"])), "",
@@ -411,6 +419,13 @@ def write_doc(results: dict, plots: list[str]) -> None:
     if results.get("classify_stats"):
         lines += ["", "## Classifier statistics over seeds", "", *classify_bench.stats_intro(results["classify_stats"]),
                   *table(classify_bench.stats_rows(results["classify_stats"])), ""]
+    for group, module in group_modules().items():
+        res = results.get(group)
+        if not res:
+            continue
+        lines += ["", f"## {module.TITLE}", "", f"Measured {res.get('measured_at', '')} (bench/{group}.py).", "",
+                  *table(module.rows(res)), "", *(module.notes(res) if hasattr(module, "notes") else [])]
+        lines += [f"![{Path(p).stem}]({p})" for p in plots if Path(p).stem.startswith(group)]
     for key, title in CLASSIFY_SECTIONS.items():
         cls = results.get(key)
         if not cls:
@@ -424,6 +439,14 @@ def write_doc(results: dict, plots: list[str]) -> None:
             lines += CLASSIFY_CAVEATS
         lines += [f"![{Path(p).stem}]({p})" for p in plots if Path(p).stem.endswith(key)]
     DOC.write_text("\n".join(lines) + "\n")
+
+
+def group_modules() -> dict:
+    """The group modules that exist (bench/<group>.py), imported by name."""
+    import importlib
+
+    here = Path(__file__).resolve().parent
+    return {g: importlib.import_module(g) for g in GROUP_MODULES if (here / f"{g}.py").exists()}
 
 
 def portable(obj):
@@ -446,7 +469,8 @@ def main(argv=None):
     from fedbrain.demo import DemoSettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="clean_demo,demo,repro,he,central,overhead,classify,classify_seeds,dp")
+    p.add_argument("--only", default=",".join(("clean_demo,demo,repro,he,central,overhead,classify,classify_seeds,dp",
+                                                *GROUP_MODULES)))
     p.add_argument("--overhead-rounds", type=int, default=4)
     p.add_argument("--classify-parts", default="federated,central")
     p.add_argument("--dp-tasks", default="", help="dp: tasks of the utility rows at scale, e.g. "
@@ -458,7 +482,8 @@ def main(argv=None):
     only = set(a.only.split(","))
     settings = DemoSettings()
     results = portable(json.loads(RESULTS.read_text())) if RESULTS.exists() else {}
-    if only & {"clean_demo", "demo", "repro", "he", "central", "overhead", "classify", "classify_seeds", "dp"}:  # "--only doc" re-renders
+    if only & {"clean_demo", "demo", "repro", "he", "central", "overhead", "classify", "classify_seeds", "dp",
+               *GROUP_MODULES}:  # "--only doc" re-renders
         results.update({
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip(),
@@ -507,7 +532,14 @@ def main(argv=None):
                          "utility": [dp_bench.bench_utility(WORK, task, console=console, **dp_bench.UTILITY[task])
                                      for task in a.dp_tasks.split(",") if task],
                          "demo_scale": dp_bench.bench_demo_scale(WORK, console=console) if a.dp_demos else None}
+    for group, module in group_modules().items():
+        if group in only:
+            console.rule(module.TITLE)
+            results[group] = {**module.run(WORK, console), "measured_at": results["measured_at"]}
     plots = plot(results)
+    for group, module in group_modules().items():
+        if results.get(group) and hasattr(module, "plot"):
+            plots += module.plot(results[group], IMG)
     for key in CLASSIFY_SECTIONS:
         if results.get(key):
             plots += classify_bench.plot(results[key], IMG, key)
