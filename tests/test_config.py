@@ -20,9 +20,10 @@ CHANGED = {
     "krum_byzantine": 2, "guard": False, "guard_z": 5.0, "guard_flag_after": 2,
     # segmentation
     "arch": "segresnet", "init_filters": 16, "dropout": 0.1, "spacing": (2.0, 2.5, 3.5), "roi_size": (32, 48, 64),
-    "loss": "dicece", "val_sw_batch_size": 2, "val_overlap": 0.5,
+    "loss": "dicece", "val_sw_batch_size": 2, "val_overlap": 0.5, "ct_filters": 6,
     # classification
-    "fusion": "attention", "streams": ("mri",), "embed_dim": 32, "channels": (8, 16, 32), "head_hidden": 16,
+    "fusion": "attention", "streams": {"SegmentationConfig": ("mri", "ct"), "ClassificationConfig": ("mri",)},
+    "embed_dim": 32, "channels": (8, 16, 32), "head_hidden": 16,
     "pool": "avg", "modality_dropout": 0.1, "spatial_size": (24, 32, 24), "augment": False, "class_weights": True,
 }
 CONFIGS = [SegmentationConfig, ClassificationConfig]

@@ -23,7 +23,7 @@ from monai.transforms import Compose, Transform
 from monai.transforms.transform import RandomizableTrait, apply_transform
 from torch.utils.data import Dataset
 
-from fedbrain.contracts import LABEL_CONVENTION_KEY, MRI_CONTRAST_LABELS, case_id_of
+from fedbrain.contracts import CT_SERIES_KEY, LABEL_CONVENTION_KEY, MRI_CONTRAST_LABELS, case_id_of
 from fedbrain.data.validate import case_problems, label_convention_of
 
 logger = logging.getLogger("fedbrain")
@@ -96,10 +96,12 @@ def require_usable(case: dict) -> None:
         raise CaseError("; ".join(problems))
 
 
-def _check_item(item: dict, case: dict) -> None:
-    """The transforms' output has the shapes the network expects (a guard on our own chain)."""
+def _check_item(item: dict, case: dict, channels: int = N_MODALITIES) -> None:
+    """The transforms' output has the shapes the network expects (a guard on our own chain); a CT
+    not yet appended to the image (the random tail does that) counts with its channels."""
     image, label = item["image"], item["label"]
-    if image.shape[0] != N_MODALITIES or label.shape[0] != 3 or image.shape[1:] != label.shape[1:]:
+    found = image.shape[0] + (item["ct"].shape[0] if "ct" in item else 0)
+    if found != channels or label.shape[0] != 3 or image.shape[1:] != label.shape[1:]:
         raise CaseError(f"unexpected shapes image {tuple(image.shape)} label {tuple(label.shape)} ({case['image'][0]})")
 
 
@@ -192,20 +194,30 @@ def load_with_skips(
     return CaseDataset(items, ids, tail), skipped
 
 
-def _prepare_segmentation_case(case: dict, head: Compose) -> dict:
-    require_usable(case)
-    item = apply_transform(head, {"image": list(case["image"]), "label": case["label"],
-                                  LABEL_CONVENTION_KEY: label_convention_of(case)})
-    _check_item(item, case)
-    return item
+#: Channels the dual-stream chain appends to the MRI (the two CT windows of fedbrain.data.multimodal).
+CT_CHANNELS = 2
+
+
+def _prepare_segmentation_case(case: dict, head: Compose, *, ct: bool = False) -> dict:
+    require_usable(case)  # also checks a case's CT (series, coverage of the MRI brain) when it has one
+    data = {"image": list(case["image"]), "label": case["label"], LABEL_CONVENTION_KEY: label_convention_of(case)}
+    if ct:
+        data.update({"ct": os.fspath(case["ct"]) if case.get("ct") else None, CT_SERIES_KEY: case.get(CT_SERIES_KEY)})
+    item = apply_transform(head, data)
+    _check_item(item, case, N_MODALITIES + (CT_CHANNELS if ct else 0))
+    return {k: item[k] for k in ("image", "label", "ct") if k in item}
 
 
 def load_cases(
-    cases: Sequence[dict], transform: Compose, *, progress: bool = False
+    cases: Sequence[dict], transform: Compose, *, ct: bool = False, progress: bool = False
 ) -> tuple[CaseDataset, list[SkippedCase]]:
     """Segmentation cases through :func:`load_with_skips`.
 
     Only ``image``, ``label`` and ``case_id`` are kept, so optional datalist keys
-    (``ct``, ``grade``) present on some cases only cannot break batch collation.
+    (``ct``, ``grade``) present on some cases only cannot break batch collation. With ``ct``
+    (a transform built with ``ct=True``) each case's CT, if it has one, is read into the image's
+    last two channels.
     """
-    return load_with_skips(cases, transform, _prepare_segmentation_case, progress=progress)
+    from functools import partial
+
+    return load_with_skips(cases, transform, partial(_prepare_segmentation_case, ct=ct), progress=progress)

@@ -179,6 +179,30 @@ def brain_mask(mri: torch.Tensor) -> torch.Tensor:
     return (mri != 0).any(0, keepdim=True)
 
 
+def ct_onto_mri(mri_key: str) -> list:
+    """The steps that turn ``d["ct"]`` (a series folder, or None) into the two windowed CT channels
+    (:data:`CT_WINDOWS`) on the grid of ``d[mri_key]``, masked to its brain: one definition for the
+    classifier and the dual-stream segmentation.
+
+    Border padding: where the CT field of view ends its edge (air or scalp) is repeated rather
+    than inventing 0 HU (water, which looks like CSF). The mask keeps the skull out of the
+    high-density window, where it would bury the few calcified voxels.
+    """
+    (brain_lo, brain_hi), (dense_lo, dense_hi) = CT_WINDOWS
+    return [
+        LoadCTSeriesd(keys="ct", ref_key=mri_key),
+        ResampleToMatchd(keys="ct", key_dst=mri_key, mode="bilinear", padding_mode="border", dtype=np.float32),
+        CopyItemsd(keys="ct", names="ct_dense"),
+        ScaleIntensityRanged(keys="ct", a_min=brain_lo, a_max=brain_hi, b_min=0.0, b_max=1.0, clip=True),
+        ScaleIntensityRanged(keys="ct_dense", a_min=dense_lo, a_max=dense_hi, b_min=0.0, b_max=1.0, clip=True),
+        ConcatItemsd(keys=["ct", "ct_dense"], name="ct"),
+        CopyItemsd(keys=mri_key, names="brain"),
+        Lambdad(keys="brain", func=brain_mask),
+        MaskIntensityd(keys="ct", mask_key="brain"),
+        DeleteItemsd(keys=["ct_dense", "brain"]),
+    ]
+
+
 def classification_transforms(
     train: bool,
     *,
@@ -195,26 +219,12 @@ def classification_transforms(
     spacing = tuple(float(s) for s in _triple(spacing, "spacing"))
     spatial_size = tuple(int(s) for s in _triple(spatial_size, "spatial_size"))
     both = ["mri", "ct"]
-    (brain_lo, brain_hi), (dense_lo, dense_hi) = CT_WINDOWS
     steps = [
         LoadImaged(keys="mri", reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys="mri"),  # the 4 MRI files are stacked as 4 channels
         Orientationd(keys="mri", axcodes="RAS", labels=None),
         Spacingd(keys="mri", pixdim=spacing, mode="bilinear"),
-        LoadCTSeriesd(keys="ct", ref_key="mri"),
-        # Border padding: where the CT field of view ends we repeat its edge (air or
-        # scalp) rather than inventing 0 HU (water, which looks like CSF).
-        ResampleToMatchd(keys="ct", key_dst="mri", mode="bilinear", padding_mode="border", dtype=np.float32),
-        CopyItemsd(keys="ct", names="ct_dense"),
-        ScaleIntensityRanged(keys="ct", a_min=brain_lo, a_max=brain_hi, b_min=0.0, b_max=1.0, clip=True),
-        ScaleIntensityRanged(keys="ct_dense", a_min=dense_lo, a_max=dense_hi, b_min=0.0, b_max=1.0, clip=True),
-        ConcatItemsd(keys=["ct", "ct_dense"], name="ct"),
-        # CT only inside the (skull-stripped) MRI brain: otherwise the skull fills the
-        # high-density window and buries the few calcified voxels.
-        CopyItemsd(keys="mri", names="brain"),
-        Lambdad(keys="brain", func=brain_mask),
-        MaskIntensityd(keys="ct", mask_key="brain"),
-        DeleteItemsd(keys=["ct_dense", "brain"]),
+        *ct_onto_mri("mri"),
         # The brain is everything non-zero in any MRI contrast (images are skull-stripped).
         CropForegroundd(keys=both, source_key="mri", allow_smaller=True, start_coord_key=None, end_coord_key=None),
         NormalizeIntensityd(keys="mri", nonzero=True, channel_wise=True),

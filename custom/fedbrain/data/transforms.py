@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from monai.transforms import (
     Compose,
+    ConcatItemsd,
+    DeleteItemsd,
     MapTransform,
     ConvertToMultiChannelBasedOnBratsClassesd,
     CropForegroundd,
@@ -74,9 +76,11 @@ def segmentation_transforms(
     spacing: float | Sequence[float] = (3.0, 3.0, 3.0),
     roi_size: int | Sequence[int] = (64, 64, 64),
     k_divisible: int = 16,
+    ct: bool = False,
 ) -> Compose:
     """Dict transform for items ``{"image": [t1, t1ce, t2, flair], "label": seg}`` (plus the
-    optional ``label_convention`` of the case's datalist).
+    optional ``label_convention`` of the case's datalist; with ``ct`` also ``"ct"``: the CT series
+    folder, or None for a case without CT).
 
     Output: ``image`` float32 (4, X, Y, Z) z-scored per channel inside the brain, and
     ``label`` float32 (3, X, Y, Z) holding TC / WT / ET.
@@ -89,10 +93,22 @@ def segmentation_transforms(
 
     Resampling to a common ``spacing`` is what lets sites with different scanners share
     one model; cropping to the brain removes empty air so CPU time goes to tissue.
+
+    With ``ct`` (dual-stream segmentation) the CT is put onto the MRI grid as two windowed
+    channels masked to the brain (:func:`fedbrain.data.multimodal.ct_onto_mri`, the classifier's
+    definition), follows every spatial step of the MRI, and is appended last: ``image`` then has
+    6 channels (T1, T1ce, T2, FLAIR, CT brain window, CT calcification window), the CT ones all
+    zero for a case without CT.
     """
     spacing = _triple(spacing, "spacing")
     roi_size = tuple(int(r) for r in _triple(roi_size, "roi_size"))
     keys = list(KEYS)
+    spatial = keys + ["ct"] if ct else keys
+    ct_steps = []
+    if ct:
+        from fedbrain.data.multimodal import ct_onto_mri
+
+        ct_steps = ct_onto_mri("image")
     steps = [
         LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys=keys),  # the 4 image files are stacked as 4 channels
@@ -100,26 +116,29 @@ def segmentation_transforms(
         # labels=None: use the MetaTensor's own space (RAS for NIfTI), MONAI's new default.
         Orientationd(keys=keys, axcodes="RAS", labels=None),
         Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest")),
+        *ct_steps,
         # BraTS 1/2/4 -> TC (1|4), WT (1|2|4), ET (4); overlapping regions need sigmoid outputs.
         ConvertToMultiChannelBasedOnBratsClassesd(keys="label"),
         # The brain is everything non-zero in any modality (images are skull-stripped).
         CropForegroundd(
-            keys=keys, source_key="image", allow_smaller=True, start_coord_key=None, end_coord_key=None
+            keys=spatial, source_key="image", allow_smaller=True, start_coord_key=None, end_coord_key=None
         ),
         # nonzero=True keeps the background at exactly 0 and out of the statistics.
         NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
+        EnsureTyped(keys=spatial, dtype=torch.float32, track_meta=True),
     ]
     if train:
         steps += [
-            SpatialPadd(keys=keys, spatial_size=roi_size),  # small brains still give a full roi
-            RandSpatialCropd(keys=keys, roi_size=roi_size, random_size=False),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
-            RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
+            SpatialPadd(keys=spatial, spatial_size=roi_size),  # small brains still give a full roi
+            RandSpatialCropd(keys=spatial, roi_size=roi_size, random_size=False),
+            RandFlipd(keys=spatial, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=spatial, prob=0.5, spatial_axis=1),
+            RandFlipd(keys=spatial, prob=0.5, spatial_axis=2),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),  # MRI only: CT is calibrated in HU
             RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
         ]
     else:
-        steps.append(DivisiblePadd(keys=keys, k=k_divisible))
+        steps.append(DivisiblePadd(keys=spatial, k=k_divisible))
+    if ct:
+        steps += [ConcatItemsd(keys=["image", "ct"], name="image"), DeleteItemsd(keys="ct")]
     return Compose(steps)

@@ -65,6 +65,49 @@ class SeededSegResNet(SegResNet):
                 module.__class__ = OutOfPlaceResBlock
 
 
+class DualStreamSegNet(nn.Module):
+    """MRI + CT segmentation: two streams whose logits add, the CT's only where a case has CT.
+
+    ``mri`` is the MRI-only network (``arch`` as in :func:`model_spec`, 4 channels in); ``ct`` a
+    smaller UNet (``ct_filters``) on the two CT windows. The input is one tensor, the MRI channels
+    then the CT ones (what :func:`fedbrain.data.transforms.segmentation_transforms` gives with
+    ``ct=True``), so sliding-window inference and the exported bundle see a single image. A sample
+    whose CT channels are all zero (no CT) gets exactly the MRI stream's logits, so a hospital
+    without CT trains and validates the MRI stream alone, and its update leaves the CT stream
+    unchanged: a batch without any CT does not run the CT stream, so its parameters get no
+    gradient (not a zero one, which Adam's weight decay would turn into a full-size step). Under
+    DP-SGD (``skip_unused_streams`` off: Opacus needs every parameter's per-sample gradient) the
+    stream runs, gated to zero. In training, ``modality_dropout`` hides a present CT per sample, so
+    the MRI stream never comes to rely on it.
+    """
+
+    #: Whether a stream with nothing to see is skipped (fedbrain.privacy.dpsgd turns it off).
+    skip_unused_streams = True
+
+    def __init__(self, arch: str = "unet", init_filters: int = 8, dropout: float | None = None,
+                 init_seed: int | None = 0, act: list | None = None, ct_filters: int = 4,
+                 modality_dropout: float = 0.3, ct_channels: int = 2):
+        super().__init__()
+        self.mri_channels = len(MRI_CONTRASTS)
+        self.modality_dropout = float(modality_dropout)
+        self.mri = build_segmentation_model(arch, init_filters=init_filters, dropout=dropout, init_seed=init_seed,
+                                            act=act)
+        self.ct = build_segmentation_model("unet", init_filters=ct_filters, in_channels=ct_channels, act=act,
+                                           init_seed=None if init_seed is None else init_seed + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mri, ct = x[:, :self.mri_channels], x[:, self.mri_channels:]
+        out = self.mri(mri)
+        if ct.shape[1] == 0:  # an MRI-only input: the CT stream has nothing to add
+            return out
+        present = (ct.detach().abs().flatten(1).amax(1) > 0).to(out.dtype)
+        if self.training and self.modality_dropout > 0:
+            present = present * (torch.rand_like(present) >= self.modality_dropout).to(out.dtype)
+        if self.skip_unused_streams and not bool(present.any()):
+            return out
+        return out + present.view(-1, *([1] * (out.dim() - 1))) * self.ct(ct)
+
+
 def model_spec(
     arch: str,
     *,
@@ -74,6 +117,8 @@ def model_spec(
     in_channels: int = len(MRI_CONTRASTS),
     out_channels: int = len(REGIONS),
     act: list | None = None,
+    ct_filters: int | None = None,
+    modality_dropout: float = 0.3,
 ) -> dict:
     """The network as class path + constructor args: the one description that both the site
     (``build_segmentation_model``) and FLARE's server persistor (job config) instantiate.
@@ -84,9 +129,16 @@ def model_spec(
       layer makes it several times faster per step on CPU than SegResNet.
 
     ``act`` replaces the architecture's default activation (e.g. :data:`DP_ACT`); None keeps it.
+    ``ct_filters`` adds a CT stream (:class:`DualStreamSegNet`, MRI + CT channels in).
     """
     own_act = {"act": act} if act is not None else {}
     arch = arch.lower()
+    if ct_filters is not None:
+        return {
+            "class_path": "fedbrain.models.segmentation.DualStreamSegNet",
+            "args": {"arch": arch, "init_filters": init_filters, "dropout": dropout, "init_seed": init_seed,
+                     "ct_filters": ct_filters, "modality_dropout": modality_dropout, **own_act},
+        }
     if arch == "segresnet":
         return {
             "class_path": "fedbrain.models.segmentation.SeededSegResNet",

@@ -130,6 +130,10 @@ class DPSGD(TrainingHook):
     # ------------------------------------------------------------------ the hook
     def wrap(self, model, optimizer, loader, hooks):
         validate_model(model)
+        # Opacus needs a per-sample gradient of every parameter in every step: no skipped streams.
+        self._skipping = [m for m in model.modules() if getattr(m, "skip_unused_streams", False)]
+        for m in self._skipping:
+            m.skip_unused_streams = False
         self._gsm = GradSampleModule(model, loss_reduction="mean")
         # Loss terms of other hooks (FedProx) do not depend on data: Opacus drops their gradient
         # when it replaces p.grad by the noisy sum, so it is added back after the noise, at no privacy cost.
@@ -162,4 +166,6 @@ class DPSGD(TrainingHook):
         if self._gsm is not None:
             self._gsm._close()  # removes Opacus' hooks and per-sample attributes from the model
             self._gsm = None
+        for m in getattr(self, "_skipping", ()):
+            m.skip_unused_streams = True
         return self.metrics()

@@ -35,7 +35,9 @@ LOSSES = ("dice", "dicefocal", "dicece")
 class SegmentationConfig(TaskConfig):
     """Every setting of a segmentation run, with the product's defaults (sized for 2 CPU cores)."""
 
-    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("spacing", "roi_size")
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("spacing", "roi_size", "streams")
+    #: The stream sets a segmentation network can take: MRI alone, or MRI + CT (dual-stream).
+    STREAM_SETS: ClassVar[tuple[tuple[str, ...], ...]] = (("mri",), ("mri", "ct"))
 
     name: str = "fedbrain_segmentation"
     rounds: int = 6
@@ -50,6 +52,9 @@ class SegmentationConfig(TaskConfig):
     loss: str = "dicefocal"  # "dice" | "dicefocal" | "dicece"; see _make_loss
     val_sw_batch_size: int = 1
     val_overlap: float = 0.25
+    streams: tuple[str, ...] = ("mri",)  # ("mri", "ct"): dual-stream, CT where a case has it (DualStreamSegNet)
+    ct_filters: int = 4  # the CT stream's UNet width (dual-stream only)
+    modality_dropout: float = 0.3  # dual-stream: share of training samples whose CT is hidden
 
     def __post_init__(self) -> None:
         self.spacing = tuple(float(s) for s in three(self.spacing))
@@ -59,13 +64,30 @@ class SegmentationConfig(TaskConfig):
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown segmentation arch {self.arch!r}; choose one of {ARCHS}")
-        div = size_divisor(self.arch)
+        if self.streams not in self.STREAM_SETS:
+            raise ValueError(f"streams must be one of {', '.join(' '.join(s) for s in self.STREAM_SETS)}, "
+                             f"got {' '.join(self.streams)}")
+        if not 0 <= self.modality_dropout < 1 or self.ct_filters < 1:
+            raise ValueError("modality_dropout must be in [0, 1) and ct_filters >= 1")
+        div = self.size_divisor
         if any(r % div for r in self.roi_size):
-            raise ValueError(f"roi_size {self.roi_size} must be a multiple of {div} for {self.arch}")
+            raise ValueError(f"roi_size {self.roi_size} must be a multiple of {div} for {self.arch}"
+                             + (" with the CT stream" if self.ct else ""))
+
+    @property
+    def ct(self) -> bool:
+        """Dual-stream: the CT of a case that has one is read and fed to the CT stream."""
+        return "ct" in self.streams
+
+    @property
+    def size_divisor(self) -> int:
+        """Input sizes must be multiples of this (the CT stream is a 4-level UNet)."""
+        return math.lcm(size_divisor(self.arch), size_divisor("unet")) if self.ct else size_divisor(self.arch)
 
     def model_spec(self) -> dict:
         return model_spec(self.arch, init_filters=self.init_filters, dropout=self.dropout, init_seed=self.seed,
-                          act=DP_ACT if self.dp else None)
+                          act=DP_ACT if self.dp else None, ct_filters=self.ct_filters if self.ct else None,
+                          modality_dropout=self.modality_dropout)
 
 
 def _make_loss(name: str) -> nn.Module:
@@ -98,10 +120,11 @@ class SegmentationTrainer(Trainer):
 
     def transforms(self, train: bool):
         c = self.config
-        return segmentation_transforms(train, spacing=c.spacing, roi_size=c.roi_size, k_divisible=size_divisor(c.arch))
+        return segmentation_transforms(train, spacing=c.spacing, roi_size=c.roi_size, k_divisible=c.size_divisor,
+                                       ct=c.ct)
 
     def load_cases(self, cases, transform, *, progress: bool):
-        return load_cases(cases, transform, progress=progress)
+        return load_cases(cases, transform, ct=self.config.ct, progress=progress)
 
     def loss_terms(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         x = plain(batch["image"]).to(self.device, non_blocking=True)
