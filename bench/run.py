@@ -37,7 +37,7 @@ import dp as dp_bench  # noqa: E402  (bench/dp.py: differential-privacy rows)
 #: ``TITLE`` (its docs/benchmarks.md section), ``run(work: Path, console) -> dict`` (JSON-able results),
 #: ``rows(result) -> [(what, measured, goal, detail)]``, and optionally ``notes(result) -> [lines]`` and
 #: ``plot(result, img_dir: Path) -> [relative png paths]``. A module not written yet is skipped.
-GROUP_MODULES = ("faults", "attacks", "load", "client_dp")
+GROUP_MODULES = ("faults", "attacks", "load", "client_dp", "seg_ct")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
@@ -441,6 +441,15 @@ def write_doc(results: dict, plots: list[str]) -> None:
     DOC.write_text("\n".join(lines) + "\n")
 
 
+def merge_into_current(results: dict, read_at_start: dict) -> dict:
+    """What this run measured, put into results.json as it is NOW: a long group must not drop rows
+    another run wrote while it ran (several groups may run at once in separate processes)."""
+    mine = json.loads(json.dumps(results, default=str))
+    changed = {k: v for k, v in mine.items() if read_at_start.get(k) != v}
+    current = portable(json.loads(RESULTS.read_text())) if RESULTS.exists() else {}
+    return {**current, **changed}
+
+
 def group_modules() -> dict:
     """The group modules that exist (bench/<group>.py), imported by name."""
     import importlib
@@ -482,6 +491,7 @@ def main(argv=None):
     only = set(a.only.split(","))
     settings = DemoSettings()
     results = portable(json.loads(RESULTS.read_text())) if RESULTS.exists() else {}
+    read_at_start = json.loads(json.dumps(results, default=str))
     if only & {"clean_demo", "demo", "repro", "he", "central", "overhead", "classify", "classify_seeds", "dp",
                *GROUP_MODULES}:  # "--only doc" re-renders
         results.update({
@@ -536,6 +546,7 @@ def main(argv=None):
         if group in only:
             console.rule(module.TITLE)
             results[group] = {**module.run(WORK, console), "measured_at": results["measured_at"]}
+    results = merge_into_current(results, read_at_start)
     plots = plot(results)
     for group, module in group_modules().items():
         if results.get(group) and hasattr(module, "plot"):

@@ -41,10 +41,10 @@ def test_config_streams_and_model_spec():
     assert SegmentationConfig.from_json(dual.to_json()) == dual
     with pytest.raises(ValueError, match="streams must be one of"):
         SegmentationConfig(streams=("ct",))
-    # SegResNet alone needs multiples of 8; the CT stream (a 4-level UNet) needs 16.
-    SegmentationConfig(arch="segresnet", roi_size=(40, 40, 40))
-    with pytest.raises(ValueError, match="with the CT stream"):
-        SegmentationConfig(arch="segresnet", roi_size=(40, 40, 40), streams=("mri", "ct"))
+    # SegResNet needs multiples of 8, the UNet 16; the CT stream (three poolings) 8.
+    assert SegmentationConfig(arch="segresnet", roi_size=(40, 40, 40), streams=("mri", "ct")).size_divisor == 8
+    with pytest.raises(ValueError, match="multiple of 8 for segresnet with the CT stream"):
+        SegmentationConfig(arch="segresnet", roi_size=(36, 40, 40), streams=("mri", "ct"))
 
 
 def test_ct_channels_follow_the_mri(sites):

@@ -69,7 +69,9 @@ class DualStreamSegNet(nn.Module):
     """MRI + CT segmentation: two streams whose logits add, the CT's only where a case has CT.
 
     ``mri`` is the MRI-only network (``arch`` as in :func:`model_spec`, 4 channels in); ``ct`` a
-    smaller UNet (``ct_filters``) on the two CT windows. The input is one tensor, the MRI channels
+    light UNet on the two CT windows (``ct_filters`` .. 8x, three poolings, no residual units: the
+    residual units at full resolution cost as much as the whole MRI network on CPU, while a
+    correction of the MRI logits needs far less capacity). The input is one tensor, the MRI channels
     then the CT ones (what :func:`fedbrain.data.transforms.segmentation_transforms` gives with
     ``ct=True``), so sliding-window inference and the exported bundle see a single image. A sample
     whose CT channels are all zero (no CT) gets exactly the MRI stream's logits, so a hospital
@@ -92,8 +94,10 @@ class DualStreamSegNet(nn.Module):
         self.modality_dropout = float(modality_dropout)
         self.mri = build_segmentation_model(arch, init_filters=init_filters, dropout=dropout, init_seed=init_seed,
                                             act=act)
-        self.ct = build_segmentation_model("unet", init_filters=ct_filters, in_channels=ct_channels, act=act,
-                                           init_seed=None if init_seed is None else init_seed + 1)
+        f = ct_filters
+        self.ct = SeededUNet(init_seed=None if init_seed is None else init_seed + 1, spatial_dims=3,
+                             in_channels=ct_channels, out_channels=len(REGIONS), channels=[f, 2 * f, 4 * f, 8 * f],
+                             strides=[2, 2, 2], num_res_units=0, norm="INSTANCE", **({"act": act} if act else {}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mri, ct = x[:, :self.mri_channels], x[:, self.mri_channels:]
@@ -166,6 +170,10 @@ def build_segmentation_model(arch: str, **kwargs) -> nn.Module:
     from fedbrain.models import instantiate
 
     return instantiate(model_spec(arch, **kwargs))
+
+
+#: Input sizes the CT stream of :class:`DualStreamSegNet` needs (three poolings).
+CT_STREAM_DIVISOR = 8
 
 
 def size_divisor(arch: str) -> int:

@@ -22,7 +22,7 @@ from torch import nn
 from fedbrain.contracts import REGIONS, SEGMENTATION_METRICS, VAL_DICE
 from fedbrain.data.dataset import load_cases
 from fedbrain.data.transforms import segmentation_transforms
-from fedbrain.models.segmentation import ARCHS, DP_ACT, model_spec, size_divisor
+from fedbrain.models.segmentation import ARCHS, CT_STREAM_DIVISOR, DP_ACT, model_spec, size_divisor
 from fedbrain.tasks.config import TaskConfig, three
 from fedbrain.tasks.loop import Trainer, maybe_progress, plain
 
@@ -81,8 +81,8 @@ class SegmentationConfig(TaskConfig):
 
     @property
     def size_divisor(self) -> int:
-        """Input sizes must be multiples of this (the CT stream is a 4-level UNet)."""
-        return math.lcm(size_divisor(self.arch), size_divisor("unet")) if self.ct else size_divisor(self.arch)
+        """Input sizes must be multiples of this (for the network and, dual-stream, its CT stream)."""
+        return math.lcm(size_divisor(self.arch), CT_STREAM_DIVISOR) if self.ct else size_divisor(self.arch)
 
     def model_spec(self) -> dict:
         return model_spec(self.arch, init_filters=self.init_filters, dropout=self.dropout, init_seed=self.seed,
