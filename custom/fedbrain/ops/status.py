@@ -72,7 +72,27 @@ def job_round(session, job_id: str) -> dict:
     text = next(iter(logs.values()), "") if logs else ""
     current, done = parse_progress(text)
     return {"round": None if current is None else current + 1, "aggregated": sorted(done),
-            "site_metrics": site_metrics(text)}
+            "site_metrics": site_metrics(text), "guard": guard_refusals(text)}
+
+
+def guard_refusals(server_log: str) -> dict[str, dict]:
+    """Each site's latest refusal by the server's update guard (round, reason) and whether it is flagged."""
+    import re
+
+    from fedbrain.aggregation.aggregator import GUARD_LOG_TAG
+
+    refused = re.compile(re.escape(GUARD_LOG_TAG) + r": round (\d+): refused ([^:]+): (.*)$")
+    flagged = re.compile(re.escape(GUARD_LOG_TAG) + r": (\S+) flagged: (.*)$")
+    out: dict[str, dict] = {}
+    for line in server_log.splitlines():
+        m = refused.search(line)
+        if m:
+            out.setdefault(m.group(2), {}).update(round=int(m.group(1)), reason=m.group(3).strip())
+            continue
+        m = flagged.search(line)
+        if m:
+            out.setdefault(m.group(1), {})["flagged"] = m.group(2).strip()
+    return out
 
 
 #: Per-site columns `fedbrain watch` shows, the first present of each group (segmentation or classification).
@@ -224,9 +244,13 @@ def _metrics_table(job: dict):
     table = Table(title=f"job {str(job['job_id'])[:8]}: per site, latest round received")
     for col in ("site", "round", *present, "flag"):
         table.add_column(col)
+    guard = job.get("guard") or {}
     for site, m in sorted(rows.items()):
         cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "" for k in present]
-        table.add_row(escape(site), str(m.get("round", "")), *cells, escape(_flag(m)))
+        g = guard.get(site, {})
+        refusal = (("FLAGGED; " if g.get("flagged") else "") + f"update refused in round {g['round']}: {g['reason']}"
+                   if "round" in g else "")
+        table.add_row(escape(site), str(m.get("round", "")), *cells, escape("; ".join(x for x in (_flag(m), refusal) if x)))
     return table
 
 

@@ -279,6 +279,7 @@ def build_report(result_dir: Path) -> dict:
     }
     report["exchange"] = _exchange(ws, sites)
     report["privacy"] = _privacy(sites)
+    report["guard"] = _guard(ws)
     if task == "segmentation":  # the names benchmarks and the README quote
         report["summary"].update(mean_final_wt_dice=report["summary"]["mean_final"], min_final_wt_dice=report["summary"]["min_final"],
                                  mean_final_dice=_mean([e["final"].get("val_dice") for e in sites.values()]))
@@ -304,6 +305,48 @@ def _exchange(ws: Path, sites: dict) -> dict:
 
 
 PRIVACY_KEYS = (DP_EPSILON_SPENT, DP_DELTA, DP_WITHHELD)
+GUARD_FILE = "update_guard.jsonl"  # fedbrain.aggregation.aggregator.GUARD_FILE (the report imports no FLARE)
+
+
+def _guard(ws: Path) -> dict:
+    """The server's update guard and aggregation, per round (update_guard.jsonl): who was refused and why,
+    and the sites flagged (refused guard_flag_after rounds in a row). Empty when the job had no guard file
+    (encrypted and SCAFFOLD jobs are not screened)."""
+    path = ws / GUARD_FILE
+    if not path.is_file():
+        return {}
+    rounds = []
+    for line in path.read_text().splitlines():
+        try:
+            rounds.append(json.loads(line))
+        except ValueError:
+            continue
+    refusals = [{"round": r.get("round"), "site": site, "reason": reason}
+                for r in rounds for site, reason in sorted((r.get("refused") or {}).items())]
+    flagged: dict[str, int] = {}
+    for r in rounds:
+        for site in r.get("flagged") or []:
+            flagged.setdefault(site, r.get("round"))
+    return {"method": rounds[-1].get("method") if rounds else None, "guard": rounds[-1].get("guard") if rounds else None,
+            "rounds": rounds, "refusals": refusals, "flagged": flagged}
+
+
+def _guard_markdown(guard: dict) -> list[str]:
+    if not guard:
+        return []
+    lines = ["## Update guard and aggregation", "",
+             f"Aggregation **{guard['method']}**, update guard **{'on' if guard['guard'] else 'off'}** "
+             f"(server's `{GUARD_FILE}`).", ""]
+    if guard["refusals"]:
+        lines += ["| round | site | refused because |", "|---|---|---|"]
+        lines += [f"| {r['round']} | {r['site']} | {r['reason']} |" for r in guard["refusals"]]
+    else:
+        lines.append("No update was refused.")
+    lines.append("")
+    for site, rnd in sorted(guard["flagged"].items()):
+        lines.append(f"- ⚑ **{site} flagged** in round {rnd}: refused in consecutive rounds up to the limit "
+                     "(guard_flag_after); ask that hospital what changed")
+    return lines + [""]
 
 
 def _privacy(sites: dict) -> dict:
@@ -471,6 +514,7 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
                          f"{'yes' if u['encrypted'] else 'no'} | {_fmt(u['encrypt_s'])} | {_fmt(u['decrypt_s'])} |")
         lines.append("")
     lines += _privacy_markdown(report.get("privacy", {}))
+    lines += _guard_markdown(report.get("guard", {}))
     for a in report.get("exchange", {}).get("he_aggregation", []):
         lines.append(f"- round {a.get('round')}: the server added {a.get('updates')} encrypted updates in "
                      f"{_fmt(a.get('add_seconds'))} s and took their weighted mean in {_fmt(a.get('mean_seconds'))} s")
@@ -516,6 +560,11 @@ def print_site_table(report: dict, console=None) -> None:
     s = report["summary"]
     console.print(f"{report['primary_label']} of the final model: mean {_fmt(s['mean_final'])}, "
                   f"minimum site {_fmt(s['min_final'])} ({s['min_site'] or '–'}); r0 = round 0 (untrained)")
+    guard = report.get("guard") or {}
+    for r in guard.get("refusals", []):
+        console.print(f"update guard: round {r['round']}: refused {r['site']}: {r['reason']}")
+    for site, rnd in sorted(guard.get("flagged", {}).items()):
+        console.print(f"[bold red]⚑ {site} flagged by the update guard in round {rnd}[/] (refused in consecutive rounds)")
     for site, p in sorted(report.get("privacy", {}).items()):
         stops = ", ".join(f"round {w['round']}: {w['reason']}" for w in p["withheld"])
         console.print(f"{site}: epsilon spent {_fmt(p['final_epsilon'])} at delta {p['delta'] or float('nan'):.1e}"

@@ -92,6 +92,12 @@ class TaskConfig:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.krum_byzantine < 0 or self.guard_flag_after < 1 or not self.guard_z > 0:
             raise ValueError("krum_byzantine must be >= 0, guard_flag_after >= 1 and guard_z > 0")
+        if self.aggregation != "fedavg" and self.he:
+            raise ValueError(f"aggregation {self.aggregation}: with he the server holds only ciphertext and can "
+                             "only sum it; use aggregation fedavg with he (the update guard does not apply either)")
+        if self.aggregation != "fedavg" and self.algorithm == "scaffold":
+            raise ValueError(f"aggregation {self.aggregation}: FLARE's SCAFFOLD workflow takes no custom aggregator; "
+                             "use aggregation fedavg with scaffold (the update guard does not apply either)")
         if self.client_dp_noise < 0 or (self.client_dp_noise > 0 and self.client_dp_clip is None):
             raise ValueError("client_dp_noise must be >= 0 and needs client_dp_clip (the noise is relative to it)")
 

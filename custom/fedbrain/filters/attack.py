@@ -1,0 +1,78 @@
+"""FAULT INJECTION, for tests and benchmarks only: poison one named site's outgoing update.
+
+``PoisonUpdate(site, kind)`` is a client result filter (after the site's own privacy filters) that
+rewrites the weight difference the named site sends; at any other site it passes the update
+unchanged. It is never part of a production job: a job gets it only when its export is asked
+for an attack (``build_recipe(..., attack=...)``, a keyword, not a task-config setting, so it does
+not travel in the config every site receives), and it is visible in the exported job's
+config_fed_client.json.
+
+Kinds (on every float array of the update):
+- ``scale``: the update times ``factor`` (default 100): a boosted / model-replacement attack;
+- ``sign_flip``: the update times -1 (``factor`` ignored): pushes the model against the others;
+- ``random``: Gaussian noise with the same L2 norm as the honest update (times ``factor``, default 1):
+  at matching norm the norm guard cannot see it; only the robust methods can.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from fedbrain.privacy.client_dp import _as_numpy, _is_float, update_norm
+
+KINDS = ("scale", "sign_flip", "random")
+DEFAULT_FACTOR = {"scale": 100.0, "sign_flip": -1.0, "random": 1.0}
+
+
+def poison(data: dict, kind: str, factor: float | None = None, rng: np.random.Generator | None = None) -> dict:
+    """The poisoned copy of an update (same names, shapes and types)."""
+    if kind not in KINDS:
+        raise ValueError(f"attack kind must be one of {KINDS}, got {kind!r}")
+    factor = DEFAULT_FACTOR[kind] if factor is None else float(factor)
+    if kind == "sign_flip":
+        factor = -1.0
+    if kind in ("scale", "sign_flip"):
+        return {k: (v * factor if _is_float(v) else v) for k, v in data.items()}
+    rng = rng or np.random.default_rng(0)
+    noise = {k: rng.standard_normal(tuple(_as_numpy(v).shape)) for k, v in data.items() if _is_float(v)}
+    total = math.sqrt(sum(float(np.sum(n ** 2)) for n in noise.values())) or 1.0
+    scale = factor * update_norm(data) / total
+    out = {}
+    for k, v in data.items():
+        if k not in noise:
+            out[k] = v
+        elif isinstance(v, np.ndarray):
+            out[k] = (noise[k] * scale).astype(v.dtype)
+        else:
+            import torch
+
+            out[k] = torch.as_tensor(noise[k] * scale, dtype=v.dtype, device=v.device)
+    return out
+
+
+class PoisonUpdate(DXOFilter):
+    """Fault injection: poison ``site``'s outgoing weight difference (see the module docstring)."""
+
+    def __init__(self, site: str, kind: str, factor: float | None = None, seed: int = 0,
+                 data_kinds_to_filter: list[str] | None = None):
+        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
+                         data_kinds_to_filter=data_kinds_to_filter)
+        if kind not in KINDS:
+            raise ValueError(f"attack kind must be one of {KINDS}, got {kind!r}")
+        self.site, self.kind, self.factor, self.seed = site, kind, factor, seed
+        self._rounds = 0
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        if fl_ctx.get_identity_name() != self.site or not dxo.data:
+            return dxo
+        self._rounds += 1
+        rng = np.random.default_rng([self.seed, self._rounds])
+        self.log_warning(fl_ctx, f"FAULT INJECTION: {self.site} sends a poisoned update ({self.kind}"
+                                 f"{'' if self.factor is None else f', factor {self.factor:g}'})")
+        return DXO(data_kind=dxo.data_kind, data=poison(dxo.data, self.kind, self.factor, rng), meta=dxo.meta)

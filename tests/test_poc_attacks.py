@@ -1,0 +1,107 @@
+"""Poisoned updates in a real POC (FLARE server + 3 site processes, mTLS kits, admin API).
+
+One consortium, three segmentation jobs submitted together (FLARE runs them side by side; the
+server allows 4 at a time), same data, same seed:
+
+1. clean: FedAvg, guard on (the default), no attack;
+2. guarded: hospital-b multiplies its update by 100 (fault injection filter); guard on;
+3. plain: the same attack with ``--no-guard`` (FLARE's FedAvg arithmetic, unscreened).
+
+The guard must refuse hospital-b every round (its record is in the downloaded result), flag it
+after guard_flag_after rounds, and keep the final Dice near the clean run's; plain FedAvg must
+degrade.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedbrain.aggregation.aggregator import GUARD_FILE
+from fedbrain.jobs.segmentation import export
+from fedbrain.poc.consortium import PocConsortium
+from fedbrain.poc.runner import run_jobs_side_by_side
+from fedbrain.report.job_report import build_report, render_markdown
+from fedbrain.synthetic.cohort import synthesize_consortium
+from fedbrain.tasks.segmentation import SegmentationConfig
+
+pytestmark = pytest.mark.poc
+
+ROUNDS = 3
+ATTACKER = "hospital-b"
+#: The test's jobs are tiny (3 rounds, 2 validation cases per site): "near the clean run" is judged
+#: loosely here; bench/attacks.py measures the issue's 0.02 on larger jobs.
+NEAR = 0.08
+DEGRADED = 0.1
+
+
+@pytest.fixture(scope="module")
+def attack_jobs(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("poc_attacks")
+    poc = PocConsortium(run_dir)
+    synthesize_consortium(run_dir / "data", sites=3, cases=8, seed=1, site_names=poc.sites, progress=False)
+    task = SegmentationConfig(rounds=ROUNDS, epochs_per_round=2, min_clients=3, guard_flag_after=2)
+    x100 = {"site": ATTACKER, "kind": "scale", "factor": 100}
+    jobs = {
+        "clean": export(task.replace(name="attack_clean"), run_dir / "jobs" / "clean"),
+        "guarded": export(task.replace(name="attack_guarded"), run_dir / "jobs" / "guarded", attack=x100),
+        "plain": export(task.replace(name="attack_plain", guard=False), run_dir / "jobs" / "plain", attack=x100),
+    }
+    try:
+        poc.up(data_dir=run_dir / "data")
+        results = run_jobs_side_by_side(poc, jobs, run_dir / "results", max_active=3, timeout=600)
+    finally:
+        poc.clean()
+    yield {"results": results, "reports": {n: build_report(r) for n, (_, r, _) in results.items() if r}}
+
+
+def _guard_records(result: Path) -> list[dict]:
+    path = Path(result) / "workspace" / GUARD_FILE
+    assert path.is_file(), f"no {GUARD_FILE} in the downloaded result {result}"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _final_dice(report: dict) -> float:
+    values = [e["final"].get("val_dice") for e in report["sites"].values()]
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if len(values) == len(report["sites"]) else 0.0  # no Dice: the model broke
+
+
+def test_all_three_jobs_completed(attack_jobs):
+    for name, (meta, _, _) in attack_jobs["results"].items():
+        assert meta["status"] == "FINISHED:COMPLETED", (name, meta.get("status"))
+
+
+def test_the_guard_refused_the_x100_site_every_round_and_flagged_it(attack_jobs):
+    records = _guard_records(attack_jobs["results"]["guarded"][1])
+    assert [r["round"] for r in records] == list(range(ROUNDS))
+    for r in records:
+        assert list(r["refused"]) == [ATTACKER], r
+        assert "x the round's median" in r["refused"][ATTACKER]
+        assert sorted(r["accepted"]) == ["hospital-a", "hospital-c"]
+    assert [r["flagged"] for r in records] == [[], [ATTACKER], [ATTACKER]]
+    server_log = (Path(attack_jobs["results"]["guarded"][1]) / "workspace" / "log.txt").read_text(errors="replace")
+    assert f"update guard: round 0: refused {ATTACKER}: update norm" in server_log
+    assert "names and shapes are not checked" not in server_log  # the global model was there to compare with
+
+
+def test_the_clean_run_refused_nobody(attack_jobs):
+    assert all(r["refused"] == {} for r in _guard_records(attack_jobs["results"]["clean"][1]))
+
+
+def test_the_report_shows_refusals_and_the_flag(attack_jobs):
+    report = attack_jobs["reports"]["guarded"]
+    assert [(r["round"], r["site"]) for r in report["guard"]["refusals"]] == [(i, ATTACKER) for i in range(ROUNDS)]
+    assert report["guard"]["flagged"] == {ATTACKER: 1}
+    md = render_markdown(report, [])
+    assert "## Update guard and aggregation" in md and f"{ATTACKER} flagged" in md
+
+
+def test_guarded_dice_stays_near_clean_while_plain_fedavg_degrades(attack_jobs):
+    clean, guarded, plain = (_final_dice(attack_jobs["reports"][n]) for n in ("clean", "guarded", "plain"))
+    assert clean > 0.15, f"the clean run did not learn (Dice {clean:.3f}): the comparison would mean nothing"
+    assert abs(guarded - clean) < NEAR, (clean, guarded)
+    assert plain < clean - DEGRADED, (clean, plain)
