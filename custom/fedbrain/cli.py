@@ -186,7 +186,8 @@ def cmd_demo(a) -> int:
     if a.algorithm not in (None, *config_cls.ALGORITHMS):
         raise SystemExit(f"--algorithm {a.algorithm}: the {TASKS[a.task]} job supports {', '.join(config_cls.ALGORITHMS)}")
     changes = {k: v for k, v in (("rounds", a.rounds), ("epochs_per_round", a.local_epochs), ("seed", a.seed),
-                                 ("algorithm", a.algorithm), ("he", a.he or None), ("dp_epsilon", a.dp_epsilon))
+                                 ("algorithm", a.algorithm), ("he", a.he or None), ("dp_epsilon", a.dp_epsilon),
+                                 ("streams", a.streams))
                if v is not None}
     try:
         config = config_cls(**changes)
@@ -402,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encrypted aggregation: sites send CKKS ciphertext, the server sums what it cannot read")
     d.add_argument("--dp-epsilon", dest="dp_epsilon", type=float, default=None,
                    help="sample-level DP-SGD: the job's epsilon at each site over all its rounds (docs/privacy.md)")
+    d.add_argument("--streams", nargs="+", default=None,
+                   help="segment: mri | mri ct (dual-stream: CT where a hospital has it); classify: mri ct | mri | ct")
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")
     d.set_defaults(func=cmd_demo)
 
