@@ -119,6 +119,18 @@ def cmd_job_export(a) -> int:
     return 0
 
 
+def cmd_job_resume(a) -> int:
+    from fedbrain.jobs.resume import ResumeError, resume_job
+
+    try:
+        folder, found = resume_job(Path(a.job), Path(a.out), Path(a.server_run_dir))
+    except ResumeError as e:
+        raise SystemExit(f"cannot resume: {e}") from None
+    console.print(f"{folder}  (starts at round {found['round'] + 1} of {found['total_rounds']} from {found['checkpoint']}; "
+                  f"submit it as the interrupted job was)")
+    return 0
+
+
 def _poc(a):
     from fedbrain.poc.consortium import PocConsortium
 
@@ -374,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
             je.add_argument("--sites", nargs="+", default=None, help="one app per site (default: the POC's)")
         add_config_arguments(je, _task(task)[0])
         je.set_defaults(func=cmd_job_export, task=task)
+
+    jr = j_sub.add_parser("resume", help="after a server restart: the interrupted job, from its last saved round "
+                          "(run on the server machine)")
+    jr.add_argument("job", help="the job folder that was submitted (an export of the same settings)")
+    jr.add_argument("--server-run-dir", "--server_run_dir", required=True,
+                    help="the interrupted job's folder in the server's workspace: <server kit>/<job id>")
+    jr.add_argument("--out", default=".", help="folder to write the resumed job into")
+    jr.set_defaults(func=cmd_job_resume)
 
     pc = sub.add_parser("poc", help="a POC consortium on this machine")
     pc.add_argument("action", choices=["up", "status", "submit", "down"])

@@ -104,11 +104,42 @@ def run_installed_scripts(job) -> None:
             cfg.ext_scripts = [s for s in cfg.ext_scripts if Path(s).name not in replaced]
 
 
+def fault_policy(config: TaskConfig) -> dict:
+    """The server controller's round policy from the task config (docs/reliability.md, "Timeout policy")."""
+    return {"round_timeout": config.round_timeout, "min_responses": config.min_responses,
+            "fetch_grace": config.dead_site_grace}
+
+
+def apply_fault_settings(recipe, config: TaskConfig) -> None:
+    """Job-level FLARE settings of the fault policy: how long after a site's job process vanished
+    FLARE deems the site gone (``dead_client_grace_period`` of the server app)."""
+    from nvflare.apis.fl_constant import ConfigVarName
+
+    recipe._job.to_server({ConfigVarName.DEAD_CLIENT_GRACE_PERIOD: float(config.dead_site_grace)})
+
+
 def _code_free_fedavg():
     """FLARE's FedAvg recipe whose per-site client apps (made at export) run installed scripts."""
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
     class CodeFreeFedAvgRecipe(FedAvgRecipe):
+        def __init__(self, *args, fault_policy: dict | None = None, **kwargs):
+            self._fault_policy = fault_policy or {}  # read by _create_controller, called from __init__
+            super().__init__(*args, **kwargs)
+
+        def _create_controller(self, persistor_id, model_params, model_aggregator):
+            """FLARE's FedAvg with fedbrain's round policy (fedbrain.fl.resilient); same arguments."""
+            from fedbrain.fl.resilient import ResilientFedAvg
+
+            flare = super()._create_controller(persistor_id, model_params, model_aggregator)
+            return ResilientFedAvg(
+                num_clients=flare.num_clients, num_rounds=flare.num_rounds, persistor_id=persistor_id,
+                model=model_params, save_filename=flare.save_filename, aggregator=model_aggregator,
+                stop_cond=flare.stop_cond, patience=flare.patience, task_name=flare.task_name,
+                exclude_vars=flare.exclude_vars, aggregation_weights=flare.aggregation_weights or None,
+                memory_gc_rounds=flare.memory_gc_rounds,
+                enable_tensor_disk_offload=flare.enable_tensor_disk_offload, **self._fault_policy)
+
         def _prepare_client_apps(self) -> None:
             super()._prepare_client_apps()
             run_installed_scripts(self._job)
@@ -143,8 +174,10 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
         groups = [None]
     else:
         recipe = _code_free_fedavg()(**common, key_metric=key_metric, key_metric_mode="max",
+                                     fault_policy=fault_policy(config),
                                      aggregator=GuardedAggregator.from_config(config),
                                      aggregator_data_kind=DataKind.WEIGHT_DIFF)
+        apply_fault_settings(recipe, config)
         groups = [None]
         if sites:
             set_per_site_config(recipe, {site: {} for site in sites})  # one app per hospital

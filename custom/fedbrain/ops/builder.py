@@ -9,7 +9,7 @@ signature covers what it writes) puts a hospital's decisions into each kit's ``l
 - ``authorization.json``: FLARE's roles with ``byoc`` granted to nobody: fedbrain jobs carry
   no code (sites run the fedbrain they installed), so a job that does is refused;
 - ``resources.json``: the class allow-list (FLARE's defaults plus fedbrain's components),
-  log streaming off unless the project file turns it on, and for the server job storage
+  fedbrain's job launcher at sites (a job process killed by a signal does not fail the job), log streaming off unless the project file turns it on, and for the server job storage
   under ``storage_root`` instead of FLARE's ``/tmp/nvflare``;
 - ``fedbrain_site.json.template``: where the hospital says where its data is;
 
@@ -144,6 +144,14 @@ def _move_server_storage(res: dict, storage_root: str) -> None:
             comp.setdefault("args", {})["uri_root"] = f"{root}/jobs-storage"
 
 
+def use_site_job_launcher(res: dict) -> None:
+    """A site's job process killed by a signal leaves the federation instead of failing the job
+    for every hospital (:mod:`fedbrain.fl.launcher`)."""
+    for comp in res.get("components", []):
+        if comp.get("path") == "nvflare.app_common.job_launcher.client_process_launcher.ClientProcessJobLauncher":
+            comp["path"] = "fedbrain.fl.launcher.SiteJobLauncher"
+
+
 def site_config_template() -> dict:
     """local/fedbrain_site.json.template: copy to fedbrain_site.json and fill in (docs/hospital-it.md)."""
     return {
@@ -204,6 +212,7 @@ class SitePolicyBuilder(Builder):
                 res = resources_with_policy(default, SERVER_COMPONENTS, None, storage_root=storage)
             else:
                 res = resources_with_policy(default, SITE_COMPONENTS, streaming)
+                use_site_job_launcher(res)
                 scope = p.props.get("default_scope", self.default_scope)
                 policy = privacy_policy(scope, self.update_norm_clip, self.client_dp_clip, self.client_dp_noise)
                 (local / "privacy.json").write_text(json.dumps(policy, indent=2) + "\n")

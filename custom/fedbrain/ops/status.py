@@ -72,7 +72,22 @@ def job_round(session, job_id: str) -> dict:
     text = next(iter(logs.values()), "") if logs else ""
     current, done = parse_progress(text)
     return {"round": None if current is None else current + 1, "aggregated": sorted(done),
-            "site_metrics": site_metrics(text), "guard": guard_refusals(text)}
+            "site_metrics": site_metrics(text), "guard": guard_refusals(text), "closed": last_closed_round(text)}
+
+
+def last_closed_round(server_log: str) -> dict | None:
+    """The latest round the server closed (fedbrain.fl.resilient): who was aggregated, who was missing, why."""
+    from fedbrain.fl.resilient import ROUND_LOG_TAG
+
+    found = None
+    for line in server_log.splitlines():
+        at = line.find(ROUND_LOG_TAG + " ")
+        if at >= 0:
+            try:
+                found = json.loads(line[at + len(ROUND_LOG_TAG) + 1:])
+            except ValueError:
+                continue
+    return found
 
 
 def guard_refusals(server_log: str) -> dict[str, dict]:
@@ -224,6 +239,10 @@ def status_view(status: dict):
         rnd = "" if "round" not in j else (str(j["round"]) if j["round"] else j.get("note", "not started"))
         if j.get("aggregated"):
             rnd += f" (aggregated: {', '.join(j['aggregated'])})"
+        closed = j.get("closed") or {}
+        if closed.get("missing"):
+            rnd += (f"; round {closed['round'] + 1} closed without {', '.join(closed['missing'])} "
+                    f"({closed.get('closed_by')})")
         jobs.add_row(str(j["job_id"]), escape(str(j.get("job_name") or "")), str(j["status"]),
                      str(j.get("submit_time") or ""), str(j.get("duration") or ""), escape(rnd))
     parts = [head, sites, jobs]

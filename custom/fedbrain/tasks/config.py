@@ -65,6 +65,11 @@ class TaskConfig:
     guard_z: float = 3.5  # robust z-score (median/MAD over the round) of an update norm above which it is refused
     guard_flag_after: int = 3  # a site refused this many rounds in a row is flagged (log line, report)
     # Fault tolerance (fedbrain.fl / jobs): settings of the round's waiting policy live here.
+    # (fedbrain.fl.resilient.ResilientFedAvg; docs/reliability.md "Timeout policy"). min_clients is the number of
+    # sites the job needs: it starts once that many are connected and ends (with the reason) when fewer stay alive.
+    round_timeout: float = 1800.0  # seconds a round waits for every site asked; then it closes with who answered (0: no limit)
+    min_responses: int | None = None  # updates a round needs to be accepted; None: min_clients
+    dead_site_grace: float = 60.0  # seconds after a site's job process vanished before FLARE deems it gone (not asked again)
 
     def __post_init__(self) -> None:
         for key in self.TUPLE_FIELDS:
@@ -98,6 +103,13 @@ class TaskConfig:
         if self.aggregation != "fedavg" and self.algorithm == "scaffold":
             raise ValueError(f"aggregation {self.aggregation}: FLARE's SCAFFOLD workflow takes no custom aggregator; "
                              "use aggregation fedavg with scaffold (the update guard does not apply either)")
+        if self.round_timeout < 0 or self.dead_site_grace < 0:
+            raise ValueError(f"round_timeout and dead_site_grace must be >= 0, got {self.round_timeout}, {self.dead_site_grace}")
+        if self.min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
+        if self.min_responses is not None and not 1 <= self.min_responses <= self.min_clients:
+            raise ValueError(f"min_responses must be between 1 and min_clients ({self.min_clients}) or unset, "
+                             f"got {self.min_responses}")
         if self.client_dp_noise < 0 or (self.client_dp_noise > 0 and self.client_dp_clip is None):
             raise ValueError("client_dp_noise must be >= 0 and needs client_dp_clip (the noise is relative to it)")
 

@@ -1,0 +1,162 @@
+"""The fault-tolerance parts that need no running federation (the POC ones: test_poc_faults.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedbrain.tasks.segmentation import SegmentationConfig
+
+
+def _handle(code_or_signal: int):
+    from nvflare.app_common.job_launcher.process_launcher import ProcessHandle
+
+    from fedbrain.fl.launcher import _SignalTolerantHandle
+
+    proc = subprocess.Popen([sys.executable, "-c", f"import sys, time; time.sleep(30 if {code_or_signal} < 0 else 0); "
+                             f"sys.exit({max(code_or_signal, 0)})"])
+    if code_or_signal < 0:
+        proc.send_signal(-code_or_signal)
+    proc.wait()
+    return _SignalTolerantHandle(ProcessHandle(process=proc))
+
+
+def test_a_job_process_killed_by_a_signal_is_reported_as_unknown_not_as_a_failure():
+    from nvflare.apis.job_launcher_spec import JobReturnCode
+    from nvflare.private.fed.client.client_executor import REPORTABLE_JOB_FAILURES
+
+    killed = _handle(-signal.SIGKILL).poll()
+    assert killed == JobReturnCode.UNKNOWN and killed not in REPORTABLE_JOB_FAILURES
+    assert _handle(1).poll() == JobReturnCode.EXECUTION_ERROR  # a Python error in the job still counts as one
+    assert _handle(0).poll() == JobReturnCode.SUCCESS
+
+
+def test_site_kits_use_the_signal_tolerant_launcher(tmp_path):
+    from fedbrain.poc.consortium import PocConsortium
+
+    poc = PocConsortium(tmp_path / "poc")
+    poc.prepare()
+    for site in poc.sites:
+        res = json.loads((poc.kit(site) / "local" / "resources.json").read_text())
+        paths = [c["path"] for c in res["components"]]
+        assert "fedbrain.fl.launcher.SiteJobLauncher" in paths and not any("ClientProcessJobLauncher" in p for p in paths)
+    server = json.loads((poc.kit("localhost") / "local" / "resources.json").read_text())
+    assert any("ServerProcessJobLauncher" in c["path"] for c in server["components"])
+
+
+def test_the_job_carries_the_round_policy(tmp_path):
+    from fedbrain.jobs.segmentation import export
+
+    folder = export(SegmentationConfig(rounds=3, min_clients=2, round_timeout=45.0, min_responses=1,
+                                       dead_site_grace=20.0), tmp_path)
+    conf = json.loads(next(folder.glob("*/config/config_fed_server.json")).read_text())
+    controller = conf["workflows"][0]
+    assert controller["path"] == "fedbrain.fl.resilient.ResilientFedAvg"
+    assert controller["args"]["round_timeout"] == 45.0 and controller["args"]["min_responses"] == 1
+    assert controller["args"]["aggregator"]["path"].startswith("fedbrain.aggregation")  # a custom aggregator rides along
+    assert conf["dead_client_grace_period"] == 20.0
+    assert json.loads((folder / "meta.json").read_text())["min_clients"] == 2
+
+
+def test_round_policy_settings_are_validated():
+    with pytest.raises(ValueError, match="min_responses"):
+        SegmentationConfig(min_clients=2, min_responses=3)
+    with pytest.raises(ValueError, match="round_timeout"):
+        SegmentationConfig(round_timeout=-1)
+    assert SegmentationConfig(min_clients=2, min_responses=2).min_responses == 2
+
+
+def test_resume_starts_after_the_last_saved_round_from_its_model(tmp_path):
+    from fedbrain.jobs.resume import ResumeError, resume_job
+    from fedbrain.jobs.segmentation import export
+
+    folder = export(SegmentationConfig(rounds=5), tmp_path / "jobs")
+    run = tmp_path / "server" / "job-id"
+    (run / "app_server").mkdir(parents=True)
+    model = run / "app_server" / "FL_global_model.pt"
+    model.write_bytes(b"model")
+    with pytest.raises(ResumeError, match="no saved round"):
+        resume_job(folder, tmp_path / "out", run)
+    (run / "fedbrain_checkpoint.json").write_text(json.dumps({"round": 2, "checkpoint": str(model), "total_rounds": 5}))
+    resumed, found = resume_job(folder, tmp_path / "out", run)
+    conf = json.loads(next(resumed.glob("*/config/config_fed_server.json")).read_text())
+    args = conf["workflows"][0]["args"]
+    assert (args["start_round"], args["num_rounds"]) == (3, 2)  # rounds 3 and 4 of 0..4: none trained twice
+    persistor = next(c for c in conf["components"] if c["id"] == "persistor")
+    assert persistor["args"]["source_ckpt_file_full_name"] == str(model)
+    (run / "fedbrain_checkpoint.json").write_text(json.dumps({"round": 4, "checkpoint": str(model), "total_rounds": 5}))
+    with pytest.raises(ResumeError, match="nothing to resume"):
+        resume_job(folder, tmp_path / "out", run)
+
+
+def test_the_proxy_cuts_and_restores_a_connection():
+    from fedbrain.poc.faults import TcpProxy
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def echo():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(1024):
+                    conn.sendall(data)
+
+    import threading
+
+    threading.Thread(target=echo, daemon=True).start()
+    proxy = TcpProxy(port, "127.0.0.1")
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            c.sendall(b"ping")
+            assert c.recv(16) == b"ping"
+            proxy.block()
+            time.sleep(0.2)
+            c.settimeout(2)
+            try:
+                c.sendall(b"again")
+                assert c.recv(16) == b""  # closed by the proxy
+            except OSError:
+                pass
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            c.settimeout(2)
+            try:
+                c.sendall(b"x")
+                assert c.recv(16) == b""  # refused while blocked
+            except OSError:
+                pass
+        proxy.restore()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            c.sendall(b"back")
+            assert c.recv(16) == b"back"
+    finally:
+        proxy.close()
+        server.close()
+
+
+def test_status_shows_the_last_round_closed_without_a_site():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedbrain.ops.status import last_closed_round, render_status
+
+    log = ("2026-11-30 - ResilientFedAvg - INFO - fedbrain-round {\"aggregated\": [\"hospital-a\", \"hospital-b\"], "
+           "\"closed_by\": \"round_timeout 15 s\", \"missing\": [\"hospital-c\"], \"round\": 1}\n")
+    closed = last_closed_round(log)
+    assert closed["missing"] == ["hospital-c"] and last_closed_round("nothing") is None
+    out = StringIO()
+    render_status({"server": {"address": "s:1", "engine": "started", "start_time": "t"}, "user": "admin",
+                   "sites": [], "jobs": [{"job_id": "j1", "status": "RUNNING", "round": 3, "closed": closed}]},
+                  Console(file=out, width=200))
+    assert "round 2 closed without hospital-c (round_timeout 15 s)" in out.getvalue()
