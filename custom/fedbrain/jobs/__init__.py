@@ -68,7 +68,31 @@ def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_na
     add_experiment_tracking(recipe, "tensorboard")  # site metrics stream to the server's tb_events/
     # Sites and server run the fedbrain they installed: no shadowed copy of it in custom/.
     recipe._job.set_app_packages(INSTALLED_PACKAGES)
+    apply_round_timing(recipe)
     return recipe
+
+
+#: FLARE's own per-round waits, set in every job (docs/admin-guide.md, "Round timing"; measured in
+#: docs/benchmarks.md). ``task_request_interval`` (server app, FLARE's default 2 s) is how long a site
+#: sleeps after submitting a result, and after each "no task yet" answer, before asking for its next
+#: task: with FLARE's default every round paid up to 2 s of that sleep (the fixed ~2 s per round).
+#: ``task_check_period`` (the workflows' wait loop, FLARE's default 0.5 s) is how often the server
+#: controller looks whether a round's results are all in. Cost: a site waiting for the others' results
+#: asks for a task 5 times a second instead of once per 2 s (12 waiting sites: ~60 small requests/s to
+#: the server), and the controller checks 10 times a second; both are idle loops, not data transfers.
+TASK_REQUEST_INTERVAL = 0.2
+TASK_CHECK_PERIOD = 0.1
+
+
+def apply_round_timing(recipe, task_request_interval: float = TASK_REQUEST_INTERVAL,
+                       task_check_period: float = TASK_CHECK_PERIOD) -> None:
+    """Write fedbrain's round timing into the job: the server app's ``server.task_request_interval``
+    and every server workflow's ``task_check_period``."""
+    recipe._job.to_server({"server": {"task_request_interval": float(task_request_interval)}})
+    server = recipe._job._deploy_map.get("server")
+    for workflow in getattr(getattr(server, "app_config", None), "workflows", []):
+        if hasattr(workflow.controller, "_task_check_period"):
+            workflow.controller._task_check_period = float(task_check_period)
 
 
 def site_privacy_filters(config: TaskConfig, personal_names=()) -> list:
