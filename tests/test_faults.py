@@ -62,6 +62,8 @@ def test_the_job_carries_the_round_policy(tmp_path):
     assert controller["args"]["round_timeout"] == 45.0 and controller["args"]["min_responses"] == 1
     assert controller["args"]["aggregator"]["path"].startswith("fedbrain.aggregation")  # a custom aggregator rides along
     assert conf["dead_client_grace_period"] == 20.0
+    final_eval = conf["workflows"][1]
+    assert final_eval["path"].endswith("CrossSiteModelEval") and final_eval["args"]["validation_timeout"] == 45
     assert json.loads((folder / "meta.json").read_text())["min_clients"] == 2
 
 

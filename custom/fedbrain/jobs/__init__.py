@@ -142,6 +142,18 @@ def apply_fault_settings(recipe, config: TaskConfig) -> None:
     recipe._job.to_server({ConfigVarName.DEAD_CLIENT_GRACE_PERIOD: float(config.dead_site_grace)})
 
 
+def bound_final_evaluation(recipe, config: TaskConfig) -> None:
+    """The final evaluation waits at most ``round_timeout`` for each site's answer (FLARE's default is
+    6000 s: a site restarted during the job, which FLARE neither re-admits nor reports dead, would hold
+    the finished job for 100 minutes)."""
+    if not config.round_timeout:
+        return
+    server = recipe._job._deploy_map.get("server")
+    for workflow in getattr(getattr(server, "app_config", None), "workflows", []):
+        if hasattr(workflow.controller, "_validation_timeout"):
+            workflow.controller._validation_timeout = int(config.round_timeout)
+
+
 def _code_free_fedavg():
     """FLARE's FedAvg recipe whose per-site client apps (made at export) run installed scripts."""
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
@@ -219,6 +231,7 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
     recipe.add_server_input_filter(ReceivedUpdateAudit(), tasks=["train"])
     if config.algorithm != "scaffold":  # ScaffoldRecipe exposes no persistor id to evaluate: the report
         add_final_global_evaluation(recipe)  # then uses the last round
+        bound_final_evaluation(recipe, config)
     return recipe
 
 

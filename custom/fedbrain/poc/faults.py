@@ -465,9 +465,9 @@ def run_scenario(poc: PocConsortium, name: str, config, work: Path, *, proxy: Tc
         out["site_back_seconds"] = round(start_participant(poc, VICTIM) + 5, 1)
     elif name == "straggler":
         pids = stop_job_process(poc, VICTIM)
-        time.sleep(config.round_timeout + 10)
+        time.sleep(config.round_timeout + 5)
         continue_job_process(pids)
-        out["stopped_seconds"] = config.round_timeout + 10
+        out["stopped_seconds"] = config.round_timeout + 5
     elif name == "network_cut":
         if proxy is None:
             raise PocError("network_cut needs the victim site routed through a TcpProxy")
