@@ -8,7 +8,7 @@ every scenario in turn; hospital-c is always the victim and reaches the server t
 2 s after the server starts round 1 (round 2 for the server). The harness is
 :mod:`fedbrain.poc.faults` (tests/test_poc_faults.py runs a fast subset of it).
 
-    python bench/run.py --only faults      # ~20 min on 2 cores
+    python bench/run.py --only faults      # ~14 min on 2 cores
 """
 
 from __future__ import annotations
