@@ -115,7 +115,7 @@ def run_jobs_side_by_side(consortium, jobs: dict, result_dir: Path, *, max_activ
             for name, (job_id, started) in list(running.items()):
                 meta = session.get_job_meta(job_id)
                 if meta.get("status", "").startswith("FINISHED"):
-                    target = Path(result_dir) / name
+                    target = Path(result_dir) / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # a plain folder name
                     target.mkdir(parents=True, exist_ok=True)
                     path = Path(session.download_job_result(job_id, str(target)))
                     done[name] = (meta, path, time.time() - started)
