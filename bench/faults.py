@@ -141,7 +141,7 @@ def notes(result: dict) -> list[str]:
         "round that closed after it. Per-round detail (who was aggregated, why each round closed) is in "
         "bench/results.json and each job's `round_contributions.jsonl`. What FLARE does on each fault, and why: "
         "[reliability](reliability.md).",
-    ]
+    ] + [f"{name}: {r['note']}." for name, r in result.get("scenarios", {}).items() if r.get("note")]
 
 
 def plot(result: dict, img_dir: Path) -> list[str]:
