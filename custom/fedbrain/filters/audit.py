@@ -49,8 +49,8 @@ class ReceivedUpdateAudit(Filter):
     def __init__(self, file_name: str = AUDIT_FILE):
         """When no site may release updates any more (each withholds for privacy: budget spent, DP
         required), the job ends with that reason instead of running on with empty updates. While
-        one may, it goes on: in FLARE's FedAvg ``min_clients`` is the number of sites asked each
-        round, and a withholding site still answers (with zero weight)."""
+        one may, it goes on: a withholding site still answers (with zero weight), so the round's
+        ``min_responses`` (fedbrain.fl.resilient) counts it."""
         super().__init__()
         self.file_name = file_name
         self._withheld: dict[str, str] = {}  # site -> why; a site that withholds once does for the whole job
