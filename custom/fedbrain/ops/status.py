@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ from fedbrain.ops.kit import KitError, kit_identity, server_address
 
 #: Job states whose round is worth looking up.
 ACTIVE = ("RUNNING", "DISPATCHED")
+#: FedAvg's server log lines: a round starts; one site's update aggregated.
+ROUND_RE = re.compile(r"Round (\d+) started")
+PEER_RE = re.compile(r"peer=([^,\]]+).*Aggregated \d+/\d+ results")
 
 
 class StatusError(RuntimeError):
@@ -60,11 +64,23 @@ def _when(value) -> str:
         return str(value or "")
 
 
+def parse_progress(log_text: str) -> tuple[int | None, set[str]]:
+    """Current round and the sites whose update for it has been aggregated, from a server job log."""
+    current, done = None, set()
+    for line in log_text.splitlines():
+        m = ROUND_RE.search(line)
+        if m:
+            current, done = int(m.group(1)), set()
+            continue
+        m = PEER_RE.search(line)
+        if m and current is not None:
+            done.add(m.group(1))
+    return current, done
+
+
 def job_round(session, job_id: str) -> dict:
     """The round in progress and the sites aggregated in it, from the server's job log; a note
     instead when this admin's role may not read that log."""
-    from fedbrain.poc.runner import parse_progress
-
     try:
         logs = session.get_job_logs(job_id, "server").get("logs", {})
     except Exception as e:  # noqa: BLE001 - FLARE raises its own types for "not authorized"

@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from fedbrain.ops.status import ROUND_RE  # FedAvg's "Round N started" server log line
 from fedbrain.poc.consortium import PocConsortium, PocError, free_ports
 
 ROUND_FILE = "round_contributions.jsonl"
@@ -347,7 +348,7 @@ class JobRun:
             text = self.run_log.read_text(errors="replace")
         except OSError:
             return None
-        found = [int(m) for m in _ROUND_RE.findall(text)]
+        found = [int(m) for m in ROUND_RE.findall(text)]
         return max(found) if found else None
 
     def wait_round(self, round_no: int, timeout: float = 300) -> float:
@@ -401,9 +402,6 @@ class JobRun:
             return None
         finally:
             sess.close()
-
-
-_ROUND_RE = __import__("re").compile(r"Round (\d+) started")
 
 
 # ---------------------------------------------------------------------------------- scenarios

@@ -14,23 +14,9 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-ROUND_RE = re.compile(r"Round (\d+) started")
-PEER_RE = re.compile(r"peer=([^,\]]+).*Aggregated \d+/\d+ results")
+from fedbrain.ops.status import parse_progress  # the server-log reading `fedbrain watch` uses too
+
 FINAL_EVAL_RE = re.compile(r"CrossSiteModelEval|cross site validation|Cross-site", re.IGNORECASE)
-
-
-def parse_progress(log_text: str) -> tuple[int | None, set[str]]:
-    """Current round and the sites whose update for it has been aggregated."""
-    current, done = None, set()
-    for line in log_text.splitlines():
-        m = ROUND_RE.search(line)
-        if m:
-            current, done = int(m.group(1)), set()
-            continue
-        m = PEER_RE.search(line)
-        if m and current is not None:
-            done.add(m.group(1))
-    return current, done
 
 
 def watch_job(
