@@ -232,6 +232,16 @@ def notes(result: dict) -> list[str]:
     ]
 
 
+def _per_site_axes(ax, xs, ylabel: str, title: str) -> None:
+    ax.set_xlabel("sites")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xticks(xs)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def plot(result: dict, img_dir: Path) -> list[str]:
     import matplotlib
 
@@ -253,23 +263,11 @@ def plot(result: dict, img_dir: Path) -> list[str]:
     if fit:
         ax1.plot([0, max(xs)], [fit["intercept_s"] * 1000, (fit["intercept_s"] + fit["per_site_s"] * max(xs)) * 1000],
                  "--", label=f"fit {fit['intercept_s'] * 1000:.0f} + {fit['per_site_s'] * 1000:.1f}·N ms")
-    ax1.set_xlabel("sites")
-    ax1.set_ylabel("ms, last update -> model saved")
-    ax1.set_title("Server aggregation time per round")
-    ax1.set_xticks(xs)
-    ax1.set_ylim(bottom=0)
-    ax1.legend(fontsize=8)
-    ax1.grid(alpha=0.3)
+    _per_site_axes(ax1, xs, "ms, last update -> model saved", "Server aggregation time per round")
     ax2.plot(xs, [max(p["site"] for p in e["peak_rss_mb"].values()) for e in fb], "s-", label="site client process")
     ax2.plot(xs, [max(p["job"] for p in e["peak_rss_mb"].values()) for e in fb], "o-", label="site job process")
     ax2.plot(xs, [_peak_site(e) for e in fb], "^-", label="both")
-    ax2.set_xlabel("sites")
-    ax2.set_ylabel("MB, largest site")
-    ax2.set_title("Peak resident memory per site")
-    ax2.set_xticks(xs)
-    ax2.set_ylim(bottom=0)
-    ax2.legend(fontsize=8)
-    ax2.grid(alpha=0.3)
+    _per_site_axes(ax2, xs, "MB, largest site", "Peak resident memory per site")
     fig.tight_layout()
     img_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(img_dir / "load_sites.png", dpi=110)
