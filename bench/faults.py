@@ -116,7 +116,11 @@ def rows(result: dict) -> list[tuple]:
                   f"({_f(r.get('dice_vs_clean'), '{:+.3f}')} vs clean); {hospital_note(r)}")
         if not survived and r.get("reason"):
             detail += f"; reason: {r['reason'][:140]}"
-        out.append((f"{name}: {r['what']}", f"{r.get('rounds_lost')} lost", goal, detail))
+        if name == "site_crash_min3":  # too few sites left: the goal is a clear end, not a survived job
+            ok = str(r.get("status", "")).startswith("FINISHED") and bool(r.get("reason"))
+        else:
+            ok = r.get("rounds_lost") == 0
+        out.append((f"{name}: {r['what']}", f"{r.get('rounds_lost')} lost", goal, detail, "met" if ok else "**not met**"))
     return out
 
 
