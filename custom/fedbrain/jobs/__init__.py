@@ -193,12 +193,11 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
     ``aggregation``; FedAvg only: FLARE's ScaffoldRecipe takes no aggregator).
     """
     from nvflare.apis.dxo import DataKind
-
-    from fedbrain.aggregation.aggregator import GuardedAggregator
     from nvflare.app_opt.pt.recipes.scaffold import ScaffoldRecipe
     from nvflare.client.config import ExchangeFormat, TransferType
     from nvflare.recipe.utils import add_final_global_evaluation, set_per_site_config
 
+    from fedbrain.aggregation.aggregator import GuardedAggregator
     from fedbrain.filters.audit import ReceivedUpdateAudit
 
     common = dict(name=config.name, model=config.model_spec(), min_clients=config.min_clients,
