@@ -73,12 +73,10 @@ def as_numpy(value) -> np.ndarray:
 
 
 def l2_norm(params: dict) -> float:
-    total = 0.0
-    for v in params.values():
-        a = np.asarray(v)
-        if a.dtype.kind in "fc":
-            total += float(np.sum(a.astype(np.float64) ** 2))
-    return math.sqrt(total)
+    """The update norm every part of fedbrain uses (the sites' clip, the server's audit)."""
+    from fedbrain.privacy.client_dp import update_norm
+
+    return update_norm(params)
 
 
 def _non_finite(params: dict) -> list[str]:

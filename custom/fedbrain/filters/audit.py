@@ -32,17 +32,13 @@ def _wire_bytes(value) -> int:
 
 
 def _plain_l2_norm(data: dict) -> float | None:
-    """L2 norm of a plaintext update over all its arrays (proves clipping on the wire); None if encrypted."""
-    import numpy as np
+    """L2 norm of a plaintext update over all its arrays, as the sites' clip measures it (proves
+    clipping on the wire); None if encrypted."""
+    from fedbrain.privacy.client_dp import update_norm
 
-    total = 0.0
-    for value in data.values():
-        if type(value).__name__ == "CKKSVector" or isinstance(value, (bytes, bytearray)):
-            return None
-        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
-        if arr.dtype.kind == "f":
-            total += float(np.sum(arr.astype(np.float64) ** 2))
-    return total ** 0.5
+    if any(type(v).__name__ == "CKKSVector" or isinstance(v, (bytes, bytearray)) for v in data.values()):
+        return None
+    return update_norm(data)
 
 
 class ReceivedUpdateAudit(Filter):
