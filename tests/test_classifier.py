@@ -170,6 +170,27 @@ def test_init_seed_gives_the_same_start():
     assert all(torch.equal(a[k], rebuilt[k]) for k in a)  # what FLARE's persistor builds
 
 
+def test_ct_trunk_compares_the_hemispheres():
+    """A symmetric CT adds nothing in the mirror channel; a one-sided hypodensity shows there with
+    opposite signs on the two sides, and the CT trunk's embedding moves with it."""
+    from fedbrain.models.classifier import LR_AXIS, mirror_difference
+
+    x = torch.rand(1, 2, 16, 20, 16)
+    symmetric = (x + x.flip(LR_AXIS)) / 2
+    assert mirror_difference(symmetric).shape == (1, 3, 16, 20, 16)
+    assert torch.allclose(mirror_difference(symmetric)[:, 2], torch.zeros(1, 16, 20, 16))
+    lesion = symmetric.clone()
+    lesion[0, 0, 2:5, 8:12, 6:10] -= 0.15  # oedema, ~12 HU darker in the brain window, left only
+    diff = mirror_difference(lesion)[0, 2]
+    assert diff[2:5, 8:12, 6:10].max() < -0.1 and diff[11:14, 8:12, 6:10].min() > 0.1
+    model = build_classifier("masked_mean", streams=("ct",), init_seed=0, **SMALL).eval()
+    plain = build_classifier("masked_mean", streams=("ct",), init_seed=0, ct_mirror=False, **SMALL).eval()
+    assert model.ct_trunk.features[0].conv.in_channels == 3 and plain.ct_trunk.features[0].conv.in_channels == 2
+    with torch.no_grad():
+        assert not torch.allclose(model.ct_trunk(lesion), model.ct_trunk(symmetric))
+        assert model(None, torch.zeros(1, 2, 16, 20, 16), None, torch.zeros(1)).shape == (1, 3)  # absent CT
+
+
 def test_single_stream_models():
     mri, ct = _inputs()
     mri_only = build_classifier("masked_mean", streams=("mri",), **SMALL).eval()

@@ -72,6 +72,23 @@ def _norm(groups: int) -> tuple:
 
 
 POOLS = ("max", "avg")
+#: Tensor axis of left-right in the classifier's input ``[B, C, X, Y, Z]`` (RAS: X runs right to left).
+LR_AXIS = 2
+
+
+def mirror_difference(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with one more channel: its first channel minus that channel mirrored left-right.
+
+    Why: a radiologist reads a head CT by comparing the hemispheres. A glioma's hypodense oedema
+    looks like CSF (both darker than brain) and its density shifts are a few HU, so in one image
+    they hide among sulci and ventricles; against the other hemisphere they stand out, because
+    normal anatomy is nearly symmetric and a glioma is not. Parameter-free (Opacus needs nothing
+    for it) and computed inside the model, after any flip augmentation, so it stays consistent.
+    On the synthetic cohort it took the CT-only classifier from chance to ~0.6-0.8 balanced
+    accuracy on a held-out cohort (docs/troubleshooting.md).
+    """
+    first = x[:, :1]
+    return torch.cat([x, first - first.flip(LR_AXIS)], 1)
 
 
 class Trunk(nn.Module):
@@ -85,13 +102,16 @@ class Trunk(nn.Module):
     balanced accuracy 0.93 in 35 (docs/troubleshooting.md).
     """
 
-    def __init__(self, in_channels: int, channels: Sequence[int], embed_dim: int, groups: int, pool: str = "max"):
+    def __init__(self, in_channels: int, channels: Sequence[int], embed_dim: int, groups: int, pool: str = "max",
+                 mirror: bool = False):
         super().__init__()
         channels = [int(c) for c in channels]
+        self.in_channels = int(in_channels)  # what the stream feeds, before the mirror channel
+        self.mirror = bool(mirror)
         if any(c % groups for c in channels):
             raise ValueError(f"every channel count {channels} must be divisible by norm_groups={groups}")
         layers: list[nn.Module] = [
-            Convolution(3, in_channels, channels[0], strides=1, kernel_size=3, act=_act(), norm=_norm(groups))
+            Convolution(3, in_channels + self.mirror, channels[0], strides=1, kernel_size=3, act=_act(), norm=_norm(groups))
         ]
         for c_in, c_out in zip(channels[:-1], channels[1:]):
             layers.append(
@@ -105,6 +125,8 @@ class Trunk(nn.Module):
         self.proj = nn.Linear(channels[-1], embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mirror:
+            x = mirror_difference(x)
         return self.proj(torch.flatten(self.pool(self.features(x)), 1))
 
 
@@ -182,6 +204,7 @@ class DualStreamClassifier(nn.Module):
     ``None`` and its input is ignored). ``modality_dropout`` (robust fusions only,
     training mode only) drops one of the two present modalities per sample with
     probability p, never both, so the model learns to classify from either alone.
+    ``ct_mirror`` feeds the CT trunk a left-right difference channel (:func:`mirror_difference`).
     """
 
     def __init__(
@@ -197,6 +220,7 @@ class DualStreamClassifier(nn.Module):
         head_dropout: float = 0.0,
         pool: str = "max",
         init_seed: int | None = None,
+        ct_mirror: bool = True,
         mri_channels: int = STREAM_CHANNELS["mri"],
         ct_channels: int = STREAM_CHANNELS["ct"],
     ):
@@ -215,7 +239,9 @@ class DualStreamClassifier(nn.Module):
         in_ch = {"mri": mri_channels, "ct": ct_channels}
 
         def trunk(name):
-            return Trunk(in_ch[name], channels, embed_dim, norm_groups, pool) if name in self.streams else None
+            if name not in self.streams:
+                return None
+            return Trunk(in_ch[name], channels, embed_dim, norm_groups, pool, mirror=ct_mirror and name == "ct")
 
         self.mri_trunk = trunk("mri")
         self.ct_trunk = trunk("ct")
@@ -277,7 +303,7 @@ class DualStreamClassifier(nn.Module):
             x, flag = inputs[name]
             trunk = self.mri_trunk if name == "mri" else self.ct_trunk
             if x is None:
-                channels = trunk.features[0].conv.in_channels
+                channels = trunk.in_channels
                 x = torch.zeros((b, channels, *ref.shape[2:]), device=device, dtype=ref.dtype)
                 flag = torch.zeros(b, device=device)
             tokens.append(trunk(x))

@@ -49,6 +49,7 @@ class ClassificationConfig(TaskConfig):
     channels: tuple[int, ...] = (8, 16, 32, 64)
     head_hidden: int = 32
     pool: str = "max"  # trunk global pooling: "max" finds small lesions, "avg" dilutes them
+    ct_mirror: bool = True  # CT trunk also sees left minus right: without it CT alone graded at chance
     modality_dropout: float = 0.3  # robust fusions only: learn to cope with a missing CT
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     spatial_size: tuple[int, int, int] = (32, 40, 32)
@@ -75,7 +76,7 @@ class ClassificationConfig(TaskConfig):
 
     def model_spec(self) -> dict:
         return classifier_spec(fusion=self.fusion, streams=self.streams, embed_dim=self.embed_dim,
-                               channels=self.channels, head_hidden=self.head_hidden, pool=self.pool,
+                               channels=self.channels, head_hidden=self.head_hidden, pool=self.pool, ct_mirror=self.ct_mirror,
                                init_seed=self.seed, modality_dropout=self.modality_dropout,
                                num_classes=len(GRADES))
 
