@@ -387,7 +387,8 @@ def bench_seed_statistics(work: Path, settings: SeedBenchSettings | None = None,
                 arm: {k: v for k, v in _central_arm(tr, test, None, cen, console, **kw).items()
                       if k.startswith(("bacc", "auc", "n_"))}
                 for arm, tr, kw in (("dual", train, {}), ("mri_only", train, {"streams": ("mri",)}),
-                                    ("ct_only", with_ct, {"streams": ("ct",)}))}
+                                    ("ct_only", with_ct, {"streams": ("ct",)}),
+                                    ("late_ct_complete", with_ct, {"fusion": "late", "modality_dropout": 0.0}))}
         (root / "results.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
@@ -478,7 +479,8 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
         f = "{:" + sign + ".1f}" if scale == 100 else "{:" + sign + ".3f}"
         return f"{f.format(scale * m)} [{f.format(scale * lo)}, {f.format(scale * hi)}]"
 
-    seeds_note = f"seeds {', '.join(keys)}"
+    def seeds_of(part):
+        return f"seeds {', '.join(k for k in keys if part in seeds[k])}"
     ct = st.get("ct_check")
     if ct:  # one seed through the classify group's own data and arms, and what simple features reach on it
         out.append(("CT-only test balanced accuracy, classify group's data and code path (seed "
@@ -489,6 +491,7 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
                     _verdict(ct["bacc"] >= 0.60)))
     cen = [seeds[k]["central"] for k in keys if "central" in seeds[k]]
     if cen:
+        seeds_note = seeds_of("central")
         n_test = sorted({c["dual"]["n_test"] for c in cen})
         arms = {a: [c[a]["bacc"] for c in cen] for a in ("dual", "mri_only", "ct_only")}
         m, lo, hi = interval(arms["ct_only"])
@@ -502,12 +505,24 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
             out.append((f"{label}, test balanced accuracy (points, centralized)", fmt(m / 100, lo / 100, hi / 100, 100, "+"),
                         "> 0", f"{seeds_note}; {a} {interval(arms[a])[0]:.3f}, {b} {interval(arms[b])[0]:.3f} (means)",
                         _verdict(lo > 0, len(cen))))
+        drops = {(a, m): [100 * (c[a]["bacc"] - c[a][f"bacc_no_{m}"]) for c in cen if a in c]
+                 for a in ("dual", "late_ct_complete") for m in ("ct", "mri")}
+        for m, goal, name in (("ct", 5.0, "CT"), ("mri", 15.0, "MRI")):
+            mean, lo, hi = interval(drops[("dual", m)])
+            late = drops[("late_ct_complete", m)]
+            beside = (f"; late fusion trained on CT-complete cases: {interval(late)[0]:+.1f} [{interval(late)[1]:+.1f}, "
+                      f"{interval(late)[2]:+.1f}]" if late else "")
+            out.append((f"Drop in test balanced accuracy with {name} missing at test time (points), robust fusion "
+                        "(masked mean, modality dropout)", fmt(mean / 100, lo / 100, hi / 100, 100, "+"), f"<= {goal:.0f}",
+                        f"{seeds_note}; per seed " + " / ".join(f"{d:+.1f}" for d in drops[("dual", m)]) + beside
+                        + "; judged on the mean", _verdict(mean <= goal, len(cen))))
     for name, goal, label in (("matters", 12.0, "where personalization should matter (label skew, one hospital's "
                                "own grading, scanner shift)"),
                               ("iid", 2.0, "where it should not (IID split, one labelling)")):
         runs = [seeds[k][name] for k in keys if name in seeds[k]]
         if not runs:
             continue
+        seeds_note = seeds_of(name)
         diffs = [100 * (r["personal"]["min_bacc"] - r["fedavg"]["min_bacc"]) for r in runs]
         m, lo, hi = interval(diffs)
         n_val = sorted({n for r in runs for n in r["personal"]["n_val"].values()})

@@ -538,6 +538,10 @@ def main(argv=None):
                                                 *GROUP_MODULES)))
     p.add_argument("--overhead-rounds", type=int, default=6)
     p.add_argument("--classify-parts", default="federated,central")
+    p.add_argument("--classify-seed-parts", default="",
+                   help="classify_seeds: only these of matters,iid,central, merged per seed into the stored results "
+                        "(default: all three, replacing them)")
+    p.add_argument("--classify-seeds", default="", help="classify_seeds: comma-separated seeds (default 0-4)")
     p.add_argument("--dp-tasks", default="", help="dp: tasks of the utility rows at scale, e.g. "
                    "classification,segmentation (hours on 2 cores)")
     p.add_argument("--no-dp-demos", dest="dp_demos", action="store_false", help="dp: skip the demos with/without DP")
@@ -588,8 +592,17 @@ def main(argv=None):
         results[key] = {**results.get(key, {}), **new, "measured_at": results["measured_at"]}  # keeps the other part
     if "classify_seeds" in only:
         console.rule("classifier statistics over seeds")
-        results["classify_stats"] = {**classify_bench.bench_seed_statistics(WORK, console=console),
-                                     "measured_at": results["measured_at"]}
+        stats = classify_bench.SeedBenchSettings()
+        if a.classify_seeds:
+            stats = replace(stats, seeds=tuple(int(x) for x in a.classify_seeds.split(",")))
+        parts = tuple(a.classify_seed_parts.split(",")) if a.classify_seed_parts else ("matters", "iid", "central")
+        new = classify_bench.bench_seed_statistics(WORK, stats, console=console, parts=parts)
+        if a.classify_seed_parts:  # add these parts to what earlier runs measured for the same seeds
+            old = results.get("classify_stats", {})
+            new["seeds"] = {**old.get("seeds", {}),
+                            **{k: {**old.get("seeds", {}).get(k, {}), **v} for k, v in new["seeds"].items()}}
+            new["work"] = ", ".join(dict.fromkeys(w for w in (old.get("work"), new["work"]) if w))
+        results["classify_stats"] = {**new, "measured_at": results["measured_at"]}
     if "dp" in only:
         console.rule("differential privacy")
         results["dp"] = {"step_time": dp_bench.bench_step_time(), "measured_at": results["measured_at"],

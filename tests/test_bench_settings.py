@@ -52,6 +52,23 @@ def test_a_gain_counts_only_when_its_interval_excludes_zero():
     assert mean == 2.0 and lo < 0.0 < 4.0 < hi  # t(2) = 4.30: wide with 3 seeds
 
 
+def test_missing_modality_drops_are_judged_over_seeds():
+    bench = _bench_classify()
+
+    def central(no_mri):
+        arm = {"bacc": 0.8, "bacc_no_ct": 0.78, "bacc_no_mri": no_mri, "n_test": 55}
+        return {"dual": arm, "mri_only": {"bacc": 0.7}, "ct_only": {"bacc": 0.62},
+                "late_ct_complete": {**arm, "bacc_no_mri": 0.333}}
+
+    def rows(no_mri):
+        st = {"seeds": {str(k): {"central": central(no_mri + d)} for k, d in enumerate((0, .01, -.01, .02, -.02))}}
+        return {row[0].split(" with ")[1][:3]: row for row in bench.stats_rows(st) if row[0].startswith("Drop")}
+
+    close, far = rows(0.70), rows(0.55)  # MRI missing: 10 vs 25 points down on average
+    assert close["CT "][4] == "met" and close["MRI"][4] == "met" and far["MRI"][4] == "**not met**"
+    assert close["MRI"][1].startswith("+10.0") and "late fusion trained on CT-complete cases: +46.7" in close["MRI"][3]
+
+
 def test_skewed_consortium_and_a_hospital_with_its_own_grading():
     bench = _bench_classify()
     a, b = bench.skewed_profiles(0, 0.5), bench.skewed_profiles(1, 0.5)
