@@ -459,7 +459,11 @@ def stats_intro(st: dict) -> list[str]:
             f"{settings['relabel_site']}",
             "grades borderline (atypical) gliomas by their MRI look, with its validation labelled the same way; where it",
             "should not: the same cases re-split IID. Its federated arms run in process (bench/classify.py",
-            "`federate`: the product's trainer, FedAvg weighted by steps, heads kept at the site), not as FLARE jobs.", ""]
+            "`federate`: the product's trainer, FedAvg weighted by steps, heads kept at the site), not as FLARE jobs.",
+            "The centralized arms (dual, MRI-only, CT-only; late fusion trained on the CT-complete cases for the",
+            "missing-modality rows) train on the IID consortium's training cases and are scored on a held-out cohort",
+            "(seed + 1000) of cases with CT. The CT trunk compares the hemispheres (`ct_mirror`, on by default since",
+            "2026-11-30; before it CT-only stayed at chance: docs/troubleshooting.md, ad).", ""]
 
 
 def _verdict(ok: bool, n_seeds: int | None = None) -> str:
