@@ -121,6 +121,49 @@ def test_opacus_compatible(fusion):
     for name, p in gsm.named_parameters():
         assert p.grad_sample is not None and p.grad_sample.shape[0] == 2, name
     assert head_parameter_names(gsm) == [k for k in gsm.state_dict() if k.startswith("_module.head.")]
+    if fusion != "late":  # each stream graded alone reuses fusion and head in one forward: still per-sample
+        gsm.zero_grad()
+        for p in gsm.parameters():
+            p.grad_sample = None
+        gsm(mri, ct, has_ct=torch.tensor([1.0, 0.0]), each_stream=True).sum().backward()
+        for name, p in gsm.named_parameters():
+            assert p.grad_sample is not None and p.grad_sample.shape[0] == 2, name
+
+
+@pytest.mark.parametrize("fusion", ["masked_mean", "attention"])
+def test_each_stream_is_the_model_with_the_other_stream_absent(fusion):
+    mri, ct = _inputs()
+    model = build_classifier(fusion, init_seed=0, **SMALL).eval()
+    one, zero = torch.ones(3), torch.zeros(3)
+    with torch.no_grad():
+        out = model(mri, ct, one, one, each_stream=True)
+        assert out.shape == (3, 3, 3)
+        assert torch.allclose(out[:, 0], model(mri, ct, one, one), atol=1e-6)
+        assert torch.allclose(out[:, 1], model(mri, ct, one, zero), atol=1e-6)  # MRI alone
+        assert torch.allclose(out[:, 2], model(mri, ct, zero, one), atol=1e-6)  # CT alone
+    with pytest.raises(ValueError, match="each_stream"):
+        build_classifier("late", **SMALL)(mri, ct, each_stream=True)
+
+
+def test_each_stream_loss_trains_the_ct_stream_alone():
+    """With ``stream_loss`` the step's loss has one term per stream; without it only the fused term."""
+    from fedbrain.tasks.classification import ClassificationConfig, ClassificationTrainer
+
+    batch = {"mri": torch.randn(2, 4, 16, 20, 16), "ct": torch.rand(2, 2, 16, 20, 16),
+             "has_mri": torch.ones(2), "has_ct": torch.tensor([1.0, 0.0]), "label": torch.tensor([0, 2])}
+    for weight, names in ((0.5, {"ce_loss", "ce_mri_alone", "ce_ct_alone"}), (0.0, {"ce_loss"})):
+        config = ClassificationConfig(stream_loss=weight, channels=(8, 16), embed_dim=16, head_hidden=8)
+        trainer = ClassificationTrainer([], [], config)
+        model = trainer.build_model()
+        terms = trainer.loss_terms(model, batch)
+        assert set(terms) == names
+        if weight:
+            model.eval()  # no modality dropout: the CT term is the CT-alone logits of the one case with CT
+            terms = trainer.loss_terms(model, batch)
+            with torch.no_grad():
+                alone = model(None, batch["ct"][:1], torch.zeros(1), torch.ones(1))
+            expected = weight * torch.nn.functional.cross_entropy(alone, batch["label"][:1]) / 2
+            assert torch.allclose(terms["ce_ct_alone"], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs", [dict(fusion="attention"), dict(fusion="late", streams=("ct",)),

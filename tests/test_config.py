@@ -25,7 +25,7 @@ CHANGED = {
     # classification
     "fusion": "attention", "streams": {"SegmentationConfig": ("mri", "ct"), "ClassificationConfig": ("mri",)},
     "embed_dim": 32, "channels": (8, 16, 32), "head_hidden": 16,
-    "pool": "avg", "ct_mirror": False, "modality_dropout": 0.1, "spatial_size": (24, 32, 24), "augment": False, "class_weights": True,
+    "pool": "avg", "ct_mirror": False, "stream_loss": 0.0, "modality_dropout": 0.1, "spatial_size": (24, 32, 24), "augment": False, "class_weights": True,
 }
 CONFIGS = [SegmentationConfig, ClassificationConfig]
 #: Changed values the config refuses together (with he the server only sums ciphertext: no robust

@@ -290,10 +290,15 @@ class DualStreamClassifier(nn.Module):
         ct: torch.Tensor | None,
         has_mri: torch.Tensor | None = None,
         has_ct: torch.Tensor | None = None,
+        each_stream: bool = False,
     ) -> torch.Tensor:
         """Logits ``[B, num_classes]``. Flags are float ``[B]`` (1 present, 0 absent); None = present.
 
         A ``None`` tensor for an enabled stream is treated as absent (zeros are fed).
+        ``each_stream`` (robust fusions) returns ``[B, 1 + M, num_classes]``: the fused logits, then
+        each stream's logits as if it were the only one present (same trunks, fusion and head; for a
+        sample without that stream they mean nothing). Training on them keeps every stream able to
+        grade alone: without it the MRI stream, which learns first, starves the CT stream.
         """
         inputs = {"mri": (mri, has_mri), "ct": (ct, has_ct)}
         ref = next(x for x, _ in inputs.values() if x is not None)
@@ -312,9 +317,18 @@ class DualStreamClassifier(nn.Module):
             flags.append(flag.to(device=device, dtype=torch.float32).reshape(b))
         tokens = torch.stack(tokens, 1)  # [B, M, E]
         present = torch.stack(flags, 1)  # [B, M]
+        fused = present
         if self.training and self.robust and self.modality_dropout > 0:
-            present = self._drop_modalities(present)
-        return self.head(self.fusion(tokens, present))
+            fused = self._drop_modalities(present)
+        logits = self.head(self.fusion(tokens, fused))
+        if not each_stream:
+            return logits
+        if not self.robust:
+            raise ValueError("each_stream needs a fusion that masks absent modalities (not 'late')")
+        alone = [self.head(self.fusion(tokens, torch.nn.functional.one_hot(
+            torch.full((b,), i, device=device), len(self.streams)).to(present.dtype)))
+            for i in range(len(self.streams))]
+        return torch.stack([logits, *alone], 1)
 
 
 def build_classifier(fusion: str = "masked_mean", streams: Sequence[str] = STREAMS, **kwargs) -> DualStreamClassifier:

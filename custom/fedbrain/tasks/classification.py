@@ -20,7 +20,7 @@ from torch import nn
 
 from fedbrain.contracts import CLASSIFICATION_METRICS, GRADES
 from fedbrain.data.multimodal import class_counts, classification_transforms, load_classification_cases
-from fedbrain.models.classifier import FUSIONS, POOLS, head_parameter_names
+from fedbrain.models.classifier import FUSIONS, POOLS, STREAMS, head_parameter_names
 from fedbrain.models.classifier import model_spec as classifier_spec
 from fedbrain.tasks.config import TaskConfig, three
 from fedbrain.tasks.loop import Trainer, plain
@@ -51,6 +51,7 @@ class ClassificationConfig(TaskConfig):
     pool: str = "max"  # trunk global pooling: "max" finds small lesions, "avg" dilutes them
     ct_mirror: bool = True  # CT trunk also sees left minus right: without it CT alone graded at chance
     modality_dropout: float = 0.3  # robust fusions only: learn to cope with a missing CT
+    stream_loss: float = 0.5  # robust fusions: weight of each stream's own loss (graded alone), so CT learns beside MRI
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     spatial_size: tuple[int, int, int] = (32, 40, 32)
     augment: bool = True
@@ -163,8 +164,21 @@ class ClassificationTrainer(Trainer):
 
     def loss_terms(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         y = plain(batch["label"]).long().to(self.device)
-        loss = self.loss_fn(model(*self._inputs(batch)).float(), y)
-        return {"ce_loss": loss.mean() if self._per_sample_mean else loss}
+        mri, ct, has_mri, has_ct = self._inputs(batch)
+        streams = [s for s in STREAMS if s in self.config.streams]
+        weight = self.config.stream_loss if len(streams) > 1 and self.config.fusion != "late" else 0.0
+        if not weight:
+            loss = self.loss_fn(model(mri, ct, has_mri, has_ct).float(), y)
+            return {"ce_loss": loss.mean() if self._per_sample_mean else loss}
+        logits = model(mri, ct, has_mri, has_ct, each_stream=True).float()
+        loss = self.loss_fn(logits[:, 0], y)
+        terms = {"ce_loss": loss.mean() if self._per_sample_mean else loss}
+        present = {"mri": has_mri, "ct": has_ct}
+        for i, name in enumerate(streams, start=1):
+            # a per-sample sum over the batch size (not over the present samples): DP-SGD needs per-sample terms
+            alone = nn.functional.cross_entropy(logits[:, i], y, weight=self.loss_fn.weight, reduction="none")
+            terms[f"ce_{name}_alone"] = weight * (alone * present[name]).sum() / len(y)
+        return terms
 
     def summary_line(self, r: dict) -> str:
         return f"loss {r['train_loss']:.4f}  acc {r['val_acc']:.3f}  bacc {r['val_bacc']:.3f}  auc {r['val_auc']:.3f}"
