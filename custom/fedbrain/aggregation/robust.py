@@ -74,7 +74,7 @@ def as_numpy(value) -> np.ndarray:
 
 def l2_norm(params: dict) -> float:
     """The update norm every part of fedbrain uses (the sites' clip, the server's audit)."""
-    from fedbrain.privacy.client_dp import update_norm
+    from fedbrain.updates import update_norm
 
     return update_norm(params)
 

@@ -24,7 +24,7 @@ from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedbrain.privacy.client_dp import _as_numpy, _is_float, update_norm
+from fedbrain.updates import as_numpy, is_float, update_norm
 
 KINDS = ("scale", "sign_flip", "random")
 DEFAULT_FACTOR = {"scale": 100.0, "sign_flip": -1.0, "random": 1.0}
@@ -38,9 +38,9 @@ def poison(data: dict, kind: str, factor: float | None = None, rng: np.random.Ge
     if kind == "sign_flip":
         factor = -1.0
     if kind in ("scale", "sign_flip"):
-        return {k: (v * factor if _is_float(v) else v) for k, v in data.items()}
+        return {k: (v * factor if is_float(v) else v) for k, v in data.items()}
     rng = rng or np.random.default_rng(0)
-    noise = {k: rng.standard_normal(tuple(_as_numpy(v).shape)) for k, v in data.items() if _is_float(v)}
+    noise = {k: rng.standard_normal(tuple(as_numpy(v).shape)) for k, v in data.items() if is_float(v)}
     total = math.sqrt(sum(float(np.sum(n ** 2)) for n in noise.values())) or 1.0
     scale = factor * update_norm(data) / total
     out = {}

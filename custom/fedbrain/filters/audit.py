@@ -34,7 +34,7 @@ def _wire_bytes(value) -> int:
 def _plain_l2_norm(data: dict) -> float | None:
     """L2 norm of a plaintext update over all its arrays, as the sites' clip measures it (proves
     clipping on the wire); None if encrypted."""
-    from fedbrain.privacy.client_dp import update_norm
+    from fedbrain.updates import update_norm
 
     if any(type(v).__name__ == "CKKSVector" or isinstance(v, (bytes, bytearray)) for v in data.values()):
         return None

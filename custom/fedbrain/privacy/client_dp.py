@@ -14,7 +14,6 @@ counted nor noised). Noise comes from the OS's random source, never from the job
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -25,23 +24,9 @@ from nvflare.apis.shareable import Shareable
 
 from fedbrain.contracts import CLIENT_DP_EPSILON_META
 from fedbrain.privacy.accounting import epsilon_of
+from fedbrain.updates import is_float, update_norm
 
 KINDS = [DataKind.WEIGHT_DIFF, DataKind.WEIGHTS]
-
-
-def _is_float(v) -> bool:
-    if isinstance(v, np.ndarray):
-        return np.issubdtype(v.dtype, np.floating)
-    return hasattr(v, "is_floating_point") and v.is_floating_point()  # a torch tensor
-
-
-def _as_numpy(v) -> np.ndarray:
-    return v if isinstance(v, np.ndarray) else v.detach().cpu().numpy()
-
-
-def update_norm(data: dict) -> float:
-    """L2 norm over every float tensor of an update (numpy arrays or torch tensors)."""
-    return math.sqrt(sum(float(np.sum(np.square(_as_numpy(v), dtype=np.float64))) for v in data.values() if _is_float(v)))
 
 
 def clip_update(data: dict, max_norm: float) -> tuple[dict, float]:
@@ -50,14 +35,14 @@ def clip_update(data: dict, max_norm: float) -> tuple[dict, float]:
     factor = min(1.0, max_norm / norm) if norm > 0 else 1.0
     if factor == 1.0:
         return dict(data), norm
-    return {k: (v * factor if _is_float(v) else v) for k, v in data.items()}, norm
+    return {k: (v * factor if is_float(v) else v) for k, v in data.items()}, norm
 
 
 def add_gaussian_noise(data: dict, std: float, rng: np.random.Generator) -> dict:
     """Every float value plus N(0, std^2), in its own dtype and type."""
     out = {}
     for k, v in data.items():
-        if not _is_float(v):
+        if not is_float(v):
             out[k] = v
             continue
         noise = rng.normal(0.0, std, size=tuple(v.shape))
