@@ -418,7 +418,9 @@ def test_training_validation_and_fedprox(trainer):
         trainer.config = old
     # The head moved by 100 per value: had it been included, the term would be ~1e4 times larger.
     assert 0 < prox["prox_loss"] < 0.5 * 0.5 * 0.011 * n_shared
-    assert prox["train_loss"] == pytest.approx(prox["ce_loss"] + prox["prox_loss"])
+    # the step's loss: the fused term, each stream graded alone (stream_loss) and the proximal term
+    assert prox["train_loss"] == pytest.approx(prox["ce_loss"] + prox["ce_mri_alone"] + prox["ce_ct_alone"]
+                                               + prox["prox_loss"])
 
     for drop in (None, "ct", "mri"):
         metrics = trainer.validate(model, drop=drop)
