@@ -67,6 +67,9 @@ def test_missing_modality_drops_are_judged_over_seeds():
     close, far = rows(0.70), rows(0.55)  # MRI missing: 10 vs 25 points down on average
     assert close["CT "][4] == "met" and close["MRI"][4] == "met" and far["MRI"][4] == "**not met**"
     assert close["MRI"][1].startswith("+10.0") and "late fusion trained on CT-complete cases: +46.7" in close["MRI"][3]
+    wide = {"seeds": {str(k): {"central": central(0.70 + d)} for k, d in enumerate((0, .3, -.3, .2, -.2))}}
+    (row,) = [r for r in bench.stats_rows(wide) if r[0].startswith("Drop") and "MRI missing" in r[0]]
+    assert row[4] == "**not met** (the mean does, not the whole interval)"  # mean 10 points, seeds -20 to +40
 
 
 def test_skewed_consortium_and_a_hospital_with_its_own_grading():
