@@ -23,7 +23,10 @@ def is_float(v) -> bool:
 
 
 def as_numpy(v) -> np.ndarray:
-    return v if isinstance(v, np.ndarray) else v.detach().cpu().numpy()
+    """A torch tensor as numpy (detached, on the CPU); anything else through ``np.asarray``."""
+    if hasattr(v, "detach"):
+        v = v.detach().cpu().numpy()
+    return np.asarray(v)
 
 
 def update_norm(data: dict) -> float:

@@ -24,7 +24,8 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 
-from fedbrain.aggregation.robust import Update, as_numpy, combine, screen
+from fedbrain.aggregation.robust import Update, combine, screen
+from fedbrain.updates import as_numpy
 from fedbrain.contracts import NUM_STEPS_META
 
 from fedbrain.tasks.config import TaskConfig

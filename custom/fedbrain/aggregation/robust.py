@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedbrain.updates import update_norm
+
 #: Floor of the MAD of log norms: ln(10) * 0.6745 / 3.5, so that at the default guard_z 3.5 a norm
 #: 10x the round's median is the least that is refused when the other sites agree closely.
 MAD_FLOOR = math.log(10) * 0.6745 / 3.5
@@ -66,18 +68,6 @@ class Screening:
     z: dict = field(default_factory=dict)  # site -> robust z of its log norm (when scored)
 
 
-def as_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def l2_norm(params: dict) -> float:
-    """The update norm every part of fedbrain uses (the sites' clip, the server's audit)."""
-    from fedbrain.updates import update_norm
-
-    return update_norm(params)
-
 
 def _non_finite(params: dict) -> list[str]:
     return [k for k, v in params.items() if np.asarray(v).dtype.kind in "fc" and not np.all(np.isfinite(v))]
@@ -96,7 +86,7 @@ def screen(updates: list[Update], reference: dict | None, guard_z: float, enable
             out.idle.append(u.site)
             continue
         if not enabled:  # nothing is refused; the norm is still recorded (what an unguarded server took in)
-            out.norms[u.site] = l2_norm(u.params) if not _non_finite(u.params) else float("nan")
+            out.norms[u.site] = update_norm(u.params) if not _non_finite(u.params) else float("nan")
             candidates.append(u)
             continue
         bad = _non_finite(u.params)
@@ -115,7 +105,7 @@ def screen(updates: list[Update], reference: dict | None, guard_z: float, enable
                 out.refused[u.site] = (f"{len(wrong)} arrays shaped unlike the global model, e.g. {k}: "
                                        f"{tuple(np.shape(u.params[k]))} instead of {tuple(reference[k])}")
                 continue
-        out.norms[u.site] = l2_norm(u.params)
+        out.norms[u.site] = update_norm(u.params)
         candidates.append(u)
     if enabled:
         scored = [u for u in candidates if out.norms.get(u.site, 0) > 0]
