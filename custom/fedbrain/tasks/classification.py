@@ -165,19 +165,17 @@ class ClassificationTrainer(Trainer):
     def loss_terms(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         y = plain(batch["label"]).long().to(self.device)
         mri, ct, has_mri, has_ct = self._inputs(batch)
-        streams = [s for s in STREAMS if s in self.config.streams]
-        weight = self.config.stream_loss if len(streams) > 1 and self.config.fusion != "late" else 0.0
-        if not weight:
-            loss = self.loss_fn(model(mri, ct, has_mri, has_ct).float(), y)
-            return {"ce_loss": loss.mean() if self._per_sample_mean else loss}
-        logits = model(mri, ct, has_mri, has_ct, each_stream=True).float()
-        loss = self.loss_fn(logits[:, 0], y)
-        terms = {"ce_loss": loss.mean() if self._per_sample_mean else loss}
-        present = {"mri": has_mri, "ct": has_ct}
-        for i, name in enumerate(streams, start=1):
-            # a per-sample sum over the batch size (not over the present samples): DP-SGD needs per-sample terms
-            alone = nn.functional.cross_entropy(logits[:, i], y, weight=self.loss_fn.weight, reduction="none")
-            terms[f"ce_{name}_alone"] = weight * (alone * present[name]).sum() / len(y)
+        c = self.config
+        weight = c.stream_loss if len(c.streams) > 1 and c.fusion != "late" else 0.0
+        logits = model(mri, ct, has_mri, has_ct, each_stream=bool(weight)).float()
+        fused = self.loss_fn(logits[:, 0] if weight else logits, y)
+        terms = {"ce_loss": fused.mean() if self._per_sample_mean else fused}
+        if weight:
+            present = {"mri": has_mri, "ct": has_ct}
+            for i, name in enumerate((s for s in STREAMS if s in c.streams), start=1):  # the model's stream order
+                # a per-sample sum over the batch size (not over the present samples): DP-SGD needs per-sample terms
+                alone = nn.functional.cross_entropy(logits[:, i], y, weight=self.loss_fn.weight, reduction="none")
+                terms[f"ce_{name}_alone"] = weight * (alone * present[name]).sum() / len(y)
         return terms
 
     def summary_line(self, r: dict) -> str:
