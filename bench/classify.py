@@ -393,11 +393,6 @@ def bench_seed_statistics(work: Path, settings: SeedBenchSettings | None = None,
     return out
 
 
-#: Global CT density features of :func:`ct_density_probe` (HU relative to the patient's median brain HU).
-PROBE_FEATURES = ("1st percentile", "3rd percentile", "99th percentile", "99.9th percentile",
-                  "share < median - 8 HU", "share > median + 8 HU", "dense-window maximum", "dense voxels")
-
-
 def ct_density_probe(train: list[dict], test: list[dict], c: float = 0.1) -> float:
     """Held-out balanced accuracy of a logistic regression on a few global CT density numbers.
 
@@ -492,14 +487,7 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
 
     def seeds_of(part):
         return f"seeds {', '.join(k for k in keys if part in seeds[k])}"
-    ct = st.get("ct_check")
-    if ct:  # one seed through the classify group's own data and arms, and what simple features reach on it
-        out.append(("CT-only test balanced accuracy, classify group's data and code path (seed "
-                    f"{ct['seed']}, {ct['n_train']} training CTs)", f"{ct['bacc']:.3f}", ">= 0.60",
-                    f"AUC {ct['auc']:.3f}; {ct['n_test']} held-out test cases with CT. The CT carries the signal: a "
-                    f"logistic regression on {ct['probe_features']} global density features of the same CTs reaches "
-                    f"{ct['probe_bacc']}; the CNN trunk memorizes its training CTs instead ({ct['note']})",
-                    _verdict(ct["bacc"] >= 0.60)))
+
     cen = [seeds[k]["central"] for k in keys if "central" in seeds[k]]
     if cen:
         seeds_note = seeds_of("central")

@@ -488,8 +488,12 @@ def write_doc(results: dict, plots: list[str]) -> None:
             continue
         lines += ["", f"## {title}", "",
                   f"Measured {cls.get('measured_at', '(see work folder)')}. Settings: `{json.dumps(cls['settings'])}`; "
-                  f"run folder `{cls['work']}` in bench's work folder.", "",
-                  *table(classify_bench.rows(cls)), ""]
+                  f"run folder `{cls['work']}` in bench's work folder.", ""]
+        if "ct_mirror" not in cls["settings"].get("task", cls["settings"]):  # stored before the setting existed
+            lines += ["**Measured with the earlier classifier** (no CT mirror channel, no per-stream loss, both added",
+                      "2026-11-30): its CT-only and MRI-missing rows are that model's; the statistics over seeds above",
+                      "are today's. Re-measure with `python bench/run.py --only classify`.", ""]
+        lines += [*table(classify_bench.rows(cls)), ""]
         lines += classify_bench.per_site_lines(cls)
         if key == "classify":
             lines += CLASSIFY_CAVEATS
