@@ -1,6 +1,7 @@
 """Differential privacy in a real POC: the hospital's budget and require_dp (local/fedbrain_site.json)
 stop a site's updates while the job completes with the others; epsilon per site per round in the report
-equals Opacus' accountant computed offline; the ledger lives in the site's kit."""
+equals Opacus' accountant computed offline; the ledger lives in the site's kit, so a site whose machine
+went down and came back through its start script goes on from what it had spent, in the next job too."""
 
 import json
 import math
@@ -13,6 +14,7 @@ from fedbrain.data.datalist import load_datalist
 from fedbrain.demo import ClassifyDemoSettings, export_job, prepare_classification_data
 from fedbrain.fl.site import write_site_config
 from fedbrain.poc.consortium import PocConsortium
+from fedbrain.poc.faults import kill_participant, start_participant
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED
 from fedbrain.report.job_report import build_report
@@ -62,15 +64,23 @@ def dp_jobs(tmp_path_factory):
                           require_dp=True)
         job1 = export_job(run_dir / "jobs1", settings, poc.sites)
         out["meta1"], out["result1"] = submit_and_wait(poc, job1, rounds=ROUNDS, result_dir=run_dir / "r1")
-        plain = ClassifyDemoSettings(task=ClassifyDemoSettings().task.replace(rounds=1, epochs_per_round=1))
-        job2 = export_job(run_dir / "jobs2", plain, poc.sites)
+        # hospital-a's machine goes down and comes back through its kit's start script; a later DP job
+        # on the same data goes on from the ledger in its kit (FLARE 2.9 does not take a restarted site
+        # back into the job it left, so the next job is where a restart shows).
+        out["killed"] = kill_participant(poc, "hospital-a")
+        out["back_after_s"] = start_participant(poc, "hospital-a")
+        job2 = export_job(run_dir / "jobs2", ClassifyDemoSettings(cases=8, seed=5, task=task.replace(rounds=1)),
+                          poc.sites)
         out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=1, result_dir=run_dir / "r2")
+        plain = ClassifyDemoSettings(task=ClassifyDemoSettings().task.replace(rounds=1, epochs_per_round=1))
         # Every hospital now requires DP: a job without it has no site left to learn from.
         for site in poc.sites:
             write_site_config(poc.kit(site), data / site / "datalist.json", num_threads=1, require_dp=True)
         job3 = export_job(run_dir / "jobs3", ClassifyDemoSettings(task=plain.task.replace(rounds=3)), poc.sites)
         out["meta3"], out["result3"] = submit_and_wait(poc, job3, rounds=3, result_dir=run_dir / "r3")
         out["log_c"] = (poc.kit("hospital-c") / out["meta1"]["job_id"] / "log.txt").read_text(errors="replace")
+        out["logs3"] = {s: (poc.kit(s) / out["meta3"]["job_id"] / "log.txt").read_text(errors="replace")
+                        for s in poc.sites}
         out["ledgers"] = {s: [json.loads(p.read_text()) for p in (poc.kit(s) / "privacy").glob("*/accountant.json")]
                           for s in poc.sites}
     finally:
@@ -108,18 +118,33 @@ def test_epsilon_per_round_equals_opacus_offline(dp_jobs):
     assert set(report["privacy"]) == {"hospital-a", "hospital-b", "hospital-c"}
 
 
+def test_a_restarted_site_goes_on_from_its_ledger(dp_jobs):
+    """After hospital-a's restart, the next job's epsilon composes all its steps (not one round's);
+    hospital-c's budget, spent in the first job, still holds it back; hospital-b (requires DP) trains."""
+    assert dp_jobs["killed"] and dp_jobs["back_after_s"] > 0
+    (row,) = _rows(dp_jobs["result2"])
+    steps, q = _site_round(dp_jobs["n_train"]["hospital-a"])
+    assert row["hospital-a"][TRAIN_STEPS] == steps
+    assert row["hospital-a"][DP_EPSILON_SPENT] == pytest.approx(_epsilon((ROUNDS + 1) * steps, q), rel=1e-6)
+    assert row["hospital-a"][DP_EPSILON_SPENT] > 1.5 * _epsilon(steps, q)  # a reset would report one round
+    assert row["hospital-c"][TRAIN_STEPS] == 0 and row["hospital-c"][DP_WITHHELD] == BUDGET_EXHAUSTED
+    assert row["hospital-b"][TRAIN_STEPS] > 0 and DP_WITHHELD not in row["hospital-b"]
+
+
 def test_ledgers_live_in_the_site_kits(dp_jobs):
     for site in ("hospital-a", "hospital-b", "hospital-c"):
         (ledger,) = dp_jobs["ledgers"][site]
         steps, q = _site_round(dp_jobs["n_train"][site])
-        rounds = 1 if site == "hospital-c" else ROUNDS
+        rounds = 1 if site == "hospital-c" else ROUNDS + 1  # the first job, then the one after the restart
         assert ledger["history"] == [[NOISE, q, rounds * steps]], site
+        assert set(ledger["jobs"]) == ({dp_jobs["meta1"]["job_id"]} if site == "hospital-c" else
+                                       {dp_jobs["meta1"]["job_id"], dp_jobs["meta2"]["job_id"]}), site
 
 
-def test_require_dp_site_refuses_a_job_without_dp(dp_jobs):
-    (row,) = _rows(dp_jobs["result2"])
-    assert row["hospital-b"][TRAIN_STEPS] == 0 and row["hospital-b"][DP_WITHHELD] == DP_REQUIRED
-    assert row["hospital-a"][TRAIN_STEPS] > 0 and row["hospital-c"][TRAIN_STEPS] > 0
+def test_require_dp_sites_refuse_a_job_without_dp(dp_jobs):
+    """Each site's own local config is what refuses: every site logs it in its job log."""
+    for site, log in dp_jobs["logs3"].items():
+        assert "this site requires DP (require_dp in local/fedbrain_site.json) and the job has none" in log, site
 
 
 def test_a_job_no_site_may_release_to_ends_with_that_reason(dp_jobs):
