@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 
 EPSILONS = (None, 8.0, 3.0, 1.0)  # None: no DP (first: the reference)
-#: Per task: cases of the one site (3/4 train) and epochs of the utility rows (sized for 2 CPU cores).
-UTILITY = {"classification": {"cases": 200, "epochs": 6}, "segmentation": {"cases": 36, "epochs": 4}}
+#: Per task: cases of the one site (3/4 train), epochs and batch of the utility rows (sized for 2 CPU
+#: cores). The batch is larger than the task's default for every arm, DP or not: DP-SGD's noise is
+#: added to the batch's sum, so its signal-to-noise grows with the batch at the same epsilon.
+UTILITY = {"classification": {"cases": 400, "epochs": 12, "batch_size": 16},
+           "segmentation": {"cases": 120, "epochs": 6, "batch_size": 4}}
 
 
 #: Printed under the table: how to read the DP rows.
@@ -89,7 +92,7 @@ def bench_step_time(steps: int = 10, threads: int = 2) -> dict:
     return out
 
 
-def bench_utility(work: Path, task: str, cases: int, epochs: int, seed: int = 0,
+def bench_utility(work: Path, task: str, cases: int, epochs: int, batch_size: int, seed: int = 0,
                   epsilons=EPSILONS, delta: float = 1e-5, console=None) -> dict:
     """Centralized training of one synthetic site at each epsilon (see the module docstring)."""
     from fedbrain.data.datalist import load_datalist
@@ -100,12 +103,12 @@ def bench_utility(work: Path, task: str, cases: int, epochs: int, seed: int = 0,
         from fedbrain.tasks.classification import ClassificationConfig as Config
         from fedbrain.tasks.classification import ClassificationTrainer as Trainer
         metric = "val_bacc"
-        base = Config(algorithm="fedavg", seed=seed, num_threads=2)
+        base = Config(algorithm="fedavg", seed=seed, num_threads=2, batch_size=batch_size)
     else:
         from fedbrain.tasks.segmentation import SegmentationConfig as Config
         from fedbrain.tasks.segmentation import SegmentationTrainer as Trainer
         metric = "val_dice_wt"
-        base = Config(seed=seed, num_threads=2)
+        base = Config(seed=seed, num_threads=2, batch_size=batch_size)
     data = Path(work) / f"dp_{task}_{cases}_{seed}"
     if not (data / "hospital-a" / "datalist.json").exists():
         synthesize_consortium(data, sites=1, cases=cases, seed=seed, site_names=["hospital-a"], progress=False)

@@ -469,8 +469,12 @@ def write_doc(results: dict, plots: list[str]) -> None:
     lines += [f"![{Path(p).stem}]({p})" for p in plots
               if "classify" not in p and not Path(p).stem.startswith(GROUP_MODULES)]
     if results.get("dp"):
-        lines += ["", "## Differential privacy", "", f"Measured {results['dp'].get('measured_at', '')} (bench/dp.py; "
-                  "how to read the rows below the table).", "", *table(dp_bench.rows(results["dp"])), "",
+        dp = results["dp"]
+        when = f"step times {dp.get('measured_at', '')}" + "".join(
+            f"; {what} {dp[key]}" for what, key in (("utility at scale", "utility_measured_at"),
+                                                   ("demos", "demo_scale_measured_at")) if dp.get(key))
+        lines += ["", "## Differential privacy", "", f"Measured: {when} (bench/dp.py; "
+                  "how to read the rows below the table).", "", *table(dp_bench.rows(dp)), "",
                   *dp_bench.NOTES, ""]
     if results.get("classify_stats"):
         lines += ["", "## Classifier statistics over seeds", "", *classify_bench.stats_intro(results["classify_stats"]),
@@ -609,10 +613,15 @@ def main(argv=None):
         results["classify_stats"] = {**new, "measured_at": results["measured_at"]}
     if "dp" in only:
         console.rule("differential privacy")
-        results["dp"] = {"step_time": dp_bench.bench_step_time(), "measured_at": results["measured_at"],
-                         "utility": [dp_bench.bench_utility(WORK, task, console=console, **dp_bench.UTILITY[task])
-                                     for task in a.dp_tasks.split(",") if task],
-                         "demo_scale": dp_bench.bench_demo_scale(WORK, console=console) if a.dp_demos else None}
+        dp = {**results.get("dp", {}), "step_time": dp_bench.bench_step_time(), "measured_at": results["measured_at"]}
+        if a.dp_tasks:  # parts not asked for keep what earlier runs measured
+            dp["utility"] = [dp_bench.bench_utility(WORK, task, console=console, **dp_bench.UTILITY[task])
+                             for task in a.dp_tasks.split(",") if task]
+            dp["utility_measured_at"] = results["measured_at"]
+        if a.dp_demos:
+            dp["demo_scale"] = dp_bench.bench_demo_scale(WORK, console=console)
+            dp["demo_scale_measured_at"] = results["measured_at"]
+        results["dp"] = dp
     for group, module in group_modules().items():
         if group in only:
             console.rule(module.TITLE)
