@@ -31,8 +31,8 @@ NOTES = [
     "convolution gradients are memory-bound). Demo rows are `fedbrain demo` as shipped (6-22 training cases per",
     "site) with and without `--dp-epsilon 8`: DP-SGD's noise is added to a batch of about 2-4 patients, so these",
     "sites get a guarantee but no usable model. Sample-level DP needs hundreds of patients per site; utility rows",
-    "at that scale (`--dp-tasks classification,segmentation`: one site of 150 training cases at epsilon 1/3/8/inf)",
-    "take hours on 2 shared cores (the classifier's data loading alone is ~45 s per epoch) and are not measured yet.",
+    "at that scale (`--dp-tasks classification,segmentation`: one site of 300 (classification) or 90 (segmentation)",
+    "training cases at epsilon 1/3/8/inf, every arm at the same larger batch) take about an hour on 2 cores.",
 ]
 
 

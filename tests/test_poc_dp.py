@@ -16,7 +16,7 @@ from fedbrain.fl.site import write_site_config
 from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.faults import kill_participant, start_participant
 from fedbrain.poc.runner import submit_and_wait
-from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED
+from fedbrain.privacy.budget import BUDGET_EXHAUSTED
 from fedbrain.report.job_report import build_report
 
 pytestmark = pytest.mark.poc
