@@ -208,8 +208,12 @@ class SeedBenchSettings:
     * the consortium where personalization should matter: the hospitals as synthesized, each
       with its own scanner (``SiteProfile``: slice thickness, gain, gamma, noise, CT calibration,
       the last without CT), a Dirichlet(``alpha``) grade mix per hospital (label skew), and
-      ``relabel_site`` grading borderline gliomas (the atypical ones) by their MRI look, as a
-      rater with another habit would (site-specific labels; its validation uses its own labels);
+      ``relabel_site`` grading every glioma of ``relabel_wt_ml`` mL or more (whole tumour) as
+      high grade, as a rater who reads a large mass as high grade would (site-specific labels; its
+      validation uses its own labels). Why size: a habit the other hospitals do not share and
+      that the images show, so a shared head must get it wrong at that site and a personal head
+      can learn it (grading atypical cases "by their MRI look" was no such habit: the shared
+      MRI-driven model already predicts the look);
     * the consortium where it should not: the same cases pooled and re-split IID
       (Dirichlet(IID_ALPHA), no quantity skew), true grades everywhere;
     * the centralized arms (dual / MRI-only / CT-only) trained on the IID consortium's training
@@ -227,6 +231,7 @@ class SeedBenchSettings:
     test_cases: int = 24  # per hospital of the held-out test cohort of the centralized arms
     alpha: float = 0.5
     relabel_site: str = "hospital-b"
+    relabel_wt_ml: float = 30.0  # about the median LGG whole-tumour volume of the synthetic cohort
     atypical: float = 0.2
     rounds: int = 10
     epochs_per_round: int = 2
@@ -251,13 +256,13 @@ def skewed_profiles(seed: int, alpha: float, sites=SITES) -> list:
             for p in default_site_profiles(len(sites), seed, list(sites))]
 
 
-def relabel_borderline(cases: list[dict], looks_like: dict[str, str]) -> tuple[list[dict], int]:
-    """A hospital that grades atypical gliomas by how they look on MRI: its own labels."""
+def relabel_large_gliomas(cases: list[dict], wt_ml: dict[str, float], threshold_ml: float) -> tuple[list[dict], int]:
+    """A hospital that grades every glioma of ``threshold_ml`` or more (whole tumour) as HGG: its own labels."""
     out, changed = [], 0
     for c in cases:
-        look = looks_like.get(c["case_id"], c["grade"])
-        changed += look != c["grade"]
-        out.append({**c, "grade": look})
+        grade = "HGG" if c["grade"] == "LGG" and wt_ml.get(c["case_id"], 0.0) >= threshold_ml else c["grade"]
+        changed += grade != c["grade"]
+        out.append({**c, "grade": grade})
     return out, changed
 
 
@@ -281,13 +286,13 @@ def seed_data(work: Path, s: SeedBenchSettings, seed: int, console: Console) -> 
     manifest = synthesize_consortium(work / "pool", sites=len(SITES), cases=s.cases, seed=seed, site_names=list(SITES),
                                      atypical=s.atypical, val_fraction=s.val_fraction,
                                      profiles=skewed_profiles(seed, s.alpha), progress=True)
-    looks = {c["case_id"]: c["looks_like"] for c in manifest["cases"]}
+    volumes = {c["case_id"]: c["wt_ml"] for c in manifest["cases"]}
     matters, relabelled = {}, 0
     for site in SITES:
         lists = load_datalist(work / "pool" / site / "datalist.json")
         if site == s.relabel_site:
             for section in ("training", "validation"):
-                lists[section], n = relabel_borderline(lists[section], looks)
+                lists[section], n = relabel_large_gliomas(lists[section], volumes, s.relabel_wt_ml)
                 relabelled += n
         matters[site] = lists
     pooled = [c for site in SITES for sec in ("training", "validation")
@@ -452,7 +457,8 @@ def stats_intro(st: dict) -> list[str]:
             "its 95% t interval; a gain is met only when its interval excludes 0. The consortium where",
             "personalization should matter: each hospital its own scanner and a Dirichlet grade mix, and "
             f"{settings['relabel_site']}",
-            "grades borderline (atypical) gliomas by their MRI look, with its validation labelled the same way; where it",
+            f"grades every glioma of {settings.get('relabel_wt_ml', '?')} mL or more (whole tumour) as HGG, with its "
+            "validation labelled the same way; where it",
             "should not: the same cases re-split IID. Its federated arms run in process (bench/classify.py",
             "`federate`: the product's trainer, FedAvg weighted by steps, heads kept at the site), not as FLARE jobs.",
             "The centralized arms (dual, MRI-only, CT-only; late fusion trained on the CT-complete cases for the",

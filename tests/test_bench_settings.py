@@ -78,9 +78,10 @@ def test_skewed_consortium_and_a_hospital_with_its_own_grading():
     assert [p.name for p in a] == list(bench.SITES) and a != b
     assert all(p.case_factor == 1.0 and abs(sum(p.grade_mix.values()) - 1) < 0.01 for p in a)
     assert [p.has_ct for p in a] == [True, True, False]  # scanner shift: a hospital without CT
-    cases = [{"case_id": "x", "grade": "LGG"}, {"case_id": "y", "grade": "HGG"}, {"case_id": "z", "grade": "healthy"}]
-    out, changed = bench.relabel_borderline(cases, {"x": "HGG", "y": "HGG"})
-    assert [c["grade"] for c in out] == ["HGG", "HGG", "healthy"] and changed == 1
+    cases = [{"case_id": "x", "grade": "LGG"}, {"case_id": "w", "grade": "LGG"}, {"case_id": "y", "grade": "HGG"},
+             {"case_id": "z", "grade": "healthy"}]
+    out, changed = bench.relabel_large_gliomas(cases, {"x": 31.0, "w": 29.0, "y": 10.0, "z": 0.0}, 30.0)
+    assert [c["grade"] for c in out] == ["HGG", "LGG", "HGG", "healthy"] and changed == 1
     assert cases[0]["grade"] == "LGG"  # the pool itself keeps the true grade
 
 
