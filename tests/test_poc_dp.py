@@ -9,14 +9,15 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, TRAIN_STEPS
+from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, SITE_METRICS_LOG_TAG, TRAIN_STEPS
+from fedbrain.filters.audit import AUDIT_FILE
 from fedbrain.data.datalist import load_datalist
 from fedbrain.demo import ClassifyDemoSettings, export_job, prepare_classification_data
 from fedbrain.fl.site import write_site_config
 from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.faults import kill_participant, start_participant
 from fedbrain.poc.runner import submit_and_wait
-from fedbrain.privacy.budget import BUDGET_EXHAUSTED
+from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED
 from fedbrain.report.job_report import build_report
 
 pytestmark = pytest.mark.poc
@@ -142,9 +143,21 @@ def test_ledgers_live_in_the_site_kits(dp_jobs):
 
 
 def test_require_dp_sites_refuse_a_job_without_dp(dp_jobs):
-    """Each site's own local config is what refuses: every site logs it in its job log."""
+    """Each site's own local config is what refuses: every site logs it, and what the server received
+    from each site in that job (its audit of the wire) is an all-zero update (nothing learnt from its
+    data), with dp_withheld = DP_REQUIRED in the metrics the server holds."""
     for site, log in dp_jobs["logs3"].items():
         assert "this site requires DP (require_dp in local/fedbrain_site.json) and the job has none" in log, site
+    audit = [json.loads(line) for line in (dp_jobs["result3"] / "workspace" / AUDIT_FILE).read_text().splitlines()]
+    assert {e["site"] for e in audit} == set(dp_jobs["poc"].sites)
+    for entry in audit:
+        assert entry["l2_norm"] == 0.0, entry
+        assert DP_WITHHELD in entry["metrics"], entry
+    server_log = (dp_jobs["result3"] / "workspace" / "log.txt").read_text(errors="replace")
+    received = [json.loads(line.split(SITE_METRICS_LOG_TAG, 1)[1]) for line in server_log.splitlines()
+                if SITE_METRICS_LOG_TAG in line]
+    assert {r["site"] for r in received} == set(dp_jobs["poc"].sites)
+    assert all(r["metrics"][DP_WITHHELD] == DP_REQUIRED for r in received), received
 
 
 def test_a_job_no_site_may_release_to_ends_with_that_reason(dp_jobs):
