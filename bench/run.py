@@ -609,7 +609,7 @@ def main(argv=None):
             old = results.get("classify_stats", {})
             new["seeds"] = {**old.get("seeds", {}),
                             **{k: {**old.get("seeds", {}).get(k, {}), **v} for k, v in new["seeds"].items()}}
-            new["work"] = ", ".join(dict.fromkeys(w for w in (old.get("work"), new["work"]) if w))
+            new["work"] = ", ".join(dict.fromkeys(portable(w) for w in (old.get("work"), new["work"]) if w))
         results["classify_stats"] = {**new, "measured_at": results["measured_at"]}
     if "dp" in only:
         console.rule("differential privacy")
