@@ -10,9 +10,9 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, SITE_METRICS_LOG_TAG, TRAIN_STEPS
-from fedbrain.filters.audit import AUDIT_FILE
 from fedbrain.data.datalist import load_datalist
 from fedbrain.demo import ClassifyDemoSettings, export_job, prepare_classification_data
+from fedbrain.filters.audit import AUDIT_FILE
 from fedbrain.fl.site import write_site_config
 from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.faults import kill_participant, start_participant
