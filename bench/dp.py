@@ -28,13 +28,18 @@ UTILITY = {"classification": {"cases": 400, "epochs": 12, "batch_size": 64, "lr"
 #: Printed under the table: how to read the DP rows.
 NOTES = [
     "How to read these rows: step times are medians of steps run interleaved (plain, DP model without DP-SGD,",
-    "DP-SGD, in turn) on random inputs of the task's default size, on a shared 2-core machine (load 7-8 here;",
-    "runs without the kernel warm-up or at a noisier moment gave 3-7x for segmentation, whose per-sample",
-    "convolution gradients are memory-bound). Demo rows are `fedbrain demo` as shipped (6-22 training cases per",
-    "site) with and without `--dp-epsilon 8`: DP-SGD's noise is added to a batch of about 2-4 patients, so these",
-    "sites get a guarantee but no usable model. Sample-level DP needs hundreds of patients per site; utility rows",
-    "at that scale (`--dp-tasks classification,segmentation`: one site of 300 (classification) or 90 (segmentation)",
-    "training cases at epsilon 1/3/8/inf, every arm at the same larger batch) take about an hour on 2 cores.",
+    "DP-SGD, in turn) on random inputs of the task's default size (batch 2 / 4) on a 2-core machine. The ratio",
+    "moves with load: 2.3x / 2.9x on a busy machine (load 7-8), 2.8x / 3.9x on a quiet one (2026-12-01), 3-7x",
+    "for segmentation without the kernel warm-up; per-sample gradients of 3D convolutions are memory-bound.",
+    "Utility rows: one site of 300 (classification) or 90 (segmentation) training cases, centralized with the",
+    "task's loop, noise calibrated to spend exactly epsilon over the arm's epochs, every arm at the same batch.",
+    "At every epsilon <= 8 both models stay where they started (balanced accuracy at chance, Dice ~0.04): the",
+    "noise on each step's mean gradient (noise x clip / batch, in each of ~0.6 M (classifier) or ~1.2 M",
+    "(UNet) coordinates) swamps the signal of 4-64 clipped per-patient gradients. Tried on the classifier",
+    "(2026-11-30/12-01, all at chance at epsilon 8): batch 16 and 64, AdamW, and SGD with momentum at lr 0.1",
+    "(lr 0.5 diverged). Sample-level DP at these sizes buys a guarantee, not a model; it needs thousands of patients",
+    "per site, or a model pretrained on public data with only a small part trained under DP (not built).",
+    "Demo rows are `fedbrain demo` as shipped (6-22 training cases per site) with and without `--dp-epsilon 8`.",
 ]
 
 
