@@ -85,7 +85,7 @@ def he_jobs(tmp_path_factory):
         out["server_context"] = (poc.kit("localhost") / "startup" / "server_context.tenseal").read_bytes()
         out["client_context"] = (poc.kit("hospital-a") / "startup" / "client_context.tenseal").read_bytes()
     finally:
-        poc.clean()
+        poc.clean(graceful=False)  # results are downloaded: teardown by PID
     yield out
 
 

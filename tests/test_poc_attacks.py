@@ -56,7 +56,7 @@ def attack_jobs(tmp_path_factory):
         poc.up(data_dir=run_dir / "data")
         results = run_jobs_side_by_side(poc, jobs, run_dir / "results", max_active=3, timeout=600)
     finally:
-        poc.clean()
+        poc.clean(graceful=False)  # results are downloaded: teardown by PID
     yield {"results": results, "reports": {n: build_report(r) for n, (_, r, _) in results.items() if r}}
 
 

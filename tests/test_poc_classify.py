@@ -46,7 +46,7 @@ def two_jobs(tmp_path_factory):
         out["site_logs2"] = {s: (poc.kit(s) / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
                              for s in SITES}
     finally:
-        poc.clean()
+        poc.clean(graceful=False)  # results are downloaded: teardown by PID
     yield out
 
 

@@ -85,7 +85,7 @@ def dp_jobs(tmp_path_factory):
         out["ledgers"] = {s: [json.loads(p.read_text()) for p in (poc.kit(s) / "privacy").glob("*/accountant.json")]
                           for s in poc.sites}
     finally:
-        poc.clean()
+        poc.clean(graceful=False)  # results are downloaded: teardown by PID
     yield out
 
 

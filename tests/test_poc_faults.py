@@ -62,7 +62,7 @@ def faulted(tmp_path_factory):
         result = job.download(run_dir / "results2")
         out["needs_all"] = {"meta": meta, "record": F.round_record(result), "log": F.server_log(result)}
     finally:
-        poc.stop()
+        poc.stop(graceful=False)  # results are downloaded: teardown by PID
     return out
 
 

@@ -91,7 +91,7 @@ def test_twelve_sites_complete_every_round(tmp_path):
         with PeakRss(poc.workspace, poc.sites) as rss:
             meta, result = submit_and_wait(poc, job, rounds=ROUNDS, result_dir=tmp_path / "result")
     finally:
-        poc.clean()
+        poc.clean(graceful=False)  # results are downloaded: teardown by PID
     assert meta["status"] == "FINISHED:COMPLETED"
     ws = next(Path(result).glob("**/workspace"))
     audit = [json.loads(line) for line in (ws / "received_updates.jsonl").read_text().splitlines() if line.strip()]

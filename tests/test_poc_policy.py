@@ -74,7 +74,7 @@ def policy_jobs(tmp_path_factory):
         finally:
             sess.close()
     finally:
-        poc.clean()
+        poc.clean(graceful=False)  # results are downloaded: teardown by PID
     yield out
 
 

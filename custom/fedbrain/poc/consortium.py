@@ -153,9 +153,12 @@ class PocConsortium:
                 pass
         return total
 
-    def stop(self, grace: float = 20) -> None:
-        """Stop via FLARE, then kill by PID anything left: wrappers first so nothing restarts."""
-        if self.is_running():
+    def stop(self, grace: float = 20, graceful: bool = True) -> None:
+        """Stop via FLARE, then kill by PID anything left: wrappers first so nothing restarts.
+
+        ``graceful=False`` skips FLARE's shutdown (~11 s on 2 cores, against ~2 s by PID): for test
+        teardown, where the results were already downloaded and nothing is resumed."""
+        if graceful and self.is_running():
             try:
                 self._nvflare("poc", "stop", timeout=60)
             except PocError:
@@ -165,11 +168,11 @@ class PocConsortium:
                 time.sleep(0.5)
         kill_processes_under(self.workspace)
 
-    def clean(self) -> None:
+    def clean(self, graceful: bool = True) -> None:
         """Remove the provisioned workspace (kits, keys, job stores); results downloaded elsewhere stay."""
         import shutil
 
-        self.stop()
+        self.stop(graceful=graceful)
         shutil.rmtree(self.workspace, ignore_errors=True)
 
     # ---- admin API ------------------------------------------------------------------------
