@@ -54,7 +54,8 @@ def faulted(tmp_path_factory):
         result = job.download(run_dir / "results1")
         out["survives"] = {"meta": meta, "record": F.round_record(result), "log": F.server_log(result)}
         # Job 2: all three needed; hospital-c crashes in round 1.
-        job = F.JobRun(poc, export(base.replace(name="needs_all", min_clients=3, round_timeout=90.0), run_dir / "jobs2"))
+        job = F.JobRun(poc, export(base.replace(name="needs_all", min_clients=3, round_timeout=90.0, dead_site_grace=10.0),
+                                   run_dir / "jobs2"))
         job.wait_round(1)
         time.sleep(1)
         F.kill_job_process(poc, VICTIM)

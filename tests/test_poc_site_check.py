@@ -1,8 +1,10 @@
-"""`fedbrain site check` and `fedbrain status` against a real running POC consortium (slow: marked poc).
+"""A data scientist's POC session through the CLI, on one real consortium (slow: marked poc):
+`fedbrain poc up | status | down`, `fedbrain site check` and `fedbrain status` / `watch`.
 
 The non-POC tests (test_site_check.py, test_site_ops.py) cover each fault with a stand-in server;
-this one checks that a healthy POC site passes with FLARE's real server on the other end, and
-that an admin kit sees the three sites connected."""
+this one checks that a healthy POC site passes with FLARE's real server on the other end, that an
+admin kit sees the three sites connected, and that `down` leaves nothing running. (One consortium
+for all of it: each POC start and stop costs ~20 s of the suite's 25 minutes.)"""
 
 from __future__ import annotations
 
@@ -24,12 +26,26 @@ from fedbrain.tasks.segmentation import SegmentationConfig
 pytestmark = pytest.mark.poc
 
 
-def test_site_check_and_status_on_a_running_poc(tmp_path, capsys):
+def test_poc_cli_site_check_and_status_on_a_running_poc(tmp_path, capsys):
     run_dir = tmp_path / "poc"
     poc = PocConsortium(run_dir)
     try:
         assert cli_main(["poc", "up", "--run-dir", str(run_dir), "--cases", "3"]) == 0
         capsys.readouterr()
+        assert cli_main(["poc", "status", "--run-dir", str(run_dir)]) == 0
+        out = capsys.readouterr().out
+        status = json.loads(out[out.index("{"):])
+        assert status["running"] and status["server"] == "up"
+        assert status["sites"] == {s: "connected" for s in poc.sites}
+        # every site was pointed at its own synthetic datalist
+        for site in poc.sites:
+            cfg = json.loads((poc.kit(site) / "local" / "fedbrain_site.json").read_text())
+            assert cfg["datalist"].endswith(f"data/{site}/datalist.json")
+        # `up` again must not re-provision under the running processes (new certificates)
+        root_ca = (poc.kit("hospital-a") / "startup" / "rootCA.pem").read_bytes()
+        assert cli_main(["poc", "up", "--run-dir", str(run_dir)]) == 1
+        assert "already running" in capsys.readouterr().out
+        assert (poc.kit("hospital-a") / "startup" / "rootCA.pem").read_bytes() == root_ca
         for site in poc.sites:
             check = sc.run_site_check(poc.kit(site), python=sys.executable)
             rows = {r.check: r for r in check.rows}
@@ -56,3 +72,8 @@ def test_site_check_and_status_on_a_running_poc(tmp_path, capsys):
         assert "per site, latest round received" in shown and "val_dice" in shown, shown[-3000:]
     finally:
         assert cli_main(["poc", "down", "--run-dir", str(run_dir)]) == 0
+    assert poc.pids() == []
+    assert (poc.kit("hospital-a") / "startup" / "rootCA.pem").is_file()  # `down` keeps the kits
+    assert cli_main(["poc", "status", "--run-dir", str(run_dir)]) == 1
+    assert cli_main(["poc", "down", "--run-dir", str(run_dir), "--remove"]) == 0
+    assert not poc.workspace.exists()
