@@ -610,6 +610,8 @@ def main(argv=None):
             new["seeds"] = {**old.get("seeds", {}),
                             **{k: {**old.get("seeds", {}).get(k, {}), **v} for k, v in new["seeds"].items()}}
             new["work"] = ", ".join(dict.fromkeys(portable(w) for w in (old.get("work"), new["work"]) if w))
+            new["settings"] = {**new["settings"], "seeds": sorted({*old.get("settings", {}).get("seeds", ()),
+                                                                    *new["settings"]["seeds"]})}
         results["classify_stats"] = {**new, "measured_at": results["measured_at"]}
     if "dp" in only:
         console.rule("differential privacy")
