@@ -207,8 +207,8 @@ def cmd_demo(a) -> int:
         raise SystemExit(f"fedbrain demo: {e}") from None
     cases = {"cases": a.cases} if a.cases is not None else {}
     if a.task == "classify":
-        settings = ClassifyDemoSettings(seed=a.seed, keep_workspace=a.keep, alpha=a.alpha, atypical=a.atypical,
-                                        task=config, **cases)
+        data = {k: v for k, v in (("alpha", a.alpha), ("atypical", a.atypical)) if v is not None}
+        settings = ClassifyDemoSettings(seed=a.seed, keep_workspace=a.keep, task=config, **cases, **data)
     else:
         settings = DemoSettings(seed=a.seed, keep_workspace=a.keep, task=config, **cases)
     run_demo(Path(a.runs), settings, console=console)
@@ -405,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--remove", action="store_true", help="down: also delete the provisioned kits (default: keep)")
     pc.set_defaults(func=cmd_poc)
 
+    from fedbrain.demo import ClassifyDemoSettings
+
     d = sub.add_parser("demo", help="main job end to end: data, POC, submit, watch, report, teardown")
     d.add_argument("--task", default="segment", choices=["segment", "classify"])
     d.add_argument("--runs", default="runs")
@@ -415,9 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--algorithm", default=None, choices=sorted({a for c in configs.values() for a in c.ALGORITHMS}),
                    help="; ".join(f"{task}: {' | '.join(c.ALGORITHMS)} (default {c().algorithm})"
                                   for task, c in configs.items()))
-    d.add_argument("--alpha", type=float, default=0.5, help="classify only: Dirichlet label-skew alpha")
-    d.add_argument("--atypical", type=float, default=0.2,
-                   help="classify only: fraction of gliomas that look like the other grade on MRI")
+    d.add_argument("--alpha", type=float, default=None,
+                   help=f"classify only: Dirichlet label-skew alpha (default {ClassifyDemoSettings.alpha})")
+    d.add_argument("--atypical", type=float, default=None,
+                   help="classify only: fraction of gliomas that look like the other grade on MRI "
+                        f"(default {ClassifyDemoSettings.atypical})")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--he", action="store_true",
                    help="encrypted aggregation: sites send CKKS ciphertext, the server sums what it cannot read")
