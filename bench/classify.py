@@ -31,6 +31,8 @@ from fedbrain.tasks.classification import ClassificationConfig
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 FED_ARMS = ("personal", "fedavg", "fedprox", "scaffold")
 TARGET = 0.9  # minimum-site balanced accuracy the "rounds to target" figure counts up to
+#: Most balanced accuracy (points) robust fusion may lose when a modality is missing at test time (the issue's goals).
+DROP_GOALS = {"ct": 5.0, "mri": 15.0}
 
 
 @dataclass
@@ -513,7 +515,8 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
                         _verdict(lo > 0, len(cen))))
         drops = {(a, m): [100 * (c[a]["bacc"] - c[a][f"bacc_no_{m}"]) for c in cen if a in c]
                  for a in ("dual", "late_ct_complete") for m in ("ct", "mri")}
-        for m, goal, name in (("ct", 5.0, "CT"), ("mri", 15.0, "MRI")):
+        for m, name in (("ct", "CT"), ("mri", "MRI")):
+            goal = DROP_GOALS[m]
             mean, lo, hi = interval(drops[("dual", m)])
             late = drops[("late_ct_complete", m)]
             beside = (f"; late fusion trained on CT-complete cases: {interval(late)[0]:+.1f} [{interval(late)[1]:+.1f}, "
@@ -591,7 +594,7 @@ def rows(c: dict) -> list[tuple[str, str, str, str]]:
             d_late = 100 * (late["bacc"] - late[f"bacc_no_{drop}"])
             d_rob = 100 * (rob["bacc"] - rob[f"bacc_no_{drop}"])
             out.append((f"Drop in balanced accuracy with {name} missing at test time (points): robust vs late fusion",
-                        f"{d_rob:.1f} vs {d_late:.1f}", "robust <= 5",
+                        f"{d_rob:.1f} vs {d_late:.1f}", f"robust <= {DROP_GOALS[drop]:.0f}",
                         f"robust {_f(rob['bacc'])} -> {_f(rob[f'bacc_no_{drop}'])}; "
                         f"late {_f(late['bacc'])} -> {_f(late[f'bacc_no_{drop}'])}"))
     if {"dual", "mri_only", "ct_only"} <= set(cen):
