@@ -268,6 +268,28 @@ def test_dirichlet_partition_properties():
         dirichlet_partition(labels[:10], 3, 1.0, 0, min_per_site=4)
 
 
+def test_dirichlet_partition_min_per_class_keeps_every_grade_at_every_site():
+    """Dirichlet(0.5) on the demo's grade mix left a site with only HGG (seed 1): the floor gives every
+    site every grade, keeps the sizes' floor, and the split still skewed."""
+    from fedbrain.data.splits import class_entropy, dirichlet_partition
+
+    labels = np.array([0] * 13 + [1] * 22 + [2] * 37)
+    plain = [dirichlet_partition(labels, 3, 0.5, s, min_per_site=18) for s in range(6)]
+    assert any(min(np.bincount(labels[p], minlength=3).min() for p in parts) == 0 for parts in plain)
+    for seed in range(6):
+        parts = dirichlet_partition(labels, 3, 0.5, seed, min_per_site=18, min_per_class=4)
+        assert sorted(i for p in parts for i in p) == list(range(len(labels)))
+        assert all(np.bincount(labels[p], minlength=3).min() >= 4 for p in parts), seed
+        assert min(len(p) for p in parts) >= 18
+    def entropy(alpha, floor):
+        return np.mean([class_entropy(labels, dirichlet_partition(labels, 3, alpha, s, min_per_class=floor))
+                        for s in range(10)])
+
+    assert entropy(0.5, 0) + 0.1 < entropy(0.5, 3) < entropy(100.0, 0) - 0.05  # less skewed than unfloored, not IID
+    with pytest.raises(ValueError, match="min_per_class"):
+        dirichlet_partition(labels, 3, 0.5, 0, min_per_class=5)  # 13 healthy cannot give 3 sites 5 each
+
+
 def test_write_partitioned_datalists(tmp_path):
     from fedbrain.data.datalist import load_datalist
     from fedbrain.data.splits import write_partitioned_datalists

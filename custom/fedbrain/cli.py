@@ -207,7 +207,8 @@ def cmd_demo(a) -> int:
         raise SystemExit(f"fedbrain demo: {e}") from None
     cases = {"cases": a.cases} if a.cases is not None else {}
     if a.task == "classify":
-        data = {k: v for k, v in (("alpha", a.alpha), ("atypical", a.atypical)) if v is not None}
+        data = {k: v for k, v in (("alpha", a.alpha), ("atypical", a.atypical), ("min_per_grade", a.min_per_grade))
+                if v is not None}
         settings = ClassifyDemoSettings(seed=a.seed, keep_workspace=a.keep, task=config, **cases, **data)
     else:
         settings = DemoSettings(seed=a.seed, keep_workspace=a.keep, task=config, **cases)
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--atypical", type=float, default=None,
                    help="classify only: fraction of gliomas that look like the other grade on MRI "
                         f"(default {ClassifyDemoSettings.atypical})")
+    d.add_argument("--min-per-grade", dest="min_per_grade", type=int, default=None,
+                   help="classify only: every hospital holds at least this many cases of every grade "
+                        f"(default {ClassifyDemoSettings.min_per_grade})")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--he", action="store_true",
                    help="encrypted aggregation: sites send CKKS ciphertext, the server sums what it cannot read")

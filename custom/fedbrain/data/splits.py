@@ -33,6 +33,7 @@ def dirichlet_partition(
     seed: int,
     *,
     min_per_site: int = 4,
+    min_per_class: int = 0,
     quantity_skew: bool = True,
 ) -> list[list[int]]:
     """Split indices ``0..len(labels)-1`` over ``n_sites`` with Dirichlet(alpha) label skew.
@@ -41,9 +42,14 @@ def dirichlet_partition(
       weighted by a per-site size factor (log-normal, sigma 0.5), so sites differ in
       size as real hospitals do. Without it, a site that already holds its fair share
       (N / n_sites) receives no more cases (the NIID-Bench rule), giving near-equal sizes.
+    * With ``min_per_class``, every site first holds at least that many cases of every class
+      (taken from the site holding the most of it): skewed, but no hospital that sees only one
+      grade. Such a site validates trivially (balanced accuracy over one class) and gives the
+      shared layers nothing to tell grades apart by.
     * Every site then gets at least ``min_per_site`` cases: the smallest site takes a
-      case from the largest, of the class the small site is most skewed towards, so
-      the repair disturbs the label skew as little as possible.
+      case from the largest, of the class the small site is most skewed towards (keeping
+      the donor's per-class floor where it can), so the repair disturbs the label skew as
+      little as possible.
 
     Same ``seed`` (and inputs) -> same partition. Each index appears exactly once;
     each site's list is sorted.
@@ -56,6 +62,10 @@ def dirichlet_partition(
         raise ValueError(f"alpha must be > 0, got {alpha}")
     if n < n_sites * min_per_site:
         raise ValueError(f"{n} cases cannot give {n_sites} sites at least {min_per_site} each")
+    short = {int(c): int(k) for c, k in zip(*np.unique(labels, return_counts=True)) if k < n_sites * min_per_class}
+    if short:
+        raise ValueError(f"min_per_class={min_per_class} needs {n_sites * min_per_class} cases of every class; "
+                         f"class counts {short} are too few")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     # shares[c, s]: the fraction of class c that site s is meant to receive.
@@ -79,7 +89,19 @@ def dirichlet_partition(
         for s, part in enumerate(np.split(idx, cuts)):
             sites[s].extend(int(i) for i in part)
 
-    # Repair: lift every site to min_per_site, taking from the currently largest site.
+    # Repair: every site holds min_per_class of every class, taken from the site holding the most of it...
+    for c in classes if min_per_class else ():
+        while True:
+            held = np.array([int((labels[s] == c).sum()) if s else 0 for s in sites])
+            needy = int(np.argmin(held))
+            if held[needy] >= min_per_class:
+                break
+            donor = int(np.argmax(held))
+            candidates = [i for i in sites[donor] if labels[i] == c]
+            pick = candidates[int(rng.integers(len(candidates)))]
+            sites[donor].remove(pick)
+            sites[needy].append(pick)
+    # ...then every site reaches min_per_site, taking from the currently largest site.
     class_pos = {c: i for i, c in enumerate(classes)}
     while True:
         sizes = np.array([len(s) for s in sites])
@@ -88,12 +110,15 @@ def dirichlet_partition(
             break
         donor = int(np.argmax(sizes))
         held = Counter(labels[i] for i in sites[donor])
+        spare = {k: v for k, v in held.items() if v > min_per_class}  # keep the per-class floor where it can be
+        held = spare or held
         # the donor's class that the small site is most skewed towards
         c = max(held, key=lambda k: (shares[class_pos[k], small], held[k]))
         candidates = [i for i in sites[donor] if labels[i] == c]
         pick = candidates[int(rng.integers(len(candidates)))]
         sites[donor].remove(pick)
         sites[small].append(pick)
+
     return [sorted(s) for s in sites]
 
 
@@ -143,6 +168,7 @@ def write_partitioned_datalists(
     val_fraction: float = 0.25,
     *,
     min_per_site: int = 4,
+    min_per_class: int = 0,
     quantity_skew: bool = True,
 ) -> dict[str, Path]:
     """Partition pooled datalist items by grade and write ``out_dir/<site>/datalist.json``.
@@ -166,13 +192,13 @@ def write_partitioned_datalists(
     if len(set(ids)) != len(ids):
         raise ValueError("case_id values must be unique across the pooled cases")
     labels = [CLASS_NAMES.index(c["grade"]) for c in cases]
-    parts = dirichlet_partition(labels, len(site_names), alpha, seed,
-                                min_per_site=min_per_site, quantity_skew=quantity_skew)
+    parts = dirichlet_partition(labels, len(site_names), alpha, seed, min_per_site=min_per_site,
+                                min_per_class=min_per_class, quantity_skew=quantity_skew)
     rng = np.random.default_rng([seed, 0x5A1])
     out = Path(out_dir)
     written: dict[str, Path] = {}
     summary = {"alpha": alpha, "seed": seed, "val_fraction": val_fraction, "quantity_skew": quantity_skew,
-               "min_per_site": min_per_site, "sites": {}}
+               "min_per_site": min_per_site, "min_per_class": min_per_class, "sites": {}}
     for name, part in zip(site_names, parts):
         site_labels = [labels[i] for i in part]
         val = _stratified_validation(site_labels, val_fraction, rng)
