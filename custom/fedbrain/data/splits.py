@@ -96,11 +96,7 @@ def dirichlet_partition(
             needy = int(np.argmin(held))
             if held[needy] >= min_per_class:
                 break
-            donor = int(np.argmax(held))
-            candidates = [i for i in sites[donor] if labels[i] == c]
-            pick = candidates[int(rng.integers(len(candidates)))]
-            sites[donor].remove(pick)
-            sites[needy].append(pick)
+            _move_one(sites, labels, c, int(np.argmax(held)), needy, rng)
     # ...then every site reaches min_per_site, taking from the currently largest site.
     class_pos = {c: i for i, c in enumerate(classes)}
     while True:
@@ -114,12 +110,16 @@ def dirichlet_partition(
         held = spare or held
         # the donor's class that the small site is most skewed towards
         c = max(held, key=lambda k: (shares[class_pos[k], small], held[k]))
-        candidates = [i for i in sites[donor] if labels[i] == c]
-        pick = candidates[int(rng.integers(len(candidates)))]
-        sites[donor].remove(pick)
-        sites[small].append(pick)
-
+        _move_one(sites, labels, c, donor, small, rng)
     return [sorted(s) for s in sites]
+
+
+def _move_one(sites: list[list[int]], labels: np.ndarray, c, donor: int, to: int, rng: np.random.Generator) -> None:
+    """Move one randomly chosen case of class ``c`` from site ``donor`` to site ``to`` (the repairs' one step)."""
+    candidates = [i for i in sites[donor] if labels[i] == c]
+    pick = candidates[int(rng.integers(len(candidates)))]
+    sites[donor].remove(pick)
+    sites[to].append(pick)
 
 
 def class_entropy(labels: Sequence[int], partition: Sequence[Sequence[int]]) -> float:
