@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -99,7 +100,7 @@ def prepare_classification_data(data_dir: Path, sites: list[str], settings: Clas
     for site in sites:
         lists = load_datalist(data_dir / "pool" / site / "datalist.json")
         pooled += lists["training"] + lists["validation"]
-    fewest = min(sum(c["grade"] == g for c in pooled) for g in {c["grade"] for c in pooled})  # a small pool caps the floors
+    fewest = min(Counter(c["grade"] for c in pooled).values())  # the rarest grade caps the per-grade floor
     write_partitioned_datalists(pooled, data_dir / "split", sites, alpha=settings.alpha, seed=settings.seed,
                                 val_fraction=settings.val_fraction,
                                 min_per_site=min(settings.min_per_site, len(pooled) // len(sites)),
