@@ -20,6 +20,7 @@ One synthetic cohort per run, measured side by side:
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -218,6 +219,10 @@ class SeedBenchSettings:
       MRI-driven model already predicts the look);
     * the consortium where it should not: the same cases pooled and re-split IID
       (Dirichlet(IID_ALPHA), no quantity skew), true grades everywhere;
+    * each site's validation: its own 30% of the pool plus ``site_val_cases`` more cases from the
+      same hospital (scanner, grade mix and, for ``relabel_site``, labelling habit), never trained
+      on, so a site is judged on ~45 cases, not 15: one case then moves a site by ~2-10 points, not
+      7-50 (:func:`site_validation_cohort`);
     * the centralized arms (dual / MRI-only / CT-only) trained on the IID consortium's training
       cases and scored, as in the classify group, on a held-out cohort (seed + 1000, default
       hospitals) of cases that have CT.
@@ -231,6 +236,7 @@ class SeedBenchSettings:
     cases: int = 50  # per hospital, no quantity skew: val_fraction 0.3 gives every site 15 validation cases
     val_fraction: float = 0.3
     test_cases: int = 24  # per hospital of the held-out test cohort of the centralized arms
+    site_val_cases: int = 30  # per hospital, added to its validation (see :func:`site_validation_cohort`)
     alpha: float = 0.5
     relabel_site: str = "hospital-b"
     relabel_wt_ml: float = 30.0  # about the median LGG whole-tumour volume of the synthetic cohort
@@ -279,6 +285,26 @@ def held_out_test(work: Path, s: SeedBenchSettings, seed: int) -> list[dict]:
     return [c for d in lists for c in d["training"] + d["validation"] if c.get("ct")]
 
 
+def site_validation_cohort(work: Path, s: SeedBenchSettings, seed: int) -> tuple[dict[str, list[dict]], dict]:
+    """More validation cases per hospital for the federated arms (seed + 2000, never trained on),
+    with their true grades, and each case's whole-tumour volume (mL) for a site's own grading.
+
+    Same site profiles as the pool (scanner and Dirichlet grade mix of this seed), so a site's extra
+    cases look like its own.
+    """
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.synthetic.cohort import synthesize_consortium
+
+    if s.site_val_cases <= 0:
+        return {site: [] for site in SITES}, {}
+    manifest = synthesize_consortium(work / "siteval", sites=len(SITES), cases=s.site_val_cases, seed=seed + 2000,
+                                     site_names=list(SITES), atypical=s.atypical, val_fraction=s.val_fraction,
+                                     profiles=skewed_profiles(seed, s.alpha), progress=True)
+    lists = {site: load_datalist(work / "siteval" / site / "datalist.json") for site in SITES}
+    return ({site: d["training"] + d["validation"] for site, d in lists.items()},
+            {c["case_id"]: c["wt_ml"] for c in manifest["cases"]})
+
+
 def seed_data(work: Path, s: SeedBenchSettings, seed: int, console: Console) -> dict:
     """Both consortia of one seed as ``{name: {site: {"training": [...], "validation": [...]}}}``."""
     from fedbrain.data.datalist import load_datalist
@@ -302,6 +328,15 @@ def seed_data(work: Path, s: SeedBenchSettings, seed: int, console: Console) -> 
     write_partitioned_datalists(pooled, work / "iid", list(SITES), alpha=IID_ALPHA, seed=seed,
                                 val_fraction=s.val_fraction, quantity_skew=False)
     iid = {site: load_datalist(work / "iid" / site / "datalist.json") for site in SITES}
+    extra, extra_volumes = site_validation_cohort(work, s, seed)
+    for site in SITES:  # each hospital judged on its own extra cases, graded its own way
+        own = (relabel_large_gliomas(extra[site], extra_volumes, s.relabel_wt_ml)[0] if site == s.relabel_site
+               else extra[site])
+        matters[site]["validation"] = matters[site]["validation"] + own
+    pooled_extra = [c for site in SITES for c in extra[site]]  # the IID consortium: true grades, dealt out evenly
+    random.Random(seed).shuffle(pooled_extra)
+    for i, site in enumerate(SITES):
+        iid[site]["validation"] = iid[site]["validation"] + pooled_extra[i::len(SITES)]
     return {"matters": matters, "iid": iid, "relabelled": relabelled,
             "grade_mix": {p["name"]: p["grade_counts"] for p in manifest["sites"]}}
 
@@ -461,7 +496,11 @@ def stats_intro(st: dict) -> list[str]:
             f"{settings['relabel_site']}",
             f"grades every glioma of {settings.get('relabel_wt_ml', '?')} mL or more (whole tumour) as HGG, with its "
             "validation labelled the same way; where it",
-            "should not: the same cases re-split IID. Its federated arms run in process (bench/classify.py",
+            "should not: the same cases re-split IID. "
+            + (f"Each site is validated on its 30% of the pool plus {settings['site_val_cases']} more cases "
+               "from the same hospital (scanner, grade mix, grading), never trained on. "
+               if settings.get("site_val_cases") else "")
+            + "Its federated arms run in process (bench/classify.py",
             "`federate`: the product's trainer, FedAvg weighted by steps, heads kept at the site), not as FLARE jobs.",
             "The centralized arms (dual, MRI-only, CT-only; late fusion trained on the CT-complete cases for the",
             "missing-modality rows) train on the IID consortium's training cases and are scored on a held-out cohort",
@@ -480,6 +519,11 @@ def _bound_verdict(whole: bool, mean: bool, n_seeds: int) -> str:
     if whole or not mean or n_seeds < MIN_SEEDS:
         return _verdict(whole, n_seeds)
     return "**not met** (the mean does, not the whole interval)"
+
+
+def _signed_interval(values: list[float]) -> str:
+    m, lo, hi = interval(values)
+    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
@@ -538,7 +582,9 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
         n_val = sorted({n for r in runs for n in r["personal"]["n_val"].values()})
         detail = (f"{seeds_note}; per seed " + " / ".join(f"{d:+.1f}" for d in diffs)
                   + f"; min-site personal {interval([r['personal']['min_bacc'] for r in runs])[0]:.3f} vs "
-                  f"FedAvg {interval([r['fedavg']['min_bacc'] for r in runs])[0]:.3f} (means); validation cases per "
+                  f"FedAvg {interval([r['fedavg']['min_bacc'] for r in runs])[0]:.3f} (means); mean-site personal - "
+                  f"FedAvg {_signed_interval([100 * (r['personal']['mean_bacc'] - r['fedavg']['mean_bacc']) for r in runs])}"
+                  f"; validation cases per "
                   f"site {min(n_val)}-{max(n_val)}; in-process federation")
         if name == "matters":
             ok = m >= goal and lo > 0

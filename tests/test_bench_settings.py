@@ -35,7 +35,8 @@ def test_a_gain_counts_only_when_its_interval_excludes_zero():
     bench = _bench_classify()
 
     def run(personal, fedavg):
-        return {"personal": {"min_bacc": personal, "n_val": {"a": 15}}, "fedavg": {"min_bacc": fedavg, "n_val": {"a": 15}}}
+        return {"personal": {"min_bacc": personal, "mean_bacc": personal, "n_val": {"a": 15}},
+                "fedavg": {"min_bacc": fedavg, "mean_bacc": fedavg, "n_val": {"a": 15}}}
 
     steady = {"seeds": {str(k): {"matters": run(0.80 + d, 0.60), "iid": run(0.9, 0.9 - d / 10)}
                         for k, d in enumerate((0.0, 0.01, -0.01, 0.02, -0.02))}}
@@ -110,3 +111,34 @@ def test_in_process_federation_keeps_heads_at_sites_only_when_personal(tmp_path)
         assert any(not torch.equal(sa[k], start[k]) for k in sa if k not in heads)  # it trained
         same_heads = all(torch.equal(sa[k], sb[k]) for k in heads)
         assert same_heads == (arm == "fedavg"), arm
+
+
+
+def test_each_site_is_judged_on_more_of_its_own_cases_graded_its_own_way(tmp_path):
+    """Per-site validation of 15 cases let one case move a site by up to 50 points: the federated
+    arms add cases from the same hospital, never trained on, labelled by that hospital's habit."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    bench = _bench_classify()
+    s = replace(bench.SeedBenchSettings(), cases=4, site_val_cases=6, relabel_wt_ml=0.0)  # b: every glioma is HGG
+    data = bench.seed_data(tmp_path, s, 3, Console(quiet=True))
+    extra = {c["image"][0]: c["grade"] for site in bench.SITES for c in bench.site_validation_cohort(
+        tmp_path / "again", s, 3)[0][site]}  # the same cohort again: true grades by case
+    extra = {path.replace("/again/", "/"): grade for path, grade in extra.items()}
+    trained = {c["image"][0] for d in (*data["matters"].values(), *data["iid"].values()) for c in d["training"]}
+    for name in ("matters", "iid"):
+        added = [c for d in data[name].values() for c in d["validation"] if c["image"][0] in extra]
+        assert len(added) == len(extra) == 3 * s.site_val_cases  # every extra case judges exactly one site
+        assert not trained & {c["image"][0] for c in added}
+    for site in bench.SITES:
+        assert len(data["matters"][site]["validation"]) >= s.site_val_cases + 1
+        for c in data["matters"][site]["validation"]:
+            if c["image"][0] in extra:
+                own = "HGG" if site == s.relabel_site and extra[c["image"][0]] == "LGG" else extra[c["image"][0]]
+                assert c["grade"] == own  # hospital-b's habit on its own cases, true grades elsewhere
+    b_true = [extra[c["image"][0]] for c in data["matters"][s.relabel_site]["validation"] if c["image"][0] in extra]
+    assert "LGG" in b_true  # so the habit was really applied (seed 3: hospital-b sees many LGG)
+    iid_grades = [c["grade"] for d in data["iid"].values() for c in d["validation"] if c["image"][0] in extra]
+    assert sorted(iid_grades) == sorted(extra.values())  # the IID consortium: one (true) labelling
