@@ -233,7 +233,7 @@ class SeedBenchSettings:
     """
 
     seeds: tuple = (0, 1, 2, 3, 4)
-    cases: int = 50  # per hospital, no quantity skew: val_fraction 0.3 gives every site 15 validation cases
+    cases: int = 50  # per hospital, no quantity skew: val_fraction 0.3 leaves 35 training + 15 validation cases
     val_fraction: float = 0.3
     test_cases: int = 24  # per hospital of the held-out test cohort of the centralized arms
     site_val_cases: int = 30  # per hospital, added to its validation (see :func:`site_validation_cohort`)

@@ -121,12 +121,13 @@ def test_each_site_is_judged_on_more_of_its_own_cases_graded_its_own_way(tmp_pat
 
     from rich.console import Console
 
+    from fedbrain.data.datalist import load_datalist
+
     bench = _bench_classify()
-    s = replace(bench.SeedBenchSettings(), cases=4, site_val_cases=6, relabel_wt_ml=0.0)  # b: every glioma is HGG
+    s = replace(bench.SeedBenchSettings(), cases=4, site_val_cases=5, relabel_wt_ml=0.0)  # b: every glioma is HGG
     data = bench.seed_data(tmp_path, s, 3, Console(quiet=True))
-    extra = {c["image"][0]: c["grade"] for site in bench.SITES for c in bench.site_validation_cohort(
-        tmp_path / "again", s, 3)[0][site]}  # the same cohort again: true grades by case
-    extra = {path.replace("/again/", "/"): grade for path, grade in extra.items()}
+    extra = {c["image"][0]: c["grade"] for site in bench.SITES  # the extra cohort as synthesized: true grades
+             for d in [load_datalist(tmp_path / "siteval" / site / "datalist.json")] for c in d["training"] + d["validation"]}
     trained = {c["image"][0] for d in (*data["matters"].values(), *data["iid"].values()) for c in d["training"]}
     for name in ("matters", "iid"):
         added = [c for d in data[name].values() for c in d["validation"] if c["image"][0] in extra]
