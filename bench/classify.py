@@ -587,6 +587,11 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
                   f"; validation cases per "
                   f"site {min(n_val)}-{max(n_val)}; in-process federation")
         if name == "matters":
+            site = st.get("settings", {}).get("relabel_site")
+            at_site = [100 * (r["personal"]["per_site_bacc"][site] - r["fedavg"]["per_site_bacc"][site])
+                       for r in runs if site in r["personal"].get("per_site_bacc", {})]
+            if at_site:
+                detail += f"; at {site} (its own grading) personal - FedAvg {_signed_interval(at_site)}"
             ok = m >= goal and lo > 0
             out.append((f"Personal heads - FedAvg, minimum-site balanced accuracy (points), {label}",
                         fmt(m / 100, lo / 100, hi / 100, 100, "+"), f">= +{goal:.0f}, interval > 0", detail,
