@@ -219,7 +219,7 @@ class SeedBenchSettings:
       MRI-driven model already predicts the look);
     * the consortium where it should not: the same cases pooled and re-split IID
       (Dirichlet(IID_ALPHA), no quantity skew), true grades everywhere;
-    * each site's validation: its own 30% of the pool plus ``site_val_cases`` more cases from the
+    * each site's validation: its own ``val_fraction`` of the pool plus ``site_val_cases`` more cases from the
       same hospital (scanner, grade mix and, for ``relabel_site``, labelling habit), never trained
       on, so a site is judged on ~45 cases, not 15: one case then moves a site by ~2-10 points, not
       7-50 (:func:`site_validation_cohort`);
@@ -497,7 +497,7 @@ def stats_intro(st: dict) -> list[str]:
             f"grades every glioma of {settings.get('relabel_wt_ml', '?')} mL or more (whole tumour) as HGG, with its "
             "validation labelled the same way; where it",
             "should not: the same cases re-split IID. "
-            + (f"Each site is validated on its 30% of the pool plus {settings['site_val_cases']} more cases "
+            + (f"Each site is validated on its {settings['val_fraction']:.0%} of the pool plus {settings['site_val_cases']} more cases "
                "from the same hospital (scanner, grade mix, grading), never trained on. "
                if settings.get("site_val_cases") else "")
             + "Its federated arms run in process (bench/classify.py",
