@@ -281,6 +281,7 @@ def test_dirichlet_partition_min_per_class_keeps_every_grade_at_every_site():
         assert sorted(i for p in parts for i in p) == list(range(len(labels)))
         assert all(np.bincount(labels[p], minlength=3).min() >= 4 for p in parts), seed
         assert min(len(p) for p in parts) >= 18
+
     def entropy(alpha, floor):
         return np.mean([class_entropy(labels, dirichlet_partition(labels, 3, alpha, s, min_per_class=floor))
                         for s in range(10)])
