@@ -359,7 +359,12 @@ class JobRun:
             if current is not None and current >= round_no:
                 return time.time()
             time.sleep(0.3)
-        raise PocError(f"job {self.job_id}: round {round_no} did not start within {timeout:.0f} s")
+        try:
+            tail = self.run_log.read_text(errors="replace")[-1500:]
+        except OSError:
+            tail = f"(no server run log at {self.run_log.name}: the job was never deployed)"
+        raise PocError(f"job {self.job_id}: round {round_no} did not start within {timeout:.0f} s; "
+                       f"the server's run log ends:\n{tail}")
 
     def meta(self) -> dict:
         sess = self.poc.session()
