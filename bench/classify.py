@@ -522,6 +522,7 @@ def _bound_verdict(whole: bool, mean: bool, n_seeds: int) -> str:
 
 
 def _signed_interval(values: list[float]) -> str:
+    """Signed differences in points: "+m [lo, hi]" (mean and 95% interval over seeds)."""
     m, lo, hi = interval(values)
     return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
@@ -533,10 +534,6 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
     keys = sorted(seeds, key=int)
     out = []
 
-    def fmt(m, lo, hi, scale=1.0, sign=""):
-        f = "{:" + sign + ".1f}" if scale == 100 else "{:" + sign + ".3f}"
-        return f"{f.format(scale * m)} [{f.format(scale * lo)}, {f.format(scale * hi)}]"
-
     def seeds_of(part):
         return f"seeds {', '.join(k for k in keys if part in seeds[k])}"
 
@@ -546,7 +543,8 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
         n_test = sorted({c["dual"]["n_test"] for c in cen})
         arms = {a: [c[a]["bacc"] for c in cen] for a in ("dual", "mri_only", "ct_only")}
         m, lo, hi = interval(arms["ct_only"])
-        out.append(("CT-only test balanced accuracy (centralized), mean [95% interval]", fmt(m, lo, hi), ">= 0.60",
+        out.append(("CT-only test balanced accuracy (centralized), mean [95% interval]", f"{m:.3f} [{lo:.3f}, {hi:.3f}]",
+                    ">= 0.60",
                     f"{seeds_note}; per seed " + " / ".join(f"{v:.3f}" for v in arms["ct_only"])
                     + f"; {'-'.join(str(n) for n in (n_test[0], n_test[-1])[:len(set(n_test))])} held-out test "
                     "cases with CT per seed; met when the whole interval clears the goal",
@@ -554,7 +552,7 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
         for a, b, label in (("dual", "mri_only", "Dual-stream - MRI-only"), ("mri_only", "ct_only", "MRI-only - CT-only")):
             diffs = [100 * (x - y) for x, y in zip(arms[a], arms[b])]
             m, lo, hi = interval(diffs)
-            out.append((f"{label}, test balanced accuracy (points, centralized)", fmt(m / 100, lo / 100, hi / 100, 100, "+"),
+            out.append((f"{label}, test balanced accuracy (points, centralized)", _signed_interval(diffs),
                         "> 0", f"{seeds_note}; {a} {interval(arms[a])[0]:.3f}, {b} {interval(arms[b])[0]:.3f} (means)",
                         _verdict(lo > 0, len(cen))))
         drops = {(a, m): [100 * (c[a]["bacc"] - c[a][f"bacc_no_{m}"]) for c in cen if a in c]
@@ -563,10 +561,9 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
             goal = DROP_GOALS[m]
             mean, lo, hi = interval(drops[("dual", m)])
             late = drops[("late_ct_complete", m)]
-            beside = (f"; late fusion trained on CT-complete cases: {interval(late)[0]:+.1f} [{interval(late)[1]:+.1f}, "
-                      f"{interval(late)[2]:+.1f}]" if late else "")
+            beside = f"; late fusion trained on CT-complete cases: {_signed_interval(late)}" if late else ""
             out.append((f"Drop in test balanced accuracy with {name} missing at test time (points), robust fusion "
-                        "(masked mean, modality dropout)", fmt(mean / 100, lo / 100, hi / 100, 100, "+"), f"<= {goal:.0f}",
+                        "(masked mean, modality dropout)", _signed_interval(drops[("dual", m)]), f"<= {goal:.0f}",
                         f"{seeds_note}; per seed " + " / ".join(f"{d:+.1f}" for d in drops[("dual", m)]) + beside
                         + "; met when the whole interval stays within the goal",
                         _bound_verdict(hi <= goal, mean <= goal, len(cen))))
@@ -594,12 +591,12 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
                 detail += f"; at {site} (its own grading) personal - FedAvg {_signed_interval(at_site)}"
             ok = m >= goal and lo > 0
             out.append((f"Personal heads - FedAvg, minimum-site balanced accuracy (points), {label}",
-                        fmt(m / 100, lo / 100, hi / 100, 100, "+"), f">= +{goal:.0f}, interval > 0", detail,
+                        _signed_interval(diffs), f">= +{goal:.0f}, interval > 0", detail,
                         _verdict(ok, len(runs))))
         else:
             ok = -goal <= lo and hi <= goal
             out.append((f"Personal heads - FedAvg, minimum-site balanced accuracy (points), {label}",
-                        fmt(m / 100, lo / 100, hi / 100, 100, "+"), f"within +-{goal:.0f} (whole interval)", detail,
+                        _signed_interval(diffs), f"within +-{goal:.0f} (whole interval)", detail,
                         _verdict(ok, len(runs))))
     return out
 
