@@ -23,10 +23,10 @@ demo: $(STAMP)
 	$(VENV)/bin/fedbrain demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -n 2 --dist loadgroup -m "not poc" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n 2 --dist loadfile -m "not poc" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
