@@ -17,8 +17,8 @@ def pytest_xdist_make_scheduler(config, log):
     run failed with "round 1 did not start within 300 s" while another POC file shared the machine).
 
     A scheduler rather than ``xdist_group`` marks: with pytest 9 xdist 3.8's ``--dist loadgroup``
-    no longer tags the node ids, so every test becomes its own group and each module fixture (a POC
-    consortium) starts on both workers.
+    no longer tags the node ids (pytest-dev/pytest-xdist#1386), so every test becomes its own group
+    and each module fixture (a POC consortium) starts on both workers.
     """
     if config.getvalue("dist") != "loadfile":
         return None
