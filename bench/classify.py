@@ -582,7 +582,7 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
                   f"FedAvg {interval([r['fedavg']['min_bacc'] for r in runs])[0]:.3f} (means); mean-site personal - "
                   f"FedAvg {_signed_interval([100 * (r['personal']['mean_bacc'] - r['fedavg']['mean_bacc']) for r in runs])}"
                   f"; validation cases per "
-                  f"site {min(n_val)}-{max(n_val)}; in-process federation")
+                  f"site {'-'.join(str(n) for n in dict.fromkeys((min(n_val), max(n_val))))}; in-process federation")
         if name == "matters":
             site = st.get("settings", {}).get("relabel_site")
             at_site = [100 * (r["personal"]["per_site_bacc"][site] - r["fedavg"]["per_site_bacc"][site])
