@@ -10,6 +10,7 @@ POC_MARK = re.compile(r"pytest\.mark\.poc\b")
 POC_FILES = frozenset(p.name for p in Path(__file__).parent.glob("test_*.py") if POC_MARK.search(p.read_text()))
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it installed, nothing to schedule
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile``, except that every POC file counts as one file: the POC modules run one
     after another on one worker while the other takes the unit tests. Two POC consortia at once on
