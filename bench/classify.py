@@ -489,7 +489,8 @@ def stats_intro(st: dict) -> list[str]:
     settings = {k: v for k, v in st["settings"].items() if k != "task"}
     return [f"Measured {st.get('measured_at', '')}; seeds {', '.join(st.get('seeds', {})) or 'none'} of "
             f"{', '.join(str(k) for k in settings['seeds'])} done. "
-            f"Settings: `{json.dumps(settings)}`; run folder `{st['work']}` in bench's work folder.", "",
+            f"Settings: `{json.dumps(settings)}`; run folder `{st['work']}` in bench's work folder."
+            + (f" {st['note']}." if st.get("note") else ""), "",
             "Each seed draws a new synthetic cohort, split and initial weights. A figure is the mean over seeds with",
             "its 95% t interval; a gain is met only when its interval excludes 0. The consortium where",
             "personalization should matter: each hospital its own scanner and a Dirichlet grade mix, and "
