@@ -522,6 +522,12 @@ def _bound_verdict(whole: bool, mean: bool, n_seeds: int) -> str:
     return "**not met** (the mean does, not the whole interval)"
 
 
+def _span(counts) -> str:
+    """"45" when every count is 45, "44-46" otherwise."""
+    lo, hi = min(counts), max(counts)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def _signed_interval(values: list[float]) -> str:
     """Signed differences in points: "+m [lo, hi]" (mean and 95% interval over seeds)."""
     m, lo, hi = interval(values)
@@ -547,7 +553,7 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
         out.append(("CT-only test balanced accuracy (centralized), mean [95% interval]", f"{m:.3f} [{lo:.3f}, {hi:.3f}]",
                     ">= 0.60",
                     f"{seeds_note}; per seed " + " / ".join(f"{v:.3f}" for v in arms["ct_only"])
-                    + f"; {'-'.join(str(n) for n in (n_test[0], n_test[-1])[:len(set(n_test))])} held-out test "
+                    + f"; {_span(n_test)} held-out test "
                     "cases with CT per seed; met when the whole interval clears the goal",
                     _bound_verdict(lo >= 0.60, m >= 0.60, len(cen))))
         for a, b, label in (("dual", "mri_only", "Dual-stream - MRI-only"), ("mri_only", "ct_only", "MRI-only - CT-only")):
@@ -583,7 +589,7 @@ def stats_rows(st: dict) -> list[tuple[str, str, str, str, str]]:
                   f"FedAvg {interval([r['fedavg']['min_bacc'] for r in runs])[0]:.3f} (means); mean-site personal - "
                   f"FedAvg {_signed_interval([100 * (r['personal']['mean_bacc'] - r['fedavg']['mean_bacc']) for r in runs])}"
                   f"; validation cases per "
-                  f"site {'-'.join(str(n) for n in dict.fromkeys((min(n_val), max(n_val))))}; in-process federation")
+                  f"site {_span(n_val)}; in-process federation")
         if name == "matters":
             site = st.get("settings", {}).get("relabel_site")
             at_site = [100 * (r["personal"]["per_site_bacc"][site] - r["fedavg"]["per_site_bacc"][site])
