@@ -49,3 +49,15 @@ def test_an_unusable_datalist_gives_no_cases_and_the_reason(tmp_path, monkeypatc
     settings, cases, error = load_site_cases("hospital-c", str(tmp_path / "missing.json"))
     assert cases == {"training": [], "validation": []}
     assert "missing.json" in error
+
+
+def test_a_site_in_two_studies_names_one_datalist_per_task(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDBRAIN_DATALIST", raising=False)
+    (tmp_path / "startup").mkdir()
+    write_site_config(tmp_path, tmp_path / "default.json",
+                      datalists={"classification": str(tmp_path / "grades.json")})
+    assert resolve_site_settings("hospital-a", cwd=tmp_path, task="classification").datalist == tmp_path / "grades.json"
+    assert resolve_site_settings("hospital-a", cwd=tmp_path, task="segmentation").datalist == tmp_path / "default.json"
+    write_site_config(tmp_path, tmp_path / "default.json", datalists=["not", "a", "mapping"])
+    with pytest.raises(SiteConfigError, match="datalists must map a task"):
+        resolve_site_settings("hospital-a", cwd=tmp_path, task="classification")

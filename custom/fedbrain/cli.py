@@ -55,15 +55,25 @@ def _datalists(paths: list[str]) -> list[Path]:
 TASKS = {"segment": "segmentation", "classify": "classification"}
 
 
-def _task(name: str):
-    """``(config class, trainer class)`` of a task."""
+def _config(name: str):
+    """A task's config class (no torch import: building the parser stays fast)."""
     if name == "classify":
-        from fedbrain.tasks.classification import ClassificationConfig, ClassificationTrainer
+        from fedbrain.tasks.classification_config import ClassificationConfig
 
-        return ClassificationConfig, ClassificationTrainer
-    from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
+        return ClassificationConfig
+    from fedbrain.tasks.segmentation_config import SegmentationConfig
 
-    return SegmentationConfig, SegmentationTrainer
+    return SegmentationConfig
+
+
+def _trainer(name: str):
+    if name == "classify":
+        from fedbrain.tasks.classification import ClassificationTrainer
+
+        return ClassificationTrainer
+    from fedbrain.tasks.segmentation import SegmentationTrainer
+
+    return SegmentationTrainer
 
 
 def cmd_train(a) -> int:
@@ -77,7 +87,7 @@ def cmd_train(a) -> int:
         raise SystemExit("federated training runs as a FLARE job: use `fedbrain demo` or submit jobs/segmentation")
     if a.epochs < 1:
         raise SystemExit(f"--epochs must be at least 1, got {a.epochs}")
-    config_cls, trainer_cls = _task(a.task)
+    config_cls, trainer_cls = _config(a.task), _trainer(a.task)
     train, val = [], []
     for dl in _datalists(a.datalists):
         cases = load_datalist(dl)
@@ -109,7 +119,7 @@ def cmd_job_export(a) -> int:
 
     from fedbrain.tasks.config import config_from_arguments
 
-    config_cls, _ = _task(a.task)
+    config_cls = _config(a.task)
     job = importlib.import_module(f"fedbrain.jobs.{TASKS[a.task]}")
     extra = {"sites": a.sites} if getattr(a, "sites", None) else {}
     try:
@@ -193,25 +203,16 @@ def _job_rounds(job: Path) -> int:
 
 def cmd_demo(a) -> int:
     from fedbrain.demo import ClassifyDemoSettings, DemoSettings, run_demo
+    from fedbrain.tasks.config import config_from_arguments
 
-    config_cls, _ = _task(a.task)
-    if a.algorithm not in (None, *config_cls.ALGORITHMS):
-        raise SystemExit(f"--algorithm {a.algorithm}: the {TASKS[a.task]} job supports {', '.join(config_cls.ALGORITHMS)}")
-    changes = {k: v for k, v in (("rounds", a.rounds), ("epochs_per_round", a.local_epochs), ("seed", a.seed),
-                                 ("algorithm", a.algorithm), ("he", a.he or None), ("dp_epsilon", a.dp_epsilon),
-                                 ("streams", a.streams))
-               if v is not None}
-    try:
-        config = config_cls(**changes)
-    except ValueError as e:
-        raise SystemExit(f"fedbrain demo: {e}") from None
+    config = config_from_arguments(_config(a.task), a)
     cases = {"cases": a.cases} if a.cases is not None else {}
     if a.task == "classify":
         data = {k: v for k, v in (("alpha", a.alpha), ("atypical", a.atypical), ("min_per_grade", a.min_per_grade))
                 if v is not None}
-        settings = ClassifyDemoSettings(seed=a.seed, keep_workspace=a.keep, task=config, **cases, **data)
+        settings = ClassifyDemoSettings(seed=config.seed, keep_workspace=a.keep, task=config, **cases, **data)
     else:
-        settings = DemoSettings(seed=a.seed, keep_workspace=a.keep, task=config, **cases)
+        settings = DemoSettings(seed=config.seed, keep_workspace=a.keep, task=config, **cases)
     run_demo(Path(a.runs), settings, console=console)
     return 0
 
@@ -327,8 +328,25 @@ def cmd_watch(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_task(argv: list[str] | None) -> str:
+    """The ``--task`` on the command line (so help and flags are that task's), else the default."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--task" and i + 1 < len(argv) and argv[i + 1] in TASKS:
+            return argv[i + 1]
+        if arg.startswith("--task=") and arg.split("=", 1)[1] in TASKS:
+            return arg.split("=", 1)[1]
+    return "segment"
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Every command and flag; only the task settings that apply to a command, with the chosen task's defaults."""
     from fedbrain import __version__
+    from fedbrain.tasks.config import add_config_arguments
+
+    from fedbrain.demo import ClassifyDemoSettings, DemoSettings
+
+    task = _chosen_task(argv)
 
     p = argparse.ArgumentParser(prog="fedbrain", description=__doc__)
     p.add_argument("--version", action="version", version=f"fedbrain {__version__}")
@@ -358,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_data_build)
     s = data.add_parser("synth", help="write a synthetic multi-hospital BraTS-style consortium")
     s.add_argument("--sites", type=int, default=3)
-    s.add_argument("--cases", type=int, default=12, help="mean cases per site (sites differ)")
+    s.add_argument("--cases", type=int, default=DemoSettings.cases, help="mean cases per site (sites differ)")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--spacing", type=float, default=3.0, help="voxel size in mm (2-3)")
@@ -369,24 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="centralized baseline with the same data/model/loop code")
     t.add_argument("--central", action="store_true", required=True)
     t.add_argument("datalists", nargs="+", help="datalist files, or a synth output folder")
-    t.add_argument("--task", default="segment", choices=sorted(TASKS))
+    t.add_argument("--task", default="segment", choices=sorted(TASKS), help="shows that task's settings with --help")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--out", default="runs/central")
-    # Every task setting is a flag; a flag of the other task is refused by its config.
-    from fedbrain.tasks.config import add_config_arguments
-    add_config_arguments(t, (_task("segment")[0], _task("classify")[0]),
-                         skip=("name", "algorithm", "rounds", "min_clients", "fedprox_mu", "epochs_per_round"))
+    # Training settings only (and DP-SGD, which trains centrally too): no federation, HE or round policy.
+    add_config_arguments(t, _config(task), groups=("training",), also=_config(task).CENTRAL_PRIVACY)
     t.set_defaults(func=cmd_train)
 
     j = sub.add_parser("job", help="export a job folder to submit (settings from the task config)")
     j_sub = j.add_subparsers(dest="job_cmd", required=True)
-    for task in sorted(TASKS):
-        je = j_sub.add_parser(f"export-{task}", help=f"export the {TASKS[task]} job")
+    for job_task in sorted(TASKS):
+        je = j_sub.add_parser(f"export-{job_task}", help=f"export the {TASKS[job_task]} job")
         je.add_argument("--out", default=".", help="folder to export into")
-        if task == "classify":
+        if job_task == "classify":
             je.add_argument("--sites", nargs="+", default=None, help="one app per site (default: the POC's)")
-        add_config_arguments(je, _task(task)[0])
-        je.set_defaults(func=cmd_job_export, task=task)
+        add_config_arguments(je, _config(job_task))
+        je.set_defaults(func=cmd_job_export, task=job_task)
 
     jr = j_sub.add_parser("resume", help="after a server restart: the interrupted job, from its last saved round "
                           "(run on the server machine)")
@@ -402,22 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--result", default=None, help="submit: where to download the result (default RUN_DIR/results)")
     pc.add_argument("--run-dir", dest="run_dir", default="runs/poc")
     pc.add_argument("--data", default=None, help="synth output folder (default: generate into RUN_DIR/data)")
-    pc.add_argument("--cases", type=int, default=12)
+    pc.add_argument("--cases", type=int, default=DemoSettings.cases, help="mean cases per site when it synthesizes data")
     pc.add_argument("--remove", action="store_true", help="down: also delete the provisioned kits (default: keep)")
     pc.set_defaults(func=cmd_poc)
 
-    from fedbrain.demo import ClassifyDemoSettings
-
     d = sub.add_parser("demo", help="main job end to end: data, POC, submit, watch, report, teardown")
-    d.add_argument("--task", default="segment", choices=["segment", "classify"])
+    d.add_argument("--task", default="segment", choices=sorted(TASKS), help="shows that task's settings with --help")
     d.add_argument("--runs", default="runs")
-    d.add_argument("--cases", type=int, default=None, help="mean cases per hospital (default: 12 segment, 24 classify)")
-    d.add_argument("--rounds", type=int, default=None)
-    d.add_argument("--local-epochs", dest="local_epochs", type=int, default=None)
-    configs = {task: _task(task)[0] for task in TASKS}
-    d.add_argument("--algorithm", default=None, choices=sorted({a for c in configs.values() for a in c.ALGORITHMS}),
-                   help="; ".join(f"{task}: {' | '.join(c.ALGORITHMS)} (default {c().algorithm})"
-                                  for task, c in configs.items()))
+    d.add_argument("--cases", type=int, default=None, help=f"mean cases per hospital (default: {DemoSettings.cases} "
+                                                           f"segment, {ClassifyDemoSettings.cases} classify)")
     d.add_argument("--alpha", type=float, default=None,
                    help=f"classify only: Dirichlet label-skew alpha (default {ClassifyDemoSettings.alpha})")
     d.add_argument("--atypical", type=float, default=None,
@@ -426,14 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--min-per-grade", dest="min_per_grade", type=int, default=None,
                    help="classify only: every hospital holds at least this many cases of every grade "
                         f"(default {ClassifyDemoSettings.min_per_grade})")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--he", action="store_true",
-                   help="encrypted aggregation: sites send CKKS ciphertext, the server sums what it cannot read")
-    d.add_argument("--dp-epsilon", dest="dp_epsilon", type=float, default=None,
-                   help="sample-level DP-SGD: the job's epsilon at each site over all its rounds (docs/privacy.md)")
-    d.add_argument("--streams", nargs="+", default=None,
-                   help="segment: mri | mri ct (dual-stream: CT where a hospital has it); classify: mri ct | mri | ct")
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")
+    # The job's settings are the task config's own flags (--seed also seeds the synthetic hospitals).
+    add_config_arguments(d, _config(task))
+    d.add_argument("--local-epochs", dest="config_epochs_per_round", type=int, default=None, help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)
 
     pv = sub.add_parser("provision", help="production startup kits for every participant (FLARE provisioning "
@@ -525,7 +530,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    a = build_parser(argv).parse_args(argv)
     # FLARE's own INFO chatter (connections, cells) drowns the progress bar: keep it at WARNING.
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedbrain").setLevel(logging.DEBUG if a.verbose else logging.INFO)

@@ -14,6 +14,10 @@ script resolves its settings, first found wins:
         "num_threads": 4, "device": "auto",
         "dp_budget": {"epsilon": 10.0, "delta": 1e-6}, "require_dp": false}
 
+   A hospital taking part in several studies names one datalist per task instead of (or beside)
+   ``datalist``: ``"datalists": {"segmentation": "/data/brats/datalist.json", "classification":
+   "/data/grades/datalist.json"}``; a task without its own entry reads ``datalist``.
+
 The privacy keys (the site's lifetime DP budget for its data, and whether it refuses jobs
 without DP: :mod:`fedbrain.privacy.budget`) are read from that file whichever way the data
 was found: they are the hospital's to decide, never a job's or a caller's environment.
@@ -62,8 +66,10 @@ def site_workspace(start: Path | None = None) -> Path | None:
     return None
 
 
-def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | None = None) -> SiteSettings:
-    """Find this site's datalist and privacy settings; raise SiteConfigError naming every place looked at."""
+def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | None = None,
+                          task: str | None = None) -> SiteSettings:
+    """Find this site's datalist (for ``task``, when the site names one per task) and privacy
+    settings; raise SiteConfigError naming every place looked at."""
     workspace = site_workspace(cwd)
     cfg = workspace / "local" / SITE_CONFIG_NAME if workspace else None
     local = _read_site_json(site, cfg) if cfg is not None and cfg.is_file() else {}
@@ -90,10 +96,13 @@ def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | No
     looked.append(str(cfg) if cfg else f"local/{SITE_CONFIG_NAME} of a site workspace (a folder with startup/ and "
                                       f"local/) at or above {(cwd or Path.cwd()).resolve()}: none found")
     if local:
+        per_task = local.get("datalists") or {}
         try:
+            if not isinstance(per_task, dict):
+                raise TypeError(f"datalists must map a task to a datalist, got {per_task!r}")
             return SiteSettings(
                 site=site,
-                datalist=Path(local["datalist"]),
+                datalist=Path(per_task[task] if task in per_task else local["datalist"]),
                 data_root=Path(local["data_root"]) if local.get("data_root") else None,
                 num_threads=local.get("num_threads"),
                 device=local.get("device"),
@@ -101,7 +110,8 @@ def resolve_site_settings(site: str, datalist: str | None = None, cwd: Path | No
                 **privacy,
             )
         except (ValueError, KeyError, TypeError) as e:
-            raise SiteConfigError(f"site {site}: {cfg} is not valid ({e!r}); expected keys: datalist[, data_root]")
+            raise SiteConfigError(f"site {site}: {cfg} is not valid ({e!r}); expected keys: datalist or "
+                                  f"datalists.{task or '<task>'}[, data_root]") from None
     raise SiteConfigError(f"site {site}: no datalist configured; looked at: " + "; ".join(looked))
 
 
@@ -124,7 +134,7 @@ def write_site_config(workspace: Path, datalist: Path, data_root: Path | None = 
     return path
 
 
-def load_site_cases(site: str, datalist: str | None = None) -> tuple[SiteSettings, dict, str]:
+def load_site_cases(site: str, datalist: str | None = None, task: str | None = None) -> tuple[SiteSettings, dict, str]:
     """This site's settings and cases; on a configuration or datalist error, no cases and the error.
 
     A misconfigured site stays in the federation with zero-weight, empty updates instead of
@@ -133,7 +143,7 @@ def load_site_cases(site: str, datalist: str | None = None) -> tuple[SiteSetting
     from fedbrain.data.datalist import DatalistError, load_datalist
 
     try:
-        settings = resolve_site_settings(site, datalist)
+        settings = resolve_site_settings(site, datalist, task=task)
         return settings, load_datalist(settings.datalist, root=settings.data_root), ""
     except (SiteConfigError, DatalistError, OSError) as e:
         log.error("site %s cannot use its data and will send empty updates: %s", site, e)

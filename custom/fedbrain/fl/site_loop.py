@@ -50,7 +50,7 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
     config = parse_site_args(config_cls, argv)
     flare.init()
     site = flare.get_site_name()
-    settings, cases, site_error = load_site_cases(site)
+    settings, cases, site_error = load_site_cases(site, task=config_cls.TASK)
     local = {k: v for k, v in (("num_threads", settings.num_threads), ("device", settings.device)) if v is not None}
     config = config.replace(**local)  # the hospital decides its compute
     trainer = trainer_cls(cases["training"], cases["validation"], config)

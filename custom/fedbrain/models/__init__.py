@@ -5,8 +5,10 @@ server's initial model and every site's model are one description."""
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # the specs stay importable without torch
+    from torch import nn
 
 
 def instantiate(spec: dict) -> nn.Module:

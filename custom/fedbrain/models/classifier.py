@@ -38,7 +38,7 @@ import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
-from fedbrain.contracts import GRADES, MODALITIES, MRI_CONTRASTS
+from fedbrain.models.specs import CLASS_NAMES, CLASSIFIER_CLASS_PATH, FUSIONS, POOLS, STREAM_CHANNELS, STREAMS
 
 __all__ = [
     "CLASS_NAMES",
@@ -52,14 +52,7 @@ __all__ = [
     "model_spec",
 ]
 
-#: Class index -> grade (the datalist ``grade`` values, docs/CONTRACTS.md).
-CLASS_NAMES = GRADES
-FUSIONS = ("late", "masked_mean", "attention")
-#: Modality streams, in the order their tokens are fused.
-STREAMS = MODALITIES
-#: Input channels per stream: 4 MRI contrasts; CT as brain + high-density windows.
-STREAM_CHANNELS = {"mri": len(MRI_CONTRASTS), "ct": 2}
-CLASS_PATH = "fedbrain.models.classifier.DualStreamClassifier"
+CLASS_PATH = CLASSIFIER_CLASS_PATH
 
 
 def _act() -> tuple:
@@ -71,7 +64,6 @@ def _norm(groups: int) -> tuple:
     return ("group", {"num_groups": groups})
 
 
-POOLS = ("max", "avg")
 #: Tensor axis of left-right in the classifier's input ``[B, C, X, Y, Z]`` (RAS: X runs right to left).
 LR_AXIS = 2
 

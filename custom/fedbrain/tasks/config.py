@@ -26,12 +26,25 @@ def three(v) -> tuple:
 class TaskConfig:
     """Settings every task has: federation, optimisation, compute. Plain values (JSON round trip)."""
 
+    #: The task's name: a site's ``datalists`` entry for it (local/fedbrain_site.json) and the CLI's task.
+    TASK: ClassVar[str] = ""
     #: The algorithms this task's job can build (subclasses narrow or widen it).
     ALGORITHMS: ClassVar[tuple[str, ...]] = ("fedavg", "fedprox")
     #: How the server combines a round's updates (``aggregation``).
     AGGREGATIONS: ClassVar[tuple[str, ...]] = ("fedavg", "median", "trimmed_mean", "krum")
     #: Names of the fields holding tuples (JSON gives lists back).
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ()
+    #: What each setting belongs to (a field not named here is a training setting): the command
+    #: line offers a command only the groups that apply to it.
+    FIELD_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "federation": ("name", "algorithm", "rounds", "min_clients", "epochs_per_round", "fedprox_mu",
+                       "aggregation", "trim_fraction", "krum_byzantine", "guard", "guard_z", "guard_flag_after"),
+        "privacy": ("he", "dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta",
+                    "client_dp_clip", "client_dp_noise"),
+        "resilience": ("round_timeout", "min_responses", "dead_site_grace"),
+    }
+    #: Privacy settings that also apply to centralized training (sample-level DP-SGD).
+    CENTRAL_PRIVACY: ClassVar[tuple[str, ...]] = ("dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta")
 
     name: str = "fedbrain"  # the FLARE job name; also names a site's personal-part store
     algorithm: str = "fedavg"
@@ -114,6 +127,11 @@ class TaskConfig:
             raise ValueError("client_dp_noise must be >= 0 and needs client_dp_clip (the noise is relative to it)")
 
     # ------------------------------------------------------------------ derived
+    @classmethod
+    def group_of(cls, name: str) -> str:
+        """``training`` | ``federation`` | ``privacy`` | ``resilience``: what a setting belongs to."""
+        return next((g for g, names in cls.FIELD_GROUPS.items() if name in names), "training")
+
     @property
     def uses_fedprox(self) -> bool:
         return self.algorithm == "fedprox" and self.fedprox_mu > 0
@@ -176,40 +194,45 @@ def _element_type(f, default):
     return type(default) if default is not None else str
 
 
-def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), *, _added: set | None = None) -> None:
-    """One ``--field`` flag per config field, its help showing the config's default.
+GROUPS = ("training", "federation", "privacy", "resilience")
 
-    Flags default to None (not given), so only what the user sets overrides the config:
-    the default itself is never written twice. ``config_cls`` may be a tuple of configs
-    (a command serving several tasks): each field gets one flag.
+
+def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), *, groups: tuple[str, ...] = GROUPS,
+                         also: tuple[str, ...] = ()) -> None:
+    """One ``--field-name`` flag per config field of ``groups`` (plus the fields in ``also``), in
+    one help section per group, each showing the config's own default.
+
+    Flags default to None (not given), so only what the user sets overrides the config: the
+    default itself is never written twice. The snake_case spelling stays a hidden alias.
     """
     import argparse
 
-    if isinstance(config_cls, tuple):
-        added: set = set()
-        for cls in config_cls:
-            add_config_arguments(parser, cls, skip, _added=added)
-        return
-    added = _added if _added is not None else set()
-    group = parser.add_argument_group(f"{config_cls.__name__} settings (defaults from the config)")
     defaults = config_cls()
+    sections = {}
     for f in fields(config_cls):
-        if f.name in skip or f.name in added:
+        group = config_cls.group_of(f.name)
+        if f.name in skip or (group not in groups and f.name not in also):
             continue
-        added.add(f.name)
+        if group not in sections:
+            sections[group] = parser.add_argument_group(f"{group} settings ({config_cls.TASK or 'task'} defaults)")
+        section = sections[group]
         default = getattr(defaults, f.name)
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kwargs = dict(default=None, dest=f"config_{f.name}", help=f"default: {default}")
+        flag, alias = f"--{f.name.replace('_', '-')}", f"--{f.name}"
+        kwargs = dict(default=None, dest=f"config_{f.name}")
         if isinstance(default, bool):
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
-            group.add_argument(*flags, nargs="+", type=_element_type(f, default), **kwargs)
+            kwargs.update(nargs="+", type=_element_type(f, default), metavar=f.name.upper())
         elif f.name == "algorithm":
-            group.add_argument(*flags, choices=config_cls.ALGORITHMS, **kwargs)
+            kwargs["choices"] = config_cls.ALGORITHMS
         elif f.name == "aggregation":
-            group.add_argument(*flags, choices=config_cls.AGGREGATIONS, **kwargs)
+            kwargs["choices"] = config_cls.AGGREGATIONS
         else:
-            group.add_argument(*flags, type=_element_type(f, default), **kwargs)
+            kwargs.update(type=_element_type(f, default), metavar=f.name.upper())
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        section.add_argument(flag, help=f"default: {shown}", **kwargs)
+        if alias != flag:
+            section.add_argument(alias, help=argparse.SUPPRESS, **kwargs)
 
 
 def config_from_arguments(config_cls, namespace, **overrides):

@@ -1,0 +1,65 @@
+"""The command line starts at once and offers each command only the settings that apply to it."""
+
+import subprocess
+import sys
+
+from fedbrain.cli import build_parser
+from fedbrain.tasks.classification_config import ClassificationConfig
+from fedbrain.tasks.config import GROUPS
+from fedbrain.tasks.segmentation_config import SegmentationConfig
+
+
+def _help(argv: list[str], capsys) -> str:
+    try:
+        build_parser(argv).parse_args(argv)
+    except SystemExit:
+        pass
+    return capsys.readouterr().out
+
+
+def test_building_every_parser_imports_no_torch():
+    """What made `fedbrain --help` take 3.6 s: the task modules import torch and MONAI."""
+    code = ("import sys; from fedbrain.cli import build_parser\n"
+            "for argv in (['--help'], ['train', '--task', 'classify'], ['demo'], ['job']):\n"
+            "    build_parser(argv)\n"
+            "heavy = sorted(m for m in ('torch', 'monai', 'nvflare', 'numpy') if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_central_training_lists_training_settings_with_the_tasks_defaults(capsys):
+    out = _help(["train", "--central", "--task", "classify", "--help"], capsys)
+    for name in ("--lr", "--batch-size", "--fusion", "--dp-epsilon"):
+        assert name in out, name
+    for name in ("--he", "--aggregation", "--guard", "--round-timeout", "--min-responses", "--rounds",
+                 "--client-dp-clip", "--algorithm"):
+        assert f"{name} " not in out and f"{name}," not in out, name
+    lr_line = next(line for line in out.splitlines() if line.strip().startswith("--lr"))
+    assert f"default: {ClassificationConfig().lr}" in lr_line and "0.01" not in lr_line
+    seg = _help(["train", "--central", "--help"], capsys)
+    assert f"default: {SegmentationConfig().lr}" in next(l for l in seg.splitlines() if l.strip().startswith("--lr"))
+
+
+def test_help_shows_one_kebab_spelling_and_the_snake_alias_still_works(capsys):
+    out = _help(["job", "export-classify", "--help"], capsys)
+    assert "--round-timeout" in out and "--round_timeout" not in out
+    a = build_parser().parse_args(["job", "export-segment", "--round_timeout", "45", "--no-guard"])
+    assert a.config_round_timeout == 45 and a.config_guard is False
+
+
+def test_every_setting_belongs_to_one_group():
+    for cls in (SegmentationConfig, ClassificationConfig):
+        named = [n for names in cls.FIELD_GROUPS.values() for n in names]
+        assert len(named) == len(set(named)) and set(cls.FIELD_GROUPS) <= set(GROUPS)
+        fields = set(cls.__dataclass_fields__)
+        assert set(named) <= fields, set(named) - fields
+        assert set(cls.CENTRAL_PRIVACY) <= set(cls.FIELD_GROUPS["privacy"])
+
+
+def test_demo_flags_are_the_task_configs_own(capsys):
+    out = _help(["demo", "--task", "classify", "--help"], capsys)
+    assert "--epochs-per-round" in out and "--local-epochs" not in out
+    assert f"default: {ClassificationConfig().rounds}" in next(l for l in out.splitlines() if l.strip().startswith("--rounds"))
+    a = build_parser(["demo"]).parse_args(["demo", "--local-epochs", "2", "--rounds", "3"])
+    assert a.config_epochs_per_round == 2 and a.config_rounds == 3
