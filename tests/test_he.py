@@ -2,11 +2,9 @@
 the filter order in the exported job, what the server received, what its kit and disk hold."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fedbrain.jobs import classification, segmentation
 from fedbrain.models.classifier import head_parameter_names
@@ -52,103 +50,6 @@ def test_privacy_filters_act_on_plaintext_before_the_encryptor(tmp_path):
 def test_scaffold_is_refused_under_he():
     with pytest.raises(ValueError, match="SCAFFOLD"):
         ClassificationConfig(algorithm="scaffold", he=True)
-
-
-# ------------------------------------------------------------------ POC, real kits and keys
-@pytest.fixture(scope="module")
-def he_jobs(tmp_path_factory):
-    from fedbrain.demo import ClassifyDemoSettings, DemoSettings, export_job, prepare_classification_data
-    from fedbrain.poc.consortium import PocConsortium
-    from fedbrain.poc.runner import submit_and_wait
-    from fedbrain.synthetic.cohort import synthesize_consortium
-
-    run_dir = tmp_path_factory.mktemp("poc_he")
-    poc = PocConsortium(run_dir)
-    cls_settings = ClassifyDemoSettings(cases=6, seed=3, task=ClassificationConfig(rounds=2, epochs_per_round=1,
-                                                                                 seed=3, he=True))
-    data = prepare_classification_data(run_dir / "data", poc.sites, cls_settings)
-    synthesize_consortium(run_dir / "seg_data", sites=3, cases=4, seed=0, site_names=poc.sites, progress=False)
-    out = {"poc": poc}
-    try:
-        poc.up(data_dir=data)
-        job = export_job(run_dir / "jobs", cls_settings, poc.sites)
-        out["cls_meta"], out["cls_result"] = submit_and_wait(poc, job, rounds=2, result_dir=run_dir / "r_cls")
-        out["heads"] = {s: (poc.kit(s) / "personal" / "fedbrain_classification" / "head.pt").is_file() for s in SITES}
-        from fedbrain.fl.site import write_site_config
-
-        for site in SITES:
-            write_site_config(poc.kit(site), run_dir / "seg_data" / site / "datalist.json", num_threads=1)
-        seg = DemoSettings(task=SegmentationConfig(rounds=1, epochs_per_round=1, max_steps=2, he=True))
-        job = export_job(run_dir / "jobs", seg, poc.sites)
-        out["seg_meta"], out["seg_result"] = submit_and_wait(poc, job, rounds=1, result_dir=run_dir / "r_seg")
-        out["server_files"] = sorted(p.name for p in poc.kit("localhost").rglob("*.tenseal"))
-        out["server_context"] = (poc.kit("localhost") / "startup" / "server_context.tenseal").read_bytes()
-        out["client_context"] = (poc.kit("hospital-a") / "startup" / "client_context.tenseal").read_bytes()
-    finally:
-        poc.clean(graceful=False)  # results are downloaded: teardown by PID
-    yield out
-
-
-def _received(result: Path) -> list[dict]:
-    return [json.loads(line) for line in (result / "workspace" / "received_updates.jsonl").read_text().splitlines()]
-
-
-@pytest.mark.poc
-def test_encrypted_jobs_complete(he_jobs):
-    assert he_jobs["cls_meta"]["status"] == "FINISHED:COMPLETED"
-    assert he_jobs["seg_meta"]["status"] == "FINISHED:COMPLETED"
-
-
-@pytest.mark.poc
-def test_server_received_only_ciphertext_and_no_head(he_jobs):
-    head = set(head_parameter_names(ClassificationConfig().build_model()))
-    for key, rounds in (("cls_result", 2), ("seg_result", 1)):
-        entries = _received(he_jobs[key])
-        assert len(entries) == 3 * rounds, key
-        for e in entries:
-            assert e["data_kind"] == "WEIGHT_DIFF"
-            assert e["params"] and {p["dtype"] for p in e["params"].values()} == {"CKKSVector"}, e["site"]
-            values = sum(int(np.prod(p["shape"])) for p in e["params"].values())
-            assert e["bytes"] > 4 * values  # ciphertext is larger than the fp32 values it hides
-            if key == "cls_result":
-                assert not head & set(e["params"]), f"{e['site']} sent its head"
-    assert all(he_jobs["heads"].values()), "each hospital keeps its head on its own disk"
-
-
-@pytest.mark.poc
-def test_report_shows_what_crossed_the_wire_and_he_timings(he_jobs):
-    from fedbrain.report.job_report import build_report
-
-    report = build_report(he_jobs["cls_result"])
-    updates = report["exchange"]["updates"]
-    assert len(updates) == 6 and all(u["encrypted"] and u["bytes"] > 0 for u in updates)
-    assert all(u["encrypt_s"] is not None and u["encrypt_s"] > 0 for u in updates)
-    # round 0's global model is the plaintext initial one; from round 1 on every site decrypts
-    assert all(u["decrypt_s"] > 0 for u in updates if u["round"] == 1)
-    assert [a["round"] for a in report["exchange"]["he_aggregation"]] == [0, 1]
-    assert all(a["updates"] == 3 for a in report["exchange"]["he_aggregation"])
-
-
-@pytest.mark.poc
-def test_server_holds_no_secret_key_and_cannot_read_its_global_model(he_jobs):
-    import tenseal as ts
-
-    assert he_jobs["server_files"] == ["server_context.tenseal"]
-    server_ctx = ts.context_from(he_jobs["server_context"])
-    assert not server_ctx.has_secret_key()
-    client_ctx = ts.context_from(he_jobs["client_context"])
-    assert client_ctx.has_secret_key()
-    saved = torch.load(next((he_jobs["cls_result"] / "workspace" / "app_server").glob("FL_global_model.pt")),
-                       weights_only=False)["model"]
-    encrypted = {k: v for k, v in saved.items() if isinstance(v, bytes)}
-    head = set(head_parameter_names(ClassificationConfig().build_model()))
-    assert encrypted and not head & set(encrypted)  # the shared part is ciphertext; the head never came
-    name, blob = next(iter(encrypted.items()))
-    with pytest.raises(ValueError, match="secret"):
-        ts.ckks_vector_from(server_ctx, blob).decrypt()
-    values = np.asarray(ts.ckks_vector_from(client_ctx, blob).decrypt())  # a hospital can
-    expected = ClassificationConfig().build_model().state_dict()[name].numel()
-    assert values.size == expected and np.isfinite(values).all()
 
 
 def test_ckks_settings_of_the_kit_keep_the_weighted_mean_exact_to_1e5():

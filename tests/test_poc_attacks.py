@@ -1,7 +1,7 @@
 """Poisoned updates in a real POC (FLARE server + 3 site processes, mTLS kits, admin API).
 
-One consortium, three segmentation jobs submitted together (FLARE runs them side by side; the
-server allows 4 at a time), same data, same seed:
+Three segmentation jobs of the shared POC's first wave (tests/poc_shared.py; FLARE runs them side
+by side with the other modules' first jobs), same data, same seed:
 
 1. clean: FedAvg, guard on (the default), no attack;
 2. guarded: hospital-b multiplies its update by 100 (fault injection filter); guard on;
@@ -21,17 +21,12 @@ from pathlib import Path
 import pytest
 
 from fedbrain.aggregation.aggregator import GUARD_FILE
-from fedbrain.jobs.segmentation import export
-from fedbrain.poc.consortium import PocConsortium
-from fedbrain.poc.runner import run_jobs_side_by_side
 from fedbrain.report.job_report import build_report, render_markdown
-from fedbrain.synthetic.cohort import synthesize_consortium
-from fedbrain.tasks.segmentation import SegmentationConfig
+from poc_shared import ATTACK_ROUNDS as ROUNDS
+from poc_shared import ATTACKER
 
 pytestmark = pytest.mark.poc
 
-ROUNDS = 3
-ATTACKER = "hospital-b"
 #: The test's jobs are tiny (3 rounds, 2 validation cases per site): "near the clean run" is judged
 #: loosely here; bench/attacks.py measures the issue's 0.02 on larger jobs.
 NEAR = 0.08
@@ -39,24 +34,9 @@ DEGRADED = 0.1
 
 
 @pytest.fixture(scope="module")
-def attack_jobs(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("poc_attacks")
-    poc = PocConsortium(run_dir)
-    synthesize_consortium(run_dir / "data", sites=3, cases=8, seed=1, site_names=poc.sites, progress=False)
-    task = SegmentationConfig(rounds=ROUNDS, epochs_per_round=2, min_clients=3, guard_flag_after=2)
-    x100 = {"site": ATTACKER, "kind": "scale", "factor": 100}
-    jobs = {
-        "clean": export(task.replace(name="attack_clean"), run_dir / "jobs" / "clean"),
-        "guarded": export(task.replace(name="attack_guarded"), run_dir / "jobs" / "guarded", attack=x100),
-        # One round is enough to break an unguarded model (its final model is that round's): saves CPU.
-        "plain": export(task.replace(name="attack_plain", guard=False, rounds=1), run_dir / "jobs" / "plain",
-                        attack=x100),
-    }
-    try:
-        poc.up(data_dir=run_dir / "data")
-        results = run_jobs_side_by_side(poc, jobs, run_dir / "results", max_active=3, timeout=600)
-    finally:
-        poc.clean(graceful=False)  # results are downloaded: teardown by PID
+def attack_jobs(first_wave):
+    """The three jobs ran side by side in the shared POC's first wave (same data, same seed)."""
+    results = {name: first_wave[f"attack_{name}"] for name in ("clean", "guarded", "plain")}
     yield {"results": results, "reports": {n: build_report(r) for n, (_, r, _) in results.items() if r}}
 
 

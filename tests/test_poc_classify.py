@@ -13,41 +13,32 @@ import pytest
 from nvflare.app_common.app_constant import AlgorithmConstants
 
 from fedbrain.contracts import GRADES
-from fedbrain.demo import ClassifyDemoSettings, export_job, prepare_classification_data
-from fedbrain.tasks.classification import ClassificationConfig
-from fedbrain.poc.consortium import PocConsortium
+from fedbrain.jobs.classification import export
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.report.job_report import build_report, find_workspace
+from poc_shared import classify_config
 
 pytestmark = pytest.mark.poc
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 IMAGE_SHAPE = (32, 40, 32)  # what the classifier's inputs are resampled to
+HEADS = classify_config().name  # a site's head store for these jobs: <kit>/personal/<job name>/
 
 
 @pytest.fixture(scope="module")
-def two_jobs(tmp_path_factory):
-    """Job 1 (2 rounds) then a SCAFFOLD job 2 (2 rounds) on the same consortium: the heads must carry over."""
-    run_dir = tmp_path_factory.mktemp("poc_cls")
-    poc = PocConsortium(run_dir)
-    settings = ClassifyDemoSettings(cases=8, seed=3, task=ClassificationConfig(rounds=2, epochs_per_round=1, seed=3))
-    data = prepare_classification_data(run_dir / "data", poc.sites, settings)
-    out = {"poc": poc, "data": data}  # data/<site>/datalist.json: what each site trains and validates on
-    try:
-        poc.up(data_dir=data)
-        job1 = export_job(run_dir / "jobs1", settings, poc.sites)
-        out["meta1"], out["result1"] = submit_and_wait(poc, job1, rounds=2, result_dir=run_dir / "r1")
-        out["heads_after_job1"] = {s: (poc.kit(s) / "personal" / "fedbrain_classification" / "head.pt").read_bytes()
-                                   for s in SITES}
-        scaffold = ClassificationConfig(rounds=2, epochs_per_round=1, algorithm="scaffold")
-        job2 = export_job(run_dir / "jobs2", ClassifyDemoSettings(task=scaffold), poc.sites)
-        out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=2, result_dir=run_dir / "r2")
-        # Each site's own log of job 2, read on the site's disk (it stays at the hospital).
-        out["site_logs2"] = {s: (poc.kit(s) / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
-                             for s in SITES}
-    finally:
-        poc.clean(graceful=False)  # results are downloaded: teardown by PID
-    yield out
+def two_jobs(shared_poc, first_wave):
+    """Job 1 (2 rounds, the shared POC's first wave) then a SCAFFOLD job 2 (2 rounds) under the same
+    job name on the same consortium: the heads must carry over."""
+    poc = shared_poc.ready().poc
+    out = {"poc": poc, "data": shared_poc.cls_data}  # <site>/datalist.json: what each site trains and validates on
+    out["meta1"], out["result1"], _ = first_wave["classify"]
+    out["heads_after_job1"] = {s: (poc.kit(s) / "personal" / HEADS / "head.pt").read_bytes() for s in SITES}
+    job2 = export(classify_config(algorithm="scaffold"), shared_poc.run_dir / "jobs" / "classify2", sites=poc.sites)
+    out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=2, result_dir=shared_poc.run_dir / "classify_r2")
+    # Each site's own log of job 2, read on the site's disk (it stays at the hospital).
+    out["site_logs2"] = {s: (poc.kit(s) / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
+                         for s in SITES}
+    return out
 
 
 def test_both_jobs_completed_with_per_site_metrics(two_jobs):

@@ -13,8 +13,6 @@ from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, SITE_METRICS_LOG_T
 from fedbrain.data.datalist import load_datalist
 from fedbrain.demo import ClassifyDemoSettings, export_job, prepare_classification_data
 from fedbrain.filters.audit import AUDIT_FILE
-from fedbrain.fl.site import write_site_config
-from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.faults import kill_participant, start_participant
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED
@@ -45,24 +43,28 @@ def _rows(result):
 
 
 @pytest.fixture(scope="module")
-def dp_jobs(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("poc_dp")
-    poc = PocConsortium(run_dir)
-    task = ClassifyDemoSettings().task.replace(rounds=ROUNDS, epochs_per_round=1, batch_size=BATCH,
+def dp_jobs(shared_poc):
+    """On the shared POC, with this module's own classification cohort (so its own privacy ledger);
+    every site's local config is put back afterwards."""
+    poc, run_dir = shared_poc.ready().poc, shared_poc.run_dir / "dp"
+    task = ClassifyDemoSettings().task.replace(name="poc_dp", rounds=ROUNDS, epochs_per_round=1, batch_size=BATCH,
                                                dp_noise_multiplier=NOISE, dp_delta=DELTA)
     settings = ClassifyDemoSettings(cases=8, seed=5, task=task)
     data = prepare_classification_data(run_dir / "data", poc.sites, settings)
     n_train = {s: len(load_datalist(data / s / "datalist.json")["training"]) for s in poc.sites}
     steps, q = _site_round(n_train["hospital-c"])
     out = {"poc": poc, "n_train": n_train}
+
+    def site_config(site, **privacy):
+        shared_poc.site_config(site, datalists={"classification": str(data / site / "datalist.json")}, **privacy)
+
     try:
-        poc.up(data_dir=data)
+        for site in poc.sites:
+            site_config(site)
         # hospital-c's budget allows one round; hospital-b refuses jobs without DP.
         out["budget"] = (_epsilon(steps, q) + _epsilon(2 * steps, q)) / 2
-        write_site_config(poc.kit("hospital-c"), data / "hospital-c" / "datalist.json", num_threads=1,
-                          dp_budget={"epsilon": out["budget"], "delta": DELTA})
-        write_site_config(poc.kit("hospital-b"), data / "hospital-b" / "datalist.json", num_threads=1,
-                          require_dp=True)
+        site_config("hospital-c", dp_budget={"epsilon": out["budget"], "delta": DELTA})
+        site_config("hospital-b", require_dp=True)
         job1 = export_job(run_dir / "jobs1", settings, poc.sites)
         out["meta1"], out["result1"] = submit_and_wait(poc, job1, rounds=ROUNDS, result_dir=run_dir / "r1")
         # hospital-a's machine goes down and comes back through its kit's start script; a later DP job
@@ -73,10 +75,11 @@ def dp_jobs(tmp_path_factory):
         job2 = export_job(run_dir / "jobs2", ClassifyDemoSettings(cases=8, seed=5, task=task.replace(rounds=1)),
                           poc.sites)
         out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=1, result_dir=run_dir / "r2")
-        plain = ClassifyDemoSettings(task=ClassifyDemoSettings().task.replace(rounds=1, epochs_per_round=1))
+        plain = ClassifyDemoSettings(task=ClassifyDemoSettings().task.replace(name="poc_dp_plain", rounds=1,
+                                                                              epochs_per_round=1))
         # Every hospital now requires DP: a job without it has no site left to learn from.
         for site in poc.sites:
-            write_site_config(poc.kit(site), data / site / "datalist.json", num_threads=1, require_dp=True)
+            site_config(site, require_dp=True)
         job3 = export_job(run_dir / "jobs3", ClassifyDemoSettings(task=plain.task.replace(rounds=3)), poc.sites)
         out["meta3"], out["result3"] = submit_and_wait(poc, job3, rounds=3, result_dir=run_dir / "r3")
         out["log_c"] = (poc.kit("hospital-c") / out["meta1"]["job_id"] / "log.txt").read_text(errors="replace")
@@ -85,8 +88,8 @@ def dp_jobs(tmp_path_factory):
         out["ledgers"] = {s: [json.loads(p.read_text()) for p in (poc.kit(s) / "privacy").glob("*/accountant.json")]
                           for s in poc.sites}
     finally:
-        poc.clean(graceful=False)  # results are downloaded: teardown by PID
-    yield out
+        shared_poc.reset_site_configs()
+    return out
 
 
 def test_jobs_complete_with_the_other_sites(dp_jobs):

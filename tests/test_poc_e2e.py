@@ -1,57 +1,36 @@
 """End to end with real parts: provisioned POC (mTLS kits), real server and site processes,
-the exported segmentation job submitted through the admin API, the result checked on disk."""
+the exported segmentation job submitted through the admin API, the result checked on disk.
+The consortium is the session's shared one (tests/poc_shared.py), whose teardown fails the
+session if any process of its workspace survives or the workspace is left behind."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from fedbrain.synthetic.cohort import synthesize_consortium
 from fedbrain.demo import DemoSettings, export_job
-from fedbrain.tasks.segmentation import SegmentationConfig
-from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.report.job_report import build_report
-from fedbrain.fl.site import write_site_config
+from fedbrain.tasks.segmentation import SegmentationConfig
+from poc_shared import E2E_ROUNDS as ROUNDS
 
 pytestmark = pytest.mark.poc
 
-ROUNDS = 3
-
 
 @pytest.fixture(scope="module")
-def finished_job(tmp_path_factory):
-    """One real federated run shared by the assertions below (it is the slow part)."""
-    run_dir = tmp_path_factory.mktemp("poc")
-    real_nvflare = Path(os.path.expanduser("~")) / ".nvflare"
-    real_before = real_nvflare.exists() and sorted(p.name for p in real_nvflare.iterdir())
-    tmp_nvflare_before = Path("/tmp/nvflare").exists()
-
-    poc = PocConsortium(run_dir)
-    data = run_dir / "data"
-    synthesize_consortium(data, sites=3, cases=8, seed=1, site_names=poc.sites, progress=False)
-    # One broken case at hospital-b: must be skipped and reported, not crash the site.
-    dl = json.loads((data / "hospital-b" / "datalist.json").read_text())
-    broken = data / "hospital-b" / dl["training"][0]["image"][3]
-    broken.write_bytes(broken.read_bytes()[:200])
-
-    settings = DemoSettings(task=SegmentationConfig(rounds=ROUNDS, epochs_per_round=3))
+def finished_job(shared_poc, first_wave):
+    """The demo's segmentation job from the shared POC's first wave (hospital-b holds one broken
+    case), then a job in which hospital-c's IT points it at a datalist that is not there."""
+    poc = shared_poc.ready().poc
+    meta, result, _ = first_wave["e2e"]
+    shared_poc.site_config("hospital-c", datalists={"segmentation": str(shared_poc.run_dir / "missing" / "datalist.json")})
     try:
-        poc.up(data_dir=data)
-        started_pids = poc.pids()
-        job = export_job(run_dir / "jobs", settings, poc.sites)
-        meta, result = submit_and_wait(poc, job, rounds=ROUNDS, result_dir=run_dir / "result")
-        # Job 2: hospital-c's IT points it at a datalist that is not there. The others must still train.
-        write_site_config(poc.kit("hospital-c"), run_dir / "missing" / "datalist.json", num_threads=1)
-        job2 = export_job(run_dir / "jobs2", DemoSettings(task=SegmentationConfig(rounds=1, epochs_per_round=1)), poc.sites)
-        bad_site = submit_and_wait(poc, job2, rounds=1, result_dir=run_dir / "result2")
+        job2 = export_job(shared_poc.run_dir / "jobs" / "e2e_bad_site",
+                          DemoSettings(task=SegmentationConfig(rounds=1, epochs_per_round=1)), poc.sites)
+        bad_site = submit_and_wait(poc, job2, rounds=1, result_dir=shared_poc.run_dir / "e2e_bad_site")
     finally:
-        poc.clean()
-    yield {
-        "meta": meta, "result": result, "poc": poc, "started_pids": started_pids, "bad_site": bad_site,
-        "real_before": real_before, "real_nvflare": real_nvflare, "tmp_nvflare_before": tmp_nvflare_before,
-    }
+        shared_poc.reset_site_configs()
+    return {"meta": meta, "result": result, "poc": poc, "bad_site": bad_site, **shared_poc.user_state_before}
 
 
 def test_job_completed_through_admin_api(finished_job):
@@ -84,15 +63,6 @@ def test_metrics_and_best_model_present(finished_job):
         assert list((ws / "tb_events" / site).glob("events.out.tfevents.*")), site
     final = json.loads((ws / "cross_site_val" / "cross_val_results.json").read_text())
     assert set(final) == {"hospital-a", "hospital-b", "hospital-c"}
-
-
-def test_teardown_left_nothing(finished_job):
-    poc = finished_job["poc"]
-    assert finished_job["started_pids"], "the POC never started any process"
-    assert poc.pids() == []  # nothing whose command line or cwd is in the workspace
-    assert not [pid for pid in finished_job["started_pids"] if Path(f"/proc/{pid}").exists()
-                and str(poc.workspace) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
-    assert not poc.workspace.exists()
 
 
 def test_user_flare_config_untouched(finished_job):

@@ -1,6 +1,7 @@
 """Site-enforced privacy in a real POC (FLARE applies site policies only with real processes).
 
-Sites as provisioned by fedbrain, then each hospital's own choices before start:
+Sites as provisioned by fedbrain (the session's shared POC), then each hospital's own choices, after
+which it restarts (FLARE reads its policy at start-up):
 hospital-a tightens its `standard` scope's update-norm clip to 0.5; hospital-b keeps the
 defaults; hospital-c makes `encrypted` its default scope. Then:
 
@@ -20,10 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fedbrain.demo import ClassifyDemoSettings, prepare_classification_data
 from fedbrain.filters.audit import AUDIT_FILE
 from fedbrain.jobs.classification import export
-from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.tasks.classification import ClassificationConfig
 
@@ -32,31 +31,28 @@ pytestmark = pytest.mark.poc
 CLIP_A = 0.02  # a classifier update after one epoch has norm ~0.2
 
 
-def _set_policy(kit: Path, default_scope: str | None = None, clip: float | None = None) -> None:
-    path = kit / "local" / "privacy.json"
-    policy = json.loads(path.read_text())
-    if default_scope:
-        policy["default_scope"] = default_scope
-    if clip is not None:
-        for f in next(s for s in policy["scopes"] if s["name"] == "standard")["task_result_filters"]:
-            if f["path"].endswith("UpdateNormClip"):
-                f["args"]["max_norm"] = clip
-    path.write_text(json.dumps(policy, indent=2))
+def _edit_policy(default_scope: str | None = None, clip: float | None = None):
+    def edit(policy: dict) -> None:
+        if default_scope:
+            policy["default_scope"] = default_scope
+        if clip is not None:
+            for f in next(s for s in policy["scopes"] if s["name"] == "standard")["task_result_filters"]:
+                if f["path"].endswith("UpdateNormClip"):
+                    f["args"]["max_norm"] = clip
+    return edit
 
 
 @pytest.fixture(scope="module")
-def policy_jobs(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("poc_policy")
-    poc = PocConsortium(run_dir)
-    task = ClassificationConfig(rounds=1, epochs_per_round=1, seed=5, algorithm="fedavg", min_clients=2)
-    settings = ClassifyDemoSettings(cases=8, seed=5, task=task)
-    data = prepare_classification_data(run_dir / "data", poc.sites, settings)
+def policy_jobs(shared_poc):
+    """On the shared POC: hospital-a and hospital-c change their policies and restart (FLARE reads
+    them at start-up); the originals come back, with a restart, when the module is done."""
+    poc, run_dir = shared_poc.ready().poc, shared_poc.run_dir / "policy"
+    task = ClassificationConfig(name="poc_policy", rounds=1, epochs_per_round=1, seed=5, algorithm="fedavg",
+                                min_clients=2)
     out = {"poc": poc}
     try:
-        poc.prepare(data_dir=data)
-        _set_policy(poc.kit("hospital-a"), clip=CLIP_A)
-        _set_policy(poc.kit("hospital-c"), default_scope="encrypted")
-        poc.start()
+        shared_poc.change_policy("hospital-a", _edit_policy(clip=CLIP_A))
+        shared_poc.change_policy("hospital-c", _edit_policy(default_scope="encrypted"))
         job = export(task, run_dir / "jobs_ab", sites=["hospital-a", "hospital-b"])
         out["meta1"], out["result1"] = submit_and_wait(poc, job, rounds=1, result_dir=run_dir / "r1")
         # min_clients 3: the server waits for hospital-c's answer (else a and b may end the round first).
@@ -74,8 +70,8 @@ def policy_jobs(tmp_path_factory):
         finally:
             sess.close()
     finally:
-        poc.clean(graceful=False)  # results are downloaded: teardown by PID
-    yield out
+        shared_poc.restore_policies()
+    return out
 
 
 def _wait(sess, job_id: str, timeout: float) -> dict:

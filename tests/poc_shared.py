@@ -1,0 +1,175 @@
+"""One POC consortium for the whole session, shared by the POC modules that need nothing special
+of it (same project, same site policies at start), and their first jobs run side by side on it.
+
+Why: each POC module used to provision, start and stop its own consortium (~30-40 s of CPU-heavy
+process starts each) and ran its jobs one after another; the POC modules were 18 of the suite's
+20 minutes. Here the consortium starts once, every module's independent first job is submitted
+together (:func:`first_wave`; FLARE runs several jobs at once and their start, round and end
+latencies overlap), and each module then runs only what depends on earlier results or changes a
+site (a budget, a datalist, a policy), one module at a time.
+
+A module that changes a site puts it back: :meth:`SharedPoc.reset_site_configs` rewrites every
+site's local/fedbrain_site.json; a changed privacy policy is restored (and the sites restarted) by
+:meth:`SharedPoc.restore_policies` before the next module uses the consortium.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fedbrain.demo import ClassifyDemoSettings, DemoSettings, export_job, prepare_classification_data
+from fedbrain.fl.site import write_site_config
+from fedbrain.jobs import classification as classification_job
+from fedbrain.jobs import segmentation as segmentation_job
+from fedbrain.poc.consortium import PocConsortium
+from fedbrain.poc.runner import run_jobs_side_by_side
+from fedbrain.synthetic.cohort import synthesize_consortium
+from fedbrain.tasks.classification import ClassificationConfig
+from fedbrain.tasks.segmentation import SegmentationConfig
+
+#: The attack modules' poisoned site and settings (tests/test_poc_attacks.py reads them from here).
+ATTACKER = "hospital-b"
+ATTACK_ROUNDS = 3
+#: tests/test_poc_e2e.py's job.
+E2E_ROUNDS = 3
+#: The shared classification cohort (tests/test_poc_classify.py, test_poc_he.py, test_poc_policy.py).
+CLS_DATA = dict(cases=8, seed=3)
+
+
+@dataclass
+class SharedPoc:
+    poc: PocConsortium
+    run_dir: Path
+    seg_data: Path  # <site>/datalist.json: segmentation (hospital-b holds one broken case)
+    cls_data: Path  # <site>/datalist.json: classification, Dirichlet-split
+    user_state_before: dict = field(default_factory=dict)  # ~/.nvflare and /tmp/nvflare before anything ran
+    started_pids: list[int] = field(default_factory=list)
+    changed_policies: dict = field(default_factory=dict)  # site -> its original local/privacy.json text
+    restart_before_use: set = field(default_factory=set)  # sites whose restored policy FLARE has not read yet
+
+    @property
+    def sites(self) -> list[str]:
+        return self.poc.sites
+
+    def site_config(self, site: str, **changes) -> None:
+        """What a hospital's IT writes: its datalist per task, plus any privacy keys in ``changes``."""
+        datalists = {"segmentation": str(self.seg_data / site / "datalist.json"),
+                     "classification": str(self.cls_data / site / "datalist.json")}
+        datalists.update(changes.pop("datalists", {}))
+        write_site_config(self.poc.kit(site), Path(datalists["segmentation"]), num_threads=1,
+                          datalists=datalists, **changes)
+
+    def reset_site_configs(self) -> None:
+        for site in self.sites:
+            self.site_config(site)
+
+    def change_policy(self, site: str, edit) -> None:
+        """Edit a site's local/privacy.json (``edit(policy) -> None``) and restart it: FLARE reads
+        scopes at start-up. :meth:`restore_policies` puts the original back."""
+        from fedbrain.poc.faults import kill_participant, start_participant
+
+        path = self.poc.kit(site) / "local" / "privacy.json"
+        self.changed_policies.setdefault(site, path.read_text())
+        policy = json.loads(path.read_text())
+        edit(policy)
+        path.write_text(json.dumps(policy, indent=2))
+        kill_participant(self.poc, site)
+        start_participant(self.poc, site)
+
+    def restore_policies(self) -> None:
+        """Put the original policies back; the sites restart when the next module asks for the
+        consortium (:meth:`ready`), so the last module to change a policy costs no restart."""
+        for site, text in list(self.changed_policies.items()):
+            (self.poc.kit(site) / "local" / "privacy.json").write_text(text)
+            self.restart_before_use.add(site)
+            del self.changed_policies[site]
+
+    def ready(self) -> "SharedPoc":
+        """The consortium as provisioned: sites whose policy was restored are restarted first."""
+        from fedbrain.poc.faults import kill_participant, start_participant
+
+        for site in sorted(self.restart_before_use):
+            kill_participant(self.poc, site)
+            start_participant(self.poc, site)
+        self.restart_before_use.clear()
+        return self
+
+
+def _user_state() -> dict:
+    real = Path(os.path.expanduser("~")) / ".nvflare"
+    return {"real_nvflare": real, "real_before": real.exists() and sorted(p.name for p in real.iterdir()),
+            "tmp_nvflare_before": Path("/tmp/nvflare").exists()}
+
+
+@pytest.fixture(scope="session")
+def shared_poc(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("poc_shared")
+    user_state = _user_state()
+    poc = PocConsortium(run_dir)
+    seg = run_dir / "seg_data"
+    synthesize_consortium(seg, sites=3, cases=8, seed=1, site_names=poc.sites, progress=False)
+    # One broken case at hospital-b: it must be skipped and reported, not crash the site (test_poc_e2e).
+    dl = json.loads((seg / "hospital-b" / "datalist.json").read_text())
+    broken = seg / "hospital-b" / dl["training"][0]["image"][3]
+    broken.write_bytes(broken.read_bytes()[:200])
+    cls = prepare_classification_data(run_dir / "cls_data", poc.sites, ClassifyDemoSettings(**CLS_DATA))
+    shared = SharedPoc(poc, run_dir, seg, cls, user_state)
+    try:
+        poc.prepare()
+        shared.reset_site_configs()
+        poc.start()
+        shared.started_pids = poc.pids()
+        yield shared
+    finally:
+        poc.clean(graceful=False)  # results are downloaded: teardown by PID; raises if anything survives
+    left = [pid for pid in shared.started_pids
+            if Path(f"/proc/{pid}").exists() and str(poc.workspace) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert not left and not poc.pids() and not poc.workspace.exists(), f"the shared POC left processes {left}"
+
+
+def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
+    """Every shared module's first job, exported (name -> folder). Personal-head jobs have their own
+    names: a site keeps one head store per job name, and these run at the same time."""
+    jobs = shared.run_dir / "jobs"
+    sites = shared.sites
+    attack = SegmentationConfig(rounds=ATTACK_ROUNDS, epochs_per_round=2, min_clients=3, guard_flag_after=2)
+    x100 = {"site": ATTACKER, "kind": "scale", "factor": 100}
+    he_cls = ClassificationConfig(name="poc_he_classification", rounds=2, epochs_per_round=1, seed=3, he=True)
+    return {
+        # test_poc_he: an encrypted classifier and an encrypted segmentation job
+        "he_cls": export_job(jobs / "he_cls", ClassifyDemoSettings(task=he_cls, **CLS_DATA), sites),
+        "he_seg": export_job(jobs / "he_seg", DemoSettings(task=SegmentationConfig(
+            name="poc_he_segmentation", rounds=1, epochs_per_round=1, max_steps=2, he=True)), sites),
+        # test_poc_attacks: clean, guarded against a x100 site, and the same attack unguarded (one round
+        # is enough to break an unguarded model, whose final model is that round's)
+        "attack_clean": segmentation_job.export(attack.replace(name="attack_clean"), jobs / "clean"),
+        "attack_guarded": segmentation_job.export(attack.replace(name="attack_guarded"), jobs / "guarded", attack=x100),
+        "attack_plain": segmentation_job.export(attack.replace(name="attack_plain", guard=False, rounds=1),
+                                                jobs / "plain", attack=x100),
+        # test_poc_e2e: the demo's segmentation job
+        "e2e": export_job(jobs / "e2e", DemoSettings(task=SegmentationConfig(rounds=E2E_ROUNDS, epochs_per_round=3)),
+                          sites),
+        # test_poc_classify: personal heads, then (in the module) SCAFFOLD under the same name
+        "classify": classification_job.export(classify_config(), jobs / "classify", sites=sites),
+    }
+
+
+def classify_config(**changes) -> ClassificationConfig:
+    """test_poc_classify's jobs: one name, so the second job finds the heads the first one kept."""
+    return ClassificationConfig(name="poc_classify", rounds=2, epochs_per_round=1, seed=3, min_clients=3).replace(**changes)
+
+
+@pytest.fixture(scope="session")
+def first_wave(shared_poc):
+    """name -> (job meta, downloaded result folder, seconds): every shared module's first job, side by side."""
+    results = run_jobs_side_by_side(shared_poc.ready().poc, first_wave_jobs(shared_poc), shared_poc.run_dir / "results",
+                                    max_active=4, timeout=1500)
+    missing = {name: meta.get("status") for name, (meta, path, _) in results.items() if path is None}
+    assert not missing, f"jobs of the shared POC did not finish: {missing}"
+    return results
+
