@@ -285,7 +285,14 @@ def test_config_refuses_robust_aggregation_with_he_or_scaffold():
         ClassificationConfig(he=True, aggregation="median")
     with pytest.raises(ValueError, match="SCAFFOLD"):
         ClassificationConfig(algorithm="scaffold", aggregation="krum")
-    ClassificationConfig(he=True)  # the guard's default does not block encrypted jobs: it does not apply there
+    # The guard's default resolves per path: on for plaintext FedAvg, off where the server cannot screen;
+    # asking for it there is refused with the reason instead of being dropped silently.
+    assert ClassificationConfig().update_guard and not ClassificationConfig(he=True).update_guard
+    assert not ClassificationConfig(algorithm="scaffold").update_guard
+    with pytest.raises(ValueError, match="guard: .*ciphertext"):
+        ClassificationConfig(he=True, guard=True)
+    with pytest.raises(ValueError, match="guard: .*SCAFFOLD"):
+        ClassificationConfig(algorithm="scaffold", guard=True)
 
 
 def test_report_reads_the_guard_file(tmp_path):

@@ -67,6 +67,28 @@ def test_the_job_carries_the_round_policy(tmp_path):
     assert json.loads((folder / "meta.json").read_text())["min_clients"] == 2
 
 
+@pytest.mark.parametrize("path", ["he", "scaffold"])
+def test_encrypted_and_scaffold_jobs_carry_the_round_policy_too(tmp_path, path):
+    """Before, these paths dropped round_timeout, min_responses and dead_site_grace without a word."""
+    from fedbrain.jobs.classification import export
+
+    from fedbrain.tasks.classification import ClassificationConfig
+
+    config = ClassificationConfig(round_timeout=45.0, min_responses=2, dead_site_grace=20.0,
+                                  **({"he": True} if path == "he" else {"algorithm": "scaffold"}))
+    folder = export(config, tmp_path)
+    conf = json.loads(next(folder.glob("*/config/config_fed_server.json")).read_text())
+    (controller,) = [w for w in conf["workflows"] if w["id"] == "controller"]
+    if path == "he":  # FLARE's ScatterAndGather: wait for every site up to the timeout, need min_responses
+        assert controller["path"].endswith("ScatterAndGather")
+        assert controller["args"]["train_timeout"] == 45 and controller["args"]["wait_time_after_min_received"] == 45
+        assert controller["args"]["min_clients"] == 2
+    else:
+        assert controller["path"] == "fedbrain.fl.resilient.ResilientScaffold"
+        assert controller["args"]["round_timeout"] == 45 and controller["args"]["min_responses"] == 2
+    assert conf["dead_client_grace_period"] == 20.0
+
+
 def test_round_policy_settings_are_validated():
     with pytest.raises(ValueError, match="min_responses"):
         SegmentationConfig(min_clients=2, min_responses=3)

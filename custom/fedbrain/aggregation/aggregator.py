@@ -38,9 +38,10 @@ GUARD_LOG_TAG = "update guard"
 class GuardedAggregator(ModelAggregator):
     expected_data_kind = "WEIGHT_DIFF"  # checked by FLARE's recipe against aggregator_data_kind
 
-    # Defaults are the task config's (declared there only); a job passes every value from its config.
+    # Defaults are the task config's (declared there only; the guard is on for this, the plaintext
+    # FedAvg path); a job passes every value from its config.
     def __init__(self, aggregation: str = TaskConfig.aggregation, trim_fraction: float = TaskConfig.trim_fraction,
-                 krum_byzantine: int = TaskConfig.krum_byzantine, guard: bool = TaskConfig.guard,
+                 krum_byzantine: int = TaskConfig.krum_byzantine, guard: bool = True,
                  guard_z: float = TaskConfig.guard_z, guard_flag_after: int = TaskConfig.guard_flag_after,
                  file_name: str = GUARD_FILE):
         super().__init__()
@@ -59,7 +60,7 @@ class GuardedAggregator(ModelAggregator):
     @classmethod
     def from_config(cls, config) -> "GuardedAggregator":
         return cls(aggregation=config.aggregation, trim_fraction=config.trim_fraction,
-                   krum_byzantine=config.krum_byzantine, guard=config.guard, guard_z=config.guard_z,
+                   krum_byzantine=config.krum_byzantine, guard=config.update_guard, guard_z=config.guard_z,
                    guard_flag_after=config.guard_flag_after)
 
     # ------------------------------------------------------------------ FLARE's ModelAggregator

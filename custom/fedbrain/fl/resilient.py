@@ -26,8 +26,10 @@ import json
 import time
 from pathlib import Path
 
-from nvflare.app_common.workflows.base_fedavg import _get_client_name
 from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.app_common.workflows.scaffold import Scaffold
+
+from fedbrain.fl.flare_private import client_name, tell_round_minimum
 
 ROUND_FILE = "round_contributions.jsonl"
 #: In the server's run folder: the round of the last global model saved, and where (read by a resume).
@@ -84,7 +86,7 @@ class ResilientFedAvg(FedAvg):
     def _prepare_task(self, data, task_name, timeout, callback):
         # broadcast_model has just set the error tolerance to "every target": tell it the real minimum.
         if task_name == self.task_name:
-            self._current_min_responses = min(self.min_responses, self._current_num_targets)
+            tell_round_minimum(self, self.min_responses)
         task = super()._prepare_task(data=data, task_name=task_name, timeout=timeout, callback=callback)
         if task_name == self.task_name:
             self._round_task, self._unfetched_skipped = task, []
@@ -125,7 +127,7 @@ class ResilientFedAvg(FedAvg):
     def _aggregate_one_result(self, result) -> bool:
         accepted = super()._aggregate_one_result(result)
         if accepted:
-            self._answered.append(_get_client_name(result))
+            self._answered.append(client_name(result))
         return accepted
 
     def _get_aggregated_result(self):
@@ -176,3 +178,37 @@ class ResilientFedAvg(FedAvg):
                 f.write(json.dumps(entry) + "\n")
         except OSError as e:  # the record is for people; the round itself goes on
             self.warning(f"could not write {ROUND_FILE}: {e}")
+
+
+class ResilientScaffold(Scaffold):
+    """FLARE's SCAFFOLD controller with the same round policy settings as :class:`ResilientFedAvg`:
+    a round waits at most ``round_timeout`` seconds and needs ``min_responses`` updates (FLARE's own
+    waits for every site with no limit). SCAFFOLD aggregates after the round's results are in, so the
+    policy is applied around FLARE's ``send_model_and_wait``; each round is recorded the same way."""
+
+    def __init__(self, *args, round_timeout: float = 0, min_responses: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if round_timeout < 0:
+            raise ValueError(f"round_timeout must be >= 0, got {round_timeout}")
+        self.round_timeout = int(round_timeout)
+        self.min_responses = int(min_responses or self.num_clients)
+
+    def send_model_and_wait(self, task_name: str = "train", data=None, targets=None, min_responses=None, timeout=0):
+        started = time.time()
+        results = super().send_model_and_wait(task_name=task_name, data=data, targets=targets,
+                                              min_responses=min_responses, timeout=timeout or self.round_timeout)
+        if task_name != "train":
+            return results
+        asked = list(targets or [])
+        answered = [client_name(r) for r in results]
+        missing = [s for s in asked if s not in answered]
+        entry = {"round": self.current_round, "asked": asked, "aggregated": answered, "missing": missing,
+                 "closed_by": "all answered" if not missing else f"round_timeout {self.round_timeout} s",
+                 "seconds": round(time.time() - started, 1), "min_responses": self.min_responses,
+                 "accepted": len(answered) >= self.min_responses, "time": time.time()}
+        ResilientFedAvg._record(self, entry)
+        if not entry["accepted"]:
+            raise RoundFailed(f"round {self.current_round}: {len(answered)} of {len(asked)} sites answered "
+                              f"({entry['closed_by']}), fewer than min_responses {self.min_responses}; "
+                              f"no update from {', '.join(missing)}: the job ends here")
+        return results

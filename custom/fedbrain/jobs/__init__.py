@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from fedbrain.fl.flare_private import (deployed_apps, job_of, persistor_id_of, script_settings, server_workflows,
+                                       set_task_check_period, set_validation_timeout)
 from fedbrain.tasks.config import TaskConfig
 
 SITES_DIR = Path(__file__).resolve().parent / "sites"
@@ -64,10 +66,10 @@ def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_na
         build = _build_plain
     recipe = build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names, sites=sites,
                    **({"attack": attack} if attack is not None else {}))
-    run_installed_scripts(recipe._job)  # client apps that exist already (SCAFFOLD, encrypted)
+    run_installed_scripts(job_of(recipe))  # client apps that exist already (SCAFFOLD, encrypted)
     add_experiment_tracking(recipe, "tensorboard")  # site metrics stream to the server's tb_events/
     # Sites and server run the fedbrain they installed: no shadowed copy of it in custom/.
-    recipe._job.set_app_packages(INSTALLED_PACKAGES)
+    job_of(recipe).set_app_packages(INSTALLED_PACKAGES)
     apply_round_timing(recipe)
     return recipe
 
@@ -88,11 +90,9 @@ def apply_round_timing(recipe, task_request_interval: float = TASK_REQUEST_INTER
                        task_check_period: float = TASK_CHECK_PERIOD) -> None:
     """Write fedbrain's round timing into the job: the server app's ``server.task_request_interval``
     and every server workflow's ``task_check_period``."""
-    recipe._job.to_server({"server": {"task_request_interval": float(task_request_interval)}})
-    server = recipe._job._deploy_map.get("server")
-    for workflow in getattr(getattr(server, "app_config", None), "workflows", []):
-        if hasattr(workflow.controller, "_task_check_period"):
-            workflow.controller._task_check_period = float(task_check_period)
+    job_of(recipe).to_server({"server": {"task_request_interval": float(task_request_interval)}})
+    for workflow in server_workflows(recipe):
+        set_task_check_period(workflow.controller, task_check_period)
 
 
 def site_privacy_filters(config: TaskConfig, personal_names=()) -> list:
@@ -113,16 +113,15 @@ def run_installed_scripts(job) -> None:
 
     from fedbrain.fl.executor import InstalledScriptExecutor
 
-    for app in job._deploy_map.values():
+    for app in deployed_apps(job).values():
         cfg = getattr(app, "app_config", None)
         replaced = set()
         for definition in getattr(cfg, "executors", []):
             old = definition.executor
             if type(old) is ClientAPIExecutor:
-                name = Path(old._task_script_path).name
-                definition.executor = InstalledScriptExecutor(
-                    name, old._task_script_args, params_exchange_format=old._params_exchange_format,
-                    server_expected_format=old._server_expected_format, params_transfer_type=old._params_transfer_type)
+                settings = script_settings(old)
+                name = settings.pop("script")
+                definition.executor = InstalledScriptExecutor(name, settings.pop("args"), **settings)
                 replaced.add(name)
         if cfg is not None and replaced:
             cfg.ext_scripts = [s for s in cfg.ext_scripts if Path(s).name not in replaced]
@@ -139,7 +138,24 @@ def apply_fault_settings(recipe, config: TaskConfig) -> None:
     FLARE deems the site gone (``dead_client_grace_period`` of the server app)."""
     from nvflare.apis.fl_constant import ConfigVarName
 
-    recipe._job.to_server({ConfigVarName.DEAD_CLIENT_GRACE_PERIOD: float(config.dead_site_grace)})
+    job_of(recipe).to_server({ConfigVarName.DEAD_CLIENT_GRACE_PERIOD: float(config.dead_site_grace)})
+
+
+def use_resilient_scaffold(recipe, config: TaskConfig) -> None:
+    """FLARE's SCAFFOLD controller in a recipe becomes :class:`fedbrain.fl.resilient.ResilientScaffold`
+    with the same arguments and the config's round policy (FLARE's own waits for every site forever)."""
+    from nvflare.app_common.workflows.scaffold import Scaffold
+
+    from fedbrain.fl.resilient import ResilientScaffold
+
+    for workflow in server_workflows(recipe):
+        old = workflow.controller
+        if type(old) is Scaffold:
+            workflow.controller = ResilientScaffold(
+                num_clients=old.num_clients, num_rounds=old.num_rounds, persistor_id=persistor_id_of(old),
+                memory_gc_rounds=old.memory_gc_rounds,
+                enable_tensor_disk_offload=old.enable_tensor_disk_offload,
+                round_timeout=config.round_timeout, min_responses=config.min_responses)
 
 
 def bound_final_evaluation(recipe, config: TaskConfig) -> None:
@@ -148,10 +164,8 @@ def bound_final_evaluation(recipe, config: TaskConfig) -> None:
     the finished job for 100 minutes)."""
     if not config.round_timeout:
         return
-    server = recipe._job._deploy_map.get("server")
-    for workflow in getattr(getattr(server, "app_config", None), "workflows", []):
-        if hasattr(workflow.controller, "_validation_timeout"):
-            workflow.controller._validation_timeout = int(config.round_timeout)
+    for workflow in server_workflows(recipe):
+        set_validation_timeout(workflow.controller, config.round_timeout)
 
 
 def _code_free_fedavg():
@@ -178,7 +192,7 @@ def _code_free_fedavg():
 
         def _prepare_client_apps(self) -> None:
             super()._prepare_client_apps()
-            run_installed_scripts(self._job)
+            run_installed_scripts(job_of(self))
 
     return CodeFreeFedAvgRecipe
 
@@ -206,6 +220,8 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
     if config.algorithm == "scaffold":
         # ScaffoldRecipe has one client app for all sites (no per-site config); it keeps the last model.
         recipe = ScaffoldRecipe(**common)
+        use_resilient_scaffold(recipe, config)
+        apply_fault_settings(recipe, config)
         groups = [None]
     else:
         recipe = _code_free_fedavg()(**common, key_metric=key_metric, key_metric_mode="max",

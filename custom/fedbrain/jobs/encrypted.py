@@ -15,6 +15,7 @@ persists that global model encrypted (HEModelSerializeFilter). Sites decrypt wha
 from __future__ import annotations
 
 from nvflare.apis.dxo import DataKind
+from nvflare.apis.fl_constant import ConfigVarName
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
 from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerator
@@ -47,10 +48,14 @@ class EncryptedFedAvgRecipe(Recipe):
             TimedHEAggregator(expected_data_kind=DataKind.WEIGHT_DIFF, weigh_by_local_iter=False),
             id="aggregator")  # sites weigh by their step count before encrypting
         generator_id = job.to_server(HEModelShareableGenerator(), id="shareable_generator")
-        job.to_server(ScatterAndGather(min_clients=config.min_clients, num_rounds=config.rounds,
-                                       wait_time_after_min_received=0, aggregator_id=aggregator_id,
-                                       persistor_id=job.comp_ids["persistor_id"],
+        # The round policy (docs/reliability.md): FLARE's ScatterAndGather waits for every site up to
+        # round_timeout, and a round needs min_responses updates; dead_site_grace as in plaintext jobs.
+        timeout = int(config.round_timeout)
+        job.to_server(ScatterAndGather(min_clients=config.min_responses or config.min_clients, num_rounds=config.rounds,
+                                       wait_time_after_min_received=timeout, train_timeout=timeout,
+                                       aggregator_id=aggregator_id, persistor_id=job.comp_ids["persistor_id"],
                                        shareable_generator_id=generator_id))
+        job.to_server({ConfigVarName.DEAD_CLIENT_GRACE_PERIOD: float(config.dead_site_grace)})
         job.to_server(ReceivedUpdateAudit(), filter_type=FilterType.TASK_RESULT, tasks=["train"])
 
         for site in (sites or [None]):

@@ -74,7 +74,10 @@ class TaskConfig:
     aggregation: str = "fedavg"  # fedavg | median | trimmed_mean | krum (coordinate-wise / Krum, on weight differences)
     trim_fraction: float = 0.2  # trimmed_mean: share of sites cut at each end of every coordinate
     krum_byzantine: int = 1  # krum: sites assumed faulty (f); multi-Krum averages the n - f best-scored updates
-    guard: bool = True  # update guard: refuse NaN/Inf, unknown names or shapes, and norm outliers
+    # Update guard: refuse NaN/Inf, unknown names or shapes, and norm outliers. None: on wherever the server can read
+    # the updates (plaintext FedAvg), off for he (ciphertext) and SCAFFOLD (FLARE's workflow takes no custom aggregator);
+    # True on those paths is refused rather than silently dropped.
+    guard: bool | None = None
     guard_z: float = 3.5  # robust z-score (median/MAD over the round) of an update norm above which it is refused
     guard_flag_after: int = 3  # a site refused this many rounds in a row is flagged (log line, report)
     # Fault tolerance (fedbrain.fl / jobs): settings of the round's waiting policy live here.
@@ -116,6 +119,10 @@ class TaskConfig:
         if self.aggregation != "fedavg" and self.algorithm == "scaffold":
             raise ValueError(f"aggregation {self.aggregation}: FLARE's SCAFFOLD workflow takes no custom aggregator; "
                              "use aggregation fedavg with scaffold (the update guard does not apply either)")
+        if self.guard and (self.he or self.algorithm == "scaffold"):
+            raise ValueError("guard: the update guard screens plaintext updates at the server, and this job's server "
+                             + ("holds only ciphertext (he)" if self.he else "runs FLARE's SCAFFOLD workflow, which "
+                                "takes no custom aggregator") + "; leave guard unset (off on this path) or set it off")
         if self.round_timeout < 0 or self.dead_site_grace < 0:
             raise ValueError(f"round_timeout and dead_site_grace must be >= 0, got {self.round_timeout}, {self.dead_site_grace}")
         if self.min_clients < 1:
@@ -135,6 +142,11 @@ class TaskConfig:
     @property
     def uses_fedprox(self) -> bool:
         return self.algorithm == "fedprox" and self.fedprox_mu > 0
+
+    @property
+    def update_guard(self) -> bool:
+        """Whether the server screens this job's updates (``guard``, resolved for the job's path)."""
+        return self.guard if self.guard is not None else not (self.he or self.algorithm == "scaffold")
 
     @property
     def dp(self) -> bool:
@@ -219,7 +231,7 @@ def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), *, grou
         default = getattr(defaults, f.name)
         flag, alias = f"--{f.name.replace('_', '-')}", f"--{f.name}"
         kwargs = dict(default=None, dest=f"config_{f.name}")
-        if isinstance(default, bool):
+        if isinstance(default, bool) or str(f.type).startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
             kwargs.update(nargs="+", type=_element_type(f, default), metavar=f.name.upper())
