@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from poc_shared import first_wave, shared_poc  # noqa: F401 (session fixtures of the shared consortium)
+from poc_shared import first_wave, second_wave, shared_poc  # noqa: F401 (session fixtures of the shared consortium)
 
 TESTS = Path(__file__).parent
 #: In the order they run. The fault tests first: their rounds time out at 20 s on purpose, so they

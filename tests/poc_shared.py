@@ -32,11 +32,11 @@ from fedbrain.synthetic.cohort import synthesize_consortium
 from fedbrain.tasks.classification import ClassificationConfig
 from fedbrain.tasks.segmentation import SegmentationConfig
 
-#: The attack modules' poisoned site and settings (tests/test_poc_attacks.py reads them from here).
+#: The attack modules' poisoned site (tests/test_poc_attacks.py reads it from here).
 ATTACKER = "hospital-b"
-ATTACK_ROUNDS = 3
-#: tests/test_poc_e2e.py's job.
-E2E_ROUNDS = 3
+#: Rounds of the clean segmentation job, which both test_poc_attacks (as its clean baseline) and
+#: test_poc_e2e (as the end-to-end job) check, and of the guarded one.
+SEG_ROUNDS = 3
 #: The shared classification cohort (tests/test_poc_classify.py, test_poc_he.py, test_poc_policy.py).
 CLS_DATA = dict(cases=8, seed=3)
 
@@ -137,7 +137,7 @@ def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
     names: a site keeps one head store per job name, and these run at the same time."""
     jobs = shared.run_dir / "jobs"
     sites = shared.sites
-    attack = SegmentationConfig(rounds=ATTACK_ROUNDS, epochs_per_round=2, min_clients=3, guard_flag_after=2)
+    attack = SegmentationConfig(rounds=SEG_ROUNDS, epochs_per_round=2, min_clients=3, guard_flag_after=2)
     x100 = {"site": ATTACKER, "kind": "scale", "factor": 100}
     he_cls = ClassificationConfig(name="poc_he_classification", rounds=2, epochs_per_round=1, seed=3, he=True)
     return {
@@ -146,14 +146,12 @@ def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
         "he_seg": export_job(jobs / "he_seg", DemoSettings(task=SegmentationConfig(
             name="poc_he_segmentation", rounds=1, epochs_per_round=1, max_steps=2, he=True)), sites),
         # test_poc_attacks: clean, guarded against a x100 site, and the same attack unguarded (one round
-        # is enough to break an unguarded model, whose final model is that round's)
+        # is enough to break an unguarded model, whose final model is that round's). The clean job is
+        # also test_poc_e2e's end-to-end job (hospital-b's broken case skipped and reported).
         "attack_clean": segmentation_job.export(attack.replace(name="attack_clean"), jobs / "clean"),
         "attack_guarded": segmentation_job.export(attack.replace(name="attack_guarded"), jobs / "guarded", attack=x100),
         "attack_plain": segmentation_job.export(attack.replace(name="attack_plain", guard=False, rounds=1),
                                                 jobs / "plain", attack=x100),
-        # test_poc_e2e: the demo's segmentation job
-        "e2e": export_job(jobs / "e2e", DemoSettings(task=SegmentationConfig(rounds=E2E_ROUNDS, epochs_per_round=3)),
-                          sites),
         # test_poc_classify: personal heads, then (in the module) SCAFFOLD under the same name
         "classify": classification_job.export(classify_config(), jobs / "classify", sites=sites),
     }
@@ -173,3 +171,26 @@ def first_wave(shared_poc):
     assert not missing, f"jobs of the shared POC did not finish: {missing}"
     return results
 
+
+
+@pytest.fixture(scope="session")
+def second_wave(shared_poc, first_wave):
+    """What depends on the first wave, side by side: test_poc_classify's SCAFFOLD job (it must find the
+    heads its first job kept) and test_poc_e2e's job in which hospital-c's IT points its segmentation
+    datalist at a file that is not there (the classifier job at hospital-c is not affected)."""
+    poc, run_dir = shared_poc.ready().poc, shared_poc.run_dir
+    shared_poc.site_config("hospital-c", datalists={"segmentation": str(run_dir / "missing" / "datalist.json")})
+    try:
+        heads_before = {s: (poc.kit(s) / "personal" / classify_config().name / "head.pt").read_bytes()
+                        for s in shared_poc.sites}
+        jobs = {"classify_scaffold": classification_job.export(classify_config(algorithm="scaffold"),
+                                                               run_dir / "jobs" / "classify2", sites=shared_poc.sites),
+                "e2e_bad_site": export_job(run_dir / "jobs" / "e2e_bad_site",
+                                           DemoSettings(task=SegmentationConfig(rounds=1, epochs_per_round=1)),
+                                           shared_poc.sites)}
+        results = run_jobs_side_by_side(poc, jobs, run_dir / "results2", max_active=2, timeout=900)
+    finally:
+        shared_poc.reset_site_configs()
+    missing = {name: meta.get("status") for name, (meta, path, _) in results.items() if path is None}
+    assert not missing, f"jobs of the shared POC did not finish: {missing}"
+    return {**results, "classify_heads_after_job1": heads_before}

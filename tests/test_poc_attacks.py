@@ -22,7 +22,7 @@ import pytest
 
 from fedbrain.aggregation.aggregator import GUARD_FILE
 from fedbrain.report.job_report import build_report, render_markdown
-from poc_shared import ATTACK_ROUNDS as ROUNDS
+from poc_shared import SEG_ROUNDS as ROUNDS
 from poc_shared import ATTACKER
 
 pytestmark = pytest.mark.poc

@@ -13,28 +13,23 @@ import pytest
 from nvflare.app_common.app_constant import AlgorithmConstants
 
 from fedbrain.contracts import GRADES
-from fedbrain.jobs.classification import export
-from fedbrain.poc.runner import submit_and_wait
 from fedbrain.report.job_report import build_report, find_workspace
-from poc_shared import classify_config
 
 pytestmark = pytest.mark.poc
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 IMAGE_SHAPE = (32, 40, 32)  # what the classifier's inputs are resampled to
-HEADS = classify_config().name  # a site's head store for these jobs: <kit>/personal/<job name>/
 
 
 @pytest.fixture(scope="module")
-def two_jobs(shared_poc, first_wave):
-    """Job 1 (2 rounds, the shared POC's first wave) then a SCAFFOLD job 2 (2 rounds) under the same
-    job name on the same consortium: the heads must carry over."""
-    poc = shared_poc.ready().poc
+def two_jobs(shared_poc, first_wave, second_wave):
+    """Job 1 (2 rounds, the shared POC's first wave) then a SCAFFOLD job 2 (2 rounds, its second wave)
+    under the same job name on the same consortium: the heads must carry over."""
+    poc = shared_poc.poc
     out = {"poc": poc, "data": shared_poc.cls_data}  # <site>/datalist.json: what each site trains and validates on
     out["meta1"], out["result1"], _ = first_wave["classify"]
-    out["heads_after_job1"] = {s: (poc.kit(s) / "personal" / HEADS / "head.pt").read_bytes() for s in SITES}
-    job2 = export(classify_config(algorithm="scaffold"), shared_poc.run_dir / "jobs" / "classify2", sites=poc.sites)
-    out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=2, result_dir=shared_poc.run_dir / "classify_r2")
+    out["heads_after_job1"] = second_wave["classify_heads_after_job1"]
+    out["meta2"], out["result2"], _ = second_wave["classify_scaffold"]
     # Each site's own log of job 2, read on the site's disk (it stays at the hospital).
     out["site_logs2"] = {s: (poc.kit(s) / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
                          for s in SITES}

@@ -8,29 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from fedbrain.demo import DemoSettings, export_job
-from fedbrain.poc.runner import submit_and_wait
 from fedbrain.report.job_report import build_report
-from fedbrain.tasks.segmentation import SegmentationConfig
-from poc_shared import E2E_ROUNDS as ROUNDS
+from poc_shared import SEG_ROUNDS as ROUNDS
 
 pytestmark = pytest.mark.poc
 
 
 @pytest.fixture(scope="module")
-def finished_job(shared_poc, first_wave):
-    """The demo's segmentation job from the shared POC's first wave (hospital-b holds one broken
-    case), then a job in which hospital-c's IT points it at a datalist that is not there."""
-    poc = shared_poc.ready().poc
-    meta, result, _ = first_wave["e2e"]
-    shared_poc.site_config("hospital-c", datalists={"segmentation": str(shared_poc.run_dir / "missing" / "datalist.json")})
-    try:
-        job2 = export_job(shared_poc.run_dir / "jobs" / "e2e_bad_site",
-                          DemoSettings(task=SegmentationConfig(rounds=1, epochs_per_round=1)), poc.sites)
-        bad_site = submit_and_wait(poc, job2, rounds=1, result_dir=shared_poc.run_dir / "e2e_bad_site")
-    finally:
-        shared_poc.reset_site_configs()
-    return {"meta": meta, "result": result, "poc": poc, "bad_site": bad_site, **shared_poc.user_state_before}
+def finished_job(shared_poc, first_wave, second_wave):
+    """The clean segmentation job of the shared POC's first wave (hospital-b holds one broken case;
+    test_poc_attacks uses the same job as its clean baseline), then the second wave's job in which
+    hospital-c's IT points it at a datalist that is not there."""
+    meta, result, _ = first_wave["attack_clean"]
+    bad_meta, bad_result, _ = second_wave["e2e_bad_site"]
+    return {"meta": meta, "result": result, "poc": shared_poc.poc, "bad_site": (bad_meta, bad_result),
+            **shared_poc.user_state_before}
 
 
 def test_job_completed_through_admin_api(finished_job):
