@@ -121,7 +121,7 @@ def test_resume_starts_after_the_last_saved_round_from_its_model(tmp_path):
 
 
 def test_the_proxy_cuts_and_restores_a_connection():
-    from fedbrain.poc.faults import TcpProxy
+    from fedbrain_testing.faults import TcpProxy
 
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
