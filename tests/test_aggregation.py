@@ -296,12 +296,9 @@ def test_config_refuses_robust_aggregation_with_he_or_scaffold():
 
 
 def test_report_reads_the_guard_file(tmp_path):
-    from fedbrain.report.job_report import GUARD_FILE as REPORT_GUARD_FILE
+    from fedbrain.contracts import GUARD_FILE
     from fedbrain.report.job_report import _guard, _guard_markdown
 
-    from fedbrain.aggregation.aggregator import GUARD_FILE
-
-    assert REPORT_GUARD_FILE == GUARD_FILE
     agg = GuardedAggregator(guard_flag_after=2)
     lines = []
     for r in range(3):
