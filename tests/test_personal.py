@@ -5,9 +5,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.filters.exclude_vars import ExcludeVars
 
 from fedbrain.models.classifier import build_classifier, head_parameter_names
 from fedbrain.fl.personal import PersonalHeadStore, site_workspace
