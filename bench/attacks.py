@@ -3,7 +3,7 @@
 Real POC (FLARE server + 3 site processes, mTLS kits, admin API), synthetic non-IID segmentation
 data (the synthetic cohort's site profiles: case counts, scanner gain, gamma, noise and grade mix
 differ per hospital), same data, seed and job size in every arm; only the server's aggregation,
-the guard and the injected attack (fault-injection filter ``fedbrain.filters.attack.PoisonUpdate``
+the guard and the injected attack (fault-injection filter ``fedbrain_testing.attack.PoisonUpdate``
 at hospital-b) change. The arms run side by side (at most 3 jobs at once on the one consortium):
 results are those of separate runs, wall time is shared.
 
@@ -53,12 +53,12 @@ def _final_dice(report: dict) -> float | None:
 
 
 def run(work: Path, console) -> dict:
-    from fedbrain.jobs.segmentation import export
     from fedbrain.poc.consortium import PocConsortium
     from fedbrain.poc.runner import run_jobs_side_by_side
     from fedbrain.report.job_report import build_report
     from fedbrain.synthetic.cohort import synthesize_consortium
     from fedbrain.tasks.segmentation import SegmentationConfig
+    from fedbrain_testing.attack import admit_attack_filter, export_with_attack
 
     run_dir = Path(work) / f"attacks_{time.strftime('%Y%m%d_%H%M%S')}"
     poc = PocConsortium(run_dir)
@@ -68,10 +68,12 @@ def run(work: Path, console) -> dict:
     jobs, arms = {}, _arms()
     for i, (arm, (attack, aggregation, guard)) in enumerate(arms.items()):
         cfg = task.replace(name=f"attacks_{i:02d}", aggregation=aggregation, guard=guard)
-        jobs[arm] = export(cfg, run_dir / "jobs" / f"{i:02d}",
-                           attack=None if attack is None else {"site": ATTACKER, **attack})
+        jobs[arm] = export_with_attack(cfg, run_dir / "jobs" / f"{i:02d}",
+                                       None if attack is None else {"site": ATTACKER, **attack})
     try:
-        poc.up(data_dir=run_dir / "data")
+        poc.prepare(data_dir=run_dir / "data")
+        admit_attack_filter(poc)  # the poisoned site's filter: test support, admitted in this POC only
+        poc.start()
         done = run_jobs_side_by_side(poc, jobs, run_dir / "results", max_active=3, timeout=2400, console=console)
     finally:
         poc.clean()
@@ -162,7 +164,7 @@ def notes(result: dict) -> list[str]:
         f"Real POC, 3 hospitals, synthetic non-IID segmentation data ({s['cases_per_site']} cases per hospital before "
         f"the cohort's per-site quantity skew: 12/9/6 training and 4/3/2 validation cases), {s['rounds']} rounds x "
         f"{s['epochs_per_round']} epochs, roi {s['roi_size']}; {result['attacker']} poisons its update every round "
-        "through the fault-injection filter (`fedbrain.filters.attack.PoisonUpdate`; x100 = update times 100, sign "
+        "through the fault-injection filter (`fedbrain_testing.attack.PoisonUpdate`; x100 = update times 100, sign "
         "flip = times -1, random = Gaussian noise with the honest update's L2 norm). Final Dice: mean over the 3 sites "
         "of the final global model's mean Dice (TC/WT/ET) on each site's validation cases (one case moves a site by "
         "tens of points: differences of a few hundredths between arms are within noise).",

@@ -4,9 +4,9 @@ final Dice against a clean run of the same job.
 
 One provisioned consortium (mTLS kits) of three synthetic hospitals runs the segmentation job of
 every scenario in turn; hospital-c is always the victim and reaches the server through a TCP proxy
-(:class:`fedbrain.poc.faults.TcpProxy`) so its link can be cut without root. Faults are injected
+(:class:`fedbrain_testing.faults.TcpProxy`) so its link can be cut without root. Faults are injected
 2 s after the server starts round 1 (round 2 for the server). The harness is
-:mod:`fedbrain.poc.faults` (tests/test_poc_faults.py runs a fast subset of it).
+:mod:`fedbrain_testing.faults` (tests/test_poc_faults.py runs a fast subset of it).
 
     python bench/run.py --only faults      # ~14 min on 2 cores
 """
@@ -41,7 +41,7 @@ PLAN = [  # (scenario, config changes, at_round)
 
 
 def run(work: Path, console) -> dict:
-    from fedbrain.poc import faults as F
+    from fedbrain_testing import faults as F
     from fedbrain.poc.consortium import PocConsortium
     from fedbrain.synthetic.cohort import synthesize_consortium
 

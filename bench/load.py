@@ -57,7 +57,7 @@ def _overheads(report: dict, timeline: list[dict]) -> list[float]:
 
 
 def _job_figures(meta: dict, result: Path, sites: list[str], rounds: int) -> dict:
-    from fedbrain.poc.load import round_timeline
+    from fedbrain_testing.load import round_timeline
     from fedbrain.report.job_report import build_report, find_workspace
 
     ws = find_workspace(result)
@@ -86,7 +86,7 @@ def run_size(work: Path, n: int, console, *, with_defaults: bool = False, rounds
     default round timing), down."""
     from fedbrain.jobs.segmentation import export
     from fedbrain.poc.consortium import PocConsortium
-    from fedbrain.poc.load import PeakRss, flare_default_timing, write_project
+    from fedbrain_testing.load import PeakRss, flare_default_timing, write_project
     from fedbrain.poc.runner import submit_and_wait
     from fedbrain.synthetic.cohort import synthesize_consortium
 

@@ -31,6 +31,7 @@ import yaml
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # fedbrain_testing: fault injection, load harness
 import classify as classify_bench  # noqa: E402  (bench/classify.py: the classifier's rows)
 import dp as dp_bench  # noqa: E402  (bench/dp.py: differential-privacy rows)
 
@@ -238,7 +239,7 @@ def bench_overhead(rounds: int, demo_settings) -> dict:
     from fedbrain.demo import export_job
     from fedbrain.jobs import TASK_CHECK_PERIOD, TASK_REQUEST_INTERVAL
     from fedbrain.poc.consortium import DEFAULT_PROJECT, PocConsortium
-    from fedbrain.poc.load import flare_default_timing
+    from fedbrain_testing.load import flare_default_timing
     from fedbrain.poc.runner import submit_and_wait
     from fedbrain.report.job_report import build_report
     from fedbrain.synthetic.cohort import synthesize_consortium

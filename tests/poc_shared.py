@@ -31,6 +31,7 @@ from fedbrain.poc.runner import run_jobs_side_by_side
 from fedbrain.synthetic.cohort import synthesize_consortium
 from fedbrain.tasks.classification import ClassificationConfig
 from fedbrain.tasks.segmentation import SegmentationConfig
+from fedbrain_testing.attack import admit_attack_filter, export_with_attack
 
 #: The attack modules' poisoned site (tests/test_poc_attacks.py reads it from here).
 ATTACKER = "hospital-b"
@@ -71,7 +72,7 @@ class SharedPoc:
     def change_policy(self, site: str, edit) -> None:
         """Edit a site's local/privacy.json (``edit(policy) -> None``) and restart it: FLARE reads
         scopes at start-up. :meth:`restore_policies` puts the original back."""
-        from fedbrain.poc.faults import kill_participant, start_participant
+        from fedbrain_testing.faults import kill_participant, start_participant
 
         path = self.poc.kit(site) / "local" / "privacy.json"
         self.changed_policies.setdefault(site, path.read_text())
@@ -91,7 +92,7 @@ class SharedPoc:
 
     def ready(self) -> "SharedPoc":
         """The consortium as provisioned: sites whose policy was restored are restarted first."""
-        from fedbrain.poc.faults import kill_participant, start_participant
+        from fedbrain_testing.faults import kill_participant, start_participant
 
         for site in sorted(self.restart_before_use):
             kill_participant(self.poc, site)
@@ -122,6 +123,7 @@ def shared_poc(tmp_path_factory):
     try:
         poc.prepare()
         shared.reset_site_configs()
+        admit_attack_filter(poc)  # test_poc_attacks' poisoned site; no provisioned kit admits it
         poc.start()
         shared.started_pids = poc.pids()
         yield shared
@@ -149,9 +151,9 @@ def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
         # is enough to break an unguarded model, whose final model is that round's). The clean job is
         # also test_poc_e2e's end-to-end job (hospital-b's broken case skipped and reported).
         "attack_clean": segmentation_job.export(attack.replace(name="attack_clean"), jobs / "clean"),
-        "attack_guarded": segmentation_job.export(attack.replace(name="attack_guarded"), jobs / "guarded", attack=x100),
-        "attack_plain": segmentation_job.export(attack.replace(name="attack_plain", guard=False, rounds=1),
-                                                jobs / "plain", attack=x100),
+        "attack_guarded": export_with_attack(attack.replace(name="attack_guarded"), jobs / "guarded", x100),
+        "attack_plain": export_with_attack(attack.replace(name="attack_plain", guard=False, rounds=1), jobs / "plain",
+                                           x100),
         # test_poc_classify: personal heads, then (in the module) SCAFFOLD under the same name
         "classify": classification_job.export(classify_config(), jobs / "classify", sites=sites),
     }

@@ -1,5 +1,5 @@
 """Update guard and robust aggregation on hand-made updates (fedbrain.aggregation), the attack
-filter (fedbrain.filters.attack), and the job wiring: what FLARE's FedAvg gets as aggregator."""
+filter (fedbrain_testing.attack), and the job wiring: what FLARE's FedAvg gets as aggregator."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fedbrain.aggregation.aggregator import GuardedAggregator
 from fedbrain.aggregation.robust import (MAD_FLOOR, Update, combine, krum_select, screen, trim_count,
                                          trimmed_mean)
 from fedbrain.contracts import NUM_STEPS_META
-from fedbrain.filters.attack import poison
+from fedbrain_testing.attack import poison
 from fedbrain.updates import update_norm
 
 SHAPES = {"enc.weight": (4, 3), "enc.bias": (4,), "head.weight": (2, 4)}
@@ -265,17 +265,17 @@ def test_every_plaintext_fedavg_job_is_guarded_and_reads_the_config(tmp_path):
 
 
 def test_attack_filter_only_in_the_named_sites_app(tmp_path):
-    from fedbrain.jobs.classification import export
     from fedbrain.tasks.classification import ClassificationConfig
+    from fedbrain_testing.attack import export_with_attack as export
 
-    job = export(ClassificationConfig(), tmp_path, attack={"site": "hospital-b", "kind": "sign_flip"})
+    job = export(ClassificationConfig(), tmp_path, {"site": "hospital-b", "kind": "sign_flip"})
     for site in ("hospital-a", "hospital-b", "hospital-c"):
         text = (job / f"app_{site}" / "config" / "config_fed_client.json").read_text()
-        assert ("fedbrain.filters.attack.PoisonUpdate" in text) is (site == "hospital-b")
+        assert ("fedbrain_testing.attack.PoisonUpdate" in text) is (site == "hospital-b")
     with pytest.raises(ValueError, match="not one of the job's sites"):
-        export(ClassificationConfig(), tmp_path / "x", attack={"site": "hospital-z", "kind": "scale"})
+        export(ClassificationConfig(), tmp_path / "x", {"site": "hospital-z", "kind": "scale"})
     with pytest.raises(ValueError, match="attack must be"):
-        export(ClassificationConfig(), tmp_path / "y", attack={"site": "hospital-b", "kind": "nan"})
+        export(ClassificationConfig(), tmp_path / "y", {"site": "hospital-b", "kind": "nan"})
 
 
 def test_config_refuses_robust_aggregation_with_he_or_scaffold():
@@ -296,12 +296,9 @@ def test_config_refuses_robust_aggregation_with_he_or_scaffold():
 
 
 def test_report_reads_the_guard_file(tmp_path):
-    from fedbrain.report.job_report import GUARD_FILE as REPORT_GUARD_FILE
+    from fedbrain.contracts import GUARD_FILE
     from fedbrain.report.job_report import _guard, _guard_markdown
 
-    from fedbrain.aggregation.aggregator import GUARD_FILE
-
-    assert REPORT_GUARD_FILE == GUARD_FILE
     agg = GuardedAggregator(guard_flag_after=2)
     lines = []
     for r in range(3):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbrain.aggregation.aggregator import GUARD_FILE
+from fedbrain.contracts import GUARD_FILE
 from fedbrain.report.job_report import build_report, render_markdown
 from poc_shared import SEG_ROUNDS as ROUNDS
 from poc_shared import ATTACKER

@@ -12,8 +12,8 @@ from opacus.accountants import RDPAccountant
 from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, SITE_METRICS_LOG_TAG, TRAIN_STEPS
 from fedbrain.data.datalist import load_datalist
 from fedbrain.demo import ClassifyDemoSettings, export_job, prepare_classification_data
-from fedbrain.filters.audit import AUDIT_FILE
-from fedbrain.poc.faults import kill_participant, start_participant
+from fedbrain.contracts import AUDIT_FILE
+from fedbrain_testing.faults import kill_participant, start_participant
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED
 from fedbrain.report.job_report import build_report

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from fedbrain.poc import faults as F
+from fedbrain_testing import faults as F
 from fedbrain.poc.consortium import PocConsortium
 from fedbrain.synthetic.cohort import synthesize_consortium
 from fedbrain.tasks.segmentation import SegmentationConfig

@@ -10,7 +10,7 @@ import pytest
 from fedbrain.jobs import TASK_CHECK_PERIOD, TASK_REQUEST_INTERVAL
 from fedbrain.jobs.segmentation import export
 from fedbrain.poc.consortium import DEFAULT_PROJECT, PocConsortium
-from fedbrain.poc.load import PeakRss, flare_default_timing, project_with_sites, round_timeline, write_project
+from fedbrain_testing.load import PeakRss, flare_default_timing, project_with_sites, round_timeline, write_project
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.synthetic.cohort import synthesize_consortium
 

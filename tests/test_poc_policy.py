@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbrain.filters.audit import AUDIT_FILE
+from fedbrain.contracts import AUDIT_FILE
 from fedbrain.jobs.classification import export
 from fedbrain.poc.runner import submit_and_wait
 from fedbrain.tasks.classification import ClassificationConfig

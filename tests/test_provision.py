@@ -4,6 +4,7 @@ manifest, and the start-time kit check (fedbrain.ops.kit_guard) on edited or cor
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -66,6 +67,21 @@ def test_every_site_gets_policies_that_flare_can_load(kits):
         template = json.loads((local / "fedbrain_site.json.template").read_text())
         assert {"datalist", "dp_budget", "require_dp"} <= set(template)
         assert "fedbrain.ops.kit_guard" in (kits / p["name"] / "startup" / "sub_start.sh").read_text()
+
+
+def test_no_kit_admits_fault_injection_or_the_attack_filter(kits):
+    """The attack filter and fault harness are not in the installed fedbrain (fedbrain_testing), and no
+    allow-list entry, read as FLARE reads it (a path prefix), admits their classes."""
+    import fedbrain
+    from fedbrain_testing.attack import PoisonUpdate
+
+    assert importlib.util.find_spec("fedbrain.filters.attack") is None and importlib.util.find_spec("fedbrain.poc.faults") is None
+    assert not (Path(fedbrain.__file__).parent / "poc" / "load.py").exists()
+    attack = f"{PoisonUpdate.__module__}.{PoisonUpdate.__name__}"
+    for p in _participants():
+        if p["type"] == "client":
+            allowed = json.loads((kits / p["name"] / "local" / "resources.json").read_text())["class_allow_list"]
+            assert not [a for a in allowed if a == "*" or attack.startswith(a)], (p["name"], allowed)
 
 
 def test_server_storage_is_not_tmp(kits):

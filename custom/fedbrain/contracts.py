@@ -80,3 +80,13 @@ PRIVACY_FILTERS = {
     "client_dp": "fedbrain.privacy.client_dp.ClientLevelDP",
     "require_encryption": "fedbrain.filters.require_encryption.RequireEncryption",
 }
+
+
+# ---------------------------------------------------------------------- record files
+# What the server writes into the job's workspace (so they travel with the downloaded result), named once:
+# the components that write them and the report that reads them import these.
+AUDIT_FILE = "received_updates.jsonl"  # fedbrain.filters.audit: every update as it arrived (names, shapes, bytes)
+GUARD_FILE = "update_guard.jsonl"  # fedbrain.aggregation.aggregator: refusals, flags, the method per round
+ROUND_FILE = "round_contributions.jsonl"  # fedbrain.fl.resilient: who was asked, who answered, why a round closed
+HE_AGGREGATION_FILE = "he_aggregation.jsonl"  # fedbrain.filters.he: the encrypted sum's timing per round
+CHECKPOINT_NOTE = "fedbrain_checkpoint.json"  # fedbrain.fl.resilient: the round of the last saved global model

@@ -17,9 +17,7 @@ from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedbrain.contracts import DP_WITHHELD, DP_WITHHELD_REASONS, SITE_METRICS_LOG_TAG
-
-AUDIT_FILE = "received_updates.jsonl"
+from fedbrain.contracts import AUDIT_FILE, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_METRICS_LOG_TAG
 
 
 def _wire_bytes(value) -> int:

@@ -35,12 +35,12 @@ from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumu
 from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
 from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
 
+from fedbrain.contracts import HE_AGGREGATION_FILE
 from fedbrain.filters.ckks import encrypt_serialized, init_worker, tenseal_quiet
 from fedbrain.fl.timing import record_exchange_time
 
 ENCRYPT_SECONDS = "he_encrypt_seconds"
 DECRYPT_SECONDS = "he_decrypt_seconds"
-AGGREGATION_FILE = "he_aggregation.jsonl"
 
 
 class SharedPartDecryptor(HEModelDecryptor):
@@ -138,7 +138,7 @@ class TimedHEAggregator(HEInTimeAccumulateWeightedAggregator):
         entry = {"round": fl_ctx.get_prop("current_round"), "updates": self._accepted,
                  "add_seconds": self._accept_seconds, "mean_seconds": time.perf_counter() - start}
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN))
-        with open(Path(run_dir) / AGGREGATION_FILE, "a") as f:
+        with open(Path(run_dir) / HE_AGGREGATION_FILE, "a") as f:
             f.write(json.dumps(entry) + "\n")
         self._accept_seconds, self._accepted = 0.0, 0
         return out

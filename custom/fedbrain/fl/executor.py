@@ -32,17 +32,3 @@ class InstalledScriptExecutor(ClientAPIExecutor):
         super().__init__(execution_mode="in_process", task_script_path=installed_site_script(site_script),
                          task_script_args=task_script_args, params_exchange_format=params_exchange_format,
                          server_expected_format=server_expected_format, params_transfer_type=params_transfer_type)
-
-
-class InstalledScriptRunner:
-    """What a job definition places at a site instead of FLARE's ScriptRunner: the executor, no files."""
-
-    def __init__(self, site_script: str, script_args: str, server_expected_format: str = "pytorch",
-                 params_transfer_type: str = "DIFF"):
-        self.executor_args = dict(site_script=site_script, task_script_args=script_args,
-                                  server_expected_format=server_expected_format,
-                                  params_transfer_type=params_transfer_type)
-
-    def add_to_fed_job(self, job, ctx, **kwargs):
-        job.add_executor(InstalledScriptExecutor(**self.executor_args), tasks=kwargs.get("tasks", ["*"]), ctx=ctx)
-        return {}

@@ -29,11 +29,9 @@ from pathlib import Path
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.scaffold import Scaffold
 
+from fedbrain.contracts import CHECKPOINT_NOTE, ROUND_FILE
 from fedbrain.fl.flare_private import client_name, tell_round_minimum
 
-ROUND_FILE = "round_contributions.jsonl"
-#: In the server's run folder: the round of the last global model saved, and where (read by a resume).
-CHECKPOINT_NOTE = "fedbrain_checkpoint.json"
 #: Starts the server log line of each closed round (what `fedbrain watch` and the fault harness read).
 ROUND_LOG_TAG = "fedbrain-round"
 

@@ -25,37 +25,17 @@ INSTALLED_PACKAGES = ["fedbrain"]
 
 
 def build_task_recipe(config: TaskConfig, *, site_script: str, key_metric: str,
-                      personal_names: list[str] = (), sites=None, attack: dict | None = None):
-    """See :func:`_build`; runs in the sites/ folder so the script is named relative to it.
-
-    ``attack`` is FAULT INJECTION for tests and benchmarks (never a production job): ``{"site": name,
-    "kind": "scale" | "sign_flip" | "random", "factor": optional}`` poisons that one site's updates
-    (:class:`fedbrain.filters.attack.PoisonUpdate`). It is a keyword here, not a task-config setting,
-    so it never travels in the config every site receives.
-    """
+                      personal_names: list[str] = (), sites=None):
+    """See :func:`_build`; runs in the sites/ folder so the script is named relative to it."""
     if sites and config.min_clients > len(sites):
         raise ValueError(f"min_clients {config.min_clients} is more than the {len(sites)} sites given "
                          f"({', '.join(sites)}): set min_clients to at most {len(sites)}")
-    if attack is not None:
-        _check_attack(attack, config, sites)
     with contextlib.chdir(SITES_DIR):
         return _build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names,
-                      sites=sites, attack=attack)
+                      sites=sites)
 
 
-def _check_attack(attack: dict, config: TaskConfig, sites) -> None:
-    from fedbrain.filters.attack import KINDS
-
-    if config.he:
-        raise ValueError("attack: an injected poisoned update would follow the encryptor (ciphertext); "
-                         "fault injection is for plaintext jobs")
-    if not isinstance(attack, dict) or attack.get("kind") not in KINDS or not attack.get("site"):
-        raise ValueError(f"attack must be {{'site': name, 'kind': one of {KINDS}}}, got {attack!r}")
-    if sites and attack["site"] not in sites:
-        raise ValueError(f"attack site {attack['site']!r} is not one of the job's sites ({', '.join(sites)})")
-
-
-def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites, attack=None):
+def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites):
     from nvflare.recipe.utils import add_experiment_tracking
 
     if config.he:
@@ -64,8 +44,7 @@ def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_na
         build = EncryptedFedAvgRecipe
     else:
         build = _build_plain
-    recipe = build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names, sites=sites,
-                   **({"attack": attack} if attack is not None else {}))
+    recipe = build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names, sites=sites)
     run_installed_scripts(job_of(recipe))  # client apps that exist already (SCAFFOLD, encrypted)
     add_experiment_tracking(recipe, "tensorboard")  # site metrics stream to the server's tb_events/
     # Sites and server run the fedbrain they installed: no shadowed copy of it in custom/.
@@ -197,7 +176,7 @@ def _code_free_fedavg():
     return CodeFreeFedAvgRecipe
 
 
-def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites, attack=None):
+def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites):
     """FedAvg (or SCAFFOLD) over sites running ``site_script`` with ``config``.
 
     With ``sites`` each site gets its own app (per-site filters); ``personal_names`` are
@@ -236,12 +215,6 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
     for clients in groups:
         for privacy_filter in site_privacy_filters(config, personal_names):
             recipe.add_client_output_filter(privacy_filter, tasks=["train"], clients=clients)
-        if attack is not None and (clients is None or attack["site"] in clients):
-            from fedbrain.filters.attack import PoisonUpdate
-
-            # FAULT INJECTION (tests, benchmarks): acts only at attack["site"], after its privacy filters.
-            recipe.add_client_output_filter(PoisonUpdate(attack["site"], attack["kind"], attack.get("factor")),
-                                            tasks=["train"], clients=clients)
     # What actually arrived; it ends the job once no site may release updates any more.
     recipe.add_server_input_filter(ReceivedUpdateAudit(), tasks=["train"])
     if config.algorithm != "scaffold":  # ScaffoldRecipe exposes no persistor id to evaluate: the report

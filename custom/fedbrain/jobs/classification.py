@@ -19,19 +19,17 @@ from fedbrain.tasks.classification import ClassificationConfig, ClassificationTr
 SITE_SCRIPT = "classify_client.py"
 
 
-def build_recipe(config: ClassificationConfig | None = None, sites: Sequence[str] = DEFAULT_SITES, *,
-                 attack: dict | None = None):
-    """``attack``: fault injection for tests/benchmarks only (see :func:`fedbrain.jobs.build_task_recipe`)."""
+def build_recipe(config: ClassificationConfig | None = None, sites: Sequence[str] = DEFAULT_SITES):
     config = config or ClassificationConfig()
     head = head_parameter_names(config.build_model()) if config.personal else []
     return build_task_recipe(config, site_script=SITE_SCRIPT, key_metric=ClassificationTrainer.key_metric, personal_names=head,
-                             sites=list(sites), attack=attack)
+                             sites=list(sites))
 
 
 def export(config: ClassificationConfig | None = None, export_dir: str | Path = ".",
-           sites: Sequence[str] = DEFAULT_SITES, *, attack: dict | None = None) -> Path:
+           sites: Sequence[str] = DEFAULT_SITES) -> Path:
     config = config or ClassificationConfig()
-    return export_recipe(build_recipe(config, sites, attack=attack), export_dir, config.name)
+    return export_recipe(build_recipe(config, sites), export_dir, config.name)
 
 
 def main(argv=None, default_export_dir: str | Path = ".") -> Path:

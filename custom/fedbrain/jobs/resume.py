@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from fedbrain.fl.resilient import CHECKPOINT_NOTE
+from fedbrain.contracts import CHECKPOINT_NOTE
 
 
 class ResumeError(ValueError):

@@ -11,16 +11,14 @@ from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
 SITE_SCRIPT = "segment_client.py"
 
 
-def build_recipe(config: SegmentationConfig | None = None, *, attack: dict | None = None):
-    """``attack``: fault injection for tests/benchmarks only (see :func:`fedbrain.jobs.build_task_recipe`)."""
+def build_recipe(config: SegmentationConfig | None = None):
     return build_task_recipe(config or SegmentationConfig(), site_script=SITE_SCRIPT,
-                             key_metric=SegmentationTrainer.key_metric, attack=attack)
+                             key_metric=SegmentationTrainer.key_metric)
 
 
-def export(config: SegmentationConfig | None = None, export_dir: str | Path = ".", *,
-           attack: dict | None = None) -> Path:
+def export(config: SegmentationConfig | None = None, export_dir: str | Path = ".") -> Path:
     config = config or SegmentationConfig()
-    return export_recipe(build_recipe(config, attack=attack), export_dir, config.name)
+    return export_recipe(build_recipe(config), export_dir, config.name)
 
 
 def main(argv=None, default_export_dir: str | Path = ".") -> Path:

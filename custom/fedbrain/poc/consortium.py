@@ -59,6 +59,8 @@ class PocConsortium:
         self.home = self.run_dir / "home"
         self.workspace = self.run_dir / "poc"
         self.project_copy = self.run_dir / "project.yml"
+        #: Added to every nvflare call's environment (and so to the server's and sites' processes).
+        self.extra_env: dict[str, str] = {}
 
     # ---- the consortium as provisioned ------------------------------------------------------
     def project(self) -> dict:
@@ -93,6 +95,7 @@ class PocConsortium:
         env["PYTHONUNBUFFERED"] = "1"
         # 3 sites + server share the machine's cores; one BLAS thread each avoids oversubscription.
         env.setdefault("OMP_NUM_THREADS", "1")
+        env.update(self.extra_env)
         return env
 
     def _nvflare(self, *args: str, timeout: float = 180) -> str:

@@ -16,8 +16,8 @@ import statistics
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from fedbrain.contracts import (DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS, REGIONS,
-                                VAL_DICE, VAL_DICE_REGIONS)
+from fedbrain.contracts import (AUDIT_FILE, DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS,
+                                GUARD_FILE, HE_AGGREGATION_FILE, REGIONS, VAL_DICE, VAL_DICE_REGIONS)
 
 # Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
 TASKS = {
@@ -288,7 +288,7 @@ def build_report(result_dir: Path) -> dict:
 
 def _exchange(ws: Path, sites: dict) -> dict:
     """What crossed the wire per round and site (the server's audit), and HE timings when encrypted."""
-    audit_file = ws / "received_updates.jsonl"
+    audit_file = ws / AUDIT_FILE
     rows = []
     if audit_file.is_file():
         decrypt = {(name, r["round"]): r.get("he_decrypt_seconds") for name, e in sites.items() for r in e["rounds"]}
@@ -299,13 +299,12 @@ def _exchange(ws: Path, sites: dict) -> dict:
                          "encrypted": dtypes == {"CKKSVector"}, "tensors": len(e.get("params", {})),
                          "encrypt_s": (e.get("timings") or {}).get("he_encrypt_seconds"),
                          "decrypt_s": decrypt.get((e.get("site"), e.get("round")))})
-    agg_file = ws / "he_aggregation.jsonl"
+    agg_file = ws / HE_AGGREGATION_FILE
     aggregation = [json.loads(line) for line in agg_file.read_text().splitlines()] if agg_file.is_file() else []
     return {"updates": rows, "he_aggregation": aggregation}
 
 
 PRIVACY_KEYS = (DP_EPSILON_SPENT, DP_DELTA, DP_WITHHELD)
-GUARD_FILE = "update_guard.jsonl"  # fedbrain.aggregation.aggregator.GUARD_FILE (the report imports no FLARE)
 
 
 def _guard(ws: Path) -> dict:

@@ -2,10 +2,9 @@
 
 ``PoisonUpdate(site, kind)`` is a client result filter (after the site's own privacy filters) that
 rewrites the weight difference the named site sends; at any other site it passes the update
-unchanged. It is never part of a production job: a job gets it only when its export is asked
-for an attack (``build_recipe(..., attack=...)``, a keyword, not a task-config setting, so it does
-not travel in the config every site receives), and it is visible in the exported job's
-config_fed_client.json.
+unchanged. It is not in the installed fedbrain: a test or benchmark exports a job with it
+(:func:`export_with_attack`) and admits it in its own POC kits (:func:`admit_attack_filter`), and
+it is visible in the exported job's config_fed_client.json. No provisioned kit can run it.
 
 Kinds (on every float array of the update):
 - ``scale``: the update times ``factor`` (default 100): a boosted / model-replacement attack;
@@ -16,7 +15,9 @@ Kinds (on every float array of the update):
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind
@@ -25,6 +26,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from fedbrain.updates import as_numpy, is_float, update_norm
+
+#: The repository folder holding this package: on a test POC's PYTHONPATH, so its sites can import it.
+SUPPORT_ROOT = Path(__file__).resolve().parents[1]
 
 KINDS = ("scale", "sign_flip", "random")
 DEFAULT_FACTOR = {"scale": 100.0, "sign_flip": -1.0, "random": 1.0}
@@ -76,3 +80,42 @@ class PoisonUpdate(DXOFilter):
         self.log_warning(fl_ctx, f"FAULT INJECTION: {self.site} sends a poisoned update ({self.kind}"
                                  f"{'' if self.factor is None else f', factor {self.factor:g}'})")
         return DXO(data_kind=dxo.data_kind, data=poison(dxo.data, self.kind, self.factor, rng), meta=dxo.meta)
+
+
+def check_attack(attack: dict, config, sites=None) -> None:
+    if config.he:
+        raise ValueError("attack: an injected poisoned update would follow the encryptor (ciphertext); "
+                         "fault injection is for plaintext jobs")
+    if not isinstance(attack, dict) or attack.get("kind") not in KINDS or not attack.get("site"):
+        raise ValueError(f"attack must be {{'site': name, 'kind': one of {KINDS}}}, got {attack!r}")
+    if sites and attack["site"] not in sites:
+        raise ValueError(f"attack site {attack['site']!r} is not one of the job's sites ({', '.join(sites)})")
+
+
+def export_with_attack(config, export_dir, attack: dict | None, sites=None) -> Path:
+    """The task's job (``fedbrain.jobs.<task>.build_recipe``) with ``attack = {"site", "kind", "factor"?}``
+    poisoning that site's updates, after its privacy filters; exported like the job itself. ``attack``
+    None: the plain job (a benchmark's clean arm)."""
+    from fedbrain.jobs import DEFAULT_SITES, classification, export_recipe, segmentation
+
+    per_site = config.TASK == "classification"  # one app per site: the filter goes to the attacker's only
+    sites = list(sites or DEFAULT_SITES) if per_site else sites
+    recipe = classification.build_recipe(config, sites) if per_site else segmentation.build_recipe(config)
+    if attack is None:
+        return export_recipe(recipe, export_dir, config.name)
+    check_attack(attack, config, sites)
+    recipe.add_client_output_filter(PoisonUpdate(attack["site"], attack["kind"], attack.get("factor")),
+                                    tasks=["train"], clients=[attack["site"]] if per_site else None)
+    return export_recipe(recipe, export_dir, config.name)
+
+
+def admit_attack_filter(poc) -> None:
+    """Let a test or benchmark POC run :class:`PoisonUpdate`: its exact class on each site kit's
+    class allow-list, and this package on the consortium's PYTHONPATH (call before the POC starts)."""
+    path = f"{PoisonUpdate.__module__}.{PoisonUpdate.__name__}"
+    for site in poc.sites:
+        resources = poc.kit(site) / "local" / "resources.json"
+        res = json.loads(resources.read_text())
+        res["class_allow_list"] = [*res.get("class_allow_list", []), path]
+        resources.write_text(json.dumps(res, indent=2))
+    poc.extra_env["PYTHONPATH"] = str(SUPPORT_ROOT)

@@ -101,16 +101,6 @@ def _signal(pids, sig) -> list[int]:
     return done
 
 
-def wait_for_job_process(poc: PocConsortium, name: str, timeout: float = 120) -> list[int]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        pids = job_pids(poc, name)
-        if pids:
-            return pids
-        time.sleep(0.5)
-    raise PocError(f"{name}: no job process appeared within {timeout:.0f} s")
-
-
 def kill_job_process(poc: PocConsortium, name: str) -> list[int]:
     """SIGKILL the participant's job process (and what it started); FLARE's parent keeps running."""
     pids = job_pids(poc, name)
