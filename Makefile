@@ -10,7 +10,7 @@ help:
 	@echo "make demo   - POC consortium of 3 synthetic hospitals: train, report (runs/)"
 	@echo "make test   - the whole test suite (unit + POC end-to-end)"
 	@echo "make bench  - benchmarks -> bench/results.json, docs/benchmarks.md"
-	@echo "make jobs   - re-export jobs/*/ folders from their job.py definitions"
+	@echo "make jobs   - re-export apps/ (the FLARE apps) and the jobs/*/ folders assembled from them"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 jobs: $(STAMP)
-	$(PY) jobs/segmentation/job.py
-	$(PY) jobs/classification/job.py
+	$(PY) -m fedbrain.jobs.apps .
 
 clean:
 	rm -rf runs bench/work .pytest_cache

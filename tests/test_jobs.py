@@ -49,6 +49,21 @@ def test_checked_in_job_matches_definition(name, tmp_path):
     assert not stale, f"stale exported files {stale}: re-export with `make jobs`"
 
 
+def test_checked_in_apps_are_the_export_and_the_jobs_are_assembled_from_them(tmp_path):
+    """apps/ (every task's server and site app per algorithm) is exactly what the code exports, and each
+    jobs/<task>/ folder is exactly those apps assembled (and, above, exactly FLARE's own export)."""
+    from fedbrain.jobs.apps import write_repo_apps_and_jobs
+
+    write_repo_apps_and_jobs(tmp_path)
+    repo = JOBS_DIR.parent
+    for folder in ("apps", "jobs"):
+        fresh = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / folder).rglob("*") if p.is_file()}
+        checked_in = {p.relative_to(repo): p.read_bytes() for p in (repo / folder).rglob("*")
+                      if p.is_file() and p.suffix == ".json" and not p.name.startswith(".__nvfl")}
+        assert sorted(fresh) == sorted(checked_in), f"{folder}/ differs from the export: run `make jobs`"
+        assert not [f for f in fresh if fresh[f] != checked_in[f]], f"stale {folder}/ files: run `make jobs`"
+
+
 @pytest.mark.parametrize("name", JOBS)
 def test_site_rebuilds_exactly_the_exported_config(name, tmp_path):
     """Every field set to a non-default value travels: a field that does not fails here."""
