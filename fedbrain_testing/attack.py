@@ -15,6 +15,7 @@ Kinds (on every float array of the update):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -96,7 +97,7 @@ def export_with_attack(config, export_dir, attack: dict | None, sites=None) -> P
     """The task's job (``fedbrain.jobs.<task>.build_recipe``) with ``attack = {"site", "kind", "factor"?}``
     poisoning that site's updates, after its privacy filters; exported like the job itself. ``attack``
     None: the plain job (a benchmark's clean arm)."""
-    from fedbrain.jobs import DEFAULT_SITES, classification, export_recipe, segmentation
+    from fedbrain.jobs import DEFAULT_SITES, SITES_DIR, classification, export_recipe, segmentation
 
     per_site = config.TASK == "classification"  # one app per site: the filter goes to the attacker's only
     sites = list(sites or DEFAULT_SITES) if per_site else sites
@@ -104,8 +105,9 @@ def export_with_attack(config, export_dir, attack: dict | None, sites=None) -> P
     if attack is None:
         return export_recipe(recipe, export_dir, config.name)
     check_attack(attack, config, sites)
-    recipe.add_client_output_filter(PoisonUpdate(attack["site"], attack["kind"], attack.get("factor")),
-                                    tasks=["train"], clients=[attack["site"]] if per_site else None)
+    with contextlib.chdir(SITES_DIR):  # FLARE re-reads the site script's path, named relative to sites/
+        recipe.add_client_output_filter(PoisonUpdate(attack["site"], attack["kind"], attack.get("factor")),
+                                        tasks=["train"], clients=[attack["site"]] if per_site else None)
     return export_recipe(recipe, export_dir, config.name)
 
 

@@ -21,8 +21,8 @@ from poc_shared import first_wave, second_wave, shared_poc  # noqa: F401 (sessio
 TESTS = Path(__file__).parent
 #: In the order they run. The fault tests first: their rounds time out at 20 s on purpose, so they
 #: run beside unit tests only, never beside another consortium's job processes.
-SHARED_LANE = ("test_poc_faults.py", "test_poc_he.py", "test_poc_attacks.py", "test_poc_classify.py",
-               "test_poc_e2e.py", "test_poc_dp.py", "test_poc_policy.py")
+SHARED_LANE = ("test_poc_faults.py", "test_poc_he.py", "test_poc_attacks.py", "test_poc_hostile.py",
+               "test_poc_classify.py", "test_poc_e2e.py", "test_poc_dp.py", "test_poc_policy.py")
 OWN_KIT_LANE = ("test_poc_load.py", "test_poc_deployment.py", "test_poc_site_check.py", "test_poc_wheel.py")
 POC_FILES = frozenset(SHARED_LANE + OWN_KIT_LANE)
 

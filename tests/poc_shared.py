@@ -52,6 +52,8 @@ class SharedPoc:
     started_pids: list[int] = field(default_factory=list)
     changed_policies: dict = field(default_factory=dict)  # site -> its original local/privacy.json text
     restart_before_use: set = field(default_factory=set)  # sites whose restored policy FLARE has not read yet
+    local_state_before_wave: dict = field(default_factory=dict)  # local_state() around the first wave
+    local_state_after_wave: dict = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -156,7 +158,35 @@ def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
                                            x100),
         # test_poc_classify: personal heads, then (in the module) SCAFFOLD under the same name
         "classify": classification_job.export(classify_config(), jobs / "classify", sites=sites),
+        # test_poc_hostile: a config-only job naming a fedbrain function, refused at every site
+        "hostile_function": hostile_job(jobs / "hostile_function"),
     }
+
+
+#: A config-only job's component that calls a fedbrain function at each site: it would rewrite the
+#: hospital's local settings without its privacy keys (issue 25's critical finding). Sites must refuse it.
+HOSTILE_COMPONENT = {"id": "hostile", "path": "fedbrain.fl.site.write_site_config",
+                     "args": {"workspace": "{WORKSPACE}", "datalist": "/tmp/hostile/datalist.json"}}
+
+
+def hostile_job(out: Path) -> Path:
+    """The plain segmentation job with :data:`HOSTILE_COMPONENT` added to its site app: configuration
+    only, exactly what a job submitter could write."""
+    job = segmentation_job.export(SegmentationConfig(name="hostile_function", rounds=1, max_steps=1), out)
+    client = job / "app" / "config" / "config_fed_client.json"
+    config = json.loads(client.read_text())
+    config.setdefault("components", []).append(HOSTILE_COMPONENT)
+    client.write_text(json.dumps(config, indent=2))
+    return job
+
+
+def local_state(poc) -> dict:
+    """Hashes of every file in each site kit's local/ and privacy/ (the ledger): what a job must not change."""
+    import hashlib
+
+    return {str(p.relative_to(poc.workspace)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for site in poc.sites for folder in ("local", "privacy")
+            for p in sorted((poc.kit(site) / folder).rglob("*")) if p.is_file()}
 
 
 def classify_config(**changes) -> ClassificationConfig:
@@ -167,9 +197,12 @@ def classify_config(**changes) -> ClassificationConfig:
 @pytest.fixture(scope="session")
 def first_wave(shared_poc):
     """name -> (job meta, downloaded result folder, seconds): every shared module's first job, side by side."""
-    results = run_jobs_side_by_side(shared_poc.ready().poc, first_wave_jobs(shared_poc), shared_poc.run_dir / "results",
-                                    max_active=4, timeout=1500)
-    missing = {name: meta.get("status") for name, (meta, path, _) in results.items() if path is None}
+    jobs = first_wave_jobs(shared_poc)
+    shared_poc.local_state_before_wave = local_state(shared_poc.ready().poc)
+    results = run_jobs_side_by_side(shared_poc.poc, jobs, shared_poc.run_dir / "results", max_active=4, timeout=1500)
+    shared_poc.local_state_after_wave = local_state(shared_poc.poc)
+    missing = {name: meta.get("status") for name, (meta, path, _) in results.items()
+               if path is None and not name.startswith("hostile")}
     assert not missing, f"jobs of the shared POC did not finish: {missing}"
     return results
 

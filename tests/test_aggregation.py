@@ -264,6 +264,17 @@ def test_every_plaintext_fedavg_job_is_guarded_and_reads_the_config(tmp_path):
     assert any(c["path"].endswith("GuardedAggregator") for c in _components(_server_config(default)))
 
 
+def test_attack_filter_in_a_single_app_job_acts_at_the_named_site_only(tmp_path):
+    from fedbrain.tasks.segmentation import SegmentationConfig
+    from fedbrain_testing.attack import export_with_attack
+
+    job = export_with_attack(SegmentationConfig(), tmp_path, {"site": "hospital-b", "kind": "scale"})
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    (poison_filter,) = [f for g in client["task_result_filters"] for f in g["filters"]
+                        if f["path"] == "fedbrain_testing.attack.PoisonUpdate"]
+    assert poison_filter["args"]["site"] == "hospital-b"
+
+
 def test_attack_filter_only_in_the_named_sites_app(tmp_path):
     from fedbrain.tasks.classification import ClassificationConfig
     from fedbrain_testing.attack import export_with_attack as export

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedbrain.ops.allowlist import class_allow_list
 from fedbrain.ops.builder import PERSONAL_PARTS, offered_scopes
 from fedbrain.ops.kit import KitError, check_certificate, verify_manifest
 from fedbrain.ops.kit_guard import guard
@@ -63,7 +64,8 @@ def test_every_site_gets_policies_that_flare_can_load(kits):
             "project_admin": "none", "org_admin": "none", "lead": "none"}
         res = json.loads((local / "resources.json").read_text())
         assert res["allow_log_streaming"] is False
-        assert res["class_list_enforcement_mode"] == "enforce" and "fedbrain." in res["class_allow_list"]
+        assert res["class_list_enforcement_mode"] == "enforce"
+        assert res["class_allow_list"] == class_allow_list("client")  # exact classes, no module prefix
         template = json.loads((local / "fedbrain_site.json.template").read_text())
         assert {"datalist", "dp_budget", "require_dp"} <= set(template)
         assert "fedbrain.ops.kit_guard" in (kits / p["name"] / "startup" / "sub_start.sh").read_text()

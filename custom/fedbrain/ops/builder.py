@@ -8,7 +8,8 @@ signature covers what it writes) puts a hospital's decisions into each kit's ``l
   job at that site, before the job's own filters;
 - ``authorization.json``: FLARE's roles with ``byoc`` granted to nobody: fedbrain jobs carry
   no code (sites run the fedbrain they installed), so a job that does is refused;
-- ``resources.json``: the class allow-list (FLARE's defaults plus fedbrain's components),
+- ``resources.json``: the class allow-list (FLARE's defaults plus the exact classes fedbrain's apps
+  name: :mod:`fedbrain.ops.allowlist`; no module prefix, no function),
   fedbrain's job launcher at sites (a job process killed by a signal does not fail the job), log streaming off unless the project file turns it on, and for the server job storage
   under ``storage_root`` instead of FLARE's ``/tmp/nvflare``;
 - ``fedbrain_site.json.template``: where the hospital says where its data is;
@@ -29,17 +30,6 @@ from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
 from fedbrain.ops.kit import write_manifest
 
-#: Components a fedbrain server app names besides FLARE's default allow-list (a code-free
-#: app is checked against the list; FLARE's defaults lack the PyTorch persistor and locator).
-SERVER_COMPONENTS = (
-    "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
-    "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
-    "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
-    "fedbrain.",  # the update audit, HE timing components, and the model classes the persistor builds
-)
-#: Components a fedbrain site app names besides FLARE's defaults: the installed-script
-#: executor and fedbrain's filters.
-SITE_COMPONENTS = ("fedbrain.",)
 
 #: Scope names, in the order a hospital would read them (see docs/privacy.md), and what each
 #: adds to `standard` (personal-head exclusion + update-norm clip).
@@ -117,14 +107,15 @@ def authorization_policy() -> dict:
     }
 
 
-def resources_with_policy(default_resources: dict, components, allow_log_streaming: bool,
+def resources_with_policy(default_resources: dict, kind: str, allow_log_streaming: bool,
                           storage_root: str | None = None) -> dict:
-    """FLARE's generated resources with fedbrain's allow-list, log streaming and storage decided."""
-    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+    """FLARE's generated resources with fedbrain's exact allow-list (``kind``: server or client), log
+    streaming and storage decided. FLARE's generated list is replaced, not extended: any prefix in it
+    would admit more than classes."""
+    from fedbrain.ops.allowlist import class_allow_list
 
     res = json.loads(json.dumps(default_resources))
-    allowed = list(res.get("class_allow_list") or DEFAULT_CLASS_ALLOW_LIST)
-    res["class_allow_list"] = allowed + [c for c in components if c not in allowed]
+    res["class_allow_list"] = class_allow_list(kind)
     res["class_list_enforcement_mode"] = "enforce"
     if "allow_log_streaming" in res or allow_log_streaming is not None:
         res["allow_log_streaming"] = bool(allow_log_streaming)
@@ -209,9 +200,9 @@ class SitePolicyBuilder(Builder):
             (local / "authorization.json").write_text(json.dumps(authorization_policy(), indent=2) + "\n")
             if p.type == ParticipantType.SERVER:
                 storage = p.props.get("storage_root", self.storage_root) or "/var/lib/fedbrain/server"
-                res = resources_with_policy(default, SERVER_COMPONENTS, None, storage_root=storage)
+                res = resources_with_policy(default, "server", None, storage_root=storage)
             else:
-                res = resources_with_policy(default, SITE_COMPONENTS, streaming)
+                res = resources_with_policy(default, "client", streaming)
                 use_site_job_launcher(res)
                 scope = p.props.get("default_scope", self.default_scope)
                 policy = privacy_policy(scope, self.update_norm_clip, self.client_dp_clip, self.client_dp_noise)

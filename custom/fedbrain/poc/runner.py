@@ -103,7 +103,10 @@ def run_jobs_side_by_side(consortium, jobs: dict, result_dir: Path, *, max_activ
                 if meta.get("status", "").startswith("FINISHED"):
                     target = Path(result_dir) / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # a plain folder name
                     target.mkdir(parents=True, exist_ok=True)
-                    path = Path(session.download_job_result(job_id, str(target)))
+                    try:
+                        path = Path(session.download_job_result(job_id, str(target)))
+                    except Exception as e:  # noqa: BLE001 - a job refused before it ran has no result to download
+                        meta, path = {**meta, "download_error": f"{type(e).__name__}: {e}"}, None
                     done[name] = (meta, path, time.time() - started)
                     del running[name]
                     console.print(f"{name}: {meta.get('status')} in {done[name][2]:.0f} s")
