@@ -86,6 +86,19 @@ def test_no_kit_admits_fault_injection_or_the_attack_filter(kits):
             assert not [a for a in allowed if a == "*" or attack.startswith(a)], (p["name"], allowed)
 
 
+def test_every_secret_is_readable_by_its_owner_only(kits):
+    """Keys, the CA state (the root key and every participant's key) and the sites' HE contexts (CKKS
+    secret key): 0600, in folders only their owner can list; FLARE alone leaves most of them 0644."""
+    from fedbrain.ops.kit import exposed_secrets, secret_files
+
+    root = kits.parent
+    secrets = secret_files(root)
+    names = {p.name for p in secrets}
+    assert "cert.json" in names and "client.key" in names and "server.key" in names, names
+    assert not exposed_secrets(root)
+    assert all(p.stat().st_mode & 0o777 == 0o600 and p.parent.stat().st_mode & 0o077 == 0 for p in secrets)
+
+
 def test_server_storage_is_not_tmp(kits):
     server = next(p for p in _participants() if p["type"] == "server")
     res = json.loads((kits / server["name"] / "local" / "resources.json").read_text())

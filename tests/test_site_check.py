@@ -153,7 +153,8 @@ def test_a_healthy_site_passes_every_row(consortium, datalist, tmp_path):
     rows = _rows(check)
     assert check.ok, [r for r in check.rows if r.status != sc.OK]
     assert check.site == "hospital-a" and check.role == "client"
-    assert {r.check for r in check.rows} >= {"kit integrity", "certificate", "server TLS", "clock vs server",
+    assert {r.check for r in check.rows} >= {"kit integrity", "certificate", "secrets readable by owner only",
+                                              "server TLS", "clock vs server",
                                               "FLARE preflight-check", "python of the start script", "site settings",
                                               "data", "GPU / CUDA", "disk for job workspaces", "memory"}
     assert rows["kit integrity"].status == sc.OK  # local/fedbrain_site.json added: expected, not a warning
@@ -293,7 +294,8 @@ def test_server_and_admin_kits(consortium, tmp_path):
     assert "server TLS" not in _rows(server) and "data" not in _rows(server)
     admin = _check(consortium["ours"] / "admin@example-consortium.org", allow_server_down=True)
     assert admin.role == "admin" and set(_rows(admin)) == {"kit integrity", "certificate", "server TLS",
-                                                           "clock vs server"}
+                                                           "clock vs server", "secrets readable by owner only"}
+    assert _rows(admin)["secrets readable by owner only"].status == sc.OK  # an admin's key is a secret too
 
 
 # ---- GPU / CUDA diagnosis (injected facts) -------------------------------------------------------
@@ -378,3 +380,15 @@ def test_cli_json_is_the_only_stdout_and_the_exit_code_follows_failures(consorti
     assert code == 1 and out["ok"] is False and out["site"] == "hospital-a"
     statuses = {r["check"]: r["status"] for r in out["rows"]}
     assert statuses["site settings"] == "fail" and statuses["python of the start script"] == "ok"
+
+
+def test_a_group_or_world_readable_key_fails_with_the_chmod_to_run(consortium, tmp_path):
+    """FLARE's provisioning leaves keys and HE contexts 0644 under umask 022; fedbrain's are 0600, and a
+    key someone opened up again is a failure that says exactly what to run."""
+    kit = _site(consortium, tmp_path)
+    assert _rows(_check(kit))["secrets readable by owner only"].status == sc.OK
+    key = kit / "startup" / "client.key"
+    key.chmod(0o644)
+    row = _rows(_check(kit))["secrets readable by owner only"]
+    assert row.status == sc.FAIL and f"{key} (644)" in row.detail
+    assert row.fix.startswith(f"chmod 600 {key}")

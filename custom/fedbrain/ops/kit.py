@@ -275,3 +275,29 @@ def tls_handshake(kit: Path, timeout: float = 5.0) -> str:
                        f"does not belong to this consortium") from None
     except OSError as e:
         return f"unreachable: {host}:{port} ({e.strerror or e})"
+
+
+# ---- secrets on disk ----------------------------------------------------------------------------
+#: Files that hold a secret: private keys, the consortium's provisioning state (the root CA key and
+#: every participant's private key), and a site's HE context (it carries the CKKS secret key).
+SECRET_PATTERNS = ("*.key", "cert.json", "client_context.tenseal")
+
+
+def secret_files(root: Path) -> list[Path]:
+    root = Path(root)
+    return sorted({p for pattern in SECRET_PATTERNS for p in root.rglob(pattern) if p.is_file()})
+
+
+def protect_secrets(root: Path) -> list[Path]:
+    """Make every secret under ``root`` readable by its owner only (files 0600, the folders holding them
+    0700): FLARE's provisioning leaves most of them 0644 under a usual umask. Returns the files."""
+    found = secret_files(root)
+    for path in found:
+        path.chmod(0o600)
+        path.parent.chmod(0o700)
+    return found
+
+
+def exposed_secrets(root: Path) -> list[Path]:
+    """Secret files that someone other than their owner may read (group or world bits set)."""
+    return [p for p in secret_files(root) if p.stat().st_mode & 0o077]

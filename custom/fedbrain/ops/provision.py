@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from fedbrain.ops.kit import KitError
+from fedbrain.ops.kit import KitError, protect_secrets
 
 POLICY_BUILDER = "fedbrain.ops.builder.SitePolicyBuilder"
 MANIFEST_BUILDER = "fedbrain.ops.builder.KitManifestBuilder"
@@ -60,4 +60,5 @@ def provision(project_file: Path, out_dir: Path, env: dict | None = None) -> Pat
     made = sorted(set((out_dir / project["name"]).glob("prod_*")) - before)
     if not made:
         raise KitError(f"FLARE provisioning wrote no kits under {out_dir / project['name']}:\n{res.stdout[-2000:]}")
+    protect_secrets(out_dir / project["name"])  # the CA state, every key, the sites' HE contexts: owner only
     return made[-1]

@@ -602,6 +602,19 @@ def check_site_config(kit: Path, site: str, datalist: str | None, progress: bool
     return rows, settings.device
 
 
+def check_secrets(kit: Path) -> Row:
+    """Private keys and HE contexts readable by the owner only (FLARE leaves them 0644 under umask 022)."""
+    from fedbrain.ops.kit import SECRET_PATTERNS, exposed_secrets, secret_files
+
+    name = "secrets readable by owner only"
+    exposed = exposed_secrets(kit)
+    if exposed:
+        return Row(name, FAIL, "group/world-readable: " + ", ".join(f"{p} ({p.stat().st_mode & 0o777:o})" for p in exposed),
+                   "chmod 600 " + " ".join(str(p) for p in exposed) + " && chmod 700 "
+                   + " ".join(sorted({str(p.parent) for p in exposed})))
+    return Row(name, OK, f"{len(secret_files(kit))} secret file(s) ({', '.join(SECRET_PATTERNS)}), all owner-only")
+
+
 def run_site_check(kit: Path, datalist: str | None = None, expect_version: str | None = None,
                    path: str | None = None, python: str | None = None, allow_server_down: bool = False,
                    workspace: Path | None = None, needs: Needs | None = None, preflight: bool = True,
@@ -620,7 +633,7 @@ def run_site_check(kit: Path, datalist: str | None = None, expect_version: str |
                                                                                "were sent (it holds startup/)")])
     integrity, participant = check_kit_integrity(kit)
     site = participant or _uid_from_start_script(kit) or kit.name
-    result = SiteCheck(str(kit), site, role, [integrity, check_certificates(kit, site)])
+    result = SiteCheck(str(kit), site, role, [integrity, check_certificates(kit, site), check_secrets(kit)])
     server_row = None
     if role in ("client", "admin"):
         server_row = check_server(kit, allow_server_down)

@@ -123,6 +123,9 @@ class PocConsortium:
         server["fed_learn_port"], server["admin_port"] = free_ports(2)
         self.project_copy.write_text(yaml.safe_dump(project, sort_keys=False))
         self._nvflare("poc", "prepare", "-i", str(self.project_copy), "--force")
+        from fedbrain.ops.kit import protect_secrets
+
+        protect_secrets(self.workspace)  # keys and HE contexts: owner only, as in production kits
         if data_dir is not None:
             for site in self.sites:
                 datalist = Path(data_dir).resolve() / site / "datalist.json"
