@@ -171,3 +171,25 @@ def test_cli_report_on_a_flare_download(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FINISHED:COMPLETED" in out and "SUBMITTED" not in out
     assert "duration 0:01:05.250000" in (job.parent / "report" / "report.md").read_text()
+
+
+def test_a_site_without_a_value_is_never_the_minimum_and_its_reason_is_listed(tmp_path):
+    """Two sites without usable data (issue 29): before, the report named a site that had no value as
+    the minimum site, with the other site's figure (NaN compares false, so min() kept the first site)."""
+    result = make_result(tmp_path, {s: [0.2, 0.8] for s in SITES})
+    path = result / "workspace" / "metrics" / "round_metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        for site in row["sites"]:
+            if site["name"] in ("hospital-a", "hospital-b"):  # no data: site_error, no Dice
+                site["metrics"] = [{"name": "site_error", "value": 1}, {"name": "n_train", "value": 0}]
+            if site["name"] == "hospital-c":
+                site["metrics"] = _site_metrics(0.013)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = build_report(result)
+    s = report["summary"]
+    assert s["min_site"] == "hospital-c" and s["min_final"] == pytest.approx(0.013)
+    assert sorted(s["sites_without_value"]) == ["hospital-a", "hospital-b"]
+    assert all("site error" in why for why in s["sites_without_value"].values())
+    md = (write_report(result, tmp_path / "out") and (tmp_path / "out" / "report.md").read_text())
+    assert "**hospital-b: no value** (site error" in md and "(hospital-c)" in md

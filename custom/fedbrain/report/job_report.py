@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from fedbrain.contracts import (AUDIT_FILE, DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS,
-                                GUARD_FILE, HE_AGGREGATION_FILE, REGIONS, VAL_DICE, VAL_DICE_REGIONS)
+                                GUARD_FILE, HE_AGGREGATION_FILE, REGIONS, SITE_ERROR, VAL_DICE, VAL_DICE_REGIONS)
 
 # Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
 TASKS = {
@@ -225,7 +225,8 @@ def build_report(result_dir: Path) -> dict:
             metrics = {m["name"]: m["value"] for m in site.get("metrics", [])}
             entry = sites.setdefault(site["name"], {"rounds": []})
             entry["rounds"].append({"round": rnd, **{k: metrics.get(k) for k in (*keys, "train_loss", "round_seconds",
-                                                                                 "he_decrypt_seconds", *PRIVACY_KEYS)}})
+                                                                                 "he_decrypt_seconds", SITE_ERROR,
+                                                                                 *PRIVACY_KEYS)}})
             for k in DATA_KEYS:
                 if k in metrics:
                     entry[k] = int(metrics[k])
@@ -273,7 +274,10 @@ def build_report(result_dir: Path) -> dict:
         "summary": {
             "mean_final": statistics.mean(values) if values else None,
             "min_final": min(values) if values else None,
-            "min_site": min(final_primary, key=lambda s: final_primary[s]) if values else None,
+            # a site without a value is never the minimum (NaN compares false: min() once named such a site)
+            "min_site": min((s for s in final_primary if not math.isnan(final_primary[s])),
+                            key=lambda s: final_primary[s]) if values else None,
+            "sites_without_value": {s: _why_no_value(sites[s]) for s in final_primary if math.isnan(final_primary[s])},
             "flagged_sites": sorted(flags),
         },
     }
@@ -305,6 +309,17 @@ def _exchange(ws: Path, sites: dict) -> dict:
 
 
 PRIVACY_KEYS = (DP_EPSILON_SPENT, DP_DELTA, DP_WITHHELD)
+
+
+def _why_no_value(entry: dict) -> str:
+    """Why a site has no final value, from what it reported (its error text stays in its own log)."""
+    rounds = entry.get("rounds", [])
+    if any(r.get(SITE_ERROR) for r in rounds):
+        return "site error: its data could not be used (the reason is in the site's job log)"
+    withheld = next((r.get(DP_WITHHELD) for r in reversed(rounds) if r.get(DP_WITHHELD)), None)
+    if withheld:
+        return f"updates withheld: {DP_WITHHELD_REASONS.get(int(withheld), 'withheld')}"
+    return "no validation value reported"
 
 
 def _guard(ws: Path) -> dict:
@@ -491,6 +506,7 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
         "",
         f"Final columns: the {source} on each site's validation cases.",
         f"Mean final {plabel} **{_fmt(s['mean_final'])}**, minimum site **{_fmt(s['min_final'])}** ({s['min_site'] or '–'}).",
+        *[f"- **{site}: no value** ({why})." for site, why in s.get("sites_without_value", {}).items()],
         f"Flagged sites (more than {FLAG_SD:g} SD below the other sites' mean {plabel}): {', '.join(s['flagged_sites']) or 'none'}.",
         "",
         "## Global model per round (weighted mean of the sites)",
@@ -559,6 +575,8 @@ def print_site_table(report: dict, console=None) -> None:
     s = report["summary"]
     console.print(f"{report['primary_label']} of the final model: mean {_fmt(s['mean_final'])}, "
                   f"minimum site {_fmt(s['min_final'])} ({s['min_site'] or '–'}); r0 = round 0 (untrained)")
+    for site, why in s.get("sites_without_value", {}).items():
+        console.print(f"{site}: no value ({why})", highlight=False)
     guard = report.get("guard") or {}
     for r in guard.get("refusals", []):
         console.print(f"update guard: round {r['round']}: refused {r['site']}: {r['reason']}")
