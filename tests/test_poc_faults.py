@@ -1,12 +1,14 @@
 """Faults injected into a real POC federation (issue 14), asserting what the server did.
 
-One consortium, two short jobs (the full matrix with figures is `python bench/run.py --only faults`):
+The session's shared POC, first (no other job's processes around), three short jobs (the full matrix
+with figures is `python bench/run.py --only faults`):
 
 - min_clients 2 of 3: hospital-c's job process is SIGSTOPped through round 1 (longer than
   round_timeout), SIGCONTed, then SIGKILLed in round 3 and never comes back. The job must finish
   every round: round 1 closes at the timeout without hospital-c, hospital-c trains again in round 2,
   and the rounds after the crash go on with the two others.
 - min_clients 3 of 3: the same crash must end the job with a clear reason instead of waiting.
+- encrypted, min_clients 2 of 3: the same straggler; the encrypted round closes at the timeout too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import time
 import pytest
 
 from fedbrain_testing import faults as F
-from fedbrain.poc.consortium import PocConsortium
 from fedbrain.synthetic.cohort import synthesize_consortium
 from fedbrain.tasks.segmentation import SegmentationConfig
 
@@ -26,26 +27,35 @@ VICTIM = "hospital-c"
 TIMEOUT = 20.0
 
 
+def _straggle(poc, job: F.JobRun, round_no: int) -> float:
+    """hospital-c's job process stops (SIGSTOP) once round ``round_no`` starts, for longer than the round
+    timeout, then goes on; returns when the round started."""
+    started = job.wait_round(round_no)
+    time.sleep(1)
+    stopped = F.stop_job_process(poc, VICTIM)
+    time.sleep(TIMEOUT + 1)
+    F.continue_job_process(stopped)
+    return started
+
+
 @pytest.fixture(scope="module")
-def faulted(tmp_path_factory):
+def faulted(shared_poc):
+    """On the shared POC before anything else runs there (its job processes are the only ones a fault
+    can hit), with this module's own tiny cohort; every site's settings are put back afterwards."""
     from fedbrain.jobs.segmentation import export
 
-    run_dir = tmp_path_factory.mktemp("faults")
-    poc = PocConsortium(run_dir / "poc")
+    poc, run_dir = shared_poc.ready().poc, shared_poc.run_dir / "faults"
     data = run_dir / "data"
     synthesize_consortium(data, sites=3, cases=3, seed=1, site_names=poc.sites, progress=False)
     base = SegmentationConfig(rounds=4, epochs_per_round=1, max_steps=1, min_clients=2, round_timeout=TIMEOUT,
                               dead_site_grace=30.0)
     out = {}
     try:
-        poc.up(data_dir=data)
+        for site in poc.sites:
+            shared_poc.site_config(site, datalists={"segmentation": str(data / site / "datalist.json")})
         # Job 1: straggler in round 1, crash in round 3.
         job = F.JobRun(poc, export(base.replace(name="survives"), run_dir / "jobs1"))
-        out["stop_at"] = job.wait_round(1)
-        time.sleep(1)
-        stopped = F.stop_job_process(poc, VICTIM)
-        time.sleep(TIMEOUT + 1)
-        F.continue_job_process(stopped)
+        out["stop_at"] = _straggle(poc, job, 1)
         job.wait_round(3)
         time.sleep(1)
         out["crash_at"] = time.time()
@@ -62,8 +72,15 @@ def faulted(tmp_path_factory):
         meta = job.wait_done(timeout=180)
         result = job.download(run_dir / "results2")
         out["needs_all"] = {"meta": meta, "record": F.round_record(result), "log": F.server_log(result)}
+        # Job 3: encrypted (FLARE's ScatterAndGather), the same straggler in round 1: the round closes at the
+        # timeout with the two others, as a plaintext round does (the setting was dropped before).
+        job = F.JobRun(poc, export(base.replace(name="he_straggler", rounds=2, he=True), run_dir / "jobs3"))
+        _straggle(poc, job, 1)
+        meta = job.wait_done(timeout=240)
+        result = job.download(run_dir / "results3")
+        out["he"] = {"meta": meta, "log": F.server_log(result), "result": result}
     finally:
-        poc.stop(graceful=False)  # results are downloaded: teardown by PID
+        shared_poc.reset_site_configs()
     return out
 
 
@@ -89,3 +106,17 @@ def test_a_crash_with_all_sites_required_ends_the_job_with_the_reason(faulted):
     assert got["meta"]["status"].startswith("FINISHED:") and got["meta"]["status"] != "FINISHED:COMPLETED"
     assert "Alive clients 2 < required min 3" in got["log"]
     assert [r["round"] for r in got["record"]] == [0]
+
+
+def test_an_encrypted_round_closes_at_the_timeout_without_the_straggler(faulted):
+    """round_timeout and min_responses reach FLARE's ScatterAndGather: round 1 aggregates the two sites that
+    answered (the server's encrypted-sum record says how many) and the job completes."""
+    import json
+
+    from fedbrain.contracts import HE_AGGREGATION_FILE
+
+    got = faulted["he"]
+    assert got["meta"]["status"] == "FINISHED:COMPLETED", got["log"][-3000:]
+    records = [json.loads(line) for line in (got["result"] / "workspace" / HE_AGGREGATION_FILE).read_text().splitlines()]
+    updates = {r["round"]: r["updates"] for r in records}
+    assert updates[0] == 3 and updates[1] == 2, records
