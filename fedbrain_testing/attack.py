@@ -97,7 +97,8 @@ def export_with_attack(config, export_dir, attack: dict | None, sites=None) -> P
     """The task's job (``fedbrain.jobs.<task>.build_recipe``) with ``attack = {"site", "kind", "factor"?}``
     poisoning that site's updates, after its privacy filters; exported like the job itself. ``attack``
     None: the plain job (a benchmark's clean arm)."""
-    from fedbrain.jobs import DEFAULT_SITES, SITES_DIR, classification, export_recipe, segmentation
+    from fedbrain.fl.flare_private import job_of
+    from fedbrain.jobs import DEFAULT_SITES, INSTALLED_PACKAGES, SITES_DIR, classification, export_recipe, segmentation
 
     per_site = config.TASK == "classification"  # one app per site: the filter goes to the attacker's only
     sites = list(sites or DEFAULT_SITES) if per_site else sites
@@ -108,6 +109,9 @@ def export_with_attack(config, export_dir, attack: dict | None, sites=None) -> P
     with contextlib.chdir(SITES_DIR):  # FLARE re-reads the site script's path, named relative to sites/
         recipe.add_client_output_filter(PoisonUpdate(attack["site"], attack["kind"], attack.get("factor")),
                                         tasks=["train"], clients=[attack["site"]] if per_site else None)
+    # Installed at the test POC's sites (admit_attack_filter): FLARE must not copy it into the job's custom/,
+    # which would make the job BYOC, refused by every fedbrain kit.
+    job_of(recipe).set_app_packages([*INSTALLED_PACKAGES, __name__.split(".")[0]])
     return export_recipe(recipe, export_dir, config.name)
 
 

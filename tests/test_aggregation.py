@@ -273,6 +273,8 @@ def test_attack_filter_in_a_single_app_job_acts_at_the_named_site_only(tmp_path)
     (poison_filter,) = [f for g in client["task_result_filters"] for f in g["filters"]
                         if f["path"] == "fedbrain_testing.attack.PoisonUpdate"]
     assert poison_filter["args"]["site"] == "hospital-b"
+    # configuration only: a custom/ folder would make it BYOC, which every fedbrain kit refuses
+    assert not [p for p in job.rglob("*") if "custom" in p.parts], sorted(job.rglob("*"))
 
 
 def test_attack_filter_only_in_the_named_sites_app(tmp_path):
@@ -280,6 +282,7 @@ def test_attack_filter_only_in_the_named_sites_app(tmp_path):
     from fedbrain_testing.attack import export_with_attack as export
 
     job = export(ClassificationConfig(), tmp_path, {"site": "hospital-b", "kind": "sign_flip"})
+    assert not [p for p in job.rglob("*") if "custom" in p.parts]
     for site in ("hospital-a", "hospital-b", "hospital-c"):
         text = (job / f"app_{site}" / "config" / "config_fed_client.json").read_text()
         assert ("fedbrain_testing.attack.PoisonUpdate" in text) is (site == "hospital-b")

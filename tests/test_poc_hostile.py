@@ -12,8 +12,12 @@ pytestmark = pytest.mark.poc
 @pytest.fixture(scope="module")
 def hostile(shared_poc, first_wave):
     meta, result, _ = first_wave["hostile_function"]
-    server_log = (shared_poc.poc.kit("localhost") / "log.txt").read_text(errors="replace")
-    return {"meta": meta, "result": result, "server_log": server_log, "shared": shared_poc}
+    poc = shared_poc.poc
+    site_logs = {}
+    for site in poc.sites:  # each site's own job log, on the site's disk
+        log = poc.kit(site) / meta["job_id"] / "log.txt"
+        site_logs[site] = log.read_text(errors="replace") if log.is_file() else ""
+    return {"meta": meta, "result": result, "site_logs": site_logs, "shared": shared_poc}
 
 
 def test_the_job_naming_a_fedbrain_function_never_ran(hostile):
@@ -21,11 +25,11 @@ def test_the_job_naming_a_fedbrain_function_never_ran(hostile):
 
 
 def test_every_site_refused_it_naming_the_component(hostile):
-    """The reason reaches the admin: each site's refusal names the function's path."""
-    detail = " ".join(map(str, hostile["meta"].get("job_deploy_detail", [])))
-    text = detail + hostile["server_log"]
-    assert HOSTILE_COMPONENT["path"] in text, (detail, hostile["server_log"][-3000:])
-    assert "allow_list" in text or "not allowed" in text or "not authorized" in text
+    """Each site's job process refuses the component while loading the job, before building anything;
+    its log names the path. (FLARE reports only "missing job on client" to the server: the reason does
+    not reach the admin yet, issue 29.)"""
+    for site, log in hostile["site_logs"].items():
+        assert f"Component '{HOSTILE_COMPONENT['path']}'" in log and "not in allow_list" in log, (site, log[-2000:])
 
 
 def test_no_sites_local_settings_or_ledger_changed(hostile):

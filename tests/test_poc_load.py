@@ -87,7 +87,7 @@ def test_twelve_sites_complete_every_round(tmp_path):
                           progress=False)
     job = export(_config(SITES), tmp_path / "jobs")
     try:
-        poc.up(data_dir=tmp_path / "data", timeout=240)
+        poc.up(data_dir=tmp_path / "data", timeout=420)  # 12 sites on 2 cores, maybe beside another lane
         with PeakRss(poc.workspace, poc.sites) as rss:
             meta, result = submit_and_wait(poc, job, rounds=ROUNDS, result_dir=tmp_path / "result")
     finally:
