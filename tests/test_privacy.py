@@ -327,3 +327,10 @@ def test_report_shows_epsilon_per_site_per_round_and_withheld_rounds(tmp_path):
     text = render_markdown(report, [])
     assert "## Differential privacy" in text and "| 2 | 1.400 | 0.700 |" in text
     assert "hospital-b withheld its update in round 1: privacy budget exhausted" in text
+
+
+def test_a_budget_turns_require_dp_on_unless_the_hospital_turns_it_off():
+    """A budget with require_dp off let every job without DP through, uncounted (issue 25)."""
+    assert SiteBudget.from_site_json({"dp_budget": {"epsilon": 8.0}}).require_dp
+    assert not SiteBudget.from_site_json({"dp_budget": {"epsilon": 8.0}, "require_dp": False}).require_dp
+    assert not SiteBudget.from_site_json({}).require_dp

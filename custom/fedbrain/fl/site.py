@@ -12,7 +12,7 @@ script resolves its settings, first found wins:
 
        {"datalist": "/data/brats/datalist.json", "data_root": "/data/brats",
         "num_threads": 4, "device": "auto",
-        "dp_budget": {"epsilon": 10.0, "delta": 1e-6}, "require_dp": false}
+        "dp_budget": {"epsilon": 10.0, "delta": 1e-6}, "require_dp": true}
 
    A hospital taking part in several studies names one datalist per task instead of (or beside)
    ``datalist``: ``"datalists": {"segmentation": "/data/brats/datalist.json", "classification":

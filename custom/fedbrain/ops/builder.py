@@ -151,7 +151,7 @@ def site_config_template() -> dict:
         "num_threads": 4,
         "device": "auto",
         "dp_budget": {"epsilon": 10.0, "delta": 1e-6},
-        "require_dp": False,
+        "require_dp": True,  # with a budget, a job without DP is refused (set false only on purpose)
     }
 
 

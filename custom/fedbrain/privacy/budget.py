@@ -42,7 +42,8 @@ class SiteBudget:
 
     @classmethod
     def from_site_json(cls, data: dict) -> "SiteBudget":
-        """From ``fedbrain_site.json``'s ``"dp_budget": {"epsilon", "delta"}`` and ``"require_dp"``."""
+        """From ``fedbrain_site.json``'s ``"dp_budget": {"epsilon", "delta"}`` and ``"require_dp"`` (default:
+        on when a budget epsilon is set, off otherwise)."""
         budget = data.get("dp_budget") or {}
         if not isinstance(budget, dict) or set(budget) - {"epsilon", "delta"}:
             raise ValueError(f'dp_budget must be {{"epsilon": <float>, "delta": <float>}}, got {budget!r}')
@@ -51,7 +52,9 @@ class SiteBudget:
             raise ValueError(f"dp_budget epsilon must be > 0, got {eps}")
         if delta is not None and not 0 < float(delta) < 1:
             raise ValueError(f"dp_budget delta must be in (0, 1), got {delta}")
-        require = data.get("require_dp", False)
+        # A budget without require_dp would leave every job without DP unbounded: with a budget set, a site
+        # requires DP unless its hospital turns it off explicitly ("require_dp": false).
+        require = data.get("require_dp", eps is not None)
         if not isinstance(require, bool):
             raise ValueError(f"require_dp must be true or false, got {require!r}")
         return cls(float(eps) if eps is not None else None, float(delta) if delta is not None else None, require)
