@@ -3,7 +3,7 @@ docs/benchmarks.md (with plots in docs/img/). These machines are shared and nois
 target is a ratio of two things measured in the same run, never an absolute time in a test.
 
     python bench/run.py                      # everything
-    python bench/run.py --only clean_demo    # row groups: clean_demo | demo | repro | central | overhead | classify
+    python bench/run.py --only clean_demo    # row groups: cli | clean_demo | demo | repro | central | overhead | classify
     python bench/run.py --only he            # the demo plaintext then --he: time, bytes, Dice (~8 min)
     python bench/run.py --only overhead      # FLARE round vs bare round, FLARE default timing vs fedbrain's (~5 min)
     python bench/run.py --only repro         # the demo twice, same commit and seed: do sites agree? (~7 min)
@@ -231,6 +231,24 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
 
+def bench_cli(runs: int = 5) -> dict:
+    """Whole-process wall time of the command line's help: what a user waits for before anything runs
+    (building the parser once imported torch and MONAI through the task modules)."""
+    import subprocess
+
+    fedbrain = str(Path(sys.executable).parent / "fedbrain")
+    out = {}
+    for key, args in {"help": ["--help"], "train_classify_help": ["train", "--central", "--task", "classify", "--help"]}.items():
+        subprocess.run([fedbrain, *args], capture_output=True, check=True)  # warm-up: the file cache
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            subprocess.run([fedbrain, *args], capture_output=True, check=True)
+            times.append(time.perf_counter() - started)
+        out[key] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": runs}
+    return out
+
+
 def bench_overhead(rounds: int, demo_settings) -> dict:
     """FLARE round wall time vs the same validate+train steps run bare: one site with the demo's data
     size and settings (its own synthetic data), side by side in one run: the same job with FLARE's
@@ -418,6 +436,12 @@ def write_doc(results: dict, plots: list[str]) -> None:
         rows.append(("FLARE round / bare local round, same steps (1 site)", _f(ov["ratio"]), "<= 1.05",
                      f"{_f(ov['flare_median_s'], '{:.2f}')} s vs {_f(ov['bare_median_s'], '{:.2f}')} s (medians)"
                      + (_overhead_detail(ov) if ov.get("default_round_seconds") else "")))
+    cli = results.get("cli")
+    if cli:
+        h, t = cli["help"], cli["train_classify_help"]
+        rows.append(("`fedbrain --help`, whole process, median of " f"{h['runs']} (s)", _f(h["median_s"], "{:.2f}"), "<= 0.5",
+                     f"min-max {h['min_s']:.2f}-{h['max_s']:.2f} s; `fedbrain train --central --task classify --help` "
+                     f"{t['median_s']:.2f} s (measured {cli.get('measured_at', '')[:10]})"))
     clean = results.get("clean_demo")
     if clean:
         rows.append(("`make demo` from a fresh clone, install included (s)", _f(clean["seconds"], "{:.0f}"), "<= 600",
@@ -543,7 +567,7 @@ def main(argv=None):
     from fedbrain.demo import DemoSettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=",".join(("clean_demo,demo,repro,he,central,overhead,classify,classify_seeds,dp",
+    p.add_argument("--only", default=",".join(("cli,clean_demo,demo,repro,he,central,overhead,classify,classify_seeds,dp",
                                                 *GROUP_MODULES)))
     p.add_argument("--overhead-rounds", type=int, default=6)
     p.add_argument("--classify-parts", default="federated,central")
@@ -561,7 +585,7 @@ def main(argv=None):
     settings = DemoSettings()
     results = portable(json.loads(RESULTS.read_text())) if RESULTS.exists() else {}
     read_at_start = json.loads(json.dumps(results, default=str))
-    if only & {"clean_demo", "demo", "repro", "he", "central", "overhead", "classify", "classify_seeds", "dp",
+    if only & {"cli", "clean_demo", "demo", "repro", "he", "central", "overhead", "classify", "classify_seeds", "dp",
                *GROUP_MODULES}:  # "--only doc" re-renders
         results.update({
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -569,6 +593,9 @@ def main(argv=None):
             "settings": settings.to_dict(),
         })
     WORK.mkdir(parents=True, exist_ok=True)
+    if "cli" in only:
+        console.rule("command line start-up")
+        results["cli"] = {**bench_cli(), "measured_at": results["measured_at"]}
     if "clean_demo" in only:
         console.rule("make demo in a fresh clone")
         results["clean_demo"] = bench_clean_demo()
