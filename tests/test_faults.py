@@ -82,6 +82,9 @@ def test_encrypted_and_scaffold_jobs_carry_the_round_policy_too(tmp_path, path):
         assert controller["path"].endswith("ScatterAndGather")
         assert controller["args"]["train_timeout"] == 45 and controller["args"]["wait_time_after_min_received"] == 45
         assert controller["args"]["min_clients"] == 2
+        # ScatterAndGather aggregates whatever arrived at the timeout: the encrypted sum holds the minimum
+        aggregator = next(c for c in conf["components"] if c["id"] == "aggregator")
+        assert aggregator["args"]["min_responses"] == 2
     else:
         assert controller["path"] == "fedbrain.fl.resilient.ResilientScaffold"
         assert controller["args"]["round_timeout"] == 45 and controller["args"]["min_responses"] == 2

@@ -120,8 +120,13 @@ class TimedEncryptor(HEModelEncryptor):
 
 
 class TimedHEAggregator(HEInTimeAccumulateWeightedAggregator):
-    def __init__(self, **kwargs):
+    """FLARE's encrypted sum, timed and recorded per round; it also holds the round policy's minimum:
+    FLARE's ScatterAndGather aggregates whatever arrived once ``train_timeout`` passes, even fewer
+    updates than its ``min_clients``, so a round with fewer than ``min_responses`` ends the job here."""
+
+    def __init__(self, min_responses: int = 1, **kwargs):
         super().__init__(**kwargs)
+        self.min_responses = int(min_responses)
         self._accept_seconds = 0.0
         self._accepted = 0
 
@@ -134,8 +139,14 @@ class TimedHEAggregator(HEInTimeAccumulateWeightedAggregator):
 
     def aggregate(self, fl_ctx):
         start = time.perf_counter()
+        accepted, round_no = self._accepted, fl_ctx.get_prop("current_round")
+        if accepted < self.min_responses:
+            self._accept_seconds, self._accepted = 0.0, 0
+            self.system_panic(f"round {round_no}: {accepted} encrypted update(s) arrived before the round closed, "
+                              f"fewer than min_responses {self.min_responses}: the job ends here", fl_ctx)
+            return None
         out = super().aggregate(fl_ctx)
-        entry = {"round": fl_ctx.get_prop("current_round"), "updates": self._accepted,
+        entry = {"round": round_no, "updates": accepted, "min_responses": self.min_responses,
                  "add_seconds": self._accept_seconds, "mean_seconds": time.perf_counter() - start}
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN))
         with open(Path(run_dir) / HE_AGGREGATION_FILE, "a") as f:
