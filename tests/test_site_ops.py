@@ -177,3 +177,24 @@ def test_watch_follows_a_job_until_it_ends(kits):
     assert [j["job_id"] for j in last["jobs"]] == ["j-run"] and last["jobs"][0]["status"] == "FINISHED:COMPLETED"
     text = out.getvalue()
     assert "2 sites connected" in text and "FINISHED:COMPLETED" in text  # a file console gets the last view
+
+
+def test_the_printed_service_steps_leave_the_keys_owner_only(kits, tmp_path):
+    """The steps open the kit to the service's group (read-only), then give the key and HE context back to
+    the service account alone: following them verbatim must pass site check's secrets row."""
+    import shutil
+    import subprocess
+
+    from fedbrain.ops import site_check as sc
+    from fedbrain.ops.service import install_service
+
+    kit = Path(shutil.copytree(kits / "hospital-a", tmp_path / "hospital-a", symlinks=True))
+    _, steps = install_service(kit, "fedbrain", output=tmp_path / "unit.service")
+    group_line = next(s for s in steps if "g+rX" in s)
+    key_line = next(s for s in steps if "chmod 400" in s)
+    assert str(kit / "startup" / "client.key") in key_line
+    # as root would run them, minus the ownership changes (no such account here)
+    subprocess.run(group_line.split("&&")[1].split("#")[0], shell=True, check=True)
+    assert sc.check_secrets(kit).status == sc.FAIL  # the group read alone opens the keys
+    subprocess.run(key_line.split("&&")[1].split("#")[0], shell=True, check=True)
+    assert sc.check_secrets(kit).status == sc.OK, sc.check_secrets(kit)

@@ -63,6 +63,8 @@ def render_unit(kit: Path, user: str, workspace: Path | None = None, datalist: s
 def install_service(kit: Path, user: str, output: Path | None = None, workspace: Path | None = None,
                     datalist: str | None = None) -> tuple[Path, list[str]]:
     """Write the unit; returns its path and the commands an administrator runs next."""
+    from fedbrain.ops.kit import secret_files
+
     text = render_unit(kit, user, workspace, datalist)
     site = Path(kit).resolve().name
     ws = Path(workspace) if workspace else WORKSPACE_ROOT / site
@@ -73,10 +75,14 @@ def install_service(kit: Path, user: str, output: Path | None = None, workspace:
     except OSError as e:
         raise ServiceError(f"cannot write {output} ({e.strerror or e}); run as root or pass --output FILE") from None
     unit = output.name
+    # The group read above would open the keys and HE context to the group: site check refuses that.
+    secrets = " ".join(str(f) for f in secret_files(Path(kit).resolve()))
     steps = [
         f"useradd --system --home-dir {ws} --shell /usr/sbin/nologin {user}   # once",
         f"install -d -o {user} -g {user} -m 700 {ws}",
         f"chown -R root:{user} {Path(kit).resolve()} && chmod -R g+rX,o-rwx {Path(kit).resolve()}   # kit read-only",
+        *([f"chown {user} {secrets} && chmod 400 {secrets}   # keys: the service account's alone, read-only"]
+          if secrets else []),
         *([] if output.parent == UNIT_DIR else [f"cp {output} {UNIT_DIR / unit}"]),
         "systemctl daemon-reload",
         f"systemctl enable --now {unit}",
