@@ -64,9 +64,18 @@ def export_apps(out_dir: str | Path, tasks=tuple(VARIANTS)) -> list[Path]:
                 shutil.rmtree(target, ignore_errors=True)
                 for app, source in (("server", server), ("site", clients[0])):
                     (target / app / "config").mkdir(parents=True)
-                    shutil.copyfile(source, target / app / "config" / source.name)
+                    (target / app / "config" / source.name).write_text(_stable(source.read_text()))
                 written.append(target)
     return written
+
+
+def _stable(text: str) -> str:
+    """FLARE's exporter writes a filter's task list in set order (it differs run to run); sort it."""
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: sorted(v) if k == "tasks" and isinstance(v, list) else walk(v) for k, v in node.items()}
+        return [walk(n) for n in node] if isinstance(node, list) else node
+    return json.dumps(walk(json.loads(text)), indent=4)
 
 
 def assemble(app_dir: str | Path, name: str, out_dir: str | Path, *, sites=None, min_clients: int = 3) -> Path:
