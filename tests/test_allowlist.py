@@ -10,7 +10,6 @@ import pkgutil
 import pytest
 
 import fedbrain
-from fedbrain.contracts import PRIVACY_FILTERS
 from fedbrain.ops.allowlist import FEDBRAIN_SERVER_CLASSES, FEDBRAIN_SITE_CLASSES, admitted, class_allow_list
 from fedbrain.tasks.classification_config import ClassificationConfig
 from fedbrain.tasks.segmentation_config import SegmentationConfig
@@ -51,7 +50,9 @@ def used(tmp_path_factory) -> dict:
             _paths(json.loads(f.read_text()), out["server"])
         for f in folder.glob("app*/config/config_fed_client.json"):
             _paths(json.loads(f.read_text()), out["client"])
-    out["client"] |= set(PRIVACY_FILTERS.values())  # the site's own privacy scopes (local/privacy.json)
+    from fedbrain.ops.builder import privacy_policy
+
+    _paths(privacy_policy("standard"), out["client"])  # the site's own privacy.json: scopes and final check
     return out
 
 

@@ -85,6 +85,8 @@ PRIVACY_FILTERS = {
 # ---------------------------------------------------------------------- record files
 # What the server writes into the job's workspace (so they travel with the downloaded result), named once:
 # the components that write them and the report that reads them import these.
+#: Header of the error reply a site sends instead of a result its final check refused: the one-line reason.
+REFUSED_HEADER = "fedbrain_refused"
 AUDIT_FILE = "received_updates.jsonl"  # fedbrain.filters.audit: every update as it arrived (names, shapes, bytes)
 GUARD_FILE = "update_guard.jsonl"  # fedbrain.aggregation.aggregator: refusals, flags, the method per round
 ROUND_FILE = "round_contributions.jsonl"  # fedbrain.fl.resilient: who was asked, who answered, why a round closed

@@ -3,7 +3,8 @@
 An auditor (or a test) can then prove from the job result alone that a personal head, or anything
 shaped like an input image, never reached the server, and how large (L2 norm) each plaintext update was. Arrays riding in the update's meta (SCAFFOLD's
 control differences) are recorded the same way under ``meta_arrays``. It records and passes the
-update unchanged.
+update unchanged. A result a site's final check refused (:mod:`fedbrain.filters.final_check`)
+arrives as an error reply: its reason is recorded (``refused``) and logged on the server.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedbrain.contracts import AUDIT_FILE, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_METRICS_LOG_TAG
+from fedbrain.contracts import AUDIT_FILE, REFUSED_HEADER, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_METRICS_LOG_TAG
 
 
 def _wire_bytes(value) -> int:
@@ -50,6 +51,13 @@ class ReceivedUpdateAudit(Filter):
         self._withheld: dict[str, str] = {}  # site -> why; a site that withholds once does for the whole job
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        refused = shareable.get_header(REFUSED_HEADER)
+        if refused:  # a site's final check kept its result home: the reason goes to the job's record
+            entry = {"site": shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?"),
+                     "round": shareable.get_header("current_round"), "refused": str(refused)}
+            self.log_error(fl_ctx, f"{entry['site']} sent no update: {refused}")
+            self._append(entry, fl_ctx)
+            return shareable
         try:
             dxo = from_shareable(shareable)
         except Exception:  # not a DXO (e.g. an error reply): nothing to record
@@ -82,10 +90,13 @@ class ReceivedUpdateAudit(Filter):
         # Metrics the server already holds, as one log line: what `fedbrain watch` shows per site.
         self.log_info(fl_ctx, f"{SITE_METRICS_LOG_TAG} " + json.dumps(
             {"site": entry["site"], "round": entry["round"], "metrics": values}, sort_keys=True))
+        self._append(entry, fl_ctx)
+        return shareable
+
+    def _append(self, entry: dict, fl_ctx: FLContext) -> None:
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN))
         with open(Path(run_dir) / self.file_name, "a") as f:
             f.write(json.dumps(entry) + "\n")
-        return shareable
 
     def _end_if_too_few_can_release(self, site: str, code: int, fl_ctx: FLContext) -> None:
         self._withheld[site] = DP_WITHHELD_REASONS.get(code, "withheld")

@@ -33,6 +33,7 @@ FEDBRAIN_SITE_CLASSES = (
     "fedbrain.privacy.client_dp.UpdateNormClip",
     "fedbrain.privacy.client_dp.ClientLevelDP",
     "fedbrain.filters.require_encryption.RequireEncryption",
+    "fedbrain.filters.final_check.FinalPayloadCheck",
 )
 #: FLARE classes fedbrain's server apps name that FLARE's default allow-list lacks.
 FLARE_SERVER_EXTRAS = (

@@ -44,6 +44,9 @@ SCOPES = tuple(SCOPE_PARTS)
 #: state_dict keys; an Opacus-wrapped model names it ``_module.head.``).
 PERSONAL_PARTS = r"(^|\.)head\."
 
+FINAL_CHECK = "fedbrain.filters.final_check.FinalPayloadCheck"
+FINAL_CHECK_ID = "fedbrain_final_payload_check"
+
 GUARD_LINE = ('python3 -m fedbrain.ops.kit_guard "$SOURCE_WORKSPACE" '
               '|| { echo "fedbrain: this kit was refused; see the lines above (also in log.txt)"; exit 1; }')
 GUARD_ANCHOR = 'echo "WORKSPACE set to $WORKSPACE"'
@@ -73,11 +76,17 @@ def privacy_policy(default_scope: str = "standard", update_norm_clip: float = 10
         {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars", "args": {"exclude_vars": PERSONAL_PARTS}},
         {"path": PRIVACY_FILTERS["clip"], "args": {"max_norm": float(update_norm_clip)}},
     ]
+    offered = offered_scopes(default_scope)
     return {
         "scopes": [{"name": name, "properties": {},
                     "task_result_filters": standard + [parts[p] for p in SCOPE_PARTS[name]]}
-                   for name in offered_scopes(default_scope)],
+                   for name in offered],
         "default_scope": default_scope,
+        # Runs in every job process after the job's own components: the scope's promise checked on
+        # the final payload, after the job's filters (fedbrain.filters.final_check).
+        "components": [{"id": FINAL_CHECK_ID, "path": FINAL_CHECK,
+                        "args": {"scope_parts": {name: list(SCOPE_PARTS[name]) for name in offered},
+                                 "personal_parts": PERSONAL_PARTS}}],
     }
 
 

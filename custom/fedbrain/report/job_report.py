@@ -293,11 +293,14 @@ def build_report(result_dir: Path) -> dict:
 def _exchange(ws: Path, sites: dict) -> dict:
     """What crossed the wire per round and site (the server's audit), and HE timings when encrypted."""
     audit_file = ws / AUDIT_FILE
-    rows = []
+    rows, refused = [], []
     if audit_file.is_file():
         decrypt = {(name, r["round"]): r.get("he_decrypt_seconds") for name, e in sites.items() for r in e["rounds"]}
         for line in audit_file.read_text().splitlines():
             e = json.loads(line)
+            if e.get("refused"):
+                refused.append({"round": e.get("round"), "site": e.get("site"), "reason": e["refused"]})
+                continue
             dtypes = {p.get("dtype") for p in e.get("params", {}).values()}
             rows.append({"round": e.get("round"), "site": e.get("site"), "bytes": e.get("bytes"),
                          "encrypted": dtypes == {"CKKSVector"}, "tensors": len(e.get("params", {})),
@@ -305,7 +308,7 @@ def _exchange(ws: Path, sites: dict) -> dict:
                          "decrypt_s": decrypt.get((e.get("site"), e.get("round")))})
     agg_file = ws / HE_AGGREGATION_FILE
     aggregation = [json.loads(line) for line in agg_file.read_text().splitlines()] if agg_file.is_file() else []
-    return {"updates": rows, "he_aggregation": aggregation}
+    return {"updates": rows, "he_aggregation": aggregation, "refused": refused}
 
 
 PRIVACY_KEYS = (DP_EPSILON_SPENT, DP_DELTA, DP_WITHHELD)
@@ -507,6 +510,7 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
         f"Final columns: the {source} on each site's validation cases.",
         f"Mean final {plabel} **{_fmt(s['mean_final'])}**, minimum site **{_fmt(s['min_final'])}** ({s['min_site'] or '–'}).",
         *[f"- **{site}: no value** ({why})." for site, why in s.get("sites_without_value", {}).items()],
+        *[f"- **{r['site']} refused round {r['round']}**: {r['reason']}" for r in report.get("exchange", {}).get("refused", [])],
         f"Flagged sites (more than {FLAG_SD:g} SD below the other sites' mean {plabel}): {', '.join(s['flagged_sites']) or 'none'}.",
         "",
         "## Global model per round (weighted mean of the sites)",
@@ -577,6 +581,8 @@ def print_site_table(report: dict, console=None) -> None:
                   f"minimum site {_fmt(s['min_final'])} ({s['min_site'] or '–'}); r0 = round 0 (untrained)")
     for site, why in s.get("sites_without_value", {}).items():
         console.print(f"{site}: no value ({why})", highlight=False)
+    for r in report.get("exchange", {}).get("refused", []):
+        console.print(f"{r['site']} refused round {r['round']}: {r['reason']}", highlight=False)
     guard = report.get("guard") or {}
     for r in guard.get("refusals", []):
         console.print(f"update guard: round {r['round']}: refused {r['site']}: {r['reason']}")

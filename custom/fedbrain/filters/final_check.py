@@ -1,0 +1,201 @@
+"""The site's last word on what leaves it: the scope's promise checked on the final payload.
+
+FLARE runs a site's privacy-scope filters *before* the job's own result filters, so a scope filter
+cannot see what the job's filters do after it: a decryptor placed after the encryptor, an encryptor
+told to encrypt only some layers, SCAFFOLD's control difference riding in meta past the DP noise.
+:class:`FinalPayloadCheck` is declared in the site's own ``local/privacy.json`` (``components``),
+which FLARE adds to every job process after the job's components; it sees each task result after
+every filter (FLARE's ``AFTER_TASK_RESULT_FILTER`` event) and again just before it is sent, and
+checks the promise of the job's scope on exactly what would leave:
+
+- every scope (``standard``): no personal parameter (the site's ``personal_parts`` pattern) in
+  the data, the meta or the headers; the weight the update carries (``NUM_STEPS_CURRENT_ROUND``) is
+  the step count the site loop reported, unchanged by any filter;
+- ``client_dp``: every model array is exactly one the site's client-level DP filter released for
+  this task (noised), and no other array travels (meta, headers);
+- ``require_encryption``: every model value is a CKKS ciphertext, and no plaintext array travels.
+
+A result that breaks the promise never leaves: its content is removed and the server receives an
+error reply (``TASK_RESULT_FILTER_ERROR``, not FLARE's ``UNSAFE_JOB``, which would end every site's
+job) whose ``fedbrain_refused`` header carries the one-line reason, recorded by the server's audit
+(``received_updates.jsonl``). After sending it, the site leaves the job (it stops at this site).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from nvflare.apis.dxo import DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable
+
+from fedbrain.contracts import NUM_STEPS_META, REFUSED_HEADER
+from fedbrain.privacy.releases import fingerprint, take_release
+
+#: What each part of a scope promises, in the words of the one-line reason.
+PROMISES = {"client_dp": "only arrays its client-level DP filter noised",
+            "require_encryption": "model values as ciphertext only"}
+MODEL_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
+#: A plain sequence of more numbers than this is treated as an array (it could carry an update).
+MAX_PLAIN_NUMBERS = 64
+#: Shareable keys FLARE itself uses for routing; everything else is content.
+ROUTING_KEYS = (ReservedHeaderKey.HEADERS, ReservedHeaderKey.COOKIE_JAR, ReservedHeaderKey.PEER_PROPS)
+
+def _is_ciphertext(value) -> bool:
+    return type(value).__name__ in ("CKKSVector", "BFVVector", "CKKSTensor")
+
+
+def _is_array(value) -> bool:
+    """Numbers in bulk: a numpy array or torch tensor of more than one value, or a long plain sequence."""
+    if isinstance(value, np.ndarray) or hasattr(value, "detach"):
+        return int(np.prod(getattr(value, "shape", ()) or (1,))) > 1
+    if isinstance(value, (list, tuple)) and len(value) > MAX_PLAIN_NUMBERS:
+        return all(isinstance(v, (int, float, np.number)) for v in value)
+    return isinstance(value, (bytes, bytearray)) and len(value) > 4096
+
+
+def _leaves(node, path: str):
+    """(path, value) of every leaf under ``node``; dict keys become path parts."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, (list, tuple)) and not _is_array(node):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+def payload_problems(result: Shareable, parts, personal_parts: str, *, steps_sent=None,
+                     released: dict[str, str] | None = None) -> list[str]:
+    """Why ``result`` breaks the promise of a scope made of ``parts`` (empty: it keeps it).
+
+    ``steps_sent``: the NUM_STEPS the site loop put on the result (None: not a training result);
+    ``released``: what the client-level DP filter noised for this task (name -> fingerprint)."""
+    parts, personal = set(parts), re.compile(personal_parts)
+    problems: list[str] = []
+    try:
+        dxo = from_shareable(result)
+    except Exception:  # noqa: BLE001 - no DXO: only routing may remain
+        dxo = None
+    content = {k: v for k, v in result.items() if k not in ROUTING_KEYS}
+    headers = {k: v for k, v in (result.get(ReservedHeaderKey.HEADERS) or {}).items()}
+    model = dxo is not None and dxo.data_kind in MODEL_KINDS and isinstance(dxo.data, dict)
+    data = dxo.data if model else {}
+    if dxo is not None:  # the DXO is checked by its parts below; everything else as "other"
+        content = {k: v for k, v in content.items() if k != "DXO"}  # nvflare.apis.dxo stores it there
+        others = list(_leaves(dxo.meta or {}, "meta")) + list(_leaves(content, "shareable"))
+        if not model:
+            others += list(_leaves(dxo.data, "data"))
+    else:
+        others = list(_leaves(content, "shareable"))
+    others += list(_leaves(headers, "header"))
+
+    named = [p for p, _ in others] + [f"data.{k}" for k in data]
+    leaked = [p for p in named if personal.search(p.split(".", 1)[1] if "." in p else p)]
+    if leaked:
+        problems.append(f"personal parameters would leave ({', '.join(leaked[:3])})")
+    if model and steps_sent is not None:
+        final_steps = (dxo.meta or {}).get(NUM_STEPS_META)
+        if final_steps != steps_sent:
+            problems.append(f"the update's weight {NUM_STEPS_META} is {final_steps}, "
+                            f"not the {steps_sent} steps this site trained")
+    if parts & set(PROMISES):
+        loose = [p for p, v in others if _is_array(v) and not _is_ciphertext(v)]
+        if loose:
+            problems.append(f"plaintext arrays would travel outside the model values ({', '.join(loose[:3])})")
+    if "require_encryption" in parts and model:
+        plain = [k for k, v in data.items() if not _is_ciphertext(v)]
+        if plain:
+            problems.append(f"{len(plain)} of {len(data)} model values would leave unencrypted "
+                            f"(e.g. {', '.join(plain[:3])})")
+    if "client_dp" in parts and model:
+        if released is None:
+            problems.append("the site's client-level DP filter released nothing for this result")
+        else:
+            unknown = [k for k, v in data.items()
+                       if k not in released or (not _is_ciphertext(v) and fingerprint(v) != released[k])]
+            if unknown:
+                problems.append(f"{len(unknown)} model values are not the ones client-level DP noised "
+                                f"(e.g. {', '.join(unknown[:3])})")
+    return problems
+
+
+def refuse(result: Shareable, reason: str) -> None:
+    """Empty ``result`` in place (so nothing of it can leave), keeping only FLARE's routing, as an
+    error reply whose ``fedbrain_refused`` header says why."""
+    for key in [k for k in result if k not in ROUTING_KEYS]:
+        del result[key]
+    headers = result.get(ReservedHeaderKey.HEADERS) or {}
+    keep = {k: headers[k] for k in (ReservedHeaderKey.TASK_NAME, ReservedHeaderKey.TASK_ID, ReservedHeaderKey.WORKFLOW,
+                                    ReservedHeaderKey.AUDIT_EVENT_ID, ReservedHeaderKey.MSG_ROOT_ID,
+                                    ReservedHeaderKey.MSG_ROOT_TTL, "current_round") if k in headers}
+    result[ReservedHeaderKey.HEADERS] = keep
+    result.set_return_code(ReturnCode.TASK_RESULT_FILTER_ERROR)
+    result.set_header(REFUSED_HEADER, reason)
+
+
+class FinalPayloadCheck(FLComponent):
+    def __init__(self, scope_parts: dict[str, list[str]], personal_parts: str):
+        """``scope_parts``: each scope this site defines -> its parts (``client_dp``,
+        ``require_encryption``); a job under a scope not listed is refused. ``personal_parts``: a
+        regex on parameter names that must never leave (the classifier's personal head)."""
+        super().__init__()
+        unknown = {p for parts in scope_parts.values() for p in parts} - set(PROMISES)
+        if unknown:
+            raise ValueError(f"unknown scope parts {sorted(unknown)}; known: {sorted(PROMISES)}")
+        self.scope_parts = {k: tuple(v) for k, v in scope_parts.items()}
+        self.personal_parts = str(personal_parts)
+        re.compile(self.personal_parts)
+        self._steps_sent = None
+        self._checked: Shareable | None = None
+        self._refused: str | None = None
+        self._released_now: dict[str, str] | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.BEFORE_TASK_RESULT_FILTER:
+            sent = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
+            self._steps_sent, self._checked = self._steps_of(sent), None
+        elif event_type == EventType.AFTER_TASK_RESULT_FILTER:
+            self._checked = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
+            self._check(self._checked, fl_ctx, released=take_release(fl_ctx.get_prop(FLContextKey.TASK_ID)),
+                        first=True)
+        elif event_type == EventType.BEFORE_SEND_TASK_RESULT and self._checked is not None:
+            self._check(self._checked, fl_ctx, released=None, first=False)  # changed since? (same object)
+        elif event_type == EventType.AFTER_SEND_TASK_RESULT and self._refused:
+            reason, self._refused = self._refused, None
+            self.system_panic(reason, fl_ctx)  # this site leaves the job; the others go on
+
+    @staticmethod
+    def _steps_of(result) -> object:
+        try:
+            dxo = from_shareable(result)
+        except Exception:  # noqa: BLE001
+            return None
+        return (dxo.meta or {}).get(NUM_STEPS_META) if dxo.data_kind in MODEL_KINDS else None
+
+    def _check(self, result, fl_ctx: FLContext, released, first: bool) -> None:
+        if not isinstance(result, Shareable) or result.get_header(REFUSED_HEADER):
+            return
+        scope = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or ""
+        site, job, task = fl_ctx.get_identity_name(), fl_ctx.get_job_id(), fl_ctx.get_prop(FLContextKey.TASK_NAME)
+        if scope not in self.scope_parts:
+            problems = [f"its privacy scope '{scope}' is not one this site's final check knows"]
+        else:
+            parts = self.scope_parts[scope]
+            if first:
+                self._released_now = released  # kept for the re-check just before sending
+            problems = payload_problems(result, parts, self.personal_parts, steps_sent=self._steps_sent,
+                                        released=self._released_now)
+        if not problems:
+            return
+        reason = (f"site {site} refused job {job}: its '{task}' result under privacy scope '{scope}' breaks the "
+                  f"scope's promise after the job's filters: {'; '.join(problems)}. Nothing was sent; this site "
+                  f"leaves the job.")
+        refuse(result, reason)
+        self._refused = reason
+        self.log_error(fl_ctx, reason)

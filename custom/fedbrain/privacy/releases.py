@@ -1,0 +1,35 @@
+"""What a site's client-level DP filter released, per task, so the site's final check can prove that
+every model array leaving the site is one of them (:mod:`fedbrain.filters.final_check`).
+
+Held in the site's job process only; fingerprints (hashes of the values), never the values."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+
+_released: dict[str, dict[str, str]] = {}  # task id -> {name: fingerprint}
+_lock = threading.Lock()
+
+
+def fingerprint(value) -> str:
+    """A hash of an array's values, dtype and shape (numpy or torch), to recognise it byte for byte."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    arr = np.ascontiguousarray(value)
+    return hashlib.sha256(str(arr.dtype).encode() + str(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def record_release(task_id: str | None, data: dict) -> None:
+    """Called by the client-level DP filter with what it just released (noised) for ``task_id``."""
+    if task_id:
+        with _lock:
+            _released[task_id] = {k: fingerprint(v) for k, v in data.items()}
+
+
+def take_release(task_id: str | None) -> dict[str, str] | None:
+    """What was released for ``task_id`` (and forget it); None if nothing was."""
+    with _lock:
+        return _released.pop(task_id, None) if task_id else None

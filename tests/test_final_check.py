@@ -1,0 +1,162 @@
+"""The site's final check of what leaves it (fedbrain.filters.final_check), on real FLARE Shareables,
+real CKKS ciphertexts and the real client-level DP filter. The same checks against real POC sites and
+hostile jobs are in test_poc_hostile.py."""
+
+import numpy as np
+import pytest
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AlgorithmConstants
+
+from fedbrain.contracts import NUM_STEPS_META, REFUSED_HEADER
+from fedbrain.filters.final_check import FinalPayloadCheck, payload_problems, refuse
+from fedbrain.ops.builder import PERSONAL_PARTS, SCOPE_PARTS, privacy_policy
+from fedbrain.privacy.client_dp import ClientLevelDP
+from fedbrain.privacy.releases import take_release
+
+STANDARD, DP, ENCRYPTED = SCOPE_PARTS["standard"], SCOPE_PARTS["dp"], SCOPE_PARTS["encrypted"]
+
+
+def update(meta=None, **arrays):
+    data = arrays or {"enc.weight": np.ones((4, 3), np.float32), "enc.bias": np.zeros(4, np.float32)}
+    return DXO(DataKind.WEIGHT_DIFF, data=data, meta={NUM_STEPS_META: 5, **(meta or {})}).to_shareable()
+
+
+@pytest.fixture(scope="module")
+def ckks():
+    import tenseal as ts
+
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40])
+    ctx.global_scale = 2 ** 40
+    return lambda values: ts.ckks_vector(ctx, np.ravel(values).tolist())
+
+
+def test_a_plain_update_keeps_the_standard_promise():
+    assert payload_problems(update(), STANDARD, PERSONAL_PARTS, steps_sent=5) == []
+
+
+def test_a_personal_head_in_data_or_in_scaffold_meta_is_refused_under_every_scope():
+    head = update(**{"enc.weight": np.ones(3), "head.weight": np.ones(3)})
+    assert "personal parameters" in " ".join(payload_problems(head, STANDARD, PERSONAL_PARTS))
+    ctrl = {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: {"enc.weight": np.ones(3), "head.bias": np.ones(3)}}
+    assert "head.bias" in " ".join(payload_problems(update(meta=ctrl), STANDARD, PERSONAL_PARTS))
+    shared_only = {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: {"enc.weight": np.ones(3)}}
+    assert payload_problems(update(meta=shared_only), STANDARD, PERSONAL_PARTS) == []
+
+
+def test_a_weight_changed_after_the_site_loop_is_refused():
+    inflated = update(meta={NUM_STEPS_META: 5000})
+    problems = payload_problems(inflated, STANDARD, PERSONAL_PARTS, steps_sent=5)
+    assert len(problems) == 1 and "5000" in problems[0] and "not the 5 steps" in problems[0]
+
+
+def test_encrypted_scope_needs_every_model_value_as_ciphertext_and_no_plain_array_anywhere(ckks):
+    whole = update(**{"a": ckks([1.0, 2.0]), "b": ckks([3.0])})
+    assert payload_problems(whole, ENCRYPTED, PERSONAL_PARTS) == []
+    subset = update(**{"a": ckks([1.0, 2.0]), "b": np.arange(6.0)})  # encrypt_layers on a subset
+    assert "1 of 2 model values would leave unencrypted (e.g. b)" in payload_problems(subset, ENCRYPTED, PERSONAL_PARTS)
+    decrypted = update(**{"a": np.arange(2.0), "b": np.arange(3.0)})  # a decryptor after the encryptor
+    assert "2 of 2" in " ".join(payload_problems(decrypted, ENCRYPTED, PERSONAL_PARTS))
+    side = update(meta={"extra": np.arange(100.0)}, a=ckks([1.0]))
+    assert "meta.extra" in " ".join(payload_problems(side, ENCRYPTED, PERSONAL_PARTS))
+    listed = update(meta={"extra": list(range(1000))}, a=ckks([1.0]))  # numbers in bulk as a plain list
+    assert payload_problems(listed, ENCRYPTED, PERSONAL_PARTS)
+    assert payload_problems(listed, STANDARD, PERSONAL_PARTS) == []
+
+
+def _dp_release(shareable, task_id="t1"):
+    ctx = FLContext()
+    ctx.set_prop(FLContextKey.TASK_ID, task_id, private=True, sticky=False)
+    out = ClientLevelDP(clip_norm=1.0, noise_multiplier=1.0).process(shareable, ctx)
+    return out, take_release(task_id)
+
+
+def test_dp_scope_accepts_exactly_what_client_level_dp_released():
+    noised, released = _dp_release(update())
+    assert released and payload_problems(noised, DP, PERSONAL_PARTS, steps_sent=5, released=released) == []
+    # a job filter after the site's DP that rewrites one array
+    dxo = from_shareable(noised)
+    dxo.data["enc.bias"] = dxo.data["enc.bias"] + 1
+    rewritten = dxo.update_shareable(noised)
+    assert "enc.bias" in " ".join(payload_problems(rewritten, DP, PERSONAL_PARTS, released=released))
+    # nothing released: the DP filter never saw this result
+    assert "released nothing" in " ".join(payload_problems(update(), DP, PERSONAL_PARTS, released=None))
+
+
+def test_dp_scope_refuses_scaffold_controls_riding_past_the_noise():
+    ctrl = {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: {"enc.weight": np.ones((4, 3), np.float32)}}
+    noised, released = _dp_release(update(meta=ctrl), task_id="t2")
+    problems = payload_problems(noised, DP, PERSONAL_PARTS, released=released)
+    assert problems == [f"plaintext arrays would travel outside the model values "
+                        f"(meta.{AlgorithmConstants.SCAFFOLD_CTRL_DIFF}.enc.weight)"]
+
+
+def test_metrics_results_pass_and_arrays_in_headers_do_not():
+    metrics = DXO(DataKind.METRICS, data={"val_dice": 0.8}).to_shareable()
+    assert payload_problems(metrics, ENCRYPTED, PERSONAL_PARTS) == []
+    metrics.set_header("smuggled", np.arange(50.0))
+    assert "header.smuggled" in " ".join(payload_problems(metrics, DP, PERSONAL_PARTS))
+
+
+def test_a_refused_result_carries_nothing_but_routing_and_the_reason():
+    result = update(meta={"extra": np.arange(100.0)})
+    result.set_header("current_round", 2)
+    refuse(result, "site x refused job y: because")
+    assert set(result) == {"__headers__"} and result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert result.get_header(REFUSED_HEADER) == "site x refused job y: because"
+    assert result.get_header("current_round") == 2 and result.get_header("__content_type__") is None
+
+
+def _event(check, event, ctx, result=None):
+    if result is not None:
+        ctx.set_prop(FLContextKey.TASK_RESULT, result, private=True, sticky=False)
+    check.handle_event(event, ctx)
+
+
+def _site_ctx(scope):
+    ctx = FLContext()
+    ctx.set_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME, scope, private=True, sticky=False)
+    ctx.set_prop(FLContextKey.TASK_NAME, "train", private=True, sticky=False)
+    ctx.set_prop(FLContextKey.TASK_ID, "task-1", private=True, sticky=False)
+    return ctx
+
+
+def site_check() -> FinalPayloadCheck:
+    """The component exactly as a site's privacy.json declares it."""
+    spec = privacy_policy("standard")["components"][0]
+    return FinalPayloadCheck(**spec["args"])
+
+
+def test_the_component_checks_after_the_jobs_filters_and_again_before_sending():
+    check, ctx = site_check(), _site_ctx("standard")
+    sent = update()
+    _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, sent)  # the site loop's result: 5 steps
+    final = update()
+    _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, final)
+    assert final.get_return_code() == ReturnCode.OK and not check._refused
+    # something changes the same object between the check and the send
+    dxo = from_shareable(final)
+    dxo.data["head.weight"] = np.ones(3)
+    dxo.update_shareable(final)
+    _event(check, EventType.BEFORE_SEND_TASK_RESULT, ctx)
+    assert final.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "personal parameters would leave (data.head.weight)" in final.get_header(REFUSED_HEADER)
+
+
+def test_a_scope_the_check_does_not_know_is_refused():
+    check, ctx = site_check(), _site_ctx("made_up_scope")
+    result = update()
+    _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, update())
+    _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, result)
+    assert "privacy scope 'made_up_scope' is not one this site's final check knows" in result.get_header(REFUSED_HEADER)
+
+
+def test_every_offered_scope_has_its_promise_in_the_sites_policy():
+    for default in SCOPE_PARTS:
+        policy = privacy_policy(default)
+        parts = policy["components"][0]["args"]["scope_parts"]
+        assert parts == {s["name"]: list(SCOPE_PARTS[s["name"]]) for s in policy["scopes"]}
+    with pytest.raises(ValueError, match="unknown scope parts"):
+        FinalPayloadCheck(scope_parts={"x": ["nonsense"]}, personal_parts=PERSONAL_PARTS)
