@@ -160,6 +160,9 @@ def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
         "classify": classification_job.export(classify_config(), jobs / "classify", sites=sites),
         # test_poc_hostile: a config-only job naming a fedbrain function, refused at every site
         "hostile_function": hostile_job(jobs / "hostile_function"),
+        # ... jobs whose own filters undo their scope's promise, refused by each site's final check
+        "hostile_encrypted": hostile_encrypted_job(jobs / "hostile_encrypted", sites),
+        "hostile_dp": hostile_dp_job(jobs / "hostile_dp", sites),
     }
 
 
@@ -177,6 +180,61 @@ def hostile_job(out: Path) -> Path:
     config = json.loads(client.read_text())
     config.setdefault("components", []).append(HOSTILE_COMPONENT)
     client.write_text(json.dumps(config, indent=2))
+    return job
+
+
+#: What each site's app of :func:`hostile_encrypted_job` does after FLARE's encryptor (None: nothing hostile).
+HOSTILE_ENCRYPTED = {
+    "hospital-a": "a decryptor after the encryptor",
+    "hospital-b": "the encryptor told to encrypt the biases only",
+    "hospital-c": None,
+}
+
+
+def per_site_job(job: Path, sites, edit_site, scope: str) -> Path:
+    """An exported one-app (@ALL) job rewritten as a server app and one app per site, each site's
+    config passed through ``edit_site(site, config)``, under the privacy ``scope`` the job names."""
+    import shutil
+
+    app = job / "app" / "config"
+    server, client = json.loads((app / "config_fed_server.json").read_text()), json.loads((app / "config_fed_client.json").read_text())
+    shutil.rmtree(job / "app")
+    (job / "app_server" / "config").mkdir(parents=True)
+    (job / "app_server" / "config" / "config_fed_server.json").write_text(json.dumps(server, indent=2))
+    for site in sites:
+        (job / f"app_{site}" / "config").mkdir(parents=True)
+        config = json.loads(json.dumps(client))
+        edit_site(site, config)
+        (job / f"app_{site}" / "config" / "config_fed_client.json").write_text(json.dumps(config, indent=2))
+    meta = json.loads((job / "meta.json").read_text())
+    meta.update(deploy_map={"app_server": ["server"], **{f"app_{s}": [s] for s in sites}}, scope=scope)
+    (job / "meta.json").write_text(json.dumps(meta, indent=2))
+    return job
+
+
+def hostile_encrypted_job(out: Path, sites) -> Path:
+    """An encrypted segmentation job under the `encrypted` scope whose site apps undo the encryption
+    (:data:`HOSTILE_ENCRYPTED`), configuration only. One answering site is enough for the job's round."""
+    config = SegmentationConfig(name="hostile_encrypted", rounds=1, epochs_per_round=1, max_steps=1, he=True,
+                                min_clients=1, min_responses=1)
+
+    def edit(site, client):
+        train = next(f for f in client["task_result_filters"] if f["tasks"] == ["train"])["filters"]
+        if site == "hospital-a":
+            train.append({"path": "nvflare.app_opt.he.model_decryptor.HEModelDecryptor", "args": {}})
+        elif site == "hospital-b":
+            train[-1]["args"]["encrypt_layers"] = "bias$"
+
+    return per_site_job(segmentation_job.export(config, out), sites, edit, scope="encrypted")
+
+
+def hostile_dp_job(out: Path, sites) -> Path:
+    """A SCAFFOLD classification job under the `dp` scope: its control difference (the local update in
+    disguise) rides in meta, past the site's client-level DP noise."""
+    config = classify_config(name="hostile_dp", algorithm="scaffold", rounds=1, min_clients=1, min_responses=1)
+    job = classification_job.export(config, out, sites=sites)
+    meta = json.loads((job / "meta.json").read_text())
+    (job / "meta.json").write_text(json.dumps({**meta, "scope": "dp"}, indent=2))
     return job
 
 

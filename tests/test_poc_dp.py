@@ -15,7 +15,8 @@ from fedbrain.demo import ClassifyDemoSettings, export_job, prepare_classificati
 from fedbrain.contracts import AUDIT_FILE
 from fedbrain_testing.faults import kill_participant, start_participant
 from fedbrain.poc.runner import submit_and_wait
-from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED
+from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED, LEDGER_BROKEN
+from fedbrain.privacy.ledger import PrivacyLedger
 from fedbrain.report.job_report import build_report
 
 pytestmark = pytest.mark.poc
@@ -72,9 +73,17 @@ def dp_jobs(shared_poc):
         # back into the job it left, so the next job is where a restart shows).
         out["killed"] = kill_participant(poc, "hospital-a")
         out["back_after_s"] = start_participant(poc, "hospital-a")
+        # Someone edits hospital-b's ledger by hand (one release made smaller): the next DP job is refused there.
+        ledger_b = PrivacyLedger(poc.kit("hospital-b"))
+        original_b = ledger_b.path.read_text()
+        lines = original_b.splitlines()
+        lines[1] = lines[1].replace('"steps": [[', '"steps": [[0.0, 0.0, 0], [', 1)
+        ledger_b.path.write_text("\n".join(lines) + "\n")
         job2 = export_job(run_dir / "jobs2", ClassifyDemoSettings(cases=8, seed=5, task=task.replace(rounds=1)),
                           poc.sites)
         out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=1, result_dir=run_dir / "r2")
+        out["log_b2"] = (poc.kit("hospital-b") / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
+        ledger_b.path.write_text(original_b)  # the hospital restores its ledger from its backup
         plain = ClassifyDemoSettings(task=ClassifyDemoSettings().task.replace(name="poc_dp_plain", rounds=1,
                                                                               epochs_per_round=1))
         # Every hospital now requires DP: a job without it has no site left to learn from.
@@ -85,8 +94,7 @@ def dp_jobs(shared_poc):
         out["log_c"] = (poc.kit("hospital-c") / out["meta1"]["job_id"] / "log.txt").read_text(errors="replace")
         out["logs3"] = {s: (poc.kit(s) / out["meta3"]["job_id"] / "log.txt").read_text(errors="replace")
                         for s in poc.sites}
-        out["ledgers"] = {s: [json.loads(p.read_text()) for p in (poc.kit(s) / "privacy").glob("*/accountant.json")]
-                          for s in poc.sites}
+        out["ledgers"] = {s: PrivacyLedger(poc.kit(s)) for s in poc.sites}
     finally:
         shared_poc.reset_site_configs()
     return out
@@ -124,7 +132,7 @@ def test_epsilon_per_round_equals_opacus_offline(dp_jobs):
 
 def test_a_restarted_site_goes_on_from_its_ledger(dp_jobs):
     """After hospital-a's restart, the next job's epsilon composes all its steps (not one round's);
-    hospital-c's budget, spent in the first job, still holds it back; hospital-b (requires DP) trains."""
+    hospital-c's budget, spent in the first job, still holds it back."""
     assert dp_jobs["killed"] and dp_jobs["back_after_s"] > 0
     (row,) = _rows(dp_jobs["result2"])
     steps, q = _site_round(dp_jobs["n_train"]["hospital-a"])
@@ -132,17 +140,28 @@ def test_a_restarted_site_goes_on_from_its_ledger(dp_jobs):
     assert row["hospital-a"][DP_EPSILON_SPENT] == pytest.approx(_epsilon((ROUNDS + 1) * steps, q), rel=1e-6)
     assert row["hospital-a"][DP_EPSILON_SPENT] > 1.5 * _epsilon(steps, q)  # a reset would report one round
     assert row["hospital-c"][TRAIN_STEPS] == 0 and row["hospital-c"][DP_WITHHELD] == BUDGET_EXHAUSTED
-    assert row["hospital-b"][TRAIN_STEPS] > 0 and DP_WITHHELD not in row["hospital-b"]
+
+
+def test_a_ledger_edited_by_hand_refuses_the_next_dp_job_at_that_site_in_one_line(dp_jobs):
+    (row,) = _rows(dp_jobs["result2"])
+    assert row["hospital-b"][TRAIN_STEPS] == 0 and row["hospital-b"][DP_WITHHELD] == LEDGER_BROKEN
+    lines = [line for line in dp_jobs["log_b2"].splitlines() if "does not follow the one before" in line]
+    assert len(lines) == 1 and "no job may use this site's privacy budget until it is restored" in lines[0]
 
 
 def test_ledgers_live_in_the_site_kits(dp_jobs):
+    """Each site's ledger is in its own kit: one cohort (its training patients, hashed), then one release per
+    round it trained; hospital-a's includes the job after its restart, hospital-b's not (its ledger was broken)."""
     for site in ("hospital-a", "hospital-b", "hospital-c"):
-        (ledger,) = dp_jobs["ledgers"][site]
+        ledger = dp_jobs["ledgers"][site]
+        assert ledger.path.is_relative_to(dp_jobs["poc"].kit(site))
+        entries = ledger.entries()
+        (cohort,) = [e for e in entries if e["kind"] == "cohort"]
         steps, q = _site_round(dp_jobs["n_train"][site])
-        rounds = 1 if site == "hospital-c" else ROUNDS + 1  # the first job, then the one after the restart
-        assert ledger["history"] == [[NOISE, q, rounds * steps]], site
-        assert set(ledger["jobs"]) == ({dp_jobs["meta1"]["job_id"]} if site == "hospital-c" else
-                                       {dp_jobs["meta1"]["job_id"], dp_jobs["meta2"]["job_id"]}), site
+        rounds = {"hospital-a": ROUNDS + 1, "hospital-b": ROUNDS, "hospital-c": 1}[site]
+        assert ledger.history_for(cohort["patients"]) == [(NOISE, q, rounds * steps)], site
+        jobs = {dp_jobs["meta1"]["job_id"]} | ({dp_jobs["meta2"]["job_id"]} if site == "hospital-a" else set())
+        assert set(ledger.jobs()) == jobs, site
 
 
 def test_require_dp_sites_refuse_a_job_without_dp(dp_jobs):

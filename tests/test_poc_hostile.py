@@ -1,23 +1,46 @@
-"""Hostile config-only jobs against real POC sites (issue 25's catalogue starts here): a job naming a
-fedbrain function instead of a class is refused at every site by the exact class allow-list, and no
-site's local/ or privacy ledger changes (hashes before and after, on the sites' disks)."""
+"""Hostile config-only jobs against real POC sites (issue 25's catalogue): a job naming a fedbrain
+function instead of a class is refused at every site by the exact class allow-list; jobs whose own
+filters undo their scope's promise (a decryptor after the encryptor, encryption of a subset, SCAFFOLD's
+un-noised controls under `dp`) are refused by each site's final check, and the server receives the
+reason, not the payload. No site's local/ or privacy ledger changes (hashes before and after, on the
+sites' disks)."""
+
+import json
+from pathlib import Path
 
 import pytest
 
-from poc_shared import HOSTILE_COMPONENT
+from fedbrain.contracts import AUDIT_FILE
+from poc_shared import HOSTILE_COMPONENT, HOSTILE_ENCRYPTED
 
 pytestmark = pytest.mark.poc
 
 
-@pytest.fixture(scope="module")
-def hostile(shared_poc, first_wave):
-    meta, result, _ = first_wave["hostile_function"]
+def _job(shared_poc, first_wave, name) -> dict:
+    meta, result, _ = first_wave[name]
     poc = shared_poc.poc
     site_logs = {}
     for site in poc.sites:  # each site's own job log, on the site's disk
         log = poc.kit(site) / meta["job_id"] / "log.txt"
         site_logs[site] = log.read_text(errors="replace") if log.is_file() else ""
-    return {"meta": meta, "result": result, "site_logs": site_logs, "shared": shared_poc}
+    audit = Path(result) / "workspace" / AUDIT_FILE if result else None
+    received = [json.loads(line) for line in audit.read_text().splitlines()] if audit and audit.is_file() else []
+    return {"meta": meta, "result": result, "site_logs": site_logs, "shared": shared_poc, "received": received}
+
+
+@pytest.fixture(scope="module")
+def hostile(shared_poc, first_wave):
+    return _job(shared_poc, first_wave, "hostile_function")
+
+
+@pytest.fixture(scope="module")
+def hostile_encrypted(shared_poc, first_wave):
+    return _job(shared_poc, first_wave, "hostile_encrypted")
+
+
+@pytest.fixture(scope="module")
+def hostile_dp(shared_poc, first_wave):
+    return _job(shared_poc, first_wave, "hostile_dp")
 
 
 def test_the_job_naming_a_fedbrain_function_never_ran(hostile):
@@ -38,3 +61,37 @@ def test_no_sites_local_settings_or_ledger_changed(hostile):
     assert before and before == after
     for site in shared.sites:
         assert "/tmp/hostile" not in (shared.poc.kit(site) / "local" / "fedbrain_site.json").read_text()
+
+
+REFUSAL = "breaks the scope's promise after the job's filters"
+
+
+@pytest.mark.parametrize("site", sorted(HOSTILE_ENCRYPTED))
+def test_a_job_undoing_its_encryption_is_refused_by_the_site_whose_app_does_it(hostile_encrypted, site):
+    """Under the `encrypted` scope, hospital-a's app decrypts after encrypting and hospital-b's encrypts
+    only the biases: each refuses its own result in one line; hospital-c's app is the plain one."""
+    log = hostile_encrypted["site_logs"][site]
+    refusals = [line for line in log.splitlines() if REFUSAL in line]
+    if HOSTILE_ENCRYPTED[site] is None:
+        assert not refusals, refusals
+    else:
+        assert len(refusals) == 1 and "model values would leave unencrypted" in refusals[0], (site, log[-3000:])
+
+
+def test_the_server_received_the_reasons_and_only_ciphertext(hostile_encrypted):
+    received = hostile_encrypted["received"]
+    refused = {r["site"] for r in received if r.get("refused")}
+    assert refused == {s for s, hostile in HOSTILE_ENCRYPTED.items() if hostile}, received
+    assert all("unencrypted" in r["refused"] for r in received if r.get("refused"))
+    updates = [r for r in received if not r.get("refused")]
+    assert [r["site"] for r in updates] == ["hospital-c"]
+    assert all(p["dtype"] == "CKKSVector" for r in updates for p in r["params"].values())
+
+
+def test_scaffold_under_dp_is_refused_at_every_site_and_no_control_reaches_the_server(hostile_dp):
+    for site, log in hostile_dp["site_logs"].items():
+        refusals = [line for line in log.splitlines() if REFUSAL in line]
+        assert refusals and "plaintext arrays would travel outside the model values (meta." in refusals[0], (site, log[-3000:])
+    received = hostile_dp["received"]
+    assert {r["site"] for r in received if r.get("refused")} == set(hostile_dp["shared"].sites), received
+    assert not [r for r in received if r.get("meta_arrays") or r.get("params")]

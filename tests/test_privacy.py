@@ -12,7 +12,8 @@ from opacus.accountants import RDPAccountant
 
 from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD
 from fedbrain.fl.site import SiteSettings, resolve_site_settings, write_site_config
-from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED, AccountantStore, SiteBudget, SitePrivacy
+from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED, LEDGER_BROKEN, SiteBudget, SitePrivacy
+from fedbrain.privacy.ledger import PrivacyLedger
 from fedbrain.privacy.dpsgd import DPSGD, validate_model
 from fedbrain.tasks.classification import ClassificationConfig
 from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
@@ -83,12 +84,10 @@ def test_a_restarted_site_continues_its_epsilon(cases, tmp_path):
         assert privacy.spent() >= first[-1][DP_EPSILON_SPENT]
         _rounds(privacy, trainer, trainer.build_model(), 1, job=job, first=3)
     assert privacy.spent() == pytest.approx(_offline_epsilon(4 * 2, 0.5, 1e-5), rel=1e-9)
-    store = AccountantStore.for_data(tmp_path / "site", tmp_path / "data" / "datalist.json")
-    assert store.path.is_relative_to(tmp_path / "site" / "privacy")
-    ledger = store.load()
-    assert ledger["history"] == [[NOISE, 0.5, 8]] and set(ledger["jobs"]) == {"job-1", "job-2"}
-    other = AccountantStore.for_data(tmp_path / "site", tmp_path / "other" / "datalist.json")
-    assert other.history() == []  # keyed by the data, not by the job
+    ledger = PrivacyLedger(tmp_path / "site")
+    assert ledger.path.is_relative_to(tmp_path / "site" / "privacy")
+    assert ledger.history_for(privacy.patients) == [(NOISE, 0.5, 8)] and set(ledger.jobs()) == {"job-1", "job-2"}
+    assert ledger.history_for(ledger.patients(["someone-else"])) == []  # keyed by the patients
 
 
 def test_budget_exhaustion_stops_releasing(cases, tmp_path, caplog):
@@ -334,3 +333,77 @@ def test_a_budget_turns_require_dp_on_unless_the_hospital_turns_it_off():
     assert SiteBudget.from_site_json({"dp_budget": {"epsilon": 8.0}}).require_dp
     assert not SiteBudget.from_site_json({"dp_budget": {"epsilon": 8.0}, "require_dp": False}).require_dp
     assert not SiteBudget.from_site_json({}).require_dp
+
+
+def _budgeted(tmp_path, cases, **site):
+    config = SegmentationConfig(**SMALL, dp_noise_multiplier=NOISE)
+    trainer = SegmentationTrainer(cases, [], config)
+    settings = SiteSettings(site="hospital-x", datalist=site.pop("datalist", tmp_path / "data" / "datalist.json"),
+                            budget=SiteBudget(epsilon=1e6, delta=1e-5), workspace=tmp_path / "site")
+    return trainer, SitePrivacy(trainer, settings, "hospital-x")
+
+
+def test_moving_the_datalist_does_not_restart_the_same_patients(cases, tmp_path):
+    trainer, privacy = _budgeted(tmp_path, cases)
+    _rounds(privacy, trainer, trainer.build_model(), 1)
+    trainer, moved = _budgeted(tmp_path, cases, datalist=tmp_path / "rebuilt" / "elsewhere.json")
+    assert moved.spent() == pytest.approx(_offline_epsilon(2, 0.5, 1e-5), rel=1e-9)
+    other = make_cases(tmp_path / "others", 3, prefix="OTHER", seed=101)  # other patients start fresh
+    assert _budgeted(tmp_path, other)[1].spent() == 0.0
+
+
+@pytest.mark.parametrize("tamper", ["edit", "truncate", "delete", "delete_head"])
+def test_a_tampered_ledger_refuses_the_next_dp_job_in_one_line(cases, tmp_path, tamper, caplog):
+    trainer, privacy = _budgeted(tmp_path, cases)
+    _rounds(privacy, trainer, trainer.build_model(), 2)
+    ledger = PrivacyLedger(tmp_path / "site")
+    lines = ledger.path.read_text().splitlines()
+    assert len(lines) == 3  # the cohort, then one release per round
+    if tamper == "edit":
+        ledger.path.write_text("\n".join([lines[0], lines[1].replace('"steps": [[1.3, 0.5, 2]]', '"steps": []'),
+                                          lines[2]]) + "\n")
+    elif tamper == "truncate":
+        ledger.path.write_text("\n".join(lines[:2]) + "\n")
+    elif tamper == "delete":
+        ledger.path.unlink()
+    else:
+        ledger.head_path.unlink()
+    trainer, privacy = _budgeted(tmp_path, cases)
+    with caplog.at_level(logging.ERROR, logger="fedbrain"):
+        rounds = _rounds(privacy, trainer, trainer.build_model(), 2)
+    assert [r.get(DP_WITHHELD) for r in rounds] == [LEDGER_BROKEN, LEDGER_BROKEN]
+    assert [r["steps"] for r in rounds] == [0, 0]
+    (line,) = [r.message for r in caplog.records if "privacy ledger" in r.message]
+    expected = {"edit": "does not follow the one before", "truncate": "(truncated?)", "delete": "is missing",
+                "delete_head": "head record"}[tamper]
+    assert expected in line and "hospital-x" in line and "\n" not in line
+
+
+def test_a_release_without_dp_makes_epsilon_infinite_for_those_patients(cases, tmp_path):
+    config = SegmentationConfig(**SMALL)
+    trainer = SegmentationTrainer(cases, [], config)
+    settings = SiteSettings(site="hospital-x", datalist=tmp_path / "dl.json", workspace=tmp_path / "site",
+                            budget=SiteBudget(epsilon=8.0, delta=1e-5, require_dp=False))
+    (r,) = _rounds(SitePrivacy(trainer, settings, "hospital-x"), trainer, trainer.build_model(), 1)
+    assert r["steps"] > 0 and r[DP_EPSILON_SPENT] == math.inf
+    trainer, privacy = _budgeted(tmp_path, cases)  # a later DP job on the same patients, with a budget
+    assert privacy.spent() == math.inf and privacy.withhold() == BUDGET_EXHAUSTED
+
+
+def test_concurrent_jobs_see_each_others_releases_before_their_next(cases, tmp_path):
+    t1, p1 = _budgeted(tmp_path, cases)
+    t2, p2 = _budgeted(tmp_path, cases)
+    _rounds(p1, t1, t1.build_model(), 1, job="job-1")
+    _rounds(p2, t2, t2.build_model(), 1, job="job-2")
+    assert p2.spent() == pytest.approx(_offline_epsilon(4, 0.5, 1e-5), rel=1e-9)  # job-1's round counted
+
+
+def test_legacy_per_datalist_accountant_files_bound_every_patient(tmp_path):
+    import json
+
+    old = tmp_path / "site" / "privacy" / "data-abc" / "accountant.json"
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"accountant": "rdp", "history": [[1.0, 0.5, 4]], "jobs": {}}))
+    ledger = PrivacyLedger(tmp_path / "site")
+    assert ledger.import_legacy() == 1 and ledger.import_legacy() == 0
+    assert ledger.history_for(ledger.patients(["anyone"])) == [(1.0, 0.5, 4)]

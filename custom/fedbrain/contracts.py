@@ -52,7 +52,8 @@ NUM_STEPS_META = "NUM_STEPS_CURRENT_ROUND"
 #: (at ``dp_delta``), and why a site withheld its update (a code of DP_WITHHELD_REASONS; absent: it did not).
 DP_EPSILON_SPENT, DP_DELTA, DP_NOISE_MULTIPLIER = "dp_epsilon_spent", "dp_delta", "dp_noise_multiplier"
 DP_WITHHELD = "dp_withheld"
-DP_WITHHELD_REASONS = {1: "privacy budget exhausted", 2: "site requires DP; the job has none"}
+DP_WITHHELD_REASONS = {1: "privacy budget exhausted", 2: "site requires DP; the job has none",
+                       3: "privacy ledger failed verification"}
 #: DXO meta key of the client-level DP filter: the epsilon its noise has bought this job so far.
 CLIENT_DP_EPSILON_META = "client_dp_epsilon"
 

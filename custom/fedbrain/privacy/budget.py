@@ -1,7 +1,7 @@
-"""A site's privacy ledger and lifetime budget, under the hospital's control.
+"""A site's lifetime privacy budget, under the hospital's control, and the site loop's privacy side.
 
-The accountant's history lives in the site workspace (``<workspace>/privacy/<data key>/
-accountant.json``), keyed by the data (the datalist's resolved path), not by the job: it
+What the site's patients have spent lives in the site's tamper-evident ledger
+(:mod:`fedbrain.privacy.ledger`, keyed by the patients, not by a datalist's path or a job): it
 survives rounds, site restarts and later jobs on the same patients, and every job's steps
 compose into one epsilon. The budget (``dp_budget``) and ``require_dp`` come from the
 hospital's ``local/fedbrain_site.json``; a job cannot change them.
@@ -12,24 +12,19 @@ over-counts (safe), never under-counts.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import logging
-import os
-import re
-import time
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_NOISE_MULTIPLIER, DP_WITHHELD, DP_WITHHELD_REASONS
-from fedbrain.privacy.accounting import ACCOUNTANT, epsilon_of
+from fedbrain.privacy.ledger import LedgerError, PrivacyLedger, epsilon_or_inf
 
 log = logging.getLogger("fedbrain")
 
 #: Reason codes of the ``dp_withheld`` metric (contracts.DP_WITHHELD_REASONS).
-BUDGET_EXHAUSTED, DP_REQUIRED = 1, 2
-assert set(DP_WITHHELD_REASONS) == {BUDGET_EXHAUSTED, DP_REQUIRED}
+BUDGET_EXHAUSTED, DP_REQUIRED, LEDGER_BROKEN = 1, 2, 3
+assert set(DP_WITHHELD_REASONS) == {BUDGET_EXHAUSTED, DP_REQUIRED, LEDGER_BROKEN}
 
 
 @dataclass(frozen=True)
@@ -60,64 +55,13 @@ class SiteBudget:
         return cls(float(eps) if eps is not None else None, float(delta) if delta is not None else None, require)
 
 
-class AccountantStore:
-    """The RDP accountant history of one site's data, on the site's disk (one JSON file)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    @classmethod
-    def for_data(cls, workspace: Path, datalist: Path) -> "AccountantStore":
-        resolved = str(Path(datalist).resolve())
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(resolved).parent.name + "-" + Path(resolved).stem)[:60]
-        key = f"{stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
-        return cls(Path(workspace) / "privacy" / key / "accountant.json")
-
-    def load(self) -> dict:
-        if not self.path.is_file():
-            return {"accountant": ACCOUNTANT, "history": [], "jobs": {}}
-        data = json.loads(self.path.read_text())
-        if data.get("accountant") != ACCOUNTANT:
-            raise ValueError(f"{self.path}: accountant {data.get('accountant')!r}, expected {ACCOUNTANT!r}")
-        return data
-
-    def history(self) -> list[tuple]:
-        return [tuple(h) for h in self.load()["history"]]
-
-    def commit(self, steps: list[tuple], *, job_id: str = "", round_no: int | None = None, **info) -> list[tuple]:
-        """Append ``steps`` (an accountant history) under a file lock; returns the whole history.
-
-        The lock and re-read make two jobs training on the same data at once both count.
-        """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            data = self.load()
-            hist = [list(h) for h in data["history"]]
-            for noise, q, n in steps:
-                if hist and hist[-1][:2] == [noise, q]:
-                    hist[-1][2] += n
-                else:
-                    hist.append([noise, q, n])
-            data["history"] = hist
-            if job_id:
-                job = data["jobs"].setdefault(job_id, {"steps": 0})
-                job.update(steps=job["steps"] + sum(n for *_, n in steps), last_round=round_no, **info)
-            data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
-            os.replace(tmp, self.path)
-        return [tuple(h) for h in hist]
-
-    def epsilon(self, delta: float) -> float:
-        return epsilon_of(self.history(), delta)
-
-
 class SitePrivacy:
     """The site loop's privacy side for one job: the DP-SGD hook fed from the site's ledger,
-    the check before each round, and the ledger update after it.
+    the check before each round (the ledger re-read under its lock), and the ledger update after it.
 
-    Epsilon is reported at the site budget's delta when the hospital set one, else at the job's.
+    The ledger is used when the job has DP or the hospital set a budget. Epsilon is reported at the
+    site budget's delta when the hospital set one, else at the job's; infinite once these patients
+    were released without DP.
     """
 
     def __init__(self, trainer, settings, site: str):
@@ -125,38 +69,71 @@ class SitePrivacy:
 
         self.trainer, self.site, self.budget = trainer, site, settings.budget
         self.config = trainer.config
-        self.dp = self.store = None
+        self.dp = self.ledger = None
+        self.patients: list[str] = []
+        self.history: list[tuple] | None = []
+        self.ledger_error = ""
         self._told = False
+        if self.config.dp or self.budget.epsilon is not None:
+            self.ledger = PrivacyLedger(settings.workspace or Path.cwd())
+            try:
+                self.ledger.import_legacy()
+                self.patients = self.ledger.patients(trainer.training_case_ids())
+                self.history = self.ledger.read(self.patients)
+            except (LedgerError, OSError, ValueError) as e:
+                self.ledger_error = str(e)
         if self.config.dp:
-            self.store = AccountantStore.for_data(settings.workspace or Path.cwd(), settings.datalist)
-            self.dp = DPSGD.attach(trainer, history=self.store.history())
+            self.dp = DPSGD.attach(trainer, history=self.history or ())
         self.delta = self.budget.delta or (self.dp.delta if self.dp else None)
         if self.budget.epsilon is not None and not self.config.dp and not self.budget.require_dp:
-            log.warning("site %s: this job has no DP: its updates are not covered by the site's privacy budget "
-                        "(set require_dp in local/fedbrain_site.json to refuse such jobs)", site)
+            log.warning("site %s: this job has no DP: its updates are recorded in the site's privacy ledger as "
+                        "unbounded (epsilon infinite from now on for these patients); set require_dp in "
+                        "local/fedbrain_site.json to refuse such jobs", site)
 
     def describe(self) -> str:
         if self.dp is None:
             return "no DP-SGD"
         return (f"DP-SGD noise {self.dp.noise_multiplier:.3f}, clip {self.dp.max_grad_norm:g}, q {self.dp.sample_rate:.3f}, "
                 f"delta {self.delta:.2e}; spent so far epsilon {self.spent():.3f}; budget "
-                f"{self.budget.epsilon if self.budget.epsilon is not None else 'none'}; ledger {self.store.path}")
+                f"{self.budget.epsilon if self.budget.epsilon is not None else 'none'}; ledger {self.ledger.path}")
 
-    def spent(self) -> float:
-        return self.dp.epsilon(self.delta) if self.dp else 0.0
+    def spent(self, extra_steps: int = 0) -> float:
+        if self.history is None:
+            return math.inf
+        if self.dp is None:
+            return epsilon_or_inf(self.history, self.delta) if self.history and self.delta else 0.0
+        return self.dp.epsilon(self.delta, extra_steps=extra_steps)
+
+    def _reread(self) -> None:
+        """What every job has spent on these patients, from the ledger under its lock (concurrent jobs)."""
+        if self.ledger is None or self.ledger_error:
+            return
+        try:
+            self.history = self.ledger.read(self.patients)
+        except (LedgerError, OSError, ValueError) as e:
+            self.ledger_error = str(e)
+            return
+        if self.dp is not None:
+            self.dp.history = list(self.history or [])
 
     def withhold(self) -> int:
         """0 to train this round, else the reason code (logged once per job) for withholding the update."""
         code, why = 0, ""
         steps = self.trainer.round_steps()
-        if self.budget.require_dp and not self.config.dp:
+        self._reread()
+        if self.ledger_error:
+            code, why = LEDGER_BROKEN, f"{self.ledger_error}: no job may use this site's privacy budget until it is restored"
+        elif self.budget.require_dp and not self.config.dp:
             code, why = DP_REQUIRED, ("this site requires DP (require_dp in local/fedbrain_site.json) and the job "
                                       "has none: it will not train")
+        elif self.budget.epsilon is not None and self.history is None:
+            code, why = BUDGET_EXHAUSTED, ("privacy budget exhausted: these patients were released without DP "
+                                           "before (epsilon infinite in the site's ledger)")
         elif self.dp is not None and self.dp.n_train and self.budget.epsilon is not None and \
-                self.dp.epsilon(self.delta, extra_steps=steps) > self.budget.epsilon:
+                self.spent(steps) > self.budget.epsilon:
             code, why = BUDGET_EXHAUSTED, (
                 f"privacy budget exhausted: the next round ({steps} steps) would bring epsilon from "
-                f"{self.spent():.3f} to {self.dp.epsilon(self.delta, extra_steps=steps):.3f} > the site budget "
+                f"{self.spent():.3f} to {self.spent(steps):.3f} > the site budget "
                 f"{self.budget.epsilon:g} (delta {self.delta:.2e}); no more updates from this site's data")
         elif self.dp is not None and self.dp.n_train and self.dp.would_exceed_job_epsilon(steps):
             code, why = BUDGET_EXHAUSTED, (
@@ -167,13 +144,18 @@ class SitePrivacy:
         return code
 
     def after_round(self, job_id: str, round_no: int, withheld: int = 0) -> dict:
-        """Record this round's steps in the site's ledger (before the update leaves); the round's metrics."""
+        """Record this round's release in the site's ledger (before the update leaves); the round's metrics."""
         out = {DP_WITHHELD: withheld} if withheld else {}
-        if self.dp is None:
+        if self.ledger is None or self.ledger_error:
             return out
+        if self.dp is None:
+            if not withheld and self.trainer.round_steps():  # a budgeted site released without DP
+                self.history = self.ledger.record(self.patients, None, job_id=job_id, round_no=round_no)
+            return {**out, DP_EPSILON_SPENT: self.spent()} if self.budget.epsilon is not None else out
         steps = self.dp.drain()
         if steps:
-            self.dp.history = self.store.commit(steps, job_id=job_id, round_no=round_no,
-                                                noise_multiplier=self.dp.noise_multiplier)
+            self.history = self.ledger.record(self.patients, steps, job_id=job_id, round_no=round_no,
+                                              noise_multiplier=self.dp.noise_multiplier)
+            self.dp.history = list(self.history or [])
         return {**out, DP_EPSILON_SPENT: self.spent(), DP_DELTA: self.delta,
                 DP_NOISE_MULTIPLIER: self.dp.noise_multiplier}

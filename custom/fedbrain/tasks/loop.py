@@ -166,6 +166,10 @@ class Trainer:
     def data_summary(self) -> dict:
         return dict(zip(DATA_COUNTS, (len(self.train_ds), len(self.val_ds), len(self.skipped))))
 
+    def training_case_ids(self) -> list[str]:
+        """The case IDs this trainer trains on (what the site's privacy ledger keys its patients by)."""
+        return list(self.train_ds.case_ids)
+
     def personal_parameter_names(self, model: nn.Module) -> list[str]:
         """state_dict keys that stay at the site (none unless the task has a personal part)."""
         return []
