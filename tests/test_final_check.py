@@ -160,3 +160,22 @@ def test_every_offered_scope_has_its_promise_in_the_sites_policy():
         assert parts == {s["name"]: list(SCOPE_PARTS[s["name"]]) for s in policy["scopes"]}
     with pytest.raises(ValueError, match="unknown scope parts"):
         FinalPayloadCheck(scope_parts={"x": ["nonsense"]}, personal_parts=PERSONAL_PARTS)
+
+
+def test_a_site_requiring_encryption_refuses_a_plaintext_result_softly_and_then_leaves():
+    """RequireEncryption (the `encrypted` scope's filter, before the job's own) empties a plaintext result into
+    an error reply with its reason; the job's later filters pass it untouched; the final check sends it and
+    marks the site to leave the job (no UNSAFE_JOB, which would end every site's job)."""
+    from nvflare.app_common.filters.exclude_vars import ExcludeVars
+
+    from fedbrain.filters.require_encryption import RequireEncryption
+
+    ctx = _site_ctx("encrypted")
+    result = RequireEncryption().process(update(), ctx)
+    result = ExcludeVars(exclude_vars="enc").process(result, ctx)  # a job filter after the scope's
+    assert result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and "DXO" not in result
+    assert "requires encrypted model updates" in result.get_header(REFUSED_HEADER)
+    check = site_check()
+    _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, update())
+    _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, result)
+    assert check._refused and "requires encrypted model updates" in check._refused

@@ -8,8 +8,9 @@ defaults; hospital-c makes `encrypted` its default scope. Then:
 1. a plaintext FedAvg classifier job at a and b that shares *everything* (``--algorithm fedavg``)
    and names no scope: both apply their default `standard` scope, so no personal head reaches the
    server anyway, and hospital-a's update arrives clipped to its own bound;
-2. the same job at all three: hospital-c refuses to release plaintext and FLARE stops the job
-   (fails closed: it reports UNSAFE_JOB, nothing of hospital-c's arrives);
+2. the same job at all three, needing 2 answers a round: hospital-c refuses to release plaintext,
+   nothing of its update arrives, the server records its one-line reason, and the job completes with
+   the two others (a careful hospital does not end everyone's job);
 3. a job naming a scope no site defines ("research") is refused.
 """
 
@@ -55,8 +56,9 @@ def policy_jobs(shared_poc):
         shared_poc.change_policy("hospital-c", _edit_policy(default_scope="encrypted"))
         job = export(task, run_dir / "jobs_ab", sites=["hospital-a", "hospital-b"])
         out["meta1"], out["result1"] = submit_and_wait(poc, job, rounds=1, result_dir=run_dir / "r1")
-        # min_clients 3: the server waits for hospital-c's answer (else a and b may end the round first).
-        job = export(task.replace(min_clients=3), run_dir / "jobs_abc", sites=poc.sites)
+        # min_clients 3: the server waits for hospital-c's answer (else a and b may end the round first);
+        # min_responses 2: a round closes with the two others.
+        job = export(task.replace(min_clients=3, min_responses=2), run_dir / "jobs_abc", sites=poc.sites)
         out["meta2"], out["result2"] = submit_and_wait(poc, job, rounds=1, result_dir=run_dir / "r2")
         out["log_c"] = (poc.kit("hospital-c") / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
         meta = json.loads((job / "meta.json").read_text())
@@ -110,13 +112,17 @@ def test_the_job_at_a_and_b_completed(policy_jobs):
     assert policy_jobs["meta1"]["status"] == "FINISHED:COMPLETED"
 
 
-def test_a_site_requiring_encryption_refuses_a_plaintext_job(policy_jobs):
-    received = {e["site"] for e in _audit(policy_jobs["result2"])}
-    assert "hospital-c" not in received
+def test_a_site_requiring_encryption_refuses_a_plaintext_job_and_the_others_go_on(policy_jobs):
+    audit = _audit(policy_jobs["result2"])
+    assert not [e for e in audit if e["site"] == "hospital-c" and e.get("params")]
+    (refused,) = [e for e in audit if e.get("refused")]
+    assert refused["site"] == "hospital-c" and "requires encrypted model updates" in refused["refused"]
     assert "requires encrypted model updates" in policy_jobs["log_c"]
-    assert policy_jobs["meta2"]["status"] != "FINISHED:COMPLETED"  # FLARE stops a job a site calls unsafe
+    assert policy_jobs["meta2"]["status"] == "FINISHED:COMPLETED", policy_jobs["meta2"]
+    assert {e["site"] for e in audit if e.get("params")} == {"hospital-a", "hospital-b"}
     server_log = (Path(policy_jobs["result2"]) / "workspace" / "log.txt").read_text(errors="replace")
-    assert "UNSAFE_JOB from client hospital-c" in server_log
+    assert "hospital-c sent no update: site hospital-c requires encrypted model updates" in server_log
+    assert "UNSAFE_JOB" not in server_log
 
 
 def test_a_scope_no_site_defines_is_refused(policy_jobs):

@@ -167,8 +167,10 @@ class FinalPayloadCheck(FLComponent):
         elif event_type == EventType.BEFORE_SEND_TASK_RESULT and self._checked is not None:
             self._check(self._checked, fl_ctx, released=None, first=False)  # changed since? (same object)
         elif event_type == EventType.AFTER_SEND_TASK_RESULT and self._refused:
-            reason, self._refused = self._refused, None
-            self.system_panic(reason, fl_ctx)  # this site leaves the job; the others go on
+            self._refused = None
+            # this site leaves the job; the others go on. The reason is already logged, once.
+            self.system_panic("the site's privacy check refused this job's result (reason logged above): "
+                              "leaving the job", fl_ctx)
 
     @staticmethod
     def _steps_of(result) -> object:
@@ -179,7 +181,10 @@ class FinalPayloadCheck(FLComponent):
         return (dxo.meta or {}).get(NUM_STEPS_META) if dxo.data_kind in MODEL_KINDS else None
 
     def _check(self, result, fl_ctx: FLContext, released, first: bool) -> None:
-        if not isinstance(result, Shareable) or result.get_header(REFUSED_HEADER):
+        if not isinstance(result, Shareable):
+            return
+        if result.get_header(REFUSED_HEADER):  # refused earlier (a scope filter): this site leaves the job too
+            self._refused = self._refused or str(result.get_header(REFUSED_HEADER))
             return
         scope = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or ""
         site, job, task = fl_ctx.get_identity_name(), fl_ctx.get_job_id(), fl_ctx.get_prop(FLContextKey.TASK_NAME)

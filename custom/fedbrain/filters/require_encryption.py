@@ -3,7 +3,10 @@
 Placed in a site's privacy scope (``encrypted`` in privacy.json), it runs before the job's own
 result filters, on plaintext, so it cannot look at the ciphertext; instead it looks at the
 job's filter chain for this task: if no HE encryptor follows, the job is stopped at this
-site (FLARE's UnsafeJobError) and nothing is sent. Metrics-only results (validation) pass.
+site: the result is emptied into an error reply carrying the reason (not FLARE's UNSAFE_JOB, which
+would end every site's job), the site's final check (:mod:`fedbrain.filters.final_check`) sends it
+and the site leaves the job; the other sites go on while the round's ``min_responses`` holds.
+Metrics-only results (validation) pass.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FilterKey, FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.fl_exception import UnsafeJobError
 from nvflare.apis.shareable import Shareable
+
+from fedbrain.filters.final_check import refuse
 
 #: Result kinds that carry model values (what must be encrypted).
 MODEL_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
@@ -42,7 +46,8 @@ class RequireEncryption(Filter):
             return shareable
         site = fl_ctx.get_identity_name()
         reason = (f"site {site} requires encrypted model updates (privacy scope with RequireEncryption) but job "
-                  f"{fl_ctx.get_job_id()} would send its '{task}' result in plaintext: refused, nothing was sent. "
-                  f"Submit the job with encryption (fedbrain job export-* --he).")
+                  f"{fl_ctx.get_job_id()} would send its '{task}' result in plaintext: refused, nothing was sent; "
+                  f"this site leaves the job. Submit the job with encryption (fedbrain job export-* --he).")
         self.log_error(fl_ctx, reason)
-        raise UnsafeJobError(reason)
+        refuse(shareable, reason)  # the job's filters pass an error reply untouched; the final check sends it
+        return shareable

@@ -409,6 +409,8 @@ def _mean(values):
 
 
 def _fmt(v) -> str:
+    if isinstance(v, float) and math.isinf(v):
+        return "∞"  # e.g. epsilon after a release without DP
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
