@@ -25,7 +25,7 @@ def settings():
     from fedbrain.tasks.segmentation import SegmentationConfig
 
     # Small but real: every round trains and validates; round_timeout is the policy under test.
-    return SegmentationConfig(rounds=ROUNDS, epochs_per_round=1, max_steps=4, min_clients=2,
+    return SegmentationConfig(rounds=ROUNDS, epochs_per_round=1, max_steps=4, min_clients=2, min_trained_sites=2,
                               round_timeout=30.0, dead_site_grace=20.0)
 
 

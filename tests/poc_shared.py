@@ -141,7 +141,8 @@ def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
     names: a site keeps one head store per job name, and these run at the same time."""
     jobs = shared.run_dir / "jobs"
     sites = shared.sites
-    attack = SegmentationConfig(rounds=SEG_ROUNDS, epochs_per_round=2, min_clients=3, guard_flag_after=2)
+    # min_trained_sites 2: the guard refuses the attacker, and the two others' rounds must still be published
+    attack = SegmentationConfig(rounds=SEG_ROUNDS, epochs_per_round=2, min_clients=3, guard_flag_after=2, min_trained_sites=2)
     x100 = {"site": ATTACKER, "kind": "scale", "factor": 100}
     he_cls = ClassificationConfig(name="poc_he_classification", rounds=2, epochs_per_round=1, seed=3, he=True)
     return {

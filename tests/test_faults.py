@@ -186,3 +186,35 @@ def test_status_shows_the_last_round_closed_without_a_site():
                    "sites": [], "jobs": [{"job_id": "j1", "status": "RUNNING", "round": 3, "closed": closed}]},
                   Console(file=out, width=200))
     assert "round 2 closed without hospital-c (round_timeout 15 s)" in out.getvalue()
+
+
+@pytest.mark.parametrize("path", ["fedavg", "he", "scaffold"])
+def test_every_path_carries_the_fewest_trained_sites_a_round_needs_to_be_published(tmp_path, path):
+    from fedbrain.jobs.classification import export
+    from fedbrain.tasks.classification import ClassificationConfig
+
+    changes = {"fedavg": {"algorithm": "fedavg"}, "he": {"he": True}, "scaffold": {"algorithm": "scaffold"}}[path]
+    assert ClassificationConfig().min_trained_sites == 3 and ClassificationConfig.group_of("min_trained_sites") == "privacy"
+    conf = json.loads(next(export(ClassificationConfig(min_trained_sites=2, **changes), tmp_path)
+                           .glob("*/config/config_fed_server.json")).read_text())
+    holder = (next(c for c in conf["components"] if c["id"] == "aggregator") if path == "he"
+              else next(w for w in conf["workflows"] if w["id"] == "controller"))
+    assert holder["args"]["min_trained_sites"] == 2
+
+
+def test_an_aggregate_of_one_trained_site_cannot_be_configured():
+    with pytest.raises(ValueError, match="min_trained_sites must be >= 2"):
+        SegmentationConfig(min_trained_sites=1)
+    from fedbrain.fl.resilient import ResilientFedAvg
+
+    with pytest.raises(ValueError, match="min_trained_sites"):
+        ResilientFedAvg(num_clients=3, min_trained_sites=1)  # a job config naming the controller directly
+
+
+def test_the_report_and_status_name_unpublished_rounds(tmp_path):
+    from fedbrain.contracts import ROUND_FILE
+    from fedbrain.report.job_report import _unpublished
+
+    rows = [{"round": 0, "published": True}, {"round": 1, "published": False, "why_unpublished": "1 trained site(s)"}]
+    (tmp_path / ROUND_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _unpublished(tmp_path) == [{"round": 1, "why": "1 trained site(s)"}]

@@ -75,6 +75,21 @@ def test_a_misconfigured_site_does_not_take_the_federation_down(finished_job):
         assert sites[ok]["site_error"] == 0 and sites[ok]["train_steps"] > 0
 
 
+def test_a_round_with_fewer_trained_sites_than_the_minimum_is_not_published(finished_job):
+    """The misconfigured site's job: two sites trained, min_trained_sites 3 (the default): the server keeps
+    the global model as it was, its round record and the report say why, and the sites saw no new model."""
+    from fedbrain.contracts import ROUND_FILE
+
+    meta, result = finished_job["bad_site"]
+    (record,) = [json.loads(line) for line in (Path(result) / "workspace" / ROUND_FILE).read_text().splitlines()]
+    assert record["accepted"] and record["published"] is False
+    assert sorted(record["trained"]) == ["hospital-a", "hospital-b"] and record["min_trained_sites"] == 3
+    assert record["why_unpublished"].startswith("2 trained site(s) (hospital-a, hospital-b), fewer than min_trained_sites 3")
+    assert build_report(Path(result))["unpublished"] == [{"round": 0, "why": record["why_unpublished"]}]
+    log = (Path(result) / "workspace" / "log.txt").read_text(errors="replace")
+    assert "round 0 not published: 2 trained site(s)" in log
+
+
 def test_the_server_log_carries_each_sites_round_metrics_for_watch(finished_job):
     """What `fedbrain watch` shows per site comes from the server's job log (the update audit's lines)."""
     from fedbrain.ops.status import _metrics_table, site_metrics

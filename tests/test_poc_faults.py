@@ -51,7 +51,7 @@ def faulted(tmp_path_factory):
     poc = PocConsortium(run_dir / "poc")
     data = run_dir / "data"
     synthesize_consortium(data, sites=3, cases=3, seed=1, site_names=poc.sites, progress=False)
-    base = SegmentationConfig(rounds=4, epochs_per_round=1, max_steps=1, min_clients=2, round_timeout=TIMEOUT,
+    base = SegmentationConfig(rounds=4, epochs_per_round=1, max_steps=1, min_clients=2, min_trained_sites=2, round_timeout=TIMEOUT,
                               dead_site_grace=30.0)
     out = {}
     try:

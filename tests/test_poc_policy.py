@@ -49,7 +49,7 @@ def policy_jobs(shared_poc):
     them at start-up); the originals come back, with a restart, when the module is done."""
     poc, run_dir = shared_poc.ready().poc, shared_poc.run_dir / "policy"
     task = ClassificationConfig(name="poc_policy", rounds=1, epochs_per_round=1, seed=5, algorithm="fedavg",
-                                min_clients=2)
+                                min_clients=2, min_trained_sites=2)
     out = {"poc": poc}
     try:
         shared_poc.change_policy("hospital-a", _edit_policy(clip=CLIP_A))

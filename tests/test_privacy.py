@@ -407,3 +407,18 @@ def test_legacy_per_datalist_accountant_files_bound_every_patient(tmp_path):
     ledger = PrivacyLedger(tmp_path / "site")
     assert ledger.import_legacy() == 1 and ledger.import_legacy() == 0
     assert ledger.history_for(ledger.patients(["anyone"])) == [(1.0, 0.5, 4)]
+
+
+def test_a_site_refuses_to_build_on_a_global_model_from_too_few_trained_sites(cases, tmp_path, caplog):
+    from fedbrain.privacy.budget import TOO_FEW_TRAINED
+
+    trainer = SegmentationTrainer(cases, [], SegmentationConfig(**SMALL))
+    privacy = SitePrivacy(trainer, _site(tmp_path, SiteBudget(min_trained_sites=3)), "hospital-x")
+    assert privacy.withhold(None) == 0 and privacy.withhold(3) == 0  # the initial model; enough sites
+    with caplog.at_level(logging.ERROR, logger="fedbrain"):
+        assert privacy.withhold(2) == TOO_FEW_TRAINED
+    assert any("comes from 2 trained site(s), fewer than this site's minimum 3" in r.message for r in caplog.records)
+    assert SiteBudget.from_site_json({}).min_trained_sites == 2
+    assert SiteBudget.from_site_json({"min_trained_sites": 4}).min_trained_sites == 4
+    with pytest.raises(ValueError, match="min_trained_sites must be an integer >= 2"):
+        SiteBudget.from_site_json({"min_trained_sites": 1})

@@ -53,7 +53,10 @@ NUM_STEPS_META = "NUM_STEPS_CURRENT_ROUND"
 DP_EPSILON_SPENT, DP_DELTA, DP_NOISE_MULTIPLIER = "dp_epsilon_spent", "dp_delta", "dp_noise_multiplier"
 DP_WITHHELD = "dp_withheld"
 DP_WITHHELD_REASONS = {1: "privacy budget exhausted", 2: "site requires DP; the job has none",
-                       3: "privacy ledger failed verification"}
+                       3: "privacy ledger failed verification",
+                       4: "global model from fewer trained sites than this site's minimum"}
+#: Meta of a global model: how many sites trained the round it came from (None: the initial model).
+TRAINED_SITES_META = "fedbrain_trained_sites"
 #: DXO meta key of the client-level DP filter: the epsilon its noise has bought this job so far.
 CLIENT_DP_EPSILON_META = "client_dp_epsilon"
 

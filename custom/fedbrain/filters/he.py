@@ -35,7 +35,7 @@ from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumu
 from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
 from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
 
-from fedbrain.contracts import HE_AGGREGATION_FILE
+from fedbrain.contracts import HE_AGGREGATION_FILE, NUM_STEPS_META
 from fedbrain.filters.ckks import encrypt_serialized, init_worker, tenseal_quiet
 from fedbrain.fl.timing import record_exchange_time
 
@@ -124,29 +124,46 @@ class TimedHEAggregator(HEInTimeAccumulateWeightedAggregator):
     FLARE's ScatterAndGather aggregates whatever arrived once ``train_timeout`` passes, even fewer
     updates than its ``min_clients``, so a round with fewer than ``min_responses`` ends the job here."""
 
-    def __init__(self, min_responses: int = 1, **kwargs):
+    def __init__(self, min_responses: int = 1, min_trained_sites: int = 3, **kwargs):
         super().__init__(**kwargs)
+        if int(min_trained_sites) < 2:
+            raise ValueError(f"min_trained_sites must be >= 2, got {min_trained_sites}")
         self.min_responses = int(min_responses)
+        self.min_trained_sites = int(min_trained_sites)
         self._accept_seconds = 0.0
         self._accepted = 0
+        self._trained = 0
 
     def accept(self, shareable, fl_ctx):
+        from nvflare.apis.dxo import from_shareable
+
         start = time.perf_counter()
         ok = super().accept(shareable, fl_ctx)
         self._accept_seconds += time.perf_counter() - start
         self._accepted += int(bool(ok))
+        if ok:
+            try:  # the step count rides in the update's plaintext meta
+                self._trained += int(float(from_shareable(shareable).get_meta_prop(NUM_STEPS_META) or 0) > 0)
+            except (ValueError, TypeError):
+                pass
         return ok
 
     def aggregate(self, fl_ctx):
         start = time.perf_counter()
-        accepted, round_no = self._accepted, fl_ctx.get_prop("current_round")
+        accepted, trained, round_no = self._accepted, self._trained, fl_ctx.get_prop("current_round")
+        self._trained = 0
         if accepted < self.min_responses:
             self._accept_seconds, self._accepted = 0.0, 0
             self.system_panic(f"round {round_no}: {accepted} encrypted update(s) arrived before the round closed, "
                               f"fewer than min_responses {self.min_responses}: the job ends here", fl_ctx)
             return None
+        if trained < self.min_trained_sites:  # the encrypted sum cannot be left out of the model: the job ends
+            self._accept_seconds, self._accepted = 0.0, 0
+            self.system_panic(f"round {round_no} not published: {trained} trained site(s), fewer than "
+                              f"min_trained_sites {self.min_trained_sites}: the job ends here", fl_ctx)
+            return None
         out = super().aggregate(fl_ctx)
-        entry = {"round": round_no, "updates": accepted, "min_responses": self.min_responses,
+        entry = {"round": round_no, "updates": accepted, "trained": trained, "min_responses": self.min_responses,
                  "add_seconds": self._accept_seconds, "mean_seconds": time.perf_counter() - start}
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN))
         with open(Path(run_dir) / HE_AGGREGATION_FILE, "a") as f:

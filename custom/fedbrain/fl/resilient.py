@@ -16,6 +16,11 @@ round waits (the *timeout policy*, settings in :class:`fedbrain.tasks.config.Tas
 - a late update (a straggler answering a closed round) is recorded by the server's audit and
   dropped; the straggler is asked again in the next round.
 
+Privacy (``min_trained_sites``, at least 2): a round with fewer *trained* updates (a step count above
+zero) is **not published**: the global model stays as it was, the record says why, and the job goes on
+(a later round may have enough). Every global model carries how many sites trained it
+(``fedbrain_trained_sites`` in its meta), so a site can refuse to build on one made from too few.
+
 Each closed round is appended to ``round_contributions.jsonl`` in the server's run folder (so it
 travels with the job result) and logged as one ``fedbrain-round`` line for ``fedbrain watch``.
 """
@@ -26,10 +31,11 @@ import json
 import time
 from pathlib import Path
 
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.scaffold import Scaffold
 
-from fedbrain.contracts import CHECKPOINT_NOTE, ROUND_FILE
+from fedbrain.contracts import CHECKPOINT_NOTE, NUM_STEPS_META, ROUND_FILE, TRAINED_SITES_META
 from fedbrain.fl.flare_private import client_name, tell_round_minimum
 
 #: Starts the server log line of each closed round (what `fedbrain watch` and the fault harness read).
@@ -40,13 +46,27 @@ class RoundFailed(RuntimeError):
     """A round closed with fewer than ``min_responses`` updates: the job ends with this message."""
 
 
+def trained(result) -> bool:
+    """Whether a site's result carries training (a step count above zero), not an empty update."""
+    try:
+        return float((getattr(result, "meta", None) or {}).get(NUM_STEPS_META) or 0) > 0
+    except (TypeError, ValueError):
+        return False
+
+
 class ResilientFedAvg(FedAvg):
     def __init__(self, *args, round_timeout: float = 0, min_responses: int | None = None,
-                 fetch_grace: float = 60.0, **kwargs):
+                 fetch_grace: float = 60.0, min_trained_sites: int = 3, **kwargs):
         """``round_timeout``: seconds a round waits for all sites (0: no limit); ``min_responses``:
         updates a round needs to be accepted (None: ``num_clients``); ``fetch_grace``: seconds after
-        which a site that has not even fetched the round's task is not waited for (0: always wait)."""
+        which a site that has not even fetched the round's task is not waited for (0: always wait);
+        ``min_trained_sites``: trained updates a round needs to be published (>= 2)."""
         super().__init__(*args, **kwargs)
+        if int(min_trained_sites) < 2:
+            raise ValueError(f"min_trained_sites must be >= 2, got {min_trained_sites}")
+        self.min_trained_sites = int(min_trained_sites)
+        self._trained: list[str] = []
+        self._published_trained: int | None = None
         if round_timeout < 0 or fetch_grace < 0:
             raise ValueError(f"round_timeout and fetch_grace must be >= 0, got {round_timeout}, {fetch_grace}")
         self.round_timeout = int(round_timeout)
@@ -77,6 +97,7 @@ class ResilientFedAvg(FedAvg):
     def send_model(self, task_name="train", data=None, targets=None, min_responses=None, timeout=0, callback=None):
         if task_name == self.task_name:
             self._asked, self._answered, self._round_started = list(targets or []), [], time.time()
+            self._trained = []
             timeout = self.round_timeout
         super().send_model(task_name=task_name, data=data, targets=targets, min_responses=min_responses,
                            timeout=timeout, callback=callback)
@@ -126,6 +147,8 @@ class ResilientFedAvg(FedAvg):
         accepted = super()._aggregate_one_result(result)
         if accepted:
             self._answered.append(client_name(result))
+            if trained(result):
+                self._trained.append(client_name(result))
         return accepted
 
     def _get_aggregated_result(self):
@@ -146,7 +169,12 @@ class ResilientFedAvg(FedAvg):
         entry = {"round": self.current_round, "asked": self._asked, "aggregated": self._answered,
                  "missing": missing, "closed_by": closed_by, "seconds": round(waited, 1),
                  "min_responses": self.min_responses, "accepted": len(self._answered) >= self.min_responses,
-                 "time": time.time()}
+                 "trained": list(self._trained), "min_trained_sites": self.min_trained_sites, "time": time.time()}
+        entry["published"] = entry["accepted"] and len(self._trained) >= self.min_trained_sites
+        if entry["accepted"] and not entry["published"]:
+            entry["why_unpublished"] = (f"{len(self._trained)} trained site(s) ({', '.join(self._trained) or 'none'}), "
+                                        f"fewer than min_trained_sites {self.min_trained_sites}: the global model "
+                                        f"stays as it was")
         self._record(entry)
         if not entry["accepted"]:
             raise RoundFailed(f"round {self.current_round}: {len(self._answered)} of {len(self._asked)} sites answered "
@@ -155,7 +183,13 @@ class ResilientFedAvg(FedAvg):
         if missing:
             self.warning(f"round {self.current_round} closed without {missing} ({closed_by}): "
                          f"aggregated {len(self._answered)} of {len(self._asked)} updates")
-        return super()._get_aggregated_result()
+        if not entry["published"]:
+            self.warning(f"round {self.current_round} not published: {entry['why_unpublished']}")
+            return FLModel(params={}, params_type=ParamsType.DIFF, meta={TRAINED_SITES_META: self._published_trained})
+        result = super()._get_aggregated_result()
+        self._published_trained = len(self._trained)
+        result.meta = {**(result.meta or {}), TRAINED_SITES_META: self._published_trained}
+        return result
 
     def save_model(self, model) -> None:
         """FLARE's persistence, then a note of which round the saved global model is (for a resume)."""
@@ -184,15 +218,22 @@ class ResilientScaffold(Scaffold):
     waits for every site with no limit). SCAFFOLD aggregates after the round's results are in, so the
     policy is applied around FLARE's ``send_model_and_wait``; each round is recorded the same way."""
 
-    def __init__(self, *args, round_timeout: float = 0, min_responses: int | None = None, **kwargs):
+    def __init__(self, *args, round_timeout: float = 0, min_responses: int | None = None, min_trained_sites: int = 3,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if round_timeout < 0:
             raise ValueError(f"round_timeout must be >= 0, got {round_timeout}")
+        if int(min_trained_sites) < 2:
+            raise ValueError(f"min_trained_sites must be >= 2, got {min_trained_sites}")
         self.round_timeout = int(round_timeout)
         self.min_responses = int(min_responses or self.num_clients)
+        self.min_trained_sites = int(min_trained_sites)
+        self._published_trained: int | None = None
 
     def send_model_and_wait(self, task_name: str = "train", data=None, targets=None, min_responses=None, timeout=0):
         started = time.time()
+        if task_name == "train" and data is not None:
+            data.meta = {**(data.meta or {}), TRAINED_SITES_META: self._published_trained}
         results = super().send_model_and_wait(task_name=task_name, data=data, targets=targets,
                                               min_responses=min_responses, timeout=timeout or self.round_timeout)
         if task_name != "train":
@@ -200,13 +241,23 @@ class ResilientScaffold(Scaffold):
         asked = list(targets or [])
         answered = [client_name(r) for r in results]
         missing = [s for s in asked if s not in answered]
+        trained_sites = [client_name(r) for r in results if trained(r)]
         entry = {"round": self.current_round, "asked": asked, "aggregated": answered, "missing": missing,
                  "closed_by": "all answered" if not missing else f"round_timeout {self.round_timeout} s",
                  "seconds": round(time.time() - started, 1), "min_responses": self.min_responses,
-                 "accepted": len(answered) >= self.min_responses, "time": time.time()}
+                 "accepted": len(answered) >= self.min_responses, "trained": trained_sites,
+                 "min_trained_sites": self.min_trained_sites, "time": time.time()}
+        entry["published"] = entry["accepted"] and len(trained_sites) >= self.min_trained_sites
+        if entry["accepted"] and not entry["published"]:
+            entry["why_unpublished"] = (f"{len(trained_sites)} trained site(s) ({', '.join(trained_sites) or 'none'}), "
+                                        f"fewer than min_trained_sites {self.min_trained_sites}")
         ResilientFedAvg._record(self, entry)
         if not entry["accepted"]:
             raise RoundFailed(f"round {self.current_round}: {len(answered)} of {len(asked)} sites answered "
                               f"({entry['closed_by']}), fewer than min_responses {self.min_responses}; "
                               f"no update from {', '.join(missing)}: the job ends here")
+        if not entry["published"]:  # SCAFFOLD's controls move with the model: no round to skip, the job ends
+            raise RoundFailed(f"round {self.current_round} not published: {entry['why_unpublished']}; "
+                              f"SCAFFOLD cannot skip a round: the job ends here")
+        self._published_trained = len(trained_sites)
         return results

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 
-from fedbrain.contracts import NUM_STEPS_META, ROUND_SECONDS, SITE_ERROR, TRAIN_LOSS, TRAIN_STEPS
+from fedbrain.contracts import NUM_STEPS_META, ROUND_SECONDS, SITE_ERROR, TRAIN_LOSS, TRAIN_STEPS, TRAINED_SITES_META
 from fedbrain.fl.timing import collect_exchange_times
 from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_diff
 from fedbrain.fl.personal import PersonalHeadStore
@@ -97,7 +97,7 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
             global_copy = copy.deepcopy(model)
             scaffold.begin_round(global_model.meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL))
             hooks.append(scaffold)
-        withheld = privacy.withhold()
+        withheld = privacy.withhold(global_model.meta.get(TRAINED_SITES_META) if global_model.meta else None)
         if summary["n_train"] > 0 and not withheld:
             stats = trainer.train(model, global_params=before, hooks=hooks)
         else:  # nothing usable or nothing more to release: contribute zero weight, the federation goes on

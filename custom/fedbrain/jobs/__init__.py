@@ -11,6 +11,7 @@ exported job has no ``custom/`` folder and FLARE treats it as code-free, not BYO
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 from fedbrain.fl.flare_private import (deployed_apps, job_of, persistor_id_of, script_settings, server_workflows,
@@ -30,6 +31,14 @@ def build_task_recipe(config: TaskConfig, *, site_script: str, key_metric: str,
     if sites and config.min_clients > len(sites):
         raise ValueError(f"min_clients {config.min_clients} is more than the {len(sites)} sites given "
                          f"({', '.join(sites)}): set min_clients to at most {len(sites)}")
+    if config.min_trained_sites == 2:
+        logging.getLogger("fedbrain").warning(
+            "min_trained_sites 2: a round trained by two sites is published, and each of the two can then "
+            "read the other's update from the global model (3, the default, avoids that)")
+    if sites and config.min_trained_sites > len(sites):
+        logging.getLogger("fedbrain").warning(
+            f"min_trained_sites {config.min_trained_sites} is more than the {len(sites)} sites given: "
+            f"no round of this job can be published")
     with contextlib.chdir(SITES_DIR):
         return _build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names,
                       sites=sites)
@@ -109,7 +118,7 @@ def run_installed_scripts(job) -> None:
 def fault_policy(config: TaskConfig) -> dict:
     """The server controller's round policy from the task config (docs/reliability.md, "Timeout policy")."""
     return {"round_timeout": config.round_timeout, "min_responses": config.min_responses,
-            "fetch_grace": config.dead_site_grace}
+            "fetch_grace": config.dead_site_grace, "min_trained_sites": config.min_trained_sites}
 
 
 def apply_fault_settings(recipe, config: TaskConfig) -> None:
@@ -134,7 +143,8 @@ def use_resilient_scaffold(recipe, config: TaskConfig) -> None:
                 num_clients=old.num_clients, num_rounds=old.num_rounds, persistor_id=persistor_id_of(old),
                 memory_gc_rounds=old.memory_gc_rounds,
                 enable_tensor_disk_offload=old.enable_tensor_disk_offload,
-                round_timeout=config.round_timeout, min_responses=config.min_responses)
+                round_timeout=config.round_timeout, min_responses=config.min_responses,
+                min_trained_sites=config.min_trained_sites)
 
 
 def bound_final_evaluation(recipe, config: TaskConfig) -> None:

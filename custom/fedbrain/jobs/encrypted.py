@@ -46,7 +46,8 @@ class EncryptedFedAvgRecipe(Recipe):
         job.to_server(HEModelSerializeFilter(), id=SERIALIZE_FILTER_ID)  # the persisted global model stays encrypted
         aggregator_id = job.to_server(
             TimedHEAggregator(expected_data_kind=DataKind.WEIGHT_DIFF, weigh_by_local_iter=False,
-                              min_responses=config.min_responses or config.min_clients),
+                              min_responses=config.min_responses or config.min_clients,
+                              min_trained_sites=config.min_trained_sites),
             id="aggregator")  # sites weigh by their step count before encrypting
         generator_id = job.to_server(HEModelShareableGenerator(), id="shareable_generator")
         # The round policy (docs/reliability.md): FLARE's ScatterAndGather waits for every site up to

@@ -259,6 +259,8 @@ def status_view(status: dict):
         if closed.get("missing"):
             rnd += (f"; round {closed['round'] + 1} closed without {', '.join(closed['missing'])} "
                     f"({closed.get('closed_by')})")
+        if closed.get("published") is False and closed.get("why_unpublished"):
+            rnd += f"; round {closed['round'] + 1} not published: {closed['why_unpublished']}"
         jobs.add_row(str(j["job_id"]), escape(str(j.get("job_name") or "")), str(j["status"]),
                      str(j.get("submit_time") or ""), str(j.get("duration") or ""), escape(rnd))
     parts = [head, sites, jobs]

@@ -23,8 +23,8 @@ from fedbrain.privacy.ledger import LedgerError, PrivacyLedger, epsilon_or_inf
 log = logging.getLogger("fedbrain")
 
 #: Reason codes of the ``dp_withheld`` metric (contracts.DP_WITHHELD_REASONS).
-BUDGET_EXHAUSTED, DP_REQUIRED, LEDGER_BROKEN = 1, 2, 3
-assert set(DP_WITHHELD_REASONS) == {BUDGET_EXHAUSTED, DP_REQUIRED, LEDGER_BROKEN}
+BUDGET_EXHAUSTED, DP_REQUIRED, LEDGER_BROKEN, TOO_FEW_TRAINED = 1, 2, 3, 4
+assert set(DP_WITHHELD_REASONS) == {BUDGET_EXHAUSTED, DP_REQUIRED, LEDGER_BROKEN, TOO_FEW_TRAINED}
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class SiteBudget:
     epsilon: float | None = None
     delta: float | None = None
     require_dp: bool = False
+    #: The fewest trained sites a global model may come from for this site to train on it (>= 2).
+    min_trained_sites: int = 2
 
     @classmethod
     def from_site_json(cls, data: dict) -> "SiteBudget":
@@ -52,7 +54,11 @@ class SiteBudget:
         require = data.get("require_dp", eps is not None)
         if not isinstance(require, bool):
             raise ValueError(f"require_dp must be true or false, got {require!r}")
-        return cls(float(eps) if eps is not None else None, float(delta) if delta is not None else None, require)
+        fewest = data.get("min_trained_sites", 2)
+        if isinstance(fewest, bool) or not isinstance(fewest, int) or fewest < 2:
+            raise ValueError(f"min_trained_sites must be an integer >= 2, got {fewest!r}")
+        return cls(float(eps) if eps is not None else None, float(delta) if delta is not None else None, require,
+                   fewest)
 
 
 class SitePrivacy:
@@ -116,12 +122,19 @@ class SitePrivacy:
         if self.dp is not None:
             self.dp.history = list(self.history or [])
 
-    def withhold(self) -> int:
-        """0 to train this round, else the reason code (logged once per job) for withholding the update."""
+    def withhold(self, trained_sites: int | None = None) -> int:
+        """0 to train this round, else the reason code (logged once per job) for withholding the update.
+
+        ``trained_sites``: how many sites trained the global model just received (None: the initial model)."""
         code, why = 0, ""
         steps = self.trainer.round_steps()
         self._reread()
-        if self.ledger_error:
+        if trained_sites is not None and trained_sites < self.budget.min_trained_sites:
+            code, why = TOO_FEW_TRAINED, (
+                f"the global model comes from {trained_sites} trained site(s), fewer than this site's minimum "
+                f"{self.budget.min_trained_sites} (min_trained_sites in local/fedbrain_site.json): it will not train "
+                f"on it or release an update")
+        elif self.ledger_error:
             code, why = LEDGER_BROKEN, f"{self.ledger_error}: no job may use this site's privacy budget until it is restored"
         elif self.budget.require_dp and not self.config.dp:
             code, why = DP_REQUIRED, ("this site requires DP (require_dp in local/fedbrain_site.json) and the job "

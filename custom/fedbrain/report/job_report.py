@@ -16,7 +16,7 @@ import statistics
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from fedbrain.contracts import (AUDIT_FILE, DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS,
+from fedbrain.contracts import (AUDIT_FILE, ROUND_FILE, DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS,
                                 GUARD_FILE, HE_AGGREGATION_FILE, REGIONS, SITE_ERROR, VAL_DICE, VAL_DICE_REGIONS)
 
 # Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
@@ -284,6 +284,7 @@ def build_report(result_dir: Path) -> dict:
     report["exchange"] = _exchange(ws, sites)
     report["privacy"] = _privacy(sites)
     report["guard"] = _guard(ws)
+    report["unpublished"] = _unpublished(ws)
     if task == "segmentation":  # the names benchmarks and the README quote
         report["summary"].update(mean_final_wt_dice=report["summary"]["mean_final"], min_final_wt_dice=report["summary"]["min_final"],
                                  mean_final_dice=_mean([e["final"].get("val_dice") for e in sites.values()]))
@@ -323,6 +324,15 @@ def _why_no_value(entry: dict) -> str:
     if withheld:
         return f"updates withheld: {DP_WITHHELD_REASONS.get(int(withheld), 'withheld')}"
     return "no validation value reported"
+
+
+def _unpublished(ws: Path) -> list[dict]:
+    """Rounds the server did not publish (fewer trained sites than min_trained_sites), from its round record."""
+    path = ws / ROUND_FILE
+    if not path.is_file():
+        return []
+    rounds = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"round": r["round"], "why": r.get("why_unpublished", "")} for r in rounds if r.get("published") is False]
 
 
 def _guard(ws: Path) -> dict:
@@ -513,6 +523,7 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
         f"Mean final {plabel} **{_fmt(s['mean_final'])}**, minimum site **{_fmt(s['min_final'])}** ({s['min_site'] or '–'}).",
         *[f"- **{site}: no value** ({why})." for site, why in s.get("sites_without_value", {}).items()],
         *[f"- **{r['site']} refused round {r['round']}**: {r['reason']}" for r in report.get("exchange", {}).get("refused", [])],
+        *[f"- **Round {r['round']} not published**: {r['why']}." for r in report.get("unpublished", [])],
         f"Flagged sites (more than {FLAG_SD:g} SD below the other sites' mean {plabel}): {', '.join(s['flagged_sites']) or 'none'}.",
         "",
         "## Global model per round (weighted mean of the sites)",
@@ -585,6 +596,8 @@ def print_site_table(report: dict, console=None) -> None:
         console.print(f"{site}: no value ({why})", highlight=False)
     for r in report.get("exchange", {}).get("refused", []):
         console.print(f"{r['site']} refused round {r['round']}: {r['reason']}", highlight=False)
+    for r in report.get("unpublished", []):
+        console.print(f"round {r['round']} not published: {r['why']}", highlight=False)
     guard = report.get("guard") or {}
     for r in guard.get("refusals", []):
         console.print(f"update guard: round {r['round']}: refused {r['site']}: {r['reason']}")

@@ -40,7 +40,7 @@ class TaskConfig:
         "federation": ("name", "algorithm", "rounds", "min_clients", "epochs_per_round", "fedprox_mu",
                        "aggregation", "trim_fraction", "krum_byzantine", "guard", "guard_z", "guard_flag_after"),
         "privacy": ("he", "dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta",
-                    "client_dp_clip", "client_dp_noise"),
+                    "client_dp_clip", "client_dp_noise", "min_trained_sites"),
         "resilience": ("round_timeout", "min_responses", "dead_site_grace"),
     }
     #: Privacy settings that also apply to centralized training (sample-level DP-SGD).
@@ -70,6 +70,9 @@ class TaskConfig:
     # Client-level DP (fedbrain.privacy.client_dp): each site clips its whole update, adds Gaussian noise.
     client_dp_clip: float | None = None  # L2 bound of an outgoing update; None: off
     client_dp_noise: float = 0.0  # noise std = client_dp_noise * client_dp_clip; 0: clip only
+    # No aggregate of fewer trained sites (an aggregate of one is that site's update, for every other site to read):
+    # a round with fewer is not published (FedAvg: the global model stays; SCAFFOLD, he: the job ends). >= 2.
+    min_trained_sites: int = 3
     # Server side (fedbrain.aggregation): how the round's updates are screened, then combined.
     aggregation: str = "fedavg"  # fedavg | median | trimmed_mean | krum (coordinate-wise / Krum, on weight differences)
     trim_fraction: float = 0.2  # trimmed_mean: share of sites cut at each end of every coordinate
@@ -130,6 +133,9 @@ class TaskConfig:
         if self.min_responses is not None and not 1 <= self.min_responses <= self.min_clients:
             raise ValueError(f"min_responses must be between 1 and min_clients ({self.min_clients}) or unset, "
                              f"got {self.min_responses}")
+        if self.min_trained_sites < 2:
+            raise ValueError(f"min_trained_sites must be >= 2 (an aggregate of one trained site is that site's own "
+                             f"update, readable by every other site), got {self.min_trained_sites}")
         if self.client_dp_noise < 0 or (self.client_dp_noise > 0 and self.client_dp_clip is None):
             raise ValueError("client_dp_noise must be >= 0 and needs client_dp_clip (the noise is relative to it)")
 
