@@ -7,8 +7,9 @@ ACCOUNTANT = "rdp"
 
 
 def default_delta(n_train: int) -> float:
-    """``1 / (10 n)``: well below the 1/n at which releasing one whole record would be "private"."""
-    return 1.0 / (10 * max(n_train, 1))
+    """``min(1e-5, 1 / n^1.1)``: below 1/n (at which releasing one whole record would count as "private")
+    by more than a constant factor, and never above the 1e-5 the field publishes with."""
+    return min(1e-5, 1.0 / max(n_train, 1) ** 1.1)
 
 
 def epsilon_of(history, delta: float) -> float:

@@ -66,7 +66,7 @@ class TaskConfig:
     dp_epsilon: float | None = None  # this job's epsilon: noise calibrated to spend it over rounds x epochs; a cap
     dp_noise_multiplier: float | None = None  # fixed noise instead of calibrating to dp_epsilon
     dp_max_grad_norm: float = 1.0  # per-sample gradient clip (L2)
-    dp_delta: float | None = None  # None: 1 / (10 * n_train) of each site
+    dp_delta: float | None = None  # None: min(1e-5, 1 / n_train^1.1) of each site
     # Client-level DP (fedbrain.privacy.client_dp): each site clips its whole update, adds Gaussian noise.
     client_dp_clip: float | None = None  # L2 bound of an outgoing update; None: off
     client_dp_noise: float = 0.0  # noise std = client_dp_noise * client_dp_clip; 0: clip only
