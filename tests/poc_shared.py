@@ -64,7 +64,7 @@ class SharedPoc:
         datalists = {"segmentation": str(self.seg_data / site / "datalist.json"),
                      "classification": str(self.cls_data / site / "datalist.json")}
         datalists.update(changes.pop("datalists", {}))
-        write_site_config(self.poc.kit(site), Path(datalists["segmentation"]), num_threads=1,
+        write_site_config(self.poc.kit(site), Path(datalists["segmentation"]), num_threads=1, min_validation_cases=1,
                           datalists=datalists, **changes)
 
     def reset_site_configs(self) -> None:

@@ -50,7 +50,7 @@ def deployed(tmp_path_factory):
     data = root / "data"
     synthesize_consortium(data, sites=len(dep.sites), cases=6, seed=3, site_names=dep.sites, progress=False)
     for site in dep.sites:  # what each hospital's IT does: say where its data is, in its own kit
-        write_site_config(dep.kit(site), data / site / "datalist.json", num_threads=1)
+        write_site_config(dep.kit(site), data / site / "datalist.json", num_threads=1, min_validation_cases=1)
     out = {"dep": dep, "root": root}
     try:
         dep.start(dep.kit("localhost"))

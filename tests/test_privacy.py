@@ -422,3 +422,19 @@ def test_a_site_refuses_to_build_on_a_global_model_from_too_few_trained_sites(ca
     assert SiteBudget.from_site_json({"min_trained_sites": 4}).min_trained_sites == 4
     with pytest.raises(ValueError, match="min_trained_sites must be an integer >= 2"):
         SiteBudget.from_site_json({"min_trained_sites": 1})
+
+
+def test_what_metrics_leave_follows_the_hospitals_rules():
+    metrics = {"val_dice": 0.8, "val_dice_wt": 0.9, "train_loss": 0.3, "n_train": 12.0, "n_val": 3.0,
+               "site_error": 0.0, "train_steps": 6, "dp_epsilon_spent": 1.5, "round_seconds": 4.0}
+    default = SiteBudget.from_site_json({})
+    few = default.shared_metrics(metrics, n_val=3, dp_sgd=False)  # 3 < 5 validation cases: no per-site Dice
+    assert "val_dice" not in few and "val_dice_wt" not in few and few["train_loss"] == 0.3
+    enough = default.shared_metrics(metrics, n_val=5, dp_sgd=True)  # DP-SGD: the un-noised loss stays home
+    assert enough["val_dice"] == 0.8 and "train_loss" not in enough
+    minimal = SiteBudget.from_site_json({"share_metrics": "minimal"}).shared_metrics(metrics, n_val=50, dp_sgd=False)
+    assert minimal == {"site_error": 0.0, "train_steps": 6, "dp_epsilon_spent": 1.5}
+    with pytest.raises(ValueError, match="share_metrics"):
+        SiteBudget.from_site_json({"share_metrics": "some"})
+    with pytest.raises(ValueError, match="min_validation_cases"):
+        SiteBudget.from_site_json({"min_validation_cases": 0})

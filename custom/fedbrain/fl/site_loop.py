@@ -71,6 +71,14 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
     for case in trainer.skipped:
         log.warning("site %s: skipped case %s: %s", site, case.case_id, case.reason)
 
+    def shared(metrics: dict, round_no: int) -> dict:
+        """What of this round's metrics leaves (the hospital's rules, local/fedbrain_site.json); the rest is logged here."""
+        out = settings.budget.shared_metrics(metrics, n_val=int(summary["n_val"]), dp_sgd=config.dp)
+        kept = {k: v for k, v in metrics.items() if k not in out}
+        if kept:
+            log.info("site %s round %s: kept at this site (not sent): %s", site, round_no, kept)
+        return out
+
     first_round = None
     while flare.is_running():
         global_model = flare.receive()
@@ -88,7 +96,7 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
         metrics.update(summary)
         metrics.update(collect_exchange_times())  # e.g. decrypting what the server sent
         if flare.is_evaluate():
-            flare.send(FLModel(metrics=metrics))
+            flare.send(FLModel(metrics=shared(metrics, round_no)))
             continue
 
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -114,6 +122,7 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
             metrics[TRAIN_LOSS] = stats[TRAIN_LOSS]
         metrics[TRAIN_STEPS] = stats["steps"]
         metrics[ROUND_SECONDS] = time.time() - started
+        metrics = shared(metrics, round_no)
         for key, value in metrics.items():
             writer.add_scalar(key, value, round_no)
         flare.send(FLModel(params=weight_diff(model.state_dict(), before), params_type=ParamsType.DIFF,

@@ -161,6 +161,9 @@ def site_config_template() -> dict:
         "device": "auto",
         "dp_budget": {"epsilon": 10.0, "delta": 1e-6},
         "require_dp": True,  # with a budget, a job without DP is refused (set false only on purpose)
+        "min_trained_sites": 2,  # never train on a global model fewer sites trained
+        "min_validation_cases": 5,  # below this, no per-site validation metric leaves the site
+        "share_metrics": "all",  # or "minimal": only what the federation needs to run
     }
 
 

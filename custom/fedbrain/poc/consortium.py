@@ -129,7 +129,8 @@ class PocConsortium:
         if data_dir is not None:
             for site in self.sites:
                 datalist = Path(data_dir).resolve() / site / "datalist.json"
-                write_site_config(self.kit(site), datalist, num_threads=1)
+                # Synthetic patients: per-site validation metrics are shown even over a few cases.
+                write_site_config(self.kit(site), datalist, num_threads=1, min_validation_cases=1)
 
     def start(self, timeout: float = 90) -> None:
         """Start server and all sites; returns once every site has connected."""

@@ -36,6 +36,28 @@ class SiteBudget:
     require_dp: bool = False
     #: The fewest trained sites a global model may come from for this site to train on it (>= 2).
     min_trained_sites: int = 2
+    #: Below this many validation cases, no per-site validation metric leaves the site (one patient's Dice is
+    #: that patient's); the site's own log keeps them.
+    min_validation_cases: int = 5
+    #: Which metrics leave: "all" (within the rules above) or "minimal" (only what the federation needs to run:
+    #: site_error, train_steps, dp_withheld and the site's privacy accounting).
+    share_metrics: str = "all"
+
+    def shared_metrics(self, metrics: dict, *, n_val: int, dp_sgd: bool) -> dict:
+        """What of ``metrics`` leaves the site. Under DP-SGD the training loss never does: it is computed on the
+        training patients without noise (a membership signal) and is not part of the DP release."""
+        from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_NOISE_MULTIPLIER, DP_WITHHELD, SITE_ERROR, \
+            TRAIN_LOSS, TRAIN_STEPS
+
+        if self.share_metrics == "minimal":
+            keep = (SITE_ERROR, TRAIN_STEPS, DP_WITHHELD, DP_EPSILON_SPENT, DP_DELTA, DP_NOISE_MULTIPLIER)
+            return {k: v for k, v in metrics.items() if k in keep}
+        out = dict(metrics)
+        if dp_sgd:
+            out.pop(TRAIN_LOSS, None)
+        if n_val < self.min_validation_cases:
+            out = {k: v for k, v in out.items() if not k.startswith("val_")}
+        return out
 
     @classmethod
     def from_site_json(cls, data: dict) -> "SiteBudget":
@@ -57,8 +79,14 @@ class SiteBudget:
         fewest = data.get("min_trained_sites", 2)
         if isinstance(fewest, bool) or not isinstance(fewest, int) or fewest < 2:
             raise ValueError(f"min_trained_sites must be an integer >= 2, got {fewest!r}")
+        min_val = data.get("min_validation_cases", 5)
+        if isinstance(min_val, bool) or not isinstance(min_val, int) or min_val < 1:
+            raise ValueError(f"min_validation_cases must be an integer >= 1, got {min_val!r}")
+        share = data.get("share_metrics", "all")
+        if share not in ("all", "minimal"):
+            raise ValueError(f'share_metrics must be "all" or "minimal", got {share!r}')
         return cls(float(eps) if eps is not None else None, float(delta) if delta is not None else None, require,
-                   fewest)
+                   fewest, min_val, share)
 
 
 class SitePrivacy:
