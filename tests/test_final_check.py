@@ -14,7 +14,7 @@ from fedbrain.contracts import NUM_STEPS_META, REFUSED_HEADER
 from fedbrain.filters.final_check import FinalPayloadCheck, payload_problems, refuse
 from fedbrain.ops.builder import PERSONAL_PARTS, SCOPE_PARTS, privacy_policy
 from fedbrain.privacy.client_dp import ClientLevelDP
-from fedbrain.privacy.releases import take_release
+from fedbrain.privacy.releases import job_refused, take_release
 
 STANDARD, DP, ENCRYPTED = SCOPE_PARTS["standard"], SCOPE_PARTS["dp"], SCOPE_PARTS["encrypted"]
 
@@ -115,11 +115,12 @@ def _event(check, event, ctx, result=None):
     check.handle_event(event, ctx)
 
 
-def _site_ctx(scope):
+def _site_ctx(scope, job="job-1"):
     ctx = FLContext()
     ctx.set_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME, scope, private=True, sticky=False)
     ctx.set_prop(FLContextKey.TASK_NAME, "train", private=True, sticky=False)
     ctx.set_prop(FLContextKey.TASK_ID, "task-1", private=True, sticky=False)
+    ctx.set_prop(FLContextKey.CURRENT_RUN, job, private=False, sticky=False)
     return ctx
 
 
@@ -135,7 +136,7 @@ def test_the_component_checks_after_the_jobs_filters_and_again_before_sending():
     _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, sent)  # the site loop's result: 5 steps
     final = update()
     _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, final)
-    assert final.get_return_code() == ReturnCode.OK and not check._refused
+    assert final.get_return_code() == ReturnCode.OK and not job_refused("job-1")
     # something changes the same object between the check and the send
     dxo = from_shareable(final)
     dxo.data["head.weight"] = np.ones(3)
@@ -146,7 +147,7 @@ def test_the_component_checks_after_the_jobs_filters_and_again_before_sending():
 
 
 def test_a_scope_the_check_does_not_know_is_refused():
-    check, ctx = site_check(), _site_ctx("made_up_scope")
+    check, ctx = site_check(), _site_ctx("made_up_scope", job="job-2")
     result = update()
     _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, update())
     _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, result)
@@ -170,7 +171,7 @@ def test_a_site_requiring_encryption_refuses_a_plaintext_result_softly_and_then_
 
     from fedbrain.filters.require_encryption import RequireEncryption
 
-    ctx = _site_ctx("encrypted")
+    ctx = _site_ctx("encrypted", job="job-3")
     result = RequireEncryption().process(update(), ctx)
     result = ExcludeVars(exclude_vars="enc").process(result, ctx)  # a job filter after the scope's
     assert result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and "DXO" not in result
@@ -178,4 +179,4 @@ def test_a_site_requiring_encryption_refuses_a_plaintext_result_softly_and_then_
     check = site_check()
     _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, update())
     _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, result)
-    assert check._refused and "requires encrypted model updates" in check._refused
+    assert job_refused("job-3")  # the site loop trains no more for this job

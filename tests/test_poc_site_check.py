@@ -30,7 +30,8 @@ def test_poc_cli_site_check_and_status_on_a_running_poc(tmp_path, capsys):
     run_dir = tmp_path / "poc"
     poc = PocConsortium(run_dir)
     try:
-        assert cli_main(["poc", "up", "--run-dir", str(run_dir), "--cases", "3"]) == 0
+        # a long start timeout: this lane starts its consortium while the shared POC's first wave loads the machine
+        assert cli_main(["poc", "up", "--run-dir", str(run_dir), "--cases", "3", "--start-timeout", "420"]) == 0
         capsys.readouterr()
         assert cli_main(["poc", "status", "--run-dir", str(run_dir)]) == 0
         out = capsys.readouterr().out

@@ -161,7 +161,7 @@ def cmd_poc(a) -> int:
             data = Path(a.run_dir) / "data"
             if not data.exists():
                 synthesize_consortium(data, sites=len(poc.sites), cases=a.cases, seed=0, site_names=poc.sites)
-        poc.up(data_dir=data)
+        poc.up(data_dir=data, timeout=a.start_timeout)
         console.print(f"POC consortium up in {poc.run_dir}: server localhost, sites {', '.join(poc.sites)}")
         console.print(f"admin startup kit: {poc.kit(poc.admin)}  (user {poc.admin})")
         return 0
@@ -420,6 +420,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     pc.add_argument("--data", default=None, help="synth output folder (default: generate into RUN_DIR/data)")
     pc.add_argument("--cases", type=int, default=DemoSettings.cases, help="mean cases per site when it synthesizes data")
     pc.add_argument("--remove", action="store_true", help="down: also delete the provisioned kits (default: keep)")
+    pc.add_argument("--start-timeout", type=float, default=90.0,
+                    help="up: seconds to wait for every site to connect (a busy machine may need more)")
     pc.set_defaults(func=cmd_poc)
 
     d = sub.add_parser("demo", help="main job end to end: data, POC, submit, watch, report, teardown")

@@ -18,7 +18,9 @@ checks the promise of the job's scope on exactly what would leave:
 A result that breaks the promise never leaves: its content is removed and the server receives an
 error reply (``TASK_RESULT_FILTER_ERROR``, not FLARE's ``UNSAFE_JOB``, which would end every site's
 job) whose ``fedbrain_refused`` header carries the one-line reason, recorded by the server's audit
-(``received_updates.jsonl``). After sending it, the site leaves the job (it stops at this site).
+(``received_updates.jsonl``). The site then trains no more for that job: it answers each later round
+with an empty update, refused the same way. (It does not leave the job: FLARE would then end the whole
+job once fewer than its ``min_clients`` sites are alive.)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
 from fedbrain.contracts import NUM_STEPS_META, REFUSED_HEADER
-from fedbrain.privacy.releases import fingerprint, take_release
+from fedbrain.privacy.releases import fingerprint, mark_refused, take_release
 
 #: What each part of a scope promises, in the words of the one-line reason.
 PROMISES = {"client_dp": "only arrays its client-level DP filter noised",
@@ -153,7 +155,6 @@ class FinalPayloadCheck(FLComponent):
         re.compile(self.personal_parts)
         self._steps_sent = None
         self._checked: Shareable | None = None
-        self._refused: str | None = None
         self._released_now: dict[str, str] | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -166,11 +167,6 @@ class FinalPayloadCheck(FLComponent):
                         first=True)
         elif event_type == EventType.BEFORE_SEND_TASK_RESULT and self._checked is not None:
             self._check(self._checked, fl_ctx, released=None, first=False)  # changed since? (same object)
-        elif event_type == EventType.AFTER_SEND_TASK_RESULT and self._refused:
-            self._refused = None
-            # this site leaves the job; the others go on. The reason is already logged, once.
-            self.system_panic("the site's privacy check refused this job's result (reason logged above): "
-                              "leaving the job", fl_ctx)
 
     @staticmethod
     def _steps_of(result) -> object:
@@ -183,8 +179,8 @@ class FinalPayloadCheck(FLComponent):
     def _check(self, result, fl_ctx: FLContext, released, first: bool) -> None:
         if not isinstance(result, Shareable):
             return
-        if result.get_header(REFUSED_HEADER):  # refused earlier (a scope filter): this site leaves the job too
-            self._refused = self._refused or str(result.get_header(REFUSED_HEADER))
+        if result.get_header(REFUSED_HEADER):  # refused earlier (a scope filter): no more training for this job
+            mark_refused(fl_ctx.get_job_id())
             return
         scope = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or ""
         site, job, task = fl_ctx.get_identity_name(), fl_ctx.get_job_id(), fl_ctx.get_prop(FLContextKey.TASK_NAME)
@@ -200,7 +196,7 @@ class FinalPayloadCheck(FLComponent):
             return
         reason = (f"site {site} refused job {job}: its '{task}' result under privacy scope '{scope}' breaks the "
                   f"scope's promise after the job's filters: {'; '.join(problems)}. Nothing was sent; this site "
-                  f"leaves the job.")
+                  f"will not train for this job again.")
         refuse(result, reason)
-        self._refused = reason
+        mark_refused(job)
         self.log_error(fl_ctx, reason)

@@ -5,7 +5,7 @@ result filters, on plaintext, so it cannot look at the ciphertext; instead it lo
 job's filter chain for this task: if no HE encryptor follows, the job is stopped at this
 site: the result is emptied into an error reply carrying the reason (not FLARE's UNSAFE_JOB, which
 would end every site's job), the site's final check (:mod:`fedbrain.filters.final_check`) sends it
-and the site leaves the job; the other sites go on while the round's ``min_responses`` holds.
+and the site trains no more for that job; the other sites go on while the round's ``min_responses`` holds.
 Metrics-only results (validation) pass.
 """
 
@@ -47,7 +47,7 @@ class RequireEncryption(Filter):
         site = fl_ctx.get_identity_name()
         reason = (f"site {site} requires encrypted model updates (privacy scope with RequireEncryption) but job "
                   f"{fl_ctx.get_job_id()} would send its '{task}' result in plaintext: refused, nothing was sent; "
-                  f"this site leaves the job. Submit the job with encryption (fedbrain job export-* --he).")
+                  f"this site will not train for this job again. Submit the job with encryption (fedbrain job export-* --he).")
         self.log_error(fl_ctx, reason)
         refuse(shareable, reason)  # the job's filters pass an error reply untouched; the final check sends it
         return shareable

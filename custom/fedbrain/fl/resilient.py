@@ -172,7 +172,7 @@ class ResilientFedAvg(FedAvg):
                  "trained": list(self._trained), "min_trained_sites": self.min_trained_sites, "time": time.time()}
         entry["published"] = entry["accepted"] and len(self._trained) >= self.min_trained_sites
         if entry["accepted"] and not entry["published"]:
-            entry["why_unpublished"] = (f"{len(self._trained)} trained site(s) ({', '.join(self._trained) or 'none'}), "
+            entry["why_unpublished"] = (f"{len(self._trained)} trained site(s) ({', '.join(sorted(self._trained)) or 'none'}), "
                                         f"fewer than min_trained_sites {self.min_trained_sites}: the global model "
                                         f"stays as it was")
         self._record(entry)
@@ -249,7 +249,7 @@ class ResilientScaffold(Scaffold):
                  "min_trained_sites": self.min_trained_sites, "time": time.time()}
         entry["published"] = entry["accepted"] and len(trained_sites) >= self.min_trained_sites
         if entry["accepted"] and not entry["published"]:
-            entry["why_unpublished"] = (f"{len(trained_sites)} trained site(s) ({', '.join(trained_sites) or 'none'}), "
+            entry["why_unpublished"] = (f"{len(trained_sites)} trained site(s) ({', '.join(sorted(trained_sites)) or 'none'}), "
                                         f"fewer than min_trained_sites {self.min_trained_sites}")
         ResilientFedAvg._record(self, entry)
         if not entry["accepted"]:

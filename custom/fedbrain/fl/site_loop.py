@@ -25,6 +25,7 @@ from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_
 from fedbrain.fl.personal import PersonalHeadStore
 from fedbrain.fl.site import load_site_cases
 from fedbrain.privacy.budget import SitePrivacy
+from fedbrain.privacy.releases import job_refused
 
 log = logging.getLogger("fedbrain")
 
@@ -106,10 +107,11 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
             scaffold.begin_round(global_model.meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL))
             hooks.append(scaffold)
         withheld = privacy.withhold(global_model.meta.get(TRAINED_SITES_META) if global_model.meta else None)
-        if summary["n_train"] > 0 and not withheld:
+        refused = job_refused(flare.get_job_id())  # the site's final check refused this job: no more training
+        if summary["n_train"] > 0 and not withheld and not refused:
             stats = trainer.train(model, global_params=before, hooks=hooks)
         else:  # nothing usable or nothing more to release: contribute zero weight, the federation goes on
-            if not withheld:
+            if not withheld and not refused:
                 log.error("site %s: no usable training case (%d skipped); sending an empty update",
                           site, summary["n_skipped"])
             stats = {TRAIN_LOSS: math.nan, "steps": 0}

@@ -1,5 +1,6 @@
 """What a site's client-level DP filter released, per task, so the site's final check can prove that
-every model array leaving the site is one of them (:mod:`fedbrain.filters.final_check`).
+every model array leaving the site is one of them (:mod:`fedbrain.filters.final_check`); and the jobs
+whose results the final check refused, so the site loop trains no more for them.
 
 Held in the site's job process only; fingerprints (hashes of the values), never the values."""
 
@@ -27,6 +28,21 @@ def record_release(task_id: str | None, data: dict) -> None:
     if task_id:
         with _lock:
             _released[task_id] = {k: fingerprint(v) for k, v in data.items()}
+
+
+_refused_jobs: set[str] = set()
+
+
+def mark_refused(job_id: str | None) -> None:
+    """The site's final check refused a result of this job: the site loop trains no more for it."""
+    if job_id:
+        with _lock:
+            _refused_jobs.add(job_id)
+
+
+def job_refused(job_id: str | None) -> bool:
+    with _lock:
+        return bool(job_id) and job_id in _refused_jobs
 
 
 def take_release(task_id: str | None) -> dict[str, str] | None:
