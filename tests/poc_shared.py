@@ -232,8 +232,7 @@ def hostile_encrypted_job(out: Path, sites) -> Path:
 def hostile_dp_job(out: Path, sites) -> Path:
     """A SCAFFOLD classification job under the `dp` scope: its control difference (the local update in
     disguise) rides in meta, past the site's client-level DP noise."""
-    # min_clients 3: FLARE's SCAFFOLD asks min_clients sites (a random subset when fewer), here every site, and
-    # waits for all three answers (a smaller min_responses ends the task at the first refusal, before the others').
+    # min_clients 3: FLARE's SCAFFOLD asks min_clients sites (a random subset when fewer), here every site.
     config = classify_config(name="hostile_dp", algorithm="scaffold", rounds=1, min_clients=3)
     job = classification_job.export(config, out, sites=sites)
     meta = json.loads((job / "meta.json").read_text())

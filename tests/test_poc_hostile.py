@@ -88,10 +88,13 @@ def test_the_server_received_the_reasons_and_only_ciphertext(hostile_encrypted):
     assert all(p["dtype"] == "CKKSVector" for r in updates for p in r["params"].values())
 
 
-def test_scaffold_under_dp_is_refused_at_every_site_and_no_control_reaches_the_server(hostile_dp):
-    for site, log in hostile_dp["site_logs"].items():
-        refusals = [line for line in log.splitlines() if REFUSAL in line]
-        assert refusals and "plaintext arrays would travel outside the model values (meta." in refusals[0], (site, log[-3000:])
+def test_scaffold_under_dp_is_refused_and_no_control_reaches_the_server(hostile_dp):
+    """SCAFFOLD needs every site's answer: the first refusal ends the job (FLARE's own error policy), so the sites
+    still training never send. Whatever reached the server is a refusal naming the un-noised controls in meta."""
     received = hostile_dp["received"]
-    assert {r["site"] for r in received if r.get("refused")} == set(hostile_dp["shared"].sites), received
-    assert not [r for r in received if r.get("meta_arrays") or r.get("params")]
+    refusing = {r["site"] for r in received if r.get("refused")}
+    assert refusing and not [r for r in received if r.get("meta_arrays") or r.get("params")], received
+    for site in refusing:
+        (line,) = [line for line in hostile_dp["site_logs"][site].splitlines() if REFUSAL in line]
+        assert "plaintext arrays would travel outside the model values (meta." in line, line
+    assert hostile_dp["meta"]["status"] != "FINISHED:COMPLETED"
