@@ -143,10 +143,22 @@ def test_more_required_sites_than_apps_is_refused_with_the_reason(tmp_path):
 
 
 def test_a_job_cannot_point_a_site_at_data():
-    """The site script takes the config only; data paths come from the hospital's own settings."""
+    """The site script takes the config only; data paths come from the hospital's own settings. Any other
+    argument is ignored (never used) and named, so the site can tell the admin."""
     arg = ClassificationConfig().to_argument()
-    with pytest.raises(SystemExit):
-        parse_site_args(ClassificationConfig, ["--config", arg, "--datalist", "/elsewhere/datalist.json"])
+    ignored = []
+    config = parse_site_args(ClassificationConfig, ["--config", arg, "--datalist", "/elsewhere/datalist.json"], ignored)
+    assert config == ClassificationConfig() and ignored == ["--datalist"]
+    with pytest.raises(SystemExit):  # without the config there is nothing to run
+        parse_site_args(ClassificationConfig, ["--datalist", "/elsewhere/datalist.json"])
+
+
+def test_what_a_site_tells_the_admin_carries_none_of_its_paths():
+    from fedbrain.fl.site_loop import redact_paths
+
+    said = redact_paths("site hospital-c: /srv/hospital c/data/datalist.json: malformed JSON at line 3, column 2")
+    assert said == "site hospital-c: <site path>: malformed JSON at line 3, column 2"
+    assert redact_paths(r"C:\data\dl.json: datalist file not found") == "<site path>: datalist file not found"
 
 
 @pytest.mark.parametrize("he", [False, True])

@@ -75,6 +75,24 @@ def test_a_misconfigured_site_does_not_take_the_federation_down(finished_job):
         assert sites[ok]["site_error"] == 0 and sites[ok]["train_steps"] > 0
 
 
+def test_the_admin_reads_why_a_site_has_no_data_without_its_paths(finished_job):
+    """hospital-c's IT pointed it at a datalist that is not there: the reason reaches the server's log, the audit
+    and the report, with the site's path replaced (issue 29: reasons that reach the admin)."""
+    from fedbrain.contracts import AUDIT_FILE
+
+    meta, result = finished_job["bad_site"]
+    audit = [json.loads(line) for line in (Path(result) / "workspace" / AUDIT_FILE).read_text().splitlines()]
+    notes = {n for e in audit if e["site"] == "hospital-c" for n in e.get("notes", [])}
+    assert notes == {"cannot use its data: <site path>: datalist file not found"}, notes
+    assert not [e for e in audit if e["site"] != "hospital-c" and e.get("notes")]
+    report = build_report(Path(result))
+    assert report["summary"]["sites_without_value"]["hospital-c"] == (
+        "site error: cannot use its data: <site path>: datalist file not found")
+    log = (Path(result) / "workspace" / "log.txt").read_text(errors="replace")
+    assert "hospital-c: cannot use its data: <site path>: datalist file not found" in log
+    assert "missing/datalist.json" not in json.dumps(audit) + json.dumps(report)
+
+
 def test_a_round_with_fewer_trained_sites_than_the_minimum_is_not_published(finished_job):
     """The misconfigured site's job: two sites trained, min_trained_sites 3 (the default): the server keeps
     the global model as it was, its round record and the report say why, and the sites saw no new model."""

@@ -55,6 +55,9 @@ DP_WITHHELD = "dp_withheld"
 DP_WITHHELD_REASONS = {1: "privacy budget exhausted", 2: "site requires DP; the job has none",
                        3: "privacy ledger failed verification",
                        4: "global model from fewer trained sites than this site's minimum"}
+#: Meta of a site's result: one-line notes for the consortium's admin (why the site has no data, job arguments it
+#: ignored), with the site's own paths replaced by <site path>.
+SITE_NOTES_META = "fedbrain_site_notes"
 #: Meta of a global model: how many sites trained the round it came from (None: the initial model).
 TRAINED_SITES_META = "fedbrain_trained_sites"
 #: DXO meta key of the client-level DP filter: the epsilon its noise has bought this job so far.

@@ -18,7 +18,7 @@ from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedbrain.contracts import AUDIT_FILE, REFUSED_HEADER, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_METRICS_LOG_TAG
+from fedbrain.contracts import AUDIT_FILE, REFUSED_HEADER, SITE_NOTES_META, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_METRICS_LOG_TAG
 
 
 def _wire_bytes(value) -> int:
@@ -49,6 +49,7 @@ class ReceivedUpdateAudit(Filter):
         super().__init__()
         self.file_name = file_name
         self._withheld: dict[str, str] = {}  # site -> why; a site that withholds once does for the whole job
+        self._told: set[tuple[str, str]] = set()  # (site, note) already in the server's log
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         refused = shareable.get_header(REFUSED_HEADER)
@@ -81,6 +82,13 @@ class ReceivedUpdateAudit(Filter):
             "meta_arrays": {k: shapes(v) for k, v in meta.items()
                             if isinstance(v, dict) and v and all(hasattr(x, "shape") for x in v.values())},
         }
+        notes = meta.get(SITE_NOTES_META)
+        if isinstance(notes, (list, tuple)) and notes:
+            entry["notes"] = [str(n)[:500] for n in notes][:10]
+            for note in entry["notes"]:  # once per site and job in the server's log (fedbrain watch, the admin)
+                if (entry["site"], note) not in self._told:
+                    self._told.add((entry["site"], note))
+                    self.log_warning(fl_ctx, f"{entry['site']}: {note}")
         entry["bytes"] = sum(p["bytes"] for p in entry["params"].values())
         entry["l2_norm"] = _plain_l2_norm(data) if isinstance(data, dict) else None
         values = {k: float(v) for k, v in (meta.get("initial_metrics") or {}).items()

@@ -17,9 +17,11 @@ import argparse
 import copy
 import logging
 import math
+import re
 import time
 
-from fedbrain.contracts import NUM_STEPS_META, ROUND_SECONDS, SITE_ERROR, TRAIN_LOSS, TRAIN_STEPS, TRAINED_SITES_META
+from fedbrain.contracts import (NUM_STEPS_META, ROUND_SECONDS, SITE_ERROR, SITE_NOTES_META, TRAIN_LOSS, TRAIN_STEPS,
+                                TRAINED_SITES_META)
 from fedbrain.fl.timing import collect_exchange_times
 from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_diff
 from fedbrain.fl.personal import PersonalHeadStore
@@ -28,17 +30,29 @@ from fedbrain.privacy.budget import SitePrivacy
 from fedbrain.privacy.releases import job_refused
 
 log = logging.getLogger("fedbrain")
+#: A path, with spaces, up to the next colon or quote (over-redacting is the safe side).
+PATH = re.compile(r"(?:[A-Za-z]:)?[/\\](?:[^:'\",;()\n]*[^\s:'\",;()\n])?")
 
 
-def parse_site_args(config_cls, argv=None):
+def parse_site_args(config_cls, argv=None, ignored: list | None = None):
     """The task config from the site script's command line (what the job wrote).
 
     It is the only argument: a job cannot point a site at data, which the hospital alone
-    configures (local/fedbrain_site.json, or the site's own environment).
+    configures (local/fedbrain_site.json, or the site's own environment). Any other argument is
+    ignored, never used; ``ignored`` (a list) receives their names.
     """
     p = argparse.ArgumentParser(description="fedbrain site script (FLARE Client API)")
     p.add_argument("--config", required=True, help="the task config as JSON (written by job.py)")
-    return config_cls.from_json(p.parse_args(argv).config)
+    known, extra = p.parse_known_args(argv)
+    if ignored is not None:
+        ignored.extend(a for a in extra if a.startswith("-"))
+    return config_cls.from_json(known.config)
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with anything that looks like a file path replaced by ``<site path>``: what a site tells the
+    admin about its own setup must not carry its folder layout."""
+    return PATH.sub("<site path>", text)
 
 
 def run_site(config_cls, trainer_cls, argv=None) -> None:
@@ -48,10 +62,18 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
     from nvflare.app_common.app_constant import AlgorithmConstants
     from nvflare.client.tracking import SummaryWriter
 
-    config = parse_site_args(config_cls, argv)
+    ignored: list[str] = []
+    config = parse_site_args(config_cls, argv, ignored)
     flare.init()
     site = flare.get_site_name()
     settings, cases, site_error = load_site_cases(site, task=config_cls.TASK)
+    notes = []  # for the admin, without this site's paths
+    if ignored:
+        notes.append(f"ignored the job's arguments {', '.join(ignored)}: this site takes only --config and reads "
+                     f"its data from its own settings")
+        log.warning("site %s: %s", site, notes[-1])
+    if site_error:
+        notes.append(f"cannot use its data: {redact_paths(site_error)}")
     local = {k: v for k, v in (("num_threads", settings.num_threads), ("device", settings.device)) if v is not None}
     config = config.replace(**local)  # the hospital decides its compute
     trainer = trainer_cls(cases["training"], cases["validation"], config)
@@ -127,5 +149,7 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
         metrics = shared(metrics, round_no)
         for key, value in metrics.items():
             writer.add_scalar(key, value, round_no)
+        if notes and settings.budget.share_metrics != "minimal":
+            meta[SITE_NOTES_META] = list(notes)
         flare.send(FLModel(params=weight_diff(model.state_dict(), before), params_type=ParamsType.DIFF,
                            metrics=metrics, meta={NUM_STEPS_META: stats["steps"], **meta}))

@@ -254,6 +254,7 @@ def build_report(result_dir: Path) -> dict:
     duration, duration_s, duration_source = _job_duration(meta, ws)
     values = [v for v in final_primary.values() if not math.isnan(v)]
     app_server = ws / "app_server"
+    notes = _site_notes(ws)
     report = {
         "job_id": meta.get("job_id", ws.parent.name),
         "job_name": meta.get("name", ""),
@@ -277,7 +278,8 @@ def build_report(result_dir: Path) -> dict:
             # a site without a value is never the minimum (NaN compares false: min() once named such a site)
             "min_site": min((s for s in final_primary if not math.isnan(final_primary[s])),
                             key=lambda s: final_primary[s]) if values else None,
-            "sites_without_value": {s: _why_no_value(sites[s]) for s in final_primary if math.isnan(final_primary[s])},
+            "sites_without_value": {s: _why_no_value(sites[s], notes.get(s)) for s in final_primary
+                                    if math.isnan(final_primary[s])},
             "flagged_sites": sorted(flags),
         },
     }
@@ -285,6 +287,7 @@ def build_report(result_dir: Path) -> dict:
     report["privacy"] = _privacy(sites)
     report["guard"] = _guard(ws)
     report["unpublished"] = _unpublished(ws)
+    report["site_notes"] = notes
     if task == "segmentation":  # the names benchmarks and the README quote
         report["summary"].update(mean_final_wt_dice=report["summary"]["mean_final"], min_final_wt_dice=report["summary"]["min_final"],
                                  mean_final_dice=_mean([e["final"].get("val_dice") for e in sites.values()]))
@@ -315,11 +318,24 @@ def _exchange(ws: Path, sites: dict) -> dict:
 PRIVACY_KEYS = (DP_EPSILON_SPENT, DP_DELTA, DP_WITHHELD)
 
 
-def _why_no_value(entry: dict) -> str:
-    """Why a site has no final value, from what it reported (its error text stays in its own log)."""
+def _site_notes(ws: Path) -> dict[str, list[str]]:
+    """Each site's notes for the admin (its reasons, paths redacted at the site), from the server's audit."""
+    out: dict[str, list[str]] = {}
+    path = ws / AUDIT_FILE
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        e = json.loads(line)
+        for note in e.get("notes") or []:
+            if note not in out.setdefault(e.get("site"), []):
+                out[e.get("site")].append(note)
+    return out
+
+
+def _why_no_value(entry: dict, notes: list[str] | None = None) -> str:
+    """Why a site has no final value, from what it reported and the notes it sent (paths redacted)."""
     rounds = entry.get("rounds", [])
     if any(r.get(SITE_ERROR) for r in rounds):
-        return "site error: its data could not be used (the reason is in the site's job log)"
+        said = "; ".join(n for n in (notes or []) if n.startswith("cannot use its data"))
+        return f"site error: {said}" if said else "site error: its data could not be used (the reason is in the site's job log)"
     withheld = next((r.get(DP_WITHHELD) for r in reversed(rounds) if r.get(DP_WITHHELD)), None)
     if withheld:
         return f"updates withheld: {DP_WITHHELD_REASONS.get(int(withheld), 'withheld')}"
@@ -524,6 +540,7 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
         *[f"- **{site}: no value** ({why})." for site, why in s.get("sites_without_value", {}).items()],
         *[f"- **{r['site']} refused round {r['round']}**: {r['reason']}" for r in report.get("exchange", {}).get("refused", [])],
         *[f"- **Round {r['round']} not published**: {r['why']}." for r in report.get("unpublished", [])],
+        *[f"- {site} says: {note}" for site, ns in sorted(report.get("site_notes", {}).items()) for note in ns],
         f"Flagged sites (more than {FLAG_SD:g} SD below the other sites' mean {plabel}): {', '.join(s['flagged_sites']) or 'none'}.",
         "",
         "## Global model per round (weighted mean of the sites)",
@@ -598,6 +615,9 @@ def print_site_table(report: dict, console=None) -> None:
         console.print(f"{r['site']} refused round {r['round']}: {r['reason']}", highlight=False)
     for r in report.get("unpublished", []):
         console.print(f"round {r['round']} not published: {r['why']}", highlight=False)
+    for site, ns in sorted(report.get("site_notes", {}).items()):
+        for note in ns:
+            console.print(f"{site} says: {note}", highlight=False)
     guard = report.get("guard") or {}
     for r in guard.get("refusals", []):
         console.print(f"update guard: round {r['round']}: refused {r['site']}: {r['reason']}")
