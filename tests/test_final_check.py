@@ -2,6 +2,8 @@
 real CKKS ciphertexts and the real client-level DP filter. The same checks against real POC sites and
 hostile jobs are in test_poc_hostile.py."""
 
+import json
+
 import numpy as np
 import pytest
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
@@ -180,3 +182,30 @@ def test_a_site_requiring_encryption_refuses_a_plaintext_result_softly_and_then_
     _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, update())
     _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, result)
     assert job_refused("job-3")  # the site loop trains no more for this job
+
+
+def test_a_site_policy_edited_since_the_site_started_refuses_the_job_until_a_restart(tmp_path):
+    """FLARE reads privacy.json, authorization.json and resources.json when a site starts: an edit after that is
+    not in force. A job starting then is refused at that site with one line; other local/ edits are noted only."""
+    from fedbrain.ops.kit import local_changes_since_start, record_start_state
+
+    kit = tmp_path / "hospital-a"
+    (kit / "local").mkdir(parents=True)
+    (kit / "local" / "privacy.json").write_text(json.dumps(privacy_policy("encrypted")))
+    (kit / "local" / "fedbrain_site.json").write_text("{}")
+    assert local_changes_since_start(kit) is None  # no start recorded: nothing to compare
+    record_start_state(kit)
+    assert (kit / ".fedbrain_local_at_start.json").stat().st_mode & 0o077 == 0
+    (kit / "local" / "fedbrain_site.json").write_text('{"num_threads": 2}')
+    assert local_changes_since_start(kit) == ([], ["local/fedbrain_site.json"])
+    check, ctx = site_check(), _site_ctx("standard", job="job-4")
+    ctx.set_prop(FLContextKey.WORKSPACE_ROOT, str(kit), private=True, sticky=False)
+    check.handle_event(EventType.START_RUN, ctx)
+    assert not job_refused("job-4")
+    (kit / "local" / "privacy.json").write_text(json.dumps(privacy_policy("standard")))  # weakened on disk
+    check.handle_event(EventType.START_RUN, ctx)
+    assert job_refused("job-4")
+    result = update()
+    _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, update())
+    _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, result)
+    assert "local/privacy.json changed since the site started" in result.get_header(REFUSED_HEADER)

@@ -156,9 +156,12 @@ class FinalPayloadCheck(FLComponent):
         self._steps_sent = None
         self._checked: Shareable | None = None
         self._released_now: dict[str, str] | None = None
+        self._start_problem = ""  # set at job start when local/'s policies changed since the site started
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
-        if event_type == EventType.BEFORE_TASK_RESULT_FILTER:
+        if event_type == EventType.START_RUN:
+            self._start_problem = self._local_since_start(fl_ctx)
+        elif event_type == EventType.BEFORE_TASK_RESULT_FILTER:
             sent = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
             self._steps_sent, self._checked = self._steps_of(sent), None
         elif event_type == EventType.AFTER_TASK_RESULT_FILTER:
@@ -167,6 +170,31 @@ class FinalPayloadCheck(FLComponent):
                         first=True)
         elif event_type == EventType.BEFORE_SEND_TASK_RESULT and self._checked is not None:
             self._check(self._checked, fl_ctx, released=None, first=False)  # changed since? (same object)
+
+    def _local_since_start(self, fl_ctx: FLContext) -> str:
+        """One line when local/'s policy files changed since the site started (FLARE still applies what it read
+        then): this job is refused at this site. Other local/ changes (the site's data settings, read per job)
+        are noted."""
+        from fedbrain.ops.kit import local_changes_since_start
+
+        kit = fl_ctx.get_prop(FLContextKey.WORKSPACE_ROOT)
+        try:
+            changes = local_changes_since_start(kit) if kit else None
+        except (OSError, ValueError) as e:
+            return f"cannot compare local/ with its state at site start ({e})"
+        if not changes:
+            return ""
+        policies, others = changes
+        if others:
+            self.log_info(fl_ctx, f"local/ changed since this site started: {', '.join(others)} (read per job: applies)")
+        if not policies:
+            return ""
+        reason = (f"site {fl_ctx.get_identity_name()} refused job {fl_ctx.get_job_id()}: {', '.join(policies)} changed "
+                  f"since the site started, and FLARE still applies what it read then; restart the site to apply "
+                  f"the edit. This site will not train for this job.")
+        self.log_error(fl_ctx, reason)
+        mark_refused(fl_ctx.get_job_id())
+        return reason
 
     @staticmethod
     def _steps_of(result) -> object:
@@ -181,6 +209,9 @@ class FinalPayloadCheck(FLComponent):
             return
         if result.get_header(REFUSED_HEADER):  # refused earlier (a scope filter): no more training for this job
             mark_refused(fl_ctx.get_job_id())
+            return
+        if self._start_problem:
+            refuse(result, self._start_problem)
             return
         scope = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or ""
         site, job, task = fl_ctx.get_identity_name(), fl_ctx.get_job_id(), fl_ctx.get_prop(FLContextKey.TASK_NAME)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import os
 import json
 import socket
 import ssl
@@ -52,6 +53,38 @@ def kit_files(kit: Path) -> dict[str, str]:
             if path.is_file() and rel != f"startup/{MANIFEST_NAME}":
                 files[rel] = _digest(path)
     return files
+
+
+#: What local/ held when the site last started (written by the kit check; read at every job start).
+START_STATE_NAME = ".fedbrain_local_at_start.json"
+#: local/ files FLARE reads when the site starts: an edit takes effect only after a restart.
+POLICY_FILES = ("local/privacy.json", "local/authorization.json", "local/resources.json")
+
+
+def local_files(kit: Path) -> dict[str, str]:
+    """``{"local/x": sha256}`` of every file in the kit's local/."""
+    return {k: v for k, v in kit_files(kit).items() if k.startswith("local/")}
+
+
+def record_start_state(kit: Path) -> Path:
+    """Note what local/ holds as the site starts (owner-only file in the kit folder)."""
+    path = Path(kit) / START_STATE_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(local_files(kit), indent=1, sort_keys=True) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def local_changes_since_start(kit: Path) -> tuple[list[str], list[str]] | None:
+    """(policy files, other files) of local/ changed, added or removed since the site started; None when the
+    start was not recorded (a kit without fedbrain's start check)."""
+    path = Path(kit) / START_STATE_NAME
+    if not path.is_file():
+        return None
+    before, now = json.loads(path.read_text()), local_files(kit)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return [k for k in changed if k in POLICY_FILES], [k for k in changed if k not in POLICY_FILES]
 
 
 def _canonical(files: dict[str, str], participant: str) -> bytes:

@@ -18,6 +18,7 @@ from fedbrain.ops.kit import (
     KitError,
     check_certificate,
     kit_identity,
+    record_start_state,
     root_fingerprint,
     tls_handshake,
     verify_manifest,
@@ -49,6 +50,10 @@ def guard(kit: Path, probe_server: bool = True) -> list[str]:
     if not problems:
         _say(kit, f"kit verified (signed manifest, certificate chain, key, expiry); root CA SHA-256 "
                   f"{root_fingerprint(kit)}: compare it with the one the consortium published")
+        try:  # every job start compares local/ with this (fedbrain.filters.final_check)
+            record_start_state(kit)
+        except OSError as e:
+            _say(kit, f"warning: could not record local/ at start ({e}); jobs will not compare it")
     return problems
 
 
