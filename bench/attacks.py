@@ -64,7 +64,8 @@ def run(work: Path, console) -> dict:
     poc = PocConsortium(run_dir)
     started = time.time()
     synthesize_consortium(run_dir / "data", sites=3, cases=CASES, seed=0, site_names=poc.sites, progress=False)
-    task = SegmentationConfig(rounds=ROUNDS, epochs_per_round=EPOCHS, min_clients=3)
+    # min_trained_sites 2: a guard or robust method that leaves the attacker out still publishes the two others' round
+    task = SegmentationConfig(rounds=ROUNDS, epochs_per_round=EPOCHS, min_clients=3, min_trained_sites=2)
     jobs, arms = {}, _arms()
     for i, (arm, (attack, aggregation, guard)) in enumerate(arms.items()):
         cfg = task.replace(name=f"attacks_{i:02d}", aggregation=aggregation, guard=guard)
