@@ -106,9 +106,10 @@ def test_a_refused_result_carries_nothing_but_routing_and_the_reason():
     result = update(meta={"extra": np.arange(100.0)})
     result.set_header("current_round", 2)
     refuse(result, "site x refused job y: because")
-    assert set(result) == {"__headers__"} and result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
-    assert result.get_header(REFUSED_HEADER) == "site x refused job y: because"
-    assert result.get_header("current_round") == 2 and result.get_header("__content_type__") is None
+    assert set(result) == {"__headers__", "DXO"} and result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert result.get_header(REFUSED_HEADER) == "site x refused job y: because" and result.get_header("current_round") == 2
+    empty = from_shareable(result)  # an empty metrics DXO: FLARE's server widgets read every reply as one
+    assert empty.data_kind == DataKind.METRICS and empty.data == {} and not empty.meta
 
 
 def _event(check, event, ctx, result=None):
@@ -176,7 +177,7 @@ def test_a_site_requiring_encryption_refuses_a_plaintext_result_softly_and_then_
     ctx = _site_ctx("encrypted", job="job-3")
     result = RequireEncryption().process(update(), ctx)
     result = ExcludeVars(exclude_vars="enc").process(result, ctx)  # a job filter after the scope's
-    assert result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and "DXO" not in result
+    assert result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and from_shareable(result).data == {}
     assert "requires encrypted model updates" in result.get_header(REFUSED_HEADER)
     check = site_check()
     _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, update())

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from nvflare.apis.dxo import DataKind, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
@@ -129,7 +129,8 @@ def payload_problems(result: Shareable, parts, personal_parts: str, *, steps_sen
 
 def refuse(result: Shareable, reason: str) -> None:
     """Empty ``result`` in place (so nothing of it can leave), keeping only FLARE's routing, as an
-    error reply whose ``fedbrain_refused`` header says why."""
+    error reply whose ``fedbrain_refused`` header says why. It holds an empty metrics DXO: FLARE's
+    server widgets read every reply as one, and log a traceback for a reply without."""
     for key in [k for k in result if k not in ROUTING_KEYS]:
         del result[key]
     headers = result.get(ReservedHeaderKey.HEADERS) or {}
@@ -137,6 +138,7 @@ def refuse(result: Shareable, reason: str) -> None:
                                     ReservedHeaderKey.AUDIT_EVENT_ID, ReservedHeaderKey.MSG_ROOT_ID,
                                     ReservedHeaderKey.MSG_ROOT_TTL, "current_round") if k in headers}
     result[ReservedHeaderKey.HEADERS] = keep
+    DXO(DataKind.METRICS, data={}).update_shareable(result)
     result.set_return_code(ReturnCode.TASK_RESULT_FILTER_ERROR)
     result.set_header(REFUSED_HEADER, reason)
 
