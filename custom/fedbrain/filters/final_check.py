@@ -38,9 +38,8 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from fedbrain.contracts import NUM_STEPS_META, REFUSED_HEADER
 from fedbrain.privacy.releases import fingerprint, mark_refused, take_release
 
-#: What each part of a scope promises, in the words of the one-line reason.
-PROMISES = {"client_dp": "only arrays its client-level DP filter noised",
-            "require_encryption": "model values as ciphertext only"}
+#: The scope parts (fedbrain.ops.builder.SCOPE_PARTS) whose promise this check proves beyond `standard`'s.
+PROMISES = ("client_dp", "require_encryption")
 MODEL_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 #: A plain sequence of more numbers than this is treated as an array (it could carry an update).
 MAX_PLAIN_NUMBERS = 64
@@ -85,7 +84,7 @@ def payload_problems(result: Shareable, parts, personal_parts: str, *, steps_sen
     except Exception:  # noqa: BLE001 - no DXO: only routing may remain
         dxo = None
     content = {k: v for k, v in result.items() if k not in ROUTING_KEYS}
-    headers = {k: v for k, v in (result.get(ReservedHeaderKey.HEADERS) or {}).items()}
+    headers = result.get(ReservedHeaderKey.HEADERS) or {}
     model = dxo is not None and dxo.data_kind in MODEL_KINDS and isinstance(dxo.data, dict)
     data = dxo.data if model else {}
     if dxo is not None:  # the DXO is checked by its parts below; everything else as "other"
@@ -168,10 +167,10 @@ class FinalPayloadCheck(FLComponent):
             self._steps_sent, self._checked = self._steps_of(sent), None
         elif event_type == EventType.AFTER_TASK_RESULT_FILTER:
             self._checked = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
-            self._check(self._checked, fl_ctx, released=take_release(fl_ctx.get_prop(FLContextKey.TASK_ID)),
-                        first=True)
+            self._released_now = take_release(fl_ctx.get_prop(FLContextKey.TASK_ID))  # kept for the re-check
+            self._check(self._checked, fl_ctx)
         elif event_type == EventType.BEFORE_SEND_TASK_RESULT and self._checked is not None:
-            self._check(self._checked, fl_ctx, released=None, first=False)  # changed since? (same object)
+            self._check(self._checked, fl_ctx)  # changed since? (the same object is sent)
 
     def _local_since_start(self, fl_ctx: FLContext) -> str:
         """One line when local/'s policy files changed since the site started (FLARE still applies what it read
@@ -206,7 +205,7 @@ class FinalPayloadCheck(FLComponent):
             return None
         return (dxo.meta or {}).get(NUM_STEPS_META) if dxo.data_kind in MODEL_KINDS else None
 
-    def _check(self, result, fl_ctx: FLContext, released, first: bool) -> None:
+    def _check(self, result, fl_ctx: FLContext) -> None:
         if not isinstance(result, Shareable):
             return
         if result.get_header(REFUSED_HEADER):  # refused earlier (a scope filter): no more training for this job
@@ -220,11 +219,8 @@ class FinalPayloadCheck(FLComponent):
         if scope not in self.scope_parts:
             problems = [f"its privacy scope '{scope}' is not one this site's final check knows"]
         else:
-            parts = self.scope_parts[scope]
-            if first:
-                self._released_now = released  # kept for the re-check just before sending
-            problems = payload_problems(result, parts, self.personal_parts, steps_sent=self._steps_sent,
-                                        released=self._released_now)
+            problems = payload_problems(result, self.scope_parts[scope], self.personal_parts,
+                                        steps_sent=self._steps_sent, released=self._released_now)
         if not problems:
             return
         reason = (f"site {site} refused job {job}: its '{task}' result under privacy scope '{scope}' breaks the "

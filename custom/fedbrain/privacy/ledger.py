@@ -91,7 +91,7 @@ class PrivacyLedger:
             if entry.get("prev") != prev or entry.get("seq") != i:
                 raise LedgerError(f"privacy ledger {self.path}: entry {i + 1} does not follow the one before "
                                   f"(edited or removed entries)")
-            prev = _hash(line)
+            prev = entry["_hash"] = _hash(line)  # its own hash, kept in memory only (the next entry's prev)
             entries.append(entry)
         if head is None:
             raise LedgerError(f"privacy ledger {self.path} has {len(lines)} entries but its head record "
@@ -141,7 +141,7 @@ class PrivacyLedger:
 
     def _append(self, entries: list[dict], new: dict) -> list[dict]:
         """Append one entry (caller holds the lock and has verified ``entries``)."""
-        prev = _hash(self.path.read_text().splitlines()[-1]) if entries else GENESIS
+        prev = entries[-1]["_hash"] if entries else GENESIS
         line = json.dumps({"seq": len(entries), "prev": prev, **new,
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, sort_keys=True)
         with open(self.path, "a") as f:
@@ -152,7 +152,7 @@ class PrivacyLedger:
         tmp = self.head_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"entries": len(entries) + 1, "last": _hash(line), "ledger": str(self.path)}) + "\n")
         os.replace(tmp, self.head_path)
-        return entries + [json.loads(line)]
+        return entries + [{**json.loads(line), "_hash": _hash(line)}]
 
     def record(self, patients: list[str], steps: list[tuple] | None, *, job_id: str, round_no: int | None,
                **info) -> list[tuple] | None:

@@ -339,7 +339,8 @@ def _why_no_value(entry: dict, notes: list[str] | None = None) -> str:
     withheld = next((r.get(DP_WITHHELD) for r in reversed(rounds) if r.get(DP_WITHHELD)), None)
     if withheld:
         return f"updates withheld: {DP_WITHHELD_REASONS.get(int(withheld), 'withheld')}"
-    return "no validation value reported"
+    return ("no validation value reported (a site sends none with fewer validation cases than its "
+            "min_validation_cases, default 5, or with share_metrics minimal)")
 
 
 def _unpublished(ws: Path) -> list[dict]:
