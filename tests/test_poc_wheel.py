@@ -1,5 +1,6 @@
 """The package works as an installed wheel, outside the checkout: job definitions, site
-scripts and provisioning templates ship inside it, and nothing resolves through a repo root.
+scripts and provisioning templates ship inside it, and nothing resolves through a repo root; and a data
+scientist's POC session through that wheel's CLI (slow: marked poc).
 
 A fresh venv gets only the fedbrain wheel; the pinned dependencies (torch, FLARE, MONAI)
 are borrowed from the project venv through a .pth path line (installing them again would
@@ -8,13 +9,19 @@ cost minutes and gigabytes), so every fedbrain file it imports comes from the wh
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
+import time
+from io import StringIO
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+
+from fedbrain.ops import site_check as sc
+from fedbrain.ops.status import consortium_status, watch
+from fedbrain.poc.consortium import PocConsortium
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.poc
@@ -72,25 +79,93 @@ def test_wheel_carries_site_scripts_and_templates(installed):
     assert version.strip() == "fedbrain 0.1.0"
 
 
-def test_poc_and_a_one_round_job_from_the_wheel(installed):
+def _rc(cmd, cwd, env) -> tuple[int, str]:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_a_data_scientists_poc_session_from_the_wheel(installed, tmp_path):
+    """`fedbrain poc up | status | submit | down` from the installed wheel on one real consortium, with
+    `fedbrain site check`, `fedbrain status` and `watch` against it: a healthy POC site passes every check
+    with FLARE's real server on the other end, the admin kit sees the three sites, `watch` follows the
+    running job to its end with each site's round metrics, and `down` leaves nothing running. (One
+    consortium for all of it: each POC start and stop costs ~20 s of the suite.)"""
     fedbrain = str(installed["venv"] / "bin" / "fedbrain")
     env, work = installed["env"], installed["work"]
     run_dir = work / "poc"
+    poc = PocConsortium(run_dir)
+    sites = ("hospital-a", "hospital-b", "hospital-c")
     try:
-        _run([fedbrain, "poc", "up", "--run-dir", str(run_dir), "--cases", "3"], cwd=work, env=env)
+        # a long start timeout: this lane starts its consortium while the shared POC's first wave loads the machine
+        _run([fedbrain, "poc", "up", "--run-dir", str(run_dir), "--cases", "3", "--start-timeout", "420"],
+             cwd=work, env=env)
         status = _run([fedbrain, "poc", "status", "--run-dir", str(run_dir)], cwd=work, env=env)
         status = json.loads(status[status.index("{"):])
-        assert status["sites"] == {s: "connected" for s in ("hospital-a", "hospital-b", "hospital-c")}
-        _run([fedbrain, "job", "export-segment", "--out", str(work / "jobs"), "--rounds", "1",
+        assert status["running"] and status["server"] == "up"
+        assert status["sites"] == {s: "connected" for s in sites}
+        for site in sites:  # every site was pointed at its own synthetic datalist
+            cfg = json.loads((poc.kit(site) / "local" / "fedbrain_site.json").read_text())
+            assert cfg["datalist"].endswith(f"data/{site}/datalist.json")
+        # `up` again must not re-provision under the running processes (new certificates)
+        root_ca = (poc.kit("hospital-a") / "startup" / "rootCA.pem").read_bytes()
+        rc, out = _rc([fedbrain, "poc", "up", "--run-dir", str(run_dir)], cwd=work, env=env)
+        assert rc == 1 and "already running" in out, out[-2000:]
+        assert (poc.kit("hospital-a") / "startup" / "rootCA.pem").read_bytes() == root_ca
+        for site in sites:
+            check = sc.run_site_check(poc.kit(site), python=str(installed["py"]))
+            rows = {r.check: r for r in check.rows}
+            assert check.ok, [r for r in check.rows if r.status == sc.FAIL]
+            assert rows["server TLS"].status == sc.OK
+            assert rows["FLARE preflight-check"].status == sc.WARN  # the site runs: FLARE's dry run is skipped
+            assert rows["data"].status == sc.OK
+        admin = poc.kit(poc.admin)
+        assert sorted(s["name"] for s in consortium_status(admin, timeout=30)["sites"]) == list(sites)
+        status = _run([fedbrain, "status", "--admin-kit", str(admin), "--json"], cwd=work, env=env)
+        assert json.loads(status[status.index("{"):])["user"] == poc.admin
+
+        _run([fedbrain, "job", "export-segment", "--out", str(work / "jobs"), "--rounds", "2",
               "--epochs_per_round", "1", "--max_steps", "2"], cwd=work, env=env)
         job = work / "jobs" / "fedbrain_segmentation"
         assert not list(job.rglob("custom")), "the job carries no code: sites run the wheel's site script"
-        out = _run([fedbrain, "poc", "submit", "--run-dir", str(run_dir), "--job", str(job),
-                    "--result", str(work / "results")], cwd=work, env=env)
-        assert "FINISHED:COMPLETED" in out
+        submit = subprocess.Popen([fedbrain, "poc", "submit", "--run-dir", str(run_dir), "--job", str(job),
+                                   "--result", str(work / "results")], cwd=work, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            job_id = _submitted_job(poc)
+            # `fedbrain watch` follows the running job to its end, showing each site's round metrics.
+            screen = StringIO()
+            last = watch(admin, job=job_id, interval=2.0, console=Console(file=screen, width=160), timeout=30,
+                         polls=200)
+            out, _ = submit.communicate(timeout=300)
+        finally:
+            if submit.poll() is None:
+                submit.kill()
+        assert [j["status"] for j in last["jobs"]] == ["FINISHED:COMPLETED"]
+        shown = screen.getvalue()
+        assert "per site, latest round received" in shown and "val_dice" in shown, shown[-3000:]
+        assert submit.returncode == 0 and "FINISHED:COMPLETED" in out, out[-3000:]
         report = json.loads(next((work / "results").glob("*/report/report.json")).read_text())
-        assert set(report["sites"]) == {"hospital-a", "hospital-b", "hospital-c"}
-        assert all(e["rounds"] for e in report["sites"].values())
+        assert set(report["sites"]) == set(sites)
+        assert all(len(e["rounds"]) == 2 for e in report["sites"].values())
     finally:
         _run([fedbrain, "poc", "down", "--run-dir", str(run_dir)], cwd=work, env=env)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    assert poc.pids() == []
+    assert (poc.kit("hospital-a") / "startup" / "rootCA.pem").is_file()  # `down` keeps the kits
+    assert _rc([fedbrain, "poc", "status", "--run-dir", str(run_dir)], cwd=work, env=env)[0] == 1
+    _run([fedbrain, "poc", "down", "--run-dir", str(run_dir), "--remove"], cwd=work, env=env)
+    assert not poc.workspace.exists()
+
+
+def _submitted_job(poc, timeout: float = 120) -> str:
+    """The id of the one job `poc submit` handed the server, as soon as the server lists it."""
+    sess = poc.session()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = sess.list_jobs() or []
+            if jobs:
+                return jobs[0]["job_id"]
+            time.sleep(1)
+    finally:
+        sess.close()
+    raise AssertionError(f"no job on the server {timeout:g} s after `poc submit`")
