@@ -1,0 +1,206 @@
+"""Pairwise-masking secure aggregation (fedbrain.secagg), run in process with real X25519 keys, certificates
+from a real root CA, Shamir shares and ChaCha20 masks: the sum is exact, a masked update looks uniform, a
+lost site costs nothing, a swapped key or too few survivors stop the round with one line."""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from scipy import stats
+
+from fedbrain.secagg import shamir
+from fedbrain.secagg.masking import dequantize, flatten, prg, quantize, scale_for, unflatten
+from fedbrain.secagg.protocol import Identity, SecAggError, ServerSecAgg, SiteSecAgg, threshold_for
+
+JOB = "job-1"
+
+
+def _cert(name, key, issuer_name, issuer_key, ca=False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture(scope="module")
+def consortium():
+    """A root CA and one identity per site, like a provisioned kit's startup/."""
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    root = _cert("fedbrain-test-ca", ca_key, "fedbrain-test-ca", ca_key, ca=True)
+    out = {}
+    for i in range(12):
+        name = f"hospital-{i:02d}"
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        out[name] = Identity(name, key, _cert(name, key, "fedbrain-test-ca", ca_key), root)
+    other_ca = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    out["_foreign_root"] = _cert("other-ca", other_ca, "other-ca", other_ca, ca=True)
+    out["_foreign_key"] = other_ca
+    return out
+
+
+def _setup(identities, rounds=(0, 1, 2), tamper=None, lost_before_sharing=()):
+    sites = {i.name: SiteSecAgg(i, JOB, list(rounds)) for i in identities}
+    server = ServerSecAgg(JOB)
+    ads = [s.advertise() for s in sites.values()]
+    if tamper:
+        ads = tamper(ads)
+    t = server.setup(ads)
+    sharing = {n: s for n, s in sites.items() if n not in lost_before_sharing}
+    routed = server.route({n: s.share(ads, t) for n, s in sharing.items()})
+    for n, s in sharing.items():
+        s.receive(routed[n], server.members)
+    return sharing, server
+
+
+def _round(sites, server, updates, round_no, senders):
+    scale = scale_for(len(server.members))
+    masked = {n: sites[n].mask(quantize(updates[n], scale)[0], round_no) for n in senders}
+    total = np.zeros(next(iter(updates.values())).size, np.uint32)
+    for y in masked.values():
+        total += y
+    answers = {n: sites[n].unmask_shares(round_no, list(senders), [m for m in server.members if m not in senders])
+               for n in senders}
+    return dequantize(server.unmask(total, round_no, list(senders), answers), scale), masked
+
+
+def _names(consortium, n):
+    return [consortium[f"hospital-{i:02d}"] for i in range(n)]
+
+
+def test_shamir_any_t_shares_rebuild_and_fewer_do_not():
+    secret = bytes(range(32))
+    shares = shamir.split(secret, 5, 3)
+    assert shamir.combine(shares[2:], 3) == secret and shamir.combine([shares[0], shares[4], shares[2]], 3) == secret
+    with pytest.raises(shamir.ShamirError):
+        shamir.combine(shares[:2], 3)
+    assert shamir.combine(shares[:2] + [(shares[2][0], shares[2][1] + 1)], 3) != secret
+
+
+def test_quantized_sum_is_the_float_sum_within_one_step_per_site():
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(0, 0.05, 10_000) for _ in range(12)]
+    scale = scale_for(12)
+    ring = sum(quantize(x, scale, rng=rng)[0] for x in xs)  # uint32 wraps: the ring
+    assert np.max(np.abs(dequantize(ring, scale) - np.sum(xs, axis=0))) <= 12 / scale
+    big = quantize(np.array([100.0, -100.0, 0.5]), scale)
+    assert big[1] == 2 and dequantize(big[0], scale)[0] == 16.0
+
+
+def test_flatten_round_trips_a_state_dict():
+    arrays = {"b": np.ones((2, 3), np.float32), "a": np.arange(4, dtype=np.float32), "c": np.float32(2.0)}
+    vector, layout = flatten(arrays)
+    back = unflatten(vector, layout)
+    assert [name for name, _ in layout] == ["a", "b", "c"]
+    assert all(np.array_equal(back[k], np.asarray(v)) for k, v in arrays.items())
+
+
+@pytest.mark.parametrize("n", [3, 12])
+def test_the_server_gets_the_exact_sum_and_nothing_else(consortium, n):
+    sites, server = _setup(_names(consortium, n))
+    assert server.threshold == threshold_for(n)
+    rng = np.random.default_rng(n)
+    updates = {name: rng.normal(0, 0.01, 5000) for name in sites}
+    for round_no in (0, 1):
+        total, masked = _round(sites, server, updates, round_no, list(sites))
+        assert np.max(np.abs(total - np.sum(list(updates.values()), axis=0))) <= n / scale_for(n)
+        # what the server holds of one site looks uniform on the ring and tells nothing of its update
+        one = masked[sorted(sites)[0]]
+        counts = np.bincount((one >> 28).astype(np.int64), minlength=16)
+        assert stats.chisquare(counts).pvalue > 1e-3
+        assert abs(np.corrcoef(one.astype(np.float64), updates[sorted(sites)[0]])[0, 1]) < 0.1
+
+
+def test_masks_are_fresh_each_round(consortium):
+    sites, _ = _setup(_names(consortium, 3))
+    site = sites["hospital-00"]
+    zero = np.zeros(1000, np.uint32)
+    assert not np.array_equal(site.mask(zero, 0), site.mask(zero, 1))
+
+
+def test_a_site_lost_after_sharing_costs_nothing(consortium):
+    """hospital-02 shared, then died before its masked update: the round completes with the other sites."""
+    sites, server = _setup(_names(consortium, 5))
+    rng = np.random.default_rng(1)
+    updates = {name: rng.normal(0, 0.01, 3000) for name in sites}
+    senders = [s for s in sites if s != "hospital-02"]
+    total, _ = _round(sites, server, updates, 1, senders)
+    assert np.max(np.abs(total - np.sum([updates[s] for s in senders], axis=0))) <= 5 / scale_for(5)
+    # a later round without it: its key is known, so no site reveals its self-mask ever again
+    total, _ = _round(sites, server, updates, 2, senders)
+    assert np.max(np.abs(total - np.sum([updates[s] for s in senders], axis=0))) <= 5 / scale_for(5)
+    with pytest.raises(SecAggError, match="mask keys revealed in an earlier round"):
+        sites["hospital-00"].unmask_shares(0, list(sites), [])
+
+
+def test_a_site_lost_before_sharing_is_outside_the_group(consortium):
+    sites, server = _setup(_names(consortium, 4), lost_before_sharing=("hospital-03",))
+    assert server.members == ["hospital-00", "hospital-01", "hospital-02"]
+    rng = np.random.default_rng(2)
+    updates = {name: rng.normal(0, 0.01, 100) for name in sites}
+    total, _ = _round(sites, server, updates, 0, list(sites))
+    assert np.max(np.abs(total - np.sum(list(updates.values()), axis=0))) <= 4 / scale_for(3)
+
+
+def test_too_few_survivors_reveal_nothing(consortium):
+    sites, server = _setup(_names(consortium, 5))  # threshold 3
+    with pytest.raises(SecAggError, match="fewer than the threshold 3: nothing revealed"):
+        sites["hospital-00"].unmask_shares(0, ["hospital-00", "hospital-01"], ["hospital-02", "hospital-03",
+                                                                                "hospital-04"])
+    with pytest.raises(SecAggError, match="fewer than the threshold 3: the sum stays masked"):
+        server.unmask(np.zeros(4, np.uint32), 0, ["hospital-00", "hospital-01"], {})
+
+
+def test_a_server_never_gets_both_masks_of_one_site(consortium):
+    sites, _ = _setup(_names(consortium, 3))
+    a = sites["hospital-00"]
+    with pytest.raises(SecAggError, match="both as having sent and not"):
+        a.unmask_shares(0, ["hospital-00", "hospital-01", "hospital-02"], ["hospital-02"])
+    a.unmask_shares(0, ["hospital-00", "hospital-01", "hospital-02"], [])
+    with pytest.raises(SecAggError, match="asked again with other lists"):
+        a.unmask_shares(0, ["hospital-00", "hospital-01"], ["hospital-02"])
+
+
+def test_a_swapped_key_is_detected_by_the_sites(consortium):
+    def swap(ads):
+        forged = SiteSecAgg(consortium["hospital-01"], JOB, [0]).advertise()  # fresh keys the server made up...
+        ads[1] = {**ads[1], "s_pk": forged["s_pk"]}  # ...put in place of hospital-01's, its signature kept
+        return ads
+
+    with pytest.raises(SecAggError, match="do not carry its signature: the server .* changed them"):
+        _setup(_names(consortium, 3), tamper=swap)
+
+
+def test_a_certificate_from_another_ca_or_name_is_refused(consortium):
+    foreign = Identity("hospital-01", consortium["_foreign_key"],
+                       _cert("hospital-01", consortium["_foreign_key"], "other-ca", consortium["_foreign_key"]),
+                       consortium["_foreign_root"])
+
+    def outsider(ads):
+        ads[1] = SiteSecAgg(foreign, JOB, [0]).advertise()
+        return ads
+
+    with pytest.raises(SecAggError, match="not issued by this consortium's root CA"):
+        _setup(_names(consortium, 3), tamper=outsider)
+
+    def renamed(ads):
+        ads[1] = {**ads[1], "site": "hospital-99"}
+        return ads
+
+    with pytest.raises(SecAggError, match="issued to 'hospital-01'"):
+        _setup(_names(consortium, 3), tamper=renamed)
+
+
+def test_prg_is_a_deterministic_stream_per_seed_and_round():
+    seed = bytes(32)
+    assert np.array_equal(prg(seed, 3, 100), prg(seed, 3, 100))
+    assert not np.array_equal(prg(seed, 3, 100), prg(seed, 4, 100))
+    assert np.array_equal(prg(seed, 3, 100), prg(seed, 3, 200)[:100])
