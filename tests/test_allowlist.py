@@ -21,7 +21,7 @@ CONFIGS = [
     SegmentationConfig(streams=("mri", "ct")), SegmentationConfig(client_dp_clip=1.0, client_dp_noise=1.0),
     ClassificationConfig(), ClassificationConfig(algorithm="fedavg", aggregation="median"),
     ClassificationConfig(algorithm="scaffold"), ClassificationConfig(he=True),
-    ClassificationConfig(algorithm="fedprox", client_dp_clip=0.5),
+    ClassificationConfig(algorithm="fedprox", client_dp_clip=0.5), SegmentationConfig(secagg=True, client_dp_clip=1.0),
 ]
 
 

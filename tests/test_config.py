@@ -31,11 +31,15 @@ CONFIGS = [SegmentationConfig, ClassificationConfig]
 #: Changed values the config refuses together (with he the server only sums ciphertext: no robust
 #: aggregation): changed() keeps the first of each pair at its default, changed(alt=True) the second.
 EXCLUSIVE = (("aggregation", "he"),)
+#: Changed values refused with several others (secagg: with he, and with any aggregation but fedavg): checked alone.
+ALONE = {"secagg": True}
 
 
 def changed(config_cls, alt: bool = False):
     out = {}
     for f in fields(config_cls):
+        if f.name in ALONE:
+            continue
         value = CHANGED[f.name]
         out[f.name] = value[config_cls.__name__] if isinstance(value, dict) else value
     for pair in EXCLUSIVE:
@@ -45,11 +49,12 @@ def changed(config_cls, alt: bool = False):
 
 @pytest.mark.parametrize("config_cls", CONFIGS)
 def test_every_field_has_a_changed_value(config_cls):
-    missing = [f.name for f in fields(config_cls) if f.name not in CHANGED]
+    missing = [f.name for f in fields(config_cls) if f.name not in CHANGED and f.name not in ALONE]
     assert not missing, f"add a non-default value for {missing} to CHANGED"
     default, other, alt = config_cls(), changed(config_cls), changed(config_cls, alt=True)
-    same = [f.name for f in fields(config_cls)
-            if getattr(default, f.name) == getattr(other, f.name) == getattr(alt, f.name)]
+    same = [f.name for f in fields(config_cls) if f.name not in ALONE
+            and getattr(default, f.name) == getattr(other, f.name) == getattr(alt, f.name)]
+    assert all(getattr(config_cls(**ALONE), k) == v != getattr(default, k) for k, v in ALONE.items())
     assert not same, f"CHANGED keeps the default of {same}"
 
 
@@ -58,6 +63,8 @@ def test_every_field_has_a_changed_value(config_cls):
 def test_json_and_argument_round_trip(config_cls, alt):
     config = changed(config_cls, alt).replace(device="cuda:0  (spaces survive)")
     assert config_cls.from_json(config.to_json()) == config
+    alone = config_cls(**ALONE)
+    assert config_cls.from_json(alone.to_json()) == alone
     arg = config.to_argument()
     assert not any(ch.isspace() for ch in arg), "FLARE splits site-script arguments on whitespace"
     assert config_cls.from_json(arg) == config

@@ -126,9 +126,10 @@ def test_log_streaming_false_in_project_file_is_honoured(tmp_path):
 
 def test_a_site_offers_no_scope_weaker_than_its_default():
     """A job may name any scope a site defines: an `encrypted` site must not define `standard`."""
-    assert offered_scopes("standard") == ["standard", "dp", "encrypted", "dp_encrypted"]
+    assert offered_scopes("standard") == ["standard", "dp", "encrypted", "dp_encrypted", "secagg", "dp_secagg"]
     assert offered_scopes("encrypted") == ["encrypted", "dp_encrypted"]
-    assert offered_scopes("dp") == ["dp", "dp_encrypted"]
+    assert offered_scopes("dp") == ["dp", "dp_encrypted", "dp_secagg"]
+    assert offered_scopes("secagg") == ["secagg", "dp_secagg"]
     with pytest.raises(ValueError, match="not one of"):
         offered_scopes("none")
 

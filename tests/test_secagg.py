@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from scipy import stats
 
 from fedbrain.secagg import shamir
-from fedbrain.secagg.masking import dequantize, flatten, prg, quantize, scale_for, unflatten
+from fedbrain.secagg.masking import VALUE_BOUND, WEIGHT_CAP, decode, encode, flatten, prg, unflatten
 from fedbrain.secagg.protocol import Identity, SecAggError, ServerSecAgg, SiteSecAgg, threshold_for
 
 JOB = "job-1"
@@ -61,15 +61,22 @@ def _setup(identities, rounds=(0, 1, 2), tamper=None, lost_before_sharing=()):
     return sharing, server
 
 
-def _round(sites, server, updates, round_no, senders):
-    scale = scale_for(len(server.members))
-    masked = {n: sites[n].mask(quantize(updates[n], scale)[0], round_no) for n in senders}
+def _round(sites, server, updates, round_no, senders, steps=None):
+    """One round: each sender encodes (weighted by its steps) and masks; the server adds, asks, unmasks."""
+    steps = steps or {n: 1 for n in senders}
+    n = len(server.members)
+    masked = {s: sites[s].mask(encode(updates[s], steps[s], n)[0], round_no) for s in senders}
     total = np.zeros(next(iter(updates.values())).size, np.uint32)
     for y in masked.values():
         total += y
-    answers = {n: sites[n].unmask_shares(round_no, list(senders), [m for m in server.members if m not in senders])
-               for n in senders}
-    return dequantize(server.unmask(total, round_no, list(senders), answers), scale), masked
+    answers = {s: sites[s].unmask_shares(round_no, list(senders), [m for m in server.members if m not in senders])
+               for s in senders}
+    return decode(server.unmask(total, round_no, list(senders), answers), sum(steps.values()), n), masked
+
+
+def _close(total, expected, n_sites):
+    """Within the fixed point's resolution: one step of 2**-19 (3 sites) .. 2**-17 (12) per site."""
+    return np.max(np.abs(total - expected)) <= n_sites * 2.0 ** -15
 
 
 def _names(consortium, n):
@@ -85,14 +92,19 @@ def test_shamir_any_t_shares_rebuild_and_fewer_do_not():
     assert shamir.combine(shares[:2] + [(shares[2][0], shares[2][1] + 1)], 3) != secret
 
 
-def test_quantized_sum_is_the_float_sum_within_one_step_per_site():
+def test_the_weighted_average_survives_the_ring_within_its_resolution():
+    """Weighted by steps as plaintext FedAvg weighs; the fixed point's error is far below a round's update."""
     rng = np.random.default_rng(0)
     xs = [rng.normal(0, 0.05, 10_000) for _ in range(12)]
-    scale = scale_for(12)
-    ring = sum(quantize(x, scale, rng=rng)[0] for x in xs)  # uint32 wraps: the ring
-    assert np.max(np.abs(dequantize(ring, scale) - np.sum(xs, axis=0))) <= 12 / scale
-    big = quantize(np.array([100.0, -100.0, 0.5]), scale)
-    assert big[1] == 2 and dequantize(big[0], scale)[0] == 16.0
+    steps = [int(s) for s in rng.integers(1, 300, 12)]
+    encoded = [encode(x, s, 12, rng=rng) for x, s in zip(xs, steps)]
+    ring = sum(e[0] for e in encoded)  # uint32 wraps: the ring
+    weights = [e[1] for e in encoded]
+    assert weights == [min(s, WEIGHT_CAP) for s in steps]
+    expected = np.sum([w * x for w, x in zip(weights, xs)], axis=0) / sum(weights)
+    assert np.max(np.abs(decode(ring, sum(weights), 12) - expected)) < 1e-6
+    big, _, clipped = encode(np.array([100.0, -100.0, 0.5]), 1, 3)
+    assert clipped == 2 and decode(big, 1, 3)[0] == VALUE_BOUND
 
 
 def test_flatten_round_trips_a_state_dict():
@@ -111,7 +123,7 @@ def test_the_server_gets_the_exact_sum_and_nothing_else(consortium, n):
     updates = {name: rng.normal(0, 0.01, 5000) for name in sites}
     for round_no in (0, 1):
         total, masked = _round(sites, server, updates, round_no, list(sites))
-        assert np.max(np.abs(total - np.sum(list(updates.values()), axis=0))) <= n / scale_for(n)
+        assert _close(total, np.mean(list(updates.values()), axis=0), n)
         # what the server holds of one site looks uniform on the ring and tells nothing of its update
         one = masked[sorted(sites)[0]]
         counts = np.bincount((one >> 28).astype(np.int64), minlength=16)
@@ -133,10 +145,10 @@ def test_a_site_lost_after_sharing_costs_nothing(consortium):
     updates = {name: rng.normal(0, 0.01, 3000) for name in sites}
     senders = [s for s in sites if s != "hospital-02"]
     total, _ = _round(sites, server, updates, 1, senders)
-    assert np.max(np.abs(total - np.sum([updates[s] for s in senders], axis=0))) <= 5 / scale_for(5)
+    assert _close(total, np.mean([updates[s] for s in senders], axis=0), 5)
     # a later round without it: its key is known, so no site reveals its self-mask ever again
     total, _ = _round(sites, server, updates, 2, senders)
-    assert np.max(np.abs(total - np.sum([updates[s] for s in senders], axis=0))) <= 5 / scale_for(5)
+    assert _close(total, np.mean([updates[s] for s in senders], axis=0), 5)
     with pytest.raises(SecAggError, match="mask keys revealed in an earlier round"):
         sites["hospital-00"].unmask_shares(0, list(sites), [])
 
@@ -147,7 +159,7 @@ def test_a_site_lost_before_sharing_is_outside_the_group(consortium):
     rng = np.random.default_rng(2)
     updates = {name: rng.normal(0, 0.01, 100) for name in sites}
     total, _ = _round(sites, server, updates, 0, list(sites))
-    assert np.max(np.abs(total - np.sum(list(updates.values()), axis=0))) <= 4 / scale_for(3)
+    assert _close(total, np.mean(list(updates.values()), axis=0), 3)
 
 
 def test_too_few_survivors_reveal_nothing(consortium):

@@ -62,6 +62,13 @@ SITE_NOTES_META = "fedbrain_site_notes"
 TRAINED_SITES_META = "fedbrain_trained_sites"
 #: DXO meta key of the client-level DP filter: the epsilon its noise has bought this job so far.
 CLIENT_DP_EPSILON_META = "client_dp_epsilon"
+#: Secure aggregation (fedbrain.secagg): the one array of a masked update, its layout ([[name, shape], ...]), the
+#: aggregation weight it was scaled by, and the meta key of the setup/unmask messages; the extra tasks' names.
+SECAGG_MASKED = "fedbrain_secagg_masked"
+SECAGG_LAYOUT_META = "fedbrain_secagg_layout"
+SECAGG_WEIGHT_META = "fedbrain_secagg_weight"
+SECAGG_MESSAGE_META = "fedbrain_secagg_message"
+SECAGG_TASKS = ("secagg_advertise", "secagg_share", "secagg_deliver", "secagg_unmask")
 
 
 def case_id_of(item: dict, index: int | None = None) -> str:

@@ -35,11 +35,11 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
-from fedbrain.contracts import NUM_STEPS_META, REFUSED_HEADER
-from fedbrain.privacy.releases import fingerprint, mark_refused, take_release
+from fedbrain.contracts import NUM_STEPS_META, REFUSED_HEADER, SECAGG_LAYOUT_META, SECAGG_MASKED
+from fedbrain.privacy.releases import CLIENT_DP, SECAGG, SECAGG_INPUT, fingerprint, mark_refused, take_release
 
 #: The scope parts (fedbrain.ops.builder.SCOPE_PARTS) whose promise this check proves beyond `standard`'s.
-PROMISES = ("client_dp", "require_encryption")
+PROMISES = ("client_dp", "require_encryption", "require_secagg")
 MODEL_KINDS = (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF)
 #: A plain sequence of more numbers than this is treated as an array (it could carry an update).
 MAX_PLAIN_NUMBERS = 64
@@ -72,11 +72,13 @@ def _leaves(node, path: str):
 
 
 def payload_problems(result: Shareable, parts, personal_parts: str, *, steps_sent=None,
-                     released: dict[str, str] | None = None) -> list[str]:
+                     released: dict[str, dict[str, str]] | None = None) -> list[str]:
     """Why ``result`` breaks the promise of a scope made of ``parts`` (empty: it keeps it).
 
     ``steps_sent``: the NUM_STEPS the site loop put on the result (None: not a training result);
-    ``released``: what the client-level DP filter noised for this task (name -> fingerprint)."""
+    ``released``: what fedbrain's filters released for this task, by kind (name -> fingerprint): the values
+    client-level DP noised, the vector secure aggregation sent and the values it masked."""
+    released = released or {}
     parts, personal = set(parts), re.compile(personal_parts)
     problems: list[str] = []
     try:
@@ -114,12 +116,28 @@ def payload_problems(result: Shareable, parts, personal_parts: str, *, steps_sen
         if plain:
             problems.append(f"{len(plain)} of {len(data)} model values would leave unencrypted "
                             f"(e.g. {', '.join(plain[:3])})")
+    masked = model and set(data) == {SECAGG_MASKED}
+    if masked and fingerprint(data[SECAGG_MASKED]) != released.get(SECAGG, {}).get(SECAGG_MASKED):
+        problems.append("the masked update is not the one fedbrain's secure aggregation made for this result")
+    if "require_secagg" in parts and model:
+        if not masked:
+            problems.append(f"{len(data)} model values would leave unmasked (e.g. {', '.join(list(data)[:3])})")
+        else:
+            layout = (dxo.meta or {}).get(SECAGG_LAYOUT_META) or []
+            size = sum(int(np.prod(shape)) if shape else 1 for _, shape in layout)
+            if size != int(np.size(data[SECAGG_MASKED])) or np.asarray(data[SECAGG_MASKED]).dtype != np.uint32:
+                problems.append("the masked update is not one 32-bit vector of the layout's size")
     if "client_dp" in parts and model:
-        if released is None:
+        noised = released.get(CLIENT_DP)
+        values = released.get(SECAGG_INPUT, {}) if masked else {k: fingerprint(v) for k, v in data.items()
+                                                                 if not _is_ciphertext(v)}
+        if noised is None:
             problems.append("the site's client-level DP filter released nothing for this result")
         else:
-            unknown = [k for k, v in data.items()
-                       if k not in released or (not _is_ciphertext(v) and fingerprint(v) != released[k])]
+            names = set(values) if masked else set(data)
+            unknown = [k for k in sorted(names) if k not in noised or (k in values and values[k] != noised[k])]
+            if masked and set(values) != set(noised):
+                unknown = sorted(set(values) ^ set(noised)) or unknown
             if unknown:
                 problems.append(f"{len(unknown)} model values are not the ones client-level DP noised "
                                 f"(e.g. {', '.join(unknown[:3])})")

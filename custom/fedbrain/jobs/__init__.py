@@ -162,16 +162,19 @@ def _code_free_fedavg():
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
     class CodeFreeFedAvgRecipe(FedAvgRecipe):
-        def __init__(self, *args, fault_policy: dict | None = None, **kwargs):
+        def __init__(self, *args, fault_policy: dict | None = None, secagg: bool = False, **kwargs):
             self._fault_policy = fault_policy or {}  # read by _create_controller, called from __init__
+            self._secagg = secagg
             super().__init__(*args, **kwargs)
 
         def _create_controller(self, persistor_id, model_params, model_aggregator):
-            """FLARE's FedAvg with fedbrain's round policy (fedbrain.fl.resilient); same arguments."""
+            """FLARE's FedAvg with fedbrain's round policy (fedbrain.fl.resilient), or its secure-aggregation
+            form (fedbrain.secagg.server); same arguments."""
             from fedbrain.fl.resilient import ResilientFedAvg
+            from fedbrain.secagg.server import SecAggFedAvg
 
             flare = super()._create_controller(persistor_id, model_params, model_aggregator)
-            return ResilientFedAvg(
+            return (SecAggFedAvg if self._secagg else ResilientFedAvg)(
                 num_clients=flare.num_clients, num_rounds=flare.num_rounds, persistor_id=persistor_id,
                 model=model_params, save_filename=flare.save_filename, aggregator=model_aggregator,
                 stop_cond=flare.stop_cond, patience=flare.patience, task_name=flare.task_name,
@@ -213,9 +216,11 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
         apply_fault_settings(recipe, config)
         groups = [None]
     else:
+        from fedbrain.secagg.server import SecAggSum
+
         recipe = _code_free_fedavg()(**common, key_metric=key_metric, key_metric_mode="max",
-                                     fault_policy=fault_policy(config),
-                                     aggregator=GuardedAggregator.from_config(config),
+                                     fault_policy=fault_policy(config), secagg=config.secagg,
+                                     aggregator=SecAggSum() if config.secagg else GuardedAggregator.from_config(config),
                                      aggregator_data_kind=DataKind.WEIGHT_DIFF)
         apply_fault_settings(recipe, config)
         groups = [None]
@@ -225,12 +230,29 @@ def _build_plain(config: TaskConfig, *, site_script: str, key_metric: str, perso
     for clients in groups:
         for privacy_filter in site_privacy_filters(config, personal_names):
             recipe.add_client_output_filter(privacy_filter, tasks=["train"], clients=clients)
+        if config.secagg:  # masking last, after every privacy filter; the setup and unmasking tasks' executor
+            add_secure_aggregation(recipe, clients)
     # What actually arrived; it ends the job once no site may release updates any more.
     recipe.add_server_input_filter(ReceivedUpdateAudit(), tasks=["train"])
     if config.algorithm != "scaffold":  # ScaffoldRecipe exposes no persistor id to evaluate: the report
         add_final_global_evaluation(recipe)  # then uses the last round
         bound_final_evaluation(recipe, config)
     return recipe
+
+
+def add_secure_aggregation(recipe, clients) -> None:
+    """A site app's part of secure aggregation (fedbrain.secagg.site): the mask as the last ``train`` result
+    filter, and the executor of the setup and unmasking tasks."""
+    from fedbrain.contracts import SECAGG_TASKS
+    from fedbrain.secagg.site import SecAggMask, SecAggSiteExecutor
+
+    recipe.add_client_output_filter(SecAggMask(), tasks=["train"], clients=clients)
+    job = job_of(recipe)
+    for site in clients or [None]:
+        if site:
+            job.to(SecAggSiteExecutor(), site, tasks=list(SECAGG_TASKS))
+        else:
+            job.to_clients(SecAggSiteExecutor(), tasks=list(SECAGG_TASKS))
 
 
 def export_recipe(recipe, export_dir: str | Path, name: str) -> Path:

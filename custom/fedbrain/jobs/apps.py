@@ -27,9 +27,9 @@ SERVER_CONFIG = "config_fed_server.json"
 CLIENT_CONFIG = "config_fed_client.json"
 #: Per task: variant -> the config changes that make it (on the task config's defaults).
 VARIANTS: dict[str, dict[str, dict]] = {
-    "segmentation": {"fedavg": {}, "he": {"he": True}},
+    "segmentation": {"fedavg": {}, "he": {"he": True}, "secagg": {"secagg": True}},
     "classification": {"personal": {}, "fedavg": {"algorithm": "fedavg"}, "scaffold": {"algorithm": "scaffold"},
-                       "he": {"he": True}},
+                       "he": {"he": True}, "secagg": {"secagg": True}},
 }
 #: The variant each checked-in job folder (jobs/<task>/) is assembled from: the task config's default.
 DEFAULT_VARIANT = {"segmentation": "fedavg", "classification": "personal"}

@@ -12,20 +12,22 @@ component the shipped jobs and site policies use is listed and nothing more).
 from __future__ import annotations
 
 #: fedbrain classes a server app names: the round controllers, the aggregator, the audit of what
-#: arrives, the encrypted aggregation, and the networks the server's persistor builds from a spec.
+#: arrives, the encrypted and the securely masked aggregation, and the networks the server's persistor builds from a spec.
 FEDBRAIN_SERVER_CLASSES = (
     "fedbrain.fl.resilient.ResilientFedAvg",
     "fedbrain.fl.resilient.ResilientScaffold",
     "fedbrain.aggregation.aggregator.GuardedAggregator",
     "fedbrain.filters.audit.ReceivedUpdateAudit",
     "fedbrain.filters.he.TimedHEAggregator",
+    "fedbrain.secagg.server.SecAggFedAvg",
+    "fedbrain.secagg.server.SecAggSum",
     "fedbrain.models.segmentation.SeededUNet",
     "fedbrain.models.segmentation.SeededSegResNet",
     "fedbrain.models.segmentation.DualStreamSegNet",
     "fedbrain.models.classifier.DualStreamClassifier",
 )
 #: fedbrain classes a site app (or the site's own privacy policy) names: the installed-script
-#: executor, the HE filters, and the privacy filters.
+#: executor, the HE filters, secure aggregation's executor and mask, and the privacy filters.
 FEDBRAIN_SITE_CLASSES = (
     "fedbrain.fl.executor.InstalledScriptExecutor",
     "fedbrain.filters.he.SharedPartDecryptor",
@@ -34,6 +36,8 @@ FEDBRAIN_SITE_CLASSES = (
     "fedbrain.privacy.client_dp.ClientLevelDP",
     "fedbrain.filters.require_encryption.RequireEncryption",
     "fedbrain.filters.final_check.FinalPayloadCheck",
+    "fedbrain.secagg.site.SecAggSiteExecutor",
+    "fedbrain.secagg.site.SecAggMask",
 )
 #: FLARE classes fedbrain's server apps name that FLARE's default allow-list lacks.
 FLARE_SERVER_EXTRAS = (

@@ -38,6 +38,8 @@ SCOPE_PARTS = {
     "dp": ("client_dp",),
     "encrypted": ("require_encryption",),
     "dp_encrypted": ("client_dp", "require_encryption"),
+    "secagg": ("require_secagg",),
+    "dp_secagg": ("client_dp", "require_secagg"),
 }
 SCOPES = tuple(SCOPE_PARTS)
 #: What a federated update must never contain: the classifier's personal head (regex on
@@ -79,7 +81,7 @@ def privacy_policy(default_scope: str = "standard", update_norm_clip: float = 10
     offered = offered_scopes(default_scope)
     return {
         "scopes": [{"name": name, "properties": {},
-                    "task_result_filters": standard + [parts[p] for p in SCOPE_PARTS[name]]}
+                    "task_result_filters": standard + [parts[p] for p in SCOPE_PARTS[name] if p in parts]}
                    for name in offered],
         "default_scope": default_scope,
         # Runs in every job process after the job's own components: the scope's promise checked on

@@ -11,7 +11,9 @@ import threading
 
 import numpy as np
 
-_released: dict[str, dict[str, str]] = {}  # task id -> {name: fingerprint}
+_released: dict[str, dict[str, dict[str, str]]] = {}  # task id -> {kind: {name: fingerprint}}
+#: Kinds of release: what client-level DP noised; what secure aggregation masked (and the mask of it).
+CLIENT_DP, SECAGG, SECAGG_INPUT = "client_dp", "secagg", "secagg_input"
 _lock = threading.Lock()
 
 
@@ -23,11 +25,12 @@ def fingerprint(value) -> str:
     return hashlib.sha256(str(arr.dtype).encode() + str(arr.shape).encode() + arr.tobytes()).hexdigest()
 
 
-def record_release(task_id: str | None, data: dict) -> None:
-    """Called by the client-level DP filter with what it just released (noised) for ``task_id``."""
+def record_release(task_id: str | None, data: dict, kind: str = CLIENT_DP) -> None:
+    """Called by the filter that just released ``data`` for ``task_id``: the client-level DP filter (what it
+    noised), the secure-aggregation mask (``SECAGG``: what it sent; ``SECAGG_INPUT``: what it masked)."""
     if task_id:
         with _lock:
-            _released[task_id] = {k: fingerprint(v) for k, v in data.items()}
+            _released.setdefault(task_id, {})[kind] = {k: fingerprint(v) for k, v in data.items()}
 
 
 _refused_jobs: set[str] = set()
@@ -45,7 +48,7 @@ def job_refused(job_id: str | None) -> bool:
         return bool(job_id) and job_id in _refused_jobs
 
 
-def take_release(task_id: str | None) -> dict[str, str] | None:
-    """What was released for ``task_id`` (and forget it); None if nothing was."""
+def take_release(task_id: str | None) -> dict[str, dict[str, str]] | None:
+    """What was released for ``task_id``, by kind (and forget it); None if nothing was."""
     with _lock:
         return _released.pop(task_id, None) if task_id else None

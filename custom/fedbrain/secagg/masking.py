@@ -1,9 +1,11 @@
 """Fixed-point updates in the ring of 32-bit integers, and the stream-cipher masks that hide them.
 
-A site's (already clipped and, where its scope says, noised) update is scaled by its aggregation weight
-fraction, clipped per value to ``bound`` and rounded stochastically to fixed point with ``scale``
-steps per unit, chosen so that the sum of ``n_sites`` such values cannot leave the signed 32-bit range:
-the sum the server unmasks is exact modulo 2**32 and equals the float sum within one step per site.
+A site's (already clipped and, where its scope says, noised) update is clipped per value to ``VALUE_BOUND``,
+multiplied by its aggregation weight (its step count, capped at ``WEIGHT_CAP``) and rounded stochastically
+to fixed point with ``scale`` steps per unit, chosen so that the sum of ``n_sites`` such values cannot leave
+the signed 32-bit range: the sum the server unmasks is exact modulo 2**32 and equals the float sum within one
+step per site. The server divides by the total weight (the step counts are in the clear, as in plaintext
+FedAvg) and holds the weighted average.
 A mask is ChaCha20's key stream under a 32-byte seed, with the round number in the nonce, so every
 round's mask is fresh while the seeds are agreed once per job.
 """
@@ -17,8 +19,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 RING_BITS = 32
 RING_DTYPE = np.uint32
-#: Default per-value clip of the weighted update (weights of a round's update are far below it).
-DEFAULT_BOUND = 16.0
+#: Per-value clip of an update (a round's weight changes are far below it; clipped values are counted).
+VALUE_BOUND = 4.0
+#: Largest aggregation weight (steps in a round): a site that trained more steps weighs as this many.
+WEIGHT_CAP = 256
+DEFAULT_BOUND = VALUE_BOUND * WEIGHT_CAP
 
 
 def scale_for(n_sites: int, bound: float = DEFAULT_BOUND) -> float:
@@ -73,3 +78,19 @@ def unflatten(vector: np.ndarray, layout: list[list]) -> dict[str, np.ndarray]:
     if at != len(vector):
         raise ValueError(f"layout holds {at} values, the vector {len(vector)}")
     return out
+
+
+def encode(update: np.ndarray, steps: float, n_sites: int, rng: np.random.Generator | None = None):
+    """A site's update as ring elements weighted by its step count: (ring vector, weight used, values clipped)."""
+    weight = float(min(max(float(steps), 0.0), WEIGHT_CAP))
+    x = np.asarray(update, dtype=np.float64).ravel()
+    clipped = int(np.count_nonzero(np.abs(x) > VALUE_BOUND))
+    ring, _ = quantize(np.clip(x, -VALUE_BOUND, VALUE_BOUND) * weight, scale_for(n_sites), rng=rng)
+    return ring, weight, clipped
+
+
+def decode(ring_sum: np.ndarray, total_weight: float, n_sites: int) -> np.ndarray:
+    """The weighted average from the unmasked sum of :func:`encode`'s vectors and the senders' total weight."""
+    if not total_weight > 0:
+        raise ValueError("no weight in the round: nothing trained")
+    return dequantize(ring_sum, scale_for(n_sites)) / total_weight

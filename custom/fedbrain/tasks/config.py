@@ -39,7 +39,7 @@ class TaskConfig:
     FIELD_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "federation": ("name", "algorithm", "rounds", "min_clients", "epochs_per_round", "fedprox_mu",
                        "aggregation", "trim_fraction", "krum_byzantine", "guard", "guard_z", "guard_flag_after"),
-        "privacy": ("he", "dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta",
+        "privacy": ("he", "secagg", "dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta",
                     "client_dp_clip", "client_dp_noise", "min_trained_sites"),
         "resilience": ("round_timeout", "min_responses", "dead_site_grace"),
     }
@@ -62,6 +62,7 @@ class TaskConfig:
     device: str = "auto"  # "auto" -> cuda when available, else cpu; a site may override
     amp: bool = True  # mixed precision, only ever used on cuda
     he: bool = False  # CKKS-encrypted updates: the server sums what it cannot read (needs an HE-provisioned kit)
+    secagg: bool = False  # pairwise-masked updates (fedbrain.secagg): the server unmasks the round's sum only
     # Sample-level DP-SGD (fedbrain.privacy.dpsgd): on when dp_epsilon or dp_noise_multiplier is set.
     dp_epsilon: float | None = None  # this job's epsilon: noise calibrated to spend it over rounds x epochs; a cap
     dp_noise_multiplier: float | None = None  # fixed noise instead of calibrating to dp_epsilon
@@ -99,6 +100,14 @@ class TaskConfig:
             raise ValueError("fedprox_mu must be >= 0")
         if self.rounds < 1 or self.epochs_per_round < 1:
             raise ValueError(f"rounds and epochs_per_round must be >= 1, got {self.rounds}, {self.epochs_per_round}")
+        if self.secagg and (self.he or self.algorithm == "scaffold" or self.aggregation != "fedavg"):
+            raise ValueError("secagg: the server learns only the sum of a round's masked updates, so it cannot also "
+                             "decrypt (he), move SCAFFOLD's control variates (they travel unmasked in the meta) or "
+                             "combine other than by a weighted average; use algorithm fedavg/fedprox, aggregation "
+                             "fedavg and no he with secagg")
+        if self.guard and self.secagg:
+            raise ValueError("guard: the update guard screens each site's update at the server, and under secagg the "
+                             "server never sees one; leave guard unset (off on this path) or set it off")
         if self.he and self.algorithm == "scaffold":
             raise ValueError("he: SCAFFOLD's control variates travel unencrypted in the update's meta; "
                              "use fedavg, fedprox or personal with he")
@@ -152,7 +161,7 @@ class TaskConfig:
     @property
     def update_guard(self) -> bool:
         """Whether the server screens this job's updates (``guard``, resolved for the job's path)."""
-        return self.guard if self.guard is not None else not (self.he or self.algorithm == "scaffold")
+        return self.guard if self.guard is not None else not (self.he or self.secagg or self.algorithm == "scaffold")
 
     @property
     def dp(self) -> bool:
