@@ -1,4 +1,5 @@
-"""FAULT INJECTION, for tests and benchmarks only: poison one named site's outgoing update.
+"""FAULT INJECTION, for tests and benchmarks only: poison one named site's outgoing update (also: a site
+that dies before sending, a curious server that keeps what it receives).
 
 ``PoisonUpdate(site, kind)`` is a client result filter (after the site's own privacy filters) that
 rewrites the weight difference the named site sends; at any other site it passes the update
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.filter import Filter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
@@ -115,13 +117,65 @@ def export_with_attack(config, export_dir, attack: dict | None, sites=None) -> P
     return export_recipe(recipe, export_dir, config.name)
 
 
+class CuriousServer(Filter):
+    """An honest-but-curious server: it keeps what each site's ``train`` result carried as it arrived (the
+    first ``keep`` values of every array), in ``curious_server/<site>_round<r>.npz`` of the job's run folder,
+    so a test can look at exactly what a server could read."""
+
+    def __init__(self, keep: int = 65536):
+        super().__init__()
+        self.keep = int(keep)
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        from nvflare.apis.dxo import from_shareable
+        from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+        from nvflare.app_common.app_constant import AppConstants
+
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:  # noqa: BLE001 - an error reply: nothing to keep
+            return shareable
+        site = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?")
+        round_no = shareable.get_header(AppConstants.CURRENT_ROUND)
+        arrays = {k: as_numpy(v).ravel()[:self.keep] for k, v in (dxo.data or {}).items() if hasattr(v, "shape")}
+        run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_prop(FLContextKey.CURRENT_RUN)))
+        (run_dir / "curious_server").mkdir(exist_ok=True)
+        np.savez(run_dir / "curious_server" / f"{site}_round{round_no}.npz", **arrays)
+        return shareable
+
+
+class CrashBeforeSend(Filter):
+    """Fault injection: ``site``'s job process dies in round ``round_no`` after training, before its
+    result leaves (for secure aggregation: after the key setup, before the masked update)."""
+
+    def __init__(self, site: str, round_no: int):
+        super().__init__()
+        self.site, self.round_no = site, int(round_no)
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        import os
+
+        from nvflare.app_common.app_constant import AppConstants
+
+        if fl_ctx.get_identity_name() == self.site and shareable.get_header(AppConstants.CURRENT_ROUND) == self.round_no:
+            self.log_warning(fl_ctx, f"FAULT INJECTION: {self.site}'s job process dies before sending round {self.round_no}")
+            os._exit(1)
+        return shareable
+
+
+#: The test-support classes a test POC admits (sites; server).
+SITE_SUPPORT = (PoisonUpdate, CrashBeforeSend)
+SERVER_SUPPORT = (CuriousServer,)
+
+
 def admit_attack_filter(poc) -> None:
-    """Let a test or benchmark POC run :class:`PoisonUpdate`: its exact class on each site kit's
-    class allow-list, and this package on the consortium's PYTHONPATH (call before the POC starts)."""
-    path = f"{PoisonUpdate.__module__}.{PoisonUpdate.__name__}"
-    for site in poc.sites:
-        resources = poc.kit(site) / "local" / "resources.json"
+    """Let a test or benchmark POC run the test-support classes (:class:`PoisonUpdate`, :class:`CrashBeforeSend`
+    at the sites, :class:`CuriousServer` at the server): their exact classes on each kit's class allow-list, and
+    this package on the consortium's PYTHONPATH (call before the POC starts)."""
+    server = next(p.name for p in poc.participants("server"))
+    for name, classes in [(site, SITE_SUPPORT) for site in poc.sites] + [(server, SERVER_SUPPORT)]:
+        resources = poc.kit(name) / "local" / "resources.json"
         res = json.loads(resources.read_text())
-        res["class_allow_list"] = [*res.get("class_allow_list", []), path]
+        res["class_allow_list"] = [*res.get("class_allow_list", []), *(f"{c.__module__}.{c.__name__}" for c in classes)]
         resources.write_text(json.dumps(res, indent=2))
     poc.extra_env["PYTHONPATH"] = str(SUPPORT_ROOT)

@@ -210,3 +210,27 @@ def test_a_site_policy_edited_since_the_site_started_refuses_the_job_until_a_res
     _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, update())
     _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, result)
     assert "local/privacy.json changed since the site started" in result.get_header(REFUSED_HEADER)
+
+
+def test_secagg_scope_lets_only_fedbrains_masked_vector_leave():
+    """The `secagg` scope: one 32-bit vector of the layout's size, byte for byte what fedbrain's mask made for
+    this result; a plaintext update, or a vector the job's own filter put in its place, is refused."""
+    from fedbrain.contracts import SECAGG_LAYOUT_META, SECAGG_MASKED
+    from fedbrain.privacy.releases import SECAGG, record_release
+
+    secagg = SCOPE_PARTS["secagg"]
+    layout = {SECAGG_LAYOUT_META: [["enc.weight", [4, 3]], ["enc.bias", [4]]]}
+    vector = np.arange(16, dtype=np.uint32)
+    record_release("t9", {SECAGG_MASKED: vector}, kind=SECAGG)
+    released = take_release("t9")
+    good = update(meta=layout, **{SECAGG_MASKED: vector})
+    assert payload_problems(good, secagg, PERSONAL_PARTS, steps_sent=5, released=released) == []
+    plain = payload_problems(update(), secagg, PERSONAL_PARTS, released=released)
+    assert "2 model values would leave unmasked" in " ".join(plain)
+    forged = update(meta=layout, **{SECAGG_MASKED: vector + 1})  # e.g. a job filter that unmasks or re-masks
+    assert "not the one fedbrain's secure aggregation made" in " ".join(
+        payload_problems(forged, secagg, PERSONAL_PARTS, released=released))
+    short = update(meta=layout, **{SECAGG_MASKED: vector[:8]})
+    record_release("t10", {SECAGG_MASKED: vector[:8]}, kind=SECAGG)
+    assert "not one 32-bit vector of the layout's size" in " ".join(
+        payload_problems(short, secagg, PERSONAL_PARTS, released=take_release("t10")))
