@@ -145,8 +145,9 @@ class CuriousServer(Filter):
 
 
 class CrashBeforeSend(Filter):
-    """Fault injection: ``site``'s job process dies in round ``round_no`` after training, before its
-    result leaves (for secure aggregation: after the key setup, before the masked update)."""
+    """Fault injection: ``site``'s job process is killed (SIGKILL, as by the OOM killer or a lost machine) in round
+    ``round_no`` after training, before its result leaves (for secure aggregation: after the key setup, before the
+    masked update)."""
 
     def __init__(self, site: str, round_no: int):
         super().__init__()
@@ -154,12 +155,13 @@ class CrashBeforeSend(Filter):
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         import os
+        import signal
 
         from nvflare.app_common.app_constant import AppConstants
 
         if fl_ctx.get_identity_name() == self.site and shareable.get_header(AppConstants.CURRENT_ROUND) == self.round_no:
             self.log_warning(fl_ctx, f"FAULT INJECTION: {self.site}'s job process dies before sending round {self.round_no}")
-            os._exit(1)
+            os.kill(os.getpid(), signal.SIGKILL)
         return shareable
 
 

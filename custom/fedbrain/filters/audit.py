@@ -18,7 +18,8 @@ from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedbrain.contracts import AUDIT_FILE, REFUSED_HEADER, SITE_NOTES_META, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_METRICS_LOG_TAG
+from fedbrain.contracts import (AUDIT_FILE, DP_WITHHELD, DP_WITHHELD_REASONS, REFUSED_HEADER, SECAGG_MASKED,
+                                SITE_METRICS_LOG_TAG, SITE_NOTES_META)
 
 
 def _wire_bytes(value) -> int:
@@ -90,7 +91,8 @@ class ReceivedUpdateAudit(Filter):
                     self._told.add((entry["site"], note))
                     self.log_warning(fl_ctx, f"{entry['site']}: {note}")
         entry["bytes"] = sum(p["bytes"] for p in entry["params"].values())
-        entry["l2_norm"] = _plain_l2_norm(data) if isinstance(data, dict) else None
+        masked = isinstance(data, dict) and set(data) == {SECAGG_MASKED}  # a norm of masked values means nothing
+        entry["l2_norm"] = _plain_l2_norm(data) if isinstance(data, dict) and not masked else None
         values = {k: float(v) for k, v in (meta.get("initial_metrics") or {}).items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if values.get(DP_WITHHELD):
