@@ -165,14 +165,45 @@ class CrashBeforeSend(Filter):
         return shareable
 
 
+class SwapSecAggKey(Filter):
+    """A server that substitutes keys: in the secure-aggregation setup it puts a masking key of its own in place of
+    ``site``'s (keeping that site's signature) before forwarding the advertisements (a server task data filter on
+    ``secagg_share``). Every site must refuse the setup."""
+
+    def __init__(self, site: str):
+        super().__init__()
+        self.site = site
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        import base64
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+        from nvflare.apis.dxo import from_shareable
+
+        from fedbrain.contracts import SECAGG_MESSAGE_META
+
+        dxo = from_shareable(shareable)
+        message = json.loads(dxo.meta[SECAGG_MESSAGE_META])
+        raw = X25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.Raw,
+                                                                    serialization.PublicFormat.Raw)
+        for ad in message.get("advertisements", []):
+            if ad.get("site") == self.site:
+                ad["s_pk"] = base64.b64encode(raw).decode()
+                self.log_warning(fl_ctx, f"ATTACK: the server swapped {self.site}'s masking key")
+        dxo.meta[SECAGG_MESSAGE_META] = json.dumps(message)
+        return dxo.update_shareable(shareable)
+
+
 #: The test-support classes a test POC admits (sites; server).
 SITE_SUPPORT = (PoisonUpdate, CrashBeforeSend)
-SERVER_SUPPORT = (CuriousServer,)
+SERVER_SUPPORT = (CuriousServer, SwapSecAggKey)
 
 
 def admit_attack_filter(poc) -> None:
     """Let a test or benchmark POC run the test-support classes (:class:`PoisonUpdate`, :class:`CrashBeforeSend`
-    at the sites, :class:`CuriousServer` at the server): their exact classes on each kit's class allow-list, and
+    at the sites, :class:`CuriousServer`, :class:`SwapSecAggKey` at the server): their exact classes on each kit's
+    class allow-list, and
     this package on the consortium's PYTHONPATH (call before the POC starts)."""
     server = next(p.name for p in poc.participants("server"))
     for name, classes in [(site, SITE_SUPPORT) for site in poc.sites] + [(server, SERVER_SUPPORT)]:

@@ -21,8 +21,8 @@ from poc_shared import first_wave, second_wave, shared_poc  # noqa: F401 (sessio
 TESTS = Path(__file__).parent
 #: In the order they run. The fault tests first: their rounds time out at 20 s on purpose, so they
 #: run beside unit tests only, never beside another consortium's job processes.
-SHARED_LANE = ("test_poc_faults.py", "test_poc_he.py", "test_poc_attacks.py", "test_poc_hostile.py",
-               "test_poc_classify.py", "test_poc_e2e.py", "test_poc_dp.py", "test_poc_policy.py", "test_poc_secagg.py")
+SHARED_LANE = ("test_poc_faults.py", "test_poc_he.py", "test_poc_attacks.py", "test_poc_hostile.py", "test_poc_secagg.py",
+               "test_poc_classify.py", "test_poc_e2e.py", "test_poc_dp.py", "test_poc_policy.py")
 #: The 12-site load test last: by then the shared lane's side-by-side jobs are done (two consortia starting
 #: 16 processes at once on 2 cores pushed its start past 300 s).
 OWN_KIT_LANE = ("test_poc_deployment.py", "test_poc_wheel.py", "test_poc_load.py")

@@ -164,7 +164,46 @@ def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
         # ... jobs whose own filters undo their scope's promise, refused by each site's final check
         "hostile_encrypted": hostile_encrypted_job(jobs / "hostile_encrypted", sites),
         "hostile_dp": hostile_dp_job(jobs / "hostile_dp", sites),
+        # test_poc_secagg: masked updates seen by a curious server; a site killed after the key setup
+        "secagg_curious": secagg_job(jobs / "secagg_curious", "poc_secagg", sites),
+        "secagg_lost": secagg_job(jobs / "secagg_lost", "poc_secagg_lost", sites, crash=("hospital-c", 0),
+                                  min_clients=2, min_responses=2, min_trained_sites=2, round_timeout=45,
+                                  dead_site_grace=10),
+        "secagg_swapped": secagg_job(jobs / "secagg_swapped", "poc_secagg_swapped", sites, swap="hospital-c"),
     }
+
+
+def _edit_app(job: Path, app: str, edit) -> None:
+    path = job / app / "config" / ("config_fed_server.json" if app == "app_server" else "config_fed_client.json")
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def secagg_job(out: Path, name: str, sites, crash: tuple[str, int] | None = None, swap: str | None = None,
+               **changes) -> Path:
+    """A secure-aggregation classifier job under the `secagg` scope, with a curious server filter that keeps what
+    the server received; ``crash = (site, round)``: that site's job process is killed before it sends that round;
+    ``swap``: the server substitutes that site's masking key in the setup."""
+    job = classification_job.export(classify_config(name=name, secagg=True, **changes), out, sites=sites)
+    meta = json.loads((job / "meta.json").read_text())
+    meta["scope"] = "secagg"  # every site's final check then refuses anything but a masked update
+    (job / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    def curious(config):  # after the server's audit, in its `train` chain (FLARE takes one chain per task)
+        (chain,) = [c for c in config["task_result_filters"] if c["tasks"] == ["train"]]
+        chain["filters"].append({"path": "fedbrain_testing.attack.CuriousServer", "args": {}})
+    _edit_app(job, "app_server", curious)
+    if swap:
+        _edit_app(job, "app_server", lambda c: c.setdefault("task_data_filters", []).append(
+            {"tasks": ["secagg_share"], "filters": [{"path": "fedbrain_testing.attack.SwapSecAggKey",
+                                                     "args": {"site": swap}}]}))
+    if crash:
+        def kill(config):
+            config["task_result_filters"][0]["filters"].insert(0, {
+                "path": "fedbrain_testing.attack.CrashBeforeSend", "args": {"site": crash[0], "round_no": crash[1]}})
+        _edit_app(job, f"app_{crash[0]}", kill)
+    return job
 
 
 #: A config-only job's component that calls a fedbrain function at each site: it would rewrite the
@@ -262,7 +301,7 @@ def first_wave(shared_poc):
     results = run_jobs_side_by_side(shared_poc.poc, jobs, shared_poc.run_dir / "results", max_active=4, timeout=1500)
     shared_poc.local_state_after_wave = local_state(shared_poc.poc)
     missing = {name: meta.get("status") for name, (meta, path, _) in results.items()
-               if path is None and not name.startswith("hostile")}
+               if path is None and not name.startswith(("hostile", "secagg_swapped"))}
     assert not missing, f"jobs of the shared POC did not finish: {missing}"
     return results
 

@@ -234,3 +234,34 @@ def test_secagg_scope_lets_only_fedbrains_masked_vector_leave():
     record_release("t10", {SECAGG_MASKED: vector[:8]}, kind=SECAGG)
     assert "not one 32-bit vector of the layout's size" in " ".join(
         payload_problems(short, secagg, PERSONAL_PARTS, released=take_release("t10")))
+
+
+def test_under_secure_aggregation_dp_adds_a_share_of_the_noise_that_may_leave_only_masked():
+    """In a job whose secure-aggregation setup completed at this site (threshold t = 2 of 3), client-level DP adds
+    noise of std 1/sqrt(2) of the target: the masked sum of at least 2 sites carries the whole noise. The same
+    update without the mask (a job that dropped it) is refused by the final check under any scope."""
+    from nvflare.apis.fl_constant import ReservedKey
+
+    from fedbrain.secagg import site as secagg_site
+    from fedbrain.secagg.protocol import ServerSecAgg, SiteSecAgg
+    from fedbrain_testing import pki
+
+    sites = {n: SiteSecAgg(i, "j-share", [0]) for n, i in pki.consortium(["a", "b", "c"]).items()}
+    server = ServerSecAgg("j-share")
+    ads = [s.advertise() for s in sites.values()]
+    routed = server.route({n: s.share(ads, server.setup(ads)) for n, s in sites.items()})
+    for n, s in sites.items():
+        s.receive(routed[n], server.members)
+    secagg_site._JOBS["j-share"] = sites["a"]
+    try:
+        ctx = FLContext()
+        ctx.set_prop(FLContextKey.TASK_ID, "t-share", private=True, sticky=False)
+        ctx.set_prop(ReservedKey.RUN_NUM, "j-share", private=False, sticky=False)
+        zeros = update(w=np.zeros(200_000, np.float32))
+        noised = ClientLevelDP(clip_norm=1.0, noise_multiplier=1.0).process(zeros, ctx)
+        std = float(np.std(from_shareable(noised).data["w"]))
+        assert abs(std - 2 ** -0.5) < 0.01, std
+        problems = payload_problems(noised, DP, PERSONAL_PARTS, released=take_release("t-share"))
+        assert "share of the noise (secure aggregation), and the update would leave unmasked" in " ".join(problems)
+    finally:
+        secagg_site._JOBS.pop("j-share", None)

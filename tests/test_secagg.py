@@ -4,45 +4,24 @@ lost site costs nothing, a swapped key or too few survivors stop the round with 
 
 from __future__ import annotations
 
-import datetime
-
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from scipy import stats
 
 from fedbrain.secagg import shamir
 from fedbrain.secagg.masking import VALUE_BOUND, WEIGHT_CAP, decode, encode, flatten, prg, unflatten
 from fedbrain.secagg.protocol import Identity, SecAggError, ServerSecAgg, SiteSecAgg, threshold_for
+from fedbrain_testing import pki
 
 JOB = "job-1"
 
 
-def _cert(name, key, issuer_name, issuer_key, ca=False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture(scope="module")
 def consortium():
-    """A root CA and one identity per site, like a provisioned kit's startup/."""
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    root = _cert("fedbrain-test-ca", ca_key, "fedbrain-test-ca", ca_key, ca=True)
-    out = {}
-    for i in range(12):
-        name = f"hospital-{i:02d}"
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        out[name] = Identity(name, key, _cert(name, key, "fedbrain-test-ca", ca_key), root)
-    other_ca = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    out["_foreign_root"] = _cert("other-ca", other_ca, "other-ca", other_ca, ca=True)
+    """A root CA and one identity per site, like a provisioned kit's startup/; and a foreign CA."""
+    out = pki.consortium([f"hospital-{i:02d}" for i in range(12)])
+    other_ca = pki.new_key()
+    out["_foreign_root"] = pki.certificate("other-ca", other_ca, "other-ca", other_ca, ca=True)
     out["_foreign_key"] = other_ca
     return out
 
@@ -193,7 +172,7 @@ def test_a_swapped_key_is_detected_by_the_sites(consortium):
 
 def test_a_certificate_from_another_ca_or_name_is_refused(consortium):
     foreign = Identity("hospital-01", consortium["_foreign_key"],
-                       _cert("hospital-01", consortium["_foreign_key"], "other-ca", consortium["_foreign_key"]),
+                       pki.certificate("hospital-01", consortium["_foreign_key"], "other-ca", consortium["_foreign_key"]),
                        consortium["_foreign_root"])
 
     def outsider(ads):

@@ -36,7 +36,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
 from fedbrain.contracts import NUM_STEPS_META, REFUSED_HEADER, SECAGG_LAYOUT_META, SECAGG_MASKED
-from fedbrain.privacy.releases import CLIENT_DP, SECAGG, SECAGG_INPUT, fingerprint, mark_refused, take_release
+from fedbrain.privacy.releases import (CLIENT_DP, CLIENT_DP_SHARED, SECAGG, SECAGG_INPUT, fingerprint, mark_refused,
+                                       take_release)
 
 #: The scope parts (fedbrain.ops.builder.SCOPE_PARTS) whose promise this check proves beyond `standard`'s.
 PROMISES = ("client_dp", "require_encryption", "require_secagg")
@@ -127,8 +128,11 @@ def payload_problems(result: Shareable, parts, personal_parts: str, *, steps_sen
             size = sum(int(np.prod(shape)) if shape else 1 for _, shape in layout)
             if size != int(np.size(data[SECAGG_MASKED])) or np.asarray(data[SECAGG_MASKED]).dtype != np.uint32:
                 problems.append("the masked update is not one 32-bit vector of the layout's size")
+    if CLIENT_DP_SHARED in released and model and not masked:
+        problems.append("client-level DP added only this site's share of the noise (secure aggregation), and the "
+                        "update would leave unmasked")
     if "client_dp" in parts and model:
-        noised = released.get(CLIENT_DP)
+        noised = released.get(CLIENT_DP, released.get(CLIENT_DP_SHARED))
         values = released.get(SECAGG_INPUT, {}) if masked else {k: fingerprint(v) for k, v in data.items()
                                                                  if not _is_ciphertext(v)}
         if noised is None:

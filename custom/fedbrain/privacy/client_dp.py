@@ -3,7 +3,9 @@
 ``UpdateNormClip(max_norm)`` scales an outgoing update so its L2 norm (over all its float
 tensors) is at most ``max_norm``: it bounds any one site's influence on the global model.
 ``ClientLevelDP(clip_norm, noise_multiplier)`` clips the same way, then adds Gaussian noise
-of std ``noise_multiplier * clip_norm`` to every value, and keeps an RDP account of the job
+of std ``noise_multiplier * clip_norm`` to every value (under secure aggregation with threshold t, 1/sqrt(t) of it:
+the server only ever sees the masked sum of at least t updates, which carries the whole noise; such an update may
+leave the site only masked), and keeps an RDP account of the job
 (sampling rate 1, one release per round): the epsilon it has bought so far rides in the
 update's meta (``client_dp_epsilon``) and in the site's log.
 
@@ -25,7 +27,7 @@ from nvflare.apis.shareable import Shareable
 
 from fedbrain.contracts import CLIENT_DP_EPSILON_META
 from fedbrain.privacy.accounting import epsilon_of
-from fedbrain.privacy.releases import record_release
+from fedbrain.privacy.releases import CLIENT_DP, CLIENT_DP_SHARED, record_release
 from fedbrain.updates import is_float, update_norm
 
 KINDS = [DataKind.WEIGHT_DIFF, DataKind.WEIGHTS]
@@ -108,14 +110,21 @@ class ClientLevelDP(UpdateNormClip):
         return epsilon_of([(self.noise_multiplier, 1.0, self.releases)] if self.releases else [], self.delta)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
-        data = add_gaussian_noise(self._clip(dxo, fl_ctx), self.std, self._rng)
+        from fedbrain.secagg.site import noise_share
+
+        share = noise_share(fl_ctx.get_job_id())  # t under secure aggregation: the sum of >= t carries the noise
+        std = self.std / share ** 0.5
+        data = add_gaussian_noise(self._clip(dxo, fl_ctx), std, self._rng)
         self.releases += 1
         eps = self.epsilon()
-        self.log_info(fl_ctx, f"client-level DP: release {self.releases}, clip {self.max_norm:g}, noise std "
-                              f"{self.std:g}: epsilon {eps:.3f} at delta {self.delta:g} for this job")
+        self.log_info(fl_ctx, f"client-level DP: release {self.releases}, clip {self.max_norm:g}, noise std {std:g}"
+                              + (f" (1/sqrt({share}) of {self.std:g}: the masked sum of at least {share} sites carries "
+                                 f"the whole noise)" if share > 1 else "")
+                              + f": epsilon {eps:.3f} at delta {self.delta:g} for this job")
         out = DXO(data_kind=dxo.data_kind, data=data, meta=dxo.meta)
         out.set_meta_prop(CLIENT_DP_EPSILON_META, eps)
-        record_release(fl_ctx.get_prop(FLContextKey.TASK_ID), data)  # what the site's final check will expect
+        # what the site's final check will expect; a share of the noise may only leave masked
+        record_release(fl_ctx.get_prop(FLContextKey.TASK_ID), data, kind=CLIENT_DP_SHARED if share > 1 else CLIENT_DP)
         return out
 
 

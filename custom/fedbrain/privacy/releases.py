@@ -14,6 +14,8 @@ import numpy as np
 _released: dict[str, dict[str, dict[str, str]]] = {}  # task id -> {kind: {name: fingerprint}}
 #: Kinds of release: what client-level DP noised; what secure aggregation masked (and the mask of it).
 CLIENT_DP, SECAGG, SECAGG_INPUT = "client_dp", "secagg", "secagg_input"
+#: What client-level DP noised with only its share of the noise (secure aggregation): it may leave only masked.
+CLIENT_DP_SHARED = "client_dp_shared"
 _lock = threading.Lock()
 
 

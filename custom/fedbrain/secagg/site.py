@@ -28,6 +28,13 @@ from fedbrain.secagg.protocol import Identity, SecAggError, SiteSecAgg
 _JOBS: dict[str, SiteSecAgg] = {}
 
 
+def noise_share(job_id: str | None) -> int:
+    """Among how many sites client-level DP may split its noise in this job: the threshold t of a completed
+    secure-aggregation setup at this site (the server unmasks only sums of at least t), else 1."""
+    state = _JOBS.get(job_id) if job_id else None
+    return int(state.threshold) if state is not None and state.members else 1
+
+
 def message(shareable: Shareable) -> dict:
     """The JSON message a secure-aggregation task or reply carries."""
     return json.loads(from_shareable(shareable).meta[SECAGG_MESSAGE_META])
