@@ -116,9 +116,10 @@ def rows(result: dict) -> list:
         ]
     for s in result.get("scale", []):
         out.append((f"Protocol work at {s['n']} sites (threshold {s['threshold']}): setup per site / masking one "
-                    f"update per site / server unmasking, none lost / one lost (s)",
-                    f"{s['setup_per_site_s']:.2f} / {s['mask_per_site_s']:.2f} / {s['unmask_lost0_s']:.2f} / "
-                    f"{s['unmask_lost1_s']:.2f}", "", f"{result['values']:,} values, one process"))
+                    f"update per site / server unmasking, none lost / one lost (ms)",
+                    " / ".join(f"{1000 * s[k]:.0f}" for k in ("setup_per_site_s", "mask_per_site_s", "unmask_lost0_s",
+                                                               "unmask_lost1_s")),
+                    "", f"{result['values']:,} values, one process"))
     return out
 
 
