@@ -27,6 +27,27 @@ def test_private_function_still_exists(module, name):
     assert callable(getattr(importlib.import_module(module), name, None)), f"{module}.{name} is gone"
 
 
+@pytest.mark.parametrize("module,name", [(m, n) for m, ns in fp.CONSTANTS.items() for n in ns])
+def test_private_constant_still_exists_and_is_read_where_it_is_used(module, name):
+    """The constant exists, and FLARE's code still reads the module global (so changing it changes the wait)."""
+    mod = importlib.import_module(module)
+    assert isinstance(getattr(mod, name, None), (int, float)), f"{module}.{name} is gone"
+    assert inspect.getsource(mod).count(name) >= 3, f"{module} no longer reads {name} where it waits"
+
+
+def test_a_site_executor_sets_the_client_api_poll_period():
+    from nvflare.app_common.executors.client_api import in_process_backend
+
+    from fedbrain.fl.executor import CLIENT_API_POLL_INTERVAL, InstalledScriptExecutor
+
+    before = in_process_backend._RESULT_POLL_INTERVAL
+    try:
+        InstalledScriptExecutor("segment_client.py")
+        assert in_process_backend._RESULT_POLL_INTERVAL == CLIENT_API_POLL_INTERVAL < before
+    finally:
+        in_process_backend._RESULT_POLL_INTERVAL = before
+
+
 @pytest.fixture(scope="module")
 def real_objects():
     """Real instances carrying each pinned attribute: a fedbrain segmentation recipe (FLARE's FedAvg
@@ -67,7 +88,8 @@ def test_the_adapter_reads_what_the_job_really_carries(real_objects):
 
 def test_no_other_fedbrain_module_touches_flare_private_attributes():
     """The adapter stays the only door: no ``._job``, ``._deploy_map``, ``._task_script_*``, ... elsewhere."""
-    names = {a for attrs in fp.ATTRIBUTES.values() for a in attrs} | {n for ns in fp.FUNCTIONS.values() for n in ns}
+    names = ({a for attrs in fp.ATTRIBUTES.values() for a in attrs} | {n for ns in fp.FUNCTIONS.values() for n in ns}
+             | {n for ns in fp.CONSTANTS.values() for n in ns})
     adapter = Path(inspect.getsourcefile(fp)).resolve()
     offenders = []
     for path in (ROOT / "custom" / "fedbrain").rglob("*.py"):

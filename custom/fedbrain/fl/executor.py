@@ -12,6 +12,13 @@ from importlib import resources
 
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
 
+from fedbrain.fl.flare_private import set_client_api_poll_interval
+
+#: Seconds between the Client API executor's looks for the site script's result, and the script's looks for its
+#: next task (FLARE 2.9: 0.5 s each, up to 1 s of every round spent waiting; measured in docs/benchmarks.md). Both
+#: are checks of an in-memory queue inside the site's job process: 20 a second cost nothing measurable.
+CLIENT_API_POLL_INTERVAL = 0.05
+
 
 def installed_site_script(name: str) -> str:
     """Absolute path of a site script shipped in the installed fedbrain (``fedbrain/jobs/sites/``)."""
@@ -29,6 +36,7 @@ class InstalledScriptExecutor(ClientAPIExecutor):
                  server_expected_format: str = "pytorch", params_transfer_type: str = "DIFF"):
         """``site_script``: a file name in fedbrain/jobs/sites/; it runs in the site's job process."""
         self.site_script = site_script
+        set_client_api_poll_interval(CLIENT_API_POLL_INTERVAL)  # this runs in the site's job process
         super().__init__(execution_mode="in_process", task_script_path=installed_site_script(site_script),
                          task_script_args=task_script_args, params_exchange_format=params_exchange_format,
                          server_expected_format=server_expected_format, params_transfer_type=params_transfer_type)

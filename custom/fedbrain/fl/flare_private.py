@@ -1,8 +1,8 @@
 """The one door to FLARE's private parts (written against NVFLARE 2.9.0).
 
 fedbrain needs a few things FLARE has no public API for: the job a recipe builds, the apps it
-deploys, the script a Client API executor runs, two wait periods of the server workflows, and
-the round state of the FedAvg controller. Every read or write of a private FLARE attribute goes
+deploys, the script a Client API executor runs, two wait periods of the server workflows, the Client API's
+poll period at a site, and the round state of the FedAvg controller. Every read or write of a private FLARE attribute goes
 through a function here, and every private method a fedbrain subclass overrides is listed in
 :data:`OVERRIDDEN`. ``tests/test_flare_private.py`` pins each entry against the installed FLARE,
 so an upgrade that renames or removes one fails one test that names it.
@@ -38,6 +38,13 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 #: Private module-level functions used, by module.
 FUNCTIONS: dict[str, tuple[str, ...]] = {
     "nvflare.app_common.workflows.base_fedavg": ("_get_client_name",),
+}
+
+#: Private module-level settings changed, by module (read by FLARE at use, so a change applies from then on).
+CONSTANTS: dict[str, tuple[str, ...]] = {
+    # how often the in-process Client API executor looks for the site script's result, and (passed on) how often
+    # the script looks for its next task: 0.5 s each in FLARE 2.9, a fixed wait of up to 1 s in every round
+    "nvflare.app_common.executors.client_api.in_process_backend": ("_RESULT_POLL_INTERVAL",),
 }
 
 
@@ -88,6 +95,14 @@ def persistor_id_of(controller) -> str:
 def tell_round_minimum(controller, min_responses: int) -> None:
     """The error tolerance of the task being prepared: FLARE's FedAvg sets it to every target."""
     controller._current_min_responses = min(min_responses, controller._current_num_targets)
+
+
+def set_client_api_poll_interval(seconds: float) -> None:
+    """How often the in-process Client API executor and its site script look for each other's result or task
+    (in this process, from the next job's start on)."""
+    from nvflare.app_common.executors.client_api import in_process_backend
+
+    in_process_backend._RESULT_POLL_INTERVAL = float(seconds)
 
 
 def client_name(result) -> str:
