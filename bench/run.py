@@ -255,6 +255,7 @@ def bench_overhead(rounds: int, demo_settings) -> dict:
     default round timing, the job as fedbrain exports it, and the bare loop."""
     from fedbrain.data.datalist import load_datalist
     from fedbrain.demo import export_job
+    from fedbrain.fl.executor import CLIENT_API_POLL_INTERVAL
     from fedbrain.jobs import TASK_CHECK_PERIOD, TASK_REQUEST_INTERVAL
     from fedbrain.poc.consortium import DEFAULT_PROJECT, PocConsortium
     from fedbrain_testing.load import flare_default_timing
@@ -314,7 +315,8 @@ def bench_overhead(rounds: int, demo_settings) -> dict:
         "status_flare_defaults": status.get("flare_defaults"),
         "rounds": rounds,
         "data": f"1 site, {demo_settings.cases} synthetic cases, the demo's task settings",
-        "settings": {"task_request_interval": TASK_REQUEST_INTERVAL, "task_check_period": TASK_CHECK_PERIOD},
+        "settings": {"task_request_interval": TASK_REQUEST_INTERVAL, "task_check_period": TASK_CHECK_PERIOD,
+                     "client_api_poll": CLIENT_API_POLL_INTERVAL},
         "flare_round_seconds": arms["fedbrain"],
         "default_round_seconds": arms["flare_defaults"],
         "bare_round_seconds": bare_rounds,
@@ -386,7 +388,9 @@ def _overhead_detail(ov: dict) -> str:
             f"({ov['default_median_s']:.2f} s, {rng('flare_defaults')}); fixed overhead "
             f"{ov['fixed_overhead_flare_defaults_s']:.2f} s -> {ov['fixed_overhead_s']:.2f} s per round "
             f"(task_request_interval {ov['settings']['task_request_interval']} s, task_check_period "
-            f"{ov['settings']['task_check_period']} s; docs/reliability.md section 5)"
+            f"{ov['settings']['task_check_period']} s"
+            + (f", Client API poll {ov['settings']['client_api_poll']} s in both arms" if ov["settings"].get("client_api_poll")
+               else "") + "; docs/reliability.md section 5)"
             + (f"; round time beyond the site's own validate+train time, median: "
                f"{statistics.median(ov['beyond_site_work_flare_defaults_s']):.2f} s -> "
                f"{statistics.median(ov['beyond_site_work_s']):.2f} s" if ov.get("beyond_site_work_s") else ""))
