@@ -191,11 +191,13 @@ def test_optimizer_persists_across_rounds(trainer):
     assert trainer.optimizer.param_groups[0]["params"][0] is next(other.parameters())
 
 
-def test_validate_returns_dice_in_unit_interval(trainer):
+def test_validate_returns_dice_in_unit_interval_and_hd95_in_mm(trainer):
     torch.manual_seed(0)
     out = trainer.validate(trainer.build_model())
-    assert set(out) == VAL_KEYS
-    assert all(0.0 <= v <= 1.0 for v in out.values()), out
+    assert set(out) == VAL_KEYS | {"val_hd95", "val_hd95_tc", "val_hd95_wt", "val_hd95_et"}
+    assert all(0.0 <= v <= 1.0 for k, v in out.items() if k.startswith("val_dice")), out
+    assert all(0.0 <= v for k, v in out.items() if k.startswith("val_hd95")), out  # mm
+    assert out["val_hd95"] == pytest.approx((out["val_hd95_tc"] + out["val_hd95_wt"] + out["val_hd95_et"]) / 3)
     assert out["val_dice"] == pytest.approx((out["val_dice_tc"] + out["val_dice_wt"] + out["val_dice_et"]) / 3)
 
 

@@ -40,7 +40,10 @@ AFFINE_ATOL_MM = 1e-3
 # Metric names: sent by the site loop with every update, read by reports and benchmarks.
 VAL_DICE = "val_dice"
 VAL_DICE_REGIONS = tuple(f"val_dice_{r}" for r in REGIONS)
-SEGMENTATION_METRICS = (VAL_DICE, *VAL_DICE_REGIONS)
+#: 95th-percentile Hausdorff distance in mm, per region and their mean (fedbrain.tasks.seg_metrics; lower is better).
+VAL_HD95 = "val_hd95"
+VAL_HD95_REGIONS = tuple(f"val_hd95_{r}" for r in REGIONS)
+SEGMENTATION_METRICS = (VAL_DICE, *VAL_DICE_REGIONS, VAL_HD95, *VAL_HD95_REGIONS)
 CLASSIFICATION_METRICS = ("val_acc", "val_bacc", "val_auc", "val_loss", "n_val")
 #: What every site sends besides its task's validation metrics.
 TRAIN_LOSS, TRAIN_STEPS, ROUND_SECONDS = "train_loss", "train_steps", "round_seconds"

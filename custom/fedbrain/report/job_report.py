@@ -17,16 +17,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from fedbrain.contracts import (AUDIT_FILE, ROUND_FILE, DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS,
-                                GUARD_FILE, HE_AGGREGATION_FILE, REGIONS, SITE_ERROR, VAL_DICE, VAL_DICE_REGIONS)
+                                GUARD_FILE, HE_AGGREGATION_FILE, REGIONS, SITE_ERROR, VAL_DICE, VAL_DICE_REGIONS,
+                                VAL_HD95_REGIONS)
+from fedbrain.tasks.seg_metrics import convergence_score
 
 # Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
 TASKS = {
-    "segmentation": {"metrics": (*zip(VAL_DICE_REGIONS, (r.upper() for r in REGIONS)), (VAL_DICE, "mean")),
+    "segmentation": {"metrics": (*zip(VAL_DICE_REGIONS, (r.upper() for r in REGIONS)), (VAL_DICE, "mean"),
+                                 *zip(VAL_HD95_REGIONS, (f"{r.upper()} HD95 mm" for r in REGIONS))),
                      "primary": "val_dice_wt", "primary_label": "WT Dice", "curve": VAL_DICE, "curve_label": "mean Dice (TC/WT/ET)"},
     "classification": {"metrics": (("val_acc", "acc"), ("val_bacc", "bal. acc"), ("val_auc", "AUC")),
                        "primary": "val_bacc", "primary_label": "balanced accuracy", "curve": "val_auc", "curve_label": "macro AUC"},
 }
-DICE_KEYS = tuple(k for k, _ in TASKS["segmentation"]["metrics"])
+DICE_KEYS = tuple(k for k, _ in TASKS["segmentation"]["metrics"] if k.startswith(VAL_DICE))
 DATA_KEYS = DATA_COUNTS
 # Sites are flagged against the *other* sites: with 3 sites a plain z-score can never reach 2.
 FLAG_SD = 2.0
@@ -250,6 +253,13 @@ def build_report(result_dir: Path) -> dict:
         if end is not None:
             round_seconds.append({"round": r, "seconds": (end - starts[r]).total_seconds()})
 
+    convergence = None
+    if starts and -1 in starts and ordered:
+        t0 = starts[ordered[0]]
+        curve = [((starts[g["round"]] - t0).total_seconds(), g.get(spec["curve"])) for g in global_curve
+                 if g["round"] in starts]
+        convergence = convergence_score(curve, (starts[-1] - t0).total_seconds())
+
     meta = _job_meta(ws)
     duration, duration_s, duration_source = _job_duration(meta, ws)
     values = [v for v in final_primary.values() if not math.isnan(v)]
@@ -270,6 +280,8 @@ def build_report(result_dir: Path) -> dict:
         "sites": sites,
         "global": global_curve,
         "round_seconds": round_seconds,
+        # FeTS-style: area under the global validation curve over the job's wall time, divided by that time
+        "convergence": {"score": convergence, "metric": spec["curve"], "label": spec["curve_label"]},
         "best_model": str(app_server / "best_FL_global_model.pt") if (app_server / "best_FL_global_model.pt").is_file() else None,
         "final_model": str(app_server / "FL_global_model.pt") if (app_server / "FL_global_model.pt").is_file() else None,
         "summary": {
@@ -477,7 +489,7 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     site_names = sorted(report["sites"])
-    shown = [m for m in spec["metrics"] if m[0] != "val_dice"]
+    shown = [m for m in spec["metrics"] if m[0] != "val_dice" and not m[0].startswith("val_hd95")]  # scores in [0, 1]
     width = 0.8 / len(shown)
     for i, (key, label) in enumerate(shown):
         vals = [report["sites"][s]["final"].get(key) or 0.0 for s in site_names]
@@ -543,6 +555,9 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
         *[f"- **Round {r['round']} not published**: {r['why']}." for r in report.get("unpublished", [])],
         *[f"- {site} says: {note}" for site, ns in sorted(report.get("site_notes", {}).items()) for note in ns],
         f"Flagged sites (more than {FLAG_SD:g} SD below the other sites' mean {plabel}): {', '.join(s['flagged_sites']) or 'none'}.",
+        *([f"Convergence score **{_fmt(report['convergence']['score'])}**: area under the global "
+           f"{report['convergence']['label']} curve over the job's wall time, divided by that time (FeTS-style; higher: "
+           f"good sooner)."] if (report.get("convergence") or {}).get("score") is not None else []),
         "",
         "## Global model per round (weighted mean of the sites)",
         "",
@@ -610,6 +625,10 @@ def print_site_table(report: dict, console=None) -> None:
     s = report["summary"]
     console.print(f"{report['primary_label']} of the final model: mean {_fmt(s['mean_final'])}, "
                   f"minimum site {_fmt(s['min_final'])} ({s['min_site'] or '–'}); r0 = round 0 (untrained)")
+    conv = report.get("convergence") or {}
+    if conv.get("score") is not None:
+        console.print(f"convergence score {_fmt(conv['score'])}: area under the global {conv['label']} curve over the "
+                      f"job's wall time, divided by that time (higher: good sooner)", highlight=False)
     for site, why in s.get("sites_without_value", {}).items():
         console.print(f"{site}: no value ({why})", highlight=False)
     for r in report.get("exchange", {}).get("refused", []):

@@ -17,11 +17,12 @@ from monai.metrics import DiceMetric
 from monai.transforms import Activations, AsDiscrete, Compose
 from torch import nn
 
-from fedbrain.contracts import REGIONS, SEGMENTATION_METRICS, VAL_DICE
+from fedbrain.contracts import REGIONS, SEGMENTATION_METRICS, VAL_DICE, VAL_HD95
 from fedbrain.data.dataset import load_cases
 from fedbrain.data.transforms import segmentation_transforms
 from fedbrain.tasks.segmentation_config import LOSSES, SegmentationConfig  # noqa: F401 (the task's config, re-exported)
 from fedbrain.tasks.loop import Trainer, maybe_progress, plain
+from fedbrain.tasks.seg_metrics import RegionHD95
 
 logger = logging.getLogger("fedbrain")
 
@@ -72,7 +73,8 @@ class SegmentationTrainer(Trainer):
 
     @torch.no_grad()
     def validate(self, model: nn.Module, *, progress: bool = False) -> dict:
-        """Dice of sigmoid>0.5 predictions over whole validation volumes (sliding window).
+        """Dice and HD95 (mm, :mod:`fedbrain.tasks.seg_metrics`) of sigmoid>0.5 predictions over whole validation
+        volumes (sliding window), on the training grid (``spacing``).
 
         Empty ground truth: ``ignore_empty=True`` semantics, i.e. a case whose ground truth
         has no voxel of a region (e.g. a healthy brain, or a tumour without enhancement)
@@ -89,6 +91,7 @@ class SegmentationTrainer(Trainer):
         model.to(self.device)
         model.eval()
         metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True, get_not_nans=True)
+        distance = RegionHD95(len(REGIONS), self.config.spacing)
         with maybe_progress(progress, "Validating", len(self.val_ds)) as advance:
             for batch in self.val_loader:
                 x = plain(batch["image"]).to(self.device, non_blocking=True)
@@ -100,6 +103,7 @@ class SegmentationTrainer(Trainer):
                     )
                 pred = torch.stack([self.post(p.float()) for p in logits])
                 metric(y_pred=pred, y=y)
+                distance.add(pred, y)
                 advance(None)
         per_region, not_nans = metric.aggregate()
         model.train(was_training)
@@ -107,4 +111,8 @@ class SegmentationTrainer(Trainer):
         present = [v for v in values if not math.isnan(v)]
         out = {VAL_DICE: sum(present) / len(present) if present else nan}
         out.update({f"val_dice_{r}": v for r, v in zip(REGIONS, values)})
+        hd = distance.means()
+        present = [v for v in hd if not math.isnan(v)]
+        out[VAL_HD95] = sum(present) / len(present) if present else nan
+        out.update({f"val_hd95_{r}": v for r, v in zip(REGIONS, hd)})
         return out
