@@ -164,8 +164,7 @@ def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
         # ... jobs whose own filters undo their scope's promise, refused by each site's final check
         "hostile_encrypted": hostile_encrypted_job(jobs / "hostile_encrypted", sites),
         "hostile_dp": hostile_dp_job(jobs / "hostile_dp", sites),
-        # test_poc_secagg: masked updates seen by a curious server; a site killed after the key setup
-        "secagg_curious": secagg_job(jobs / "secagg_curious", "poc_secagg", sites),
+        # test_poc_secagg: masked updates seen by a curious server, with a site killed after the key setup
         "secagg_lost": secagg_job(jobs / "secagg_lost", "poc_secagg_lost", sites, crash=("hospital-c", 0),
                                   min_clients=2, min_responses=2, min_trained_sites=2, round_timeout=45,
                                   dead_site_grace=10),

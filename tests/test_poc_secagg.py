@@ -1,7 +1,7 @@
 """Secure aggregation in a real POC (the shared consortium's first wave): signed keys, shares and masks through
 FLARE's server; what the server received, kept by a curious server filter, is each site's masked vector and nothing
-else; a site whose job process dies after the key setup and before its masked update costs no round; a server that
-swaps a site's key gets nothing and the job ends with each site's reason."""
+else; a site whose job process dies after the key setup and before its masked update costs no round (the same job);
+a server that swaps a site's key gets nothing and the job ends with each site's reason."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ SITES = ("hospital-a", "hospital-b", "hospital-c")
 @pytest.fixture(scope="module")
 def secagg_jobs(first_wave):
     """The first wave's two secure-aggregation jobs (tests/poc_shared.py): name -> (meta, result)."""
-    return {name: first_wave[f"secagg_{name}"][:2] for name in ("curious", "lost", "swapped")}
+    return {name: first_wave[f"secagg_{name}"][:2] for name in ("lost", "swapped")}
 
 
 def test_the_server_receives_only_masked_vectors_that_look_uniform(secagg_jobs):
-    meta, result = secagg_jobs["curious"]
+    meta, result = secagg_jobs["lost"]
     assert meta["status"] == "FINISHED:COMPLETED", meta
     kept = sorted((result / "workspace" / "curious_server").glob("*.npz"))
-    assert len(kept) == 2 * len(SITES), kept  # every site, both rounds
+    assert [p.name for p in kept] == [f"{s}_round{r}.npz" for s in SITES[:2] for r in (0, 1)]  # hospital-c died
     for path in kept:
         with np.load(path) as arrays:
             assert list(arrays) == [SECAGG_MASKED], (path.name, list(arrays))
@@ -38,12 +38,8 @@ def test_the_server_receives_only_masked_vectors_that_look_uniform(secagg_jobs):
         counts = np.bincount((masked >> 24).astype(np.int64), minlength=256)  # top byte of every value
         assert stats.chisquare(counts).pvalue > 1e-4, path.name
     audit = [json.loads(line) for line in (result / "workspace" / AUDIT_FILE).read_text().splitlines()]
-    assert {e["site"] for e in audit} == set(SITES)
+    assert {e["site"] for e in audit} == set(SITES[:2])
     assert all(list(e["params"]) == [SECAGG_MASKED] and e["l2_norm"] is None for e in audit), audit[0]
-    log = server_log(result)
-    for round_no in (0, 1):
-        assert f"round {round_no}: unmasked the sum of {list(SITES)}" in log
-    assert all(r["published"] for r in round_record(result))
 
 
 def test_a_site_lost_after_the_key_setup_costs_no_round(secagg_jobs):
