@@ -133,9 +133,31 @@ class PocConsortium:
                 write_site_config(self.kit(site), datalist, num_threads=1, min_validation_cases=1)
 
     def start(self, timeout: float = 90) -> None:
-        """Start server and all sites; returns once every site has connected."""
-        self._nvflare("poc", "start", "--timeout", str(int(timeout)), timeout=timeout + 60)
+        """Start server and all sites; returns once every site has connected (else one line naming the missing).
+
+        FLARE's own readiness wait (``nvflare poc start --timeout``) logs in with a 1 s connection timeout, which a
+        loaded machine misses again and again (2026-12-06, during the suite: every site connected 37 s after the
+        start, FLARE's wait still failing at 420 s); so the POC starts without it and fedbrain waits through its own
+        admin session, which allows a login 30 s."""
+        self._nvflare("poc", "start", "--no-wait", timeout=120)
+        self.wait_connected(timeout)
         (self.run_dir / "pids.json").write_text(json.dumps(self.pids()))
+
+    def wait_connected(self, timeout: float) -> None:
+        deadline, missing, why = time.time() + timeout, list(self.sites), "the server did not answer yet"
+        while True:
+            try:
+                status = self.status()
+                missing = [site for site, state in status["sites"].items() if state != "connected"]
+                if not missing:
+                    return
+                why = "not connected"
+            except Exception as e:  # noqa: BLE001 - the server still starting: FLARE's errors have no common base
+                why = f"the server did not answer yet ({type(e).__name__}: {str(e)[:200]})"
+            if time.time() > deadline:
+                kit_logs = ", ".join(str(self.kit(s) / "log.txt") for s in missing)
+                raise PocError(f"POC not ready {timeout:.0f} s after the start: {', '.join(missing)} {why}; see {kit_logs}")
+            time.sleep(2)
 
     def up(self, data_dir: Path | None = None, timeout: float = 90) -> None:
         self.prepare(data_dir)
