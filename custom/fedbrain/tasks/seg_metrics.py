@@ -27,6 +27,12 @@ def hd95(pred: torch.Tensor, gt: torch.Tensor, spacing) -> float:
         return float("nan")
     if not pred.any():
         return volume_diagonal_mm(gt.shape, spacing)
+    # Surface distances depend only on where the two masks lie relative to each other: the box around both (one
+    # voxel of margin, so a mask touching the box still has its border) gives the same distances, ~10x faster.
+    both = (pred | gt).nonzero()
+    lo, hi = (both.min(0).values - 1).clamp(min=0), both.max(0).values + 2
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    pred, gt = pred[box], gt[box]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         value = compute_hausdorff_distance(pred[None, None].float(), gt[None, None].float(), percentile=95,
