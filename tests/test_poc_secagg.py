@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from fedbrain.contracts import AUDIT_FILE, SECAGG_MASKED
+from fedbrain.report.job_report import build_report
 from fedbrain_testing.faults import round_record, server_log
 
 pytestmark = pytest.mark.poc
@@ -40,6 +41,8 @@ def test_the_server_receives_only_masked_vectors_that_look_uniform(secagg_jobs):
     audit = [json.loads(line) for line in (result / "workspace" / AUDIT_FILE).read_text().splitlines()]
     assert {e["site"] for e in audit} == set(SITES[:2])
     assert all(list(e["params"]) == [SECAGG_MASKED] and e["l2_norm"] is None for e in audit), audit[0]
+    updates = build_report(result)["exchange"]["updates"]  # what the admin's report says they crossed as
+    assert updates and all(u["masked"] and not u["encrypted"] for u in updates), updates
 
 
 def test_a_site_lost_after_the_key_setup_costs_no_round(secagg_jobs):

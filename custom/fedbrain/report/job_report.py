@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedbrain.contracts import (AUDIT_FILE, ROUND_FILE, DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS,
                                 GUARD_FILE, HE_AGGREGATION_FILE, REGIONS, SITE_ERROR, VAL_DICE, VAL_DICE_REGIONS,
-                                VAL_HD95_REGIONS)
+                                VAL_HD95_REGIONS, SECAGG_MASKED)
 from fedbrain.tasks.seg_metrics import convergence_score
 
 # Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
@@ -318,8 +318,9 @@ def _exchange(ws: Path, sites: dict) -> dict:
                 refused.append({"round": e.get("round"), "site": e.get("site"), "reason": e["refused"]})
                 continue
             dtypes = {p.get("dtype") for p in e.get("params", {}).values()}
+            masked = set(e.get("params", {})) == {SECAGG_MASKED}
             rows.append({"round": e.get("round"), "site": e.get("site"), "bytes": e.get("bytes"),
-                         "encrypted": dtypes == {"CKKSVector"}, "tensors": len(e.get("params", {})),
+                         "encrypted": dtypes == {"CKKSVector"}, "masked": masked, "tensors": len(e.get("params", {})),
                          "encrypt_s": (e.get("timings") or {}).get("he_encrypt_seconds"),
                          "decrypt_s": decrypt.get((e.get("site"), e.get("round")))})
     agg_file = ws / HE_AGGREGATION_FILE
@@ -328,6 +329,13 @@ def _exchange(ws: Path, sites: dict) -> dict:
 
 
 PRIVACY_KEYS = (DP_EPSILON_SPENT, DP_DELTA, DP_WITHHELD)
+
+
+def _carried_as(update: dict) -> str:
+    """How an update crossed the wire, in the words of the privacy guide."""
+    if update.get("encrypted"):
+        return "ciphertext"
+    return "masked (secure aggregation)" if update.get("masked") else "plaintext"
 
 
 def _site_notes(ws: Path) -> dict[str, list[str]]:
@@ -571,12 +579,12 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
     updates = report.get("exchange", {}).get("updates", [])
     if updates:
         lines += ["## What the server received", "",
-                  "From the server's audit (`received_updates.jsonl`): size on the wire and whether it was ciphertext;"
+                  "From the server's audit (`received_updates.jsonl`): size on the wire and what it crossed as (plaintext, CKKS ciphertext, or masked);"
                   " with `--he`, the site's encryption and decryption seconds.", "",
-                  "| round | site | tensors | MB | encrypted | encrypt s | decrypt s |", "|---|---|---|---|---|---|---|"]
+                  "| round | site | tensors | MB | as | encrypt s | decrypt s |", "|---|---|---|---|---|---|---|"]
         for u in sorted(updates, key=lambda u: (u["round"] or 0, u["site"] or "")):
             lines.append(f"| {u['round']} | {u['site']} | {u['tensors']} | {_fmt((u['bytes'] or 0) / 1e6)} | "
-                         f"{'yes' if u['encrypted'] else 'no'} | {_fmt(u['encrypt_s'])} | {_fmt(u['decrypt_s'])} |")
+                         f"{_carried_as(u)} | {_fmt(u['encrypt_s'])} | {_fmt(u['decrypt_s'])} |")
         lines.append("")
     lines += _privacy_markdown(report.get("privacy", {}))
     lines += _guard_markdown(report.get("guard", {}))
