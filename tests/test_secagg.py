@@ -195,3 +195,11 @@ def test_prg_is_a_deterministic_stream_per_seed_and_round():
     assert np.array_equal(prg(seed, 3, 100), prg(seed, 3, 100))
     assert not np.array_equal(prg(seed, 3, 100), prg(seed, 4, 100))
     assert np.array_equal(prg(seed, 3, 100), prg(seed, 3, 200)[:100])
+
+
+def test_a_threshold_below_a_majority_is_refused_by_every_site(consortium):
+    """A server that asks for shares with a low threshold (so that fewer sites, or itself with one, could unmask)."""
+    sites = {i.name: SiteSecAgg(i, JOB, [0]) for i in _names(consortium, 5)}
+    ads = [s.advertise() for s in sites.values()]
+    with pytest.raises(SecAggError, match="at least 3 of them must be needed to unmask"):
+        sites["hospital-00"].share(ads, 2)
