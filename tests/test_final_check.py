@@ -265,3 +265,22 @@ def test_under_secure_aggregation_dp_adds_a_share_of_the_noise_that_may_leave_on
         assert "share of the noise (secure aggregation), and the update would leave unmasked" in " ".join(problems)
     finally:
         secagg_site._JOBS.pop("j-share", None)
+
+
+def test_dp_secagg_accepts_a_masked_update_only_of_exactly_what_dp_noised():
+    from fedbrain.contracts import SECAGG_LAYOUT_META, SECAGG_MASKED
+    from fedbrain.privacy.releases import CLIENT_DP_SHARED, SECAGG, SECAGG_INPUT, fingerprint
+
+    parts = SCOPE_PARTS["dp_secagg"]
+    noised = {"enc.weight": np.ones((4, 3), np.float32), "enc.bias": np.zeros(4, np.float32)}
+    vector = np.arange(16, dtype=np.uint32)
+    payload = update(meta={SECAGG_LAYOUT_META: [["enc.bias", [4]], ["enc.weight", [4, 3]]]}, **{SECAGG_MASKED: vector})
+    fps = {k: fingerprint(v) for k, v in noised.items()}
+    released = {CLIENT_DP_SHARED: fps, SECAGG_INPUT: dict(fps), SECAGG: {SECAGG_MASKED: fingerprint(vector)}}
+    assert payload_problems(payload, parts, PERSONAL_PARTS, released=released) == []
+    other = {**released, SECAGG_INPUT: {**fps, "enc.bias": fingerprint(np.ones(4, np.float32))}}  # masked not DP's
+    assert "not the ones client-level DP noised" in " ".join(payload_problems(payload, parts, PERSONAL_PARTS,
+                                                                               released=other))
+    fewer = {**released, SECAGG_INPUT: {"enc.weight": fps["enc.weight"]}}  # a noised value left out of the mask
+    assert "not the ones client-level DP noised" in " ".join(payload_problems(payload, parts, PERSONAL_PARTS,
+                                                                               released=fewer))

@@ -96,7 +96,7 @@ class GuardedAggregator(ModelAggregator):
 
             params = {k: torch.from_numpy(v) for k, v in params.items()}
         self._record(round_no, decision, details)
-        return FLModel(params=params, params_type=ParamsType.DIFF, metrics=_metrics(models), current_round=round_no,
+        return FLModel(params=params, params_type=ParamsType.DIFF, metrics=site_metrics_average(models), current_round=round_no,
                        meta={AppConstants.METRICS_AGGREGATION_INFO: {
                            "metric_source": "client_reported_flmodel_metrics",
                            "use_contribution_sites": True,  # per-site metrics in round_metrics.jsonl as with FedAvg
@@ -161,7 +161,7 @@ class GuardedAggregator(ModelAggregator):
             return None
 
 
-def _metrics(models: list[FLModel]) -> dict | None:
+def site_metrics_average(models: list[FLModel]) -> dict | None:
     """The round's site metrics, weighted as FLARE's FedAvg weighs them (its own helper)."""
     from nvflare.app_common.workflows.base_fedavg import _aggregate_fl_model_metrics
 

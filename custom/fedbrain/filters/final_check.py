@@ -133,15 +133,15 @@ def payload_problems(result: Shareable, parts, personal_parts: str, *, steps_sen
                         "update would leave unmasked")
     if "client_dp" in parts and model:
         noised = released.get(CLIENT_DP, released.get(CLIENT_DP_SHARED))
+        # what would leave: the values the mask took (masked), else the plaintext arrays (ciphertext: by name only)
         values = released.get(SECAGG_INPUT, {}) if masked else {k: fingerprint(v) for k, v in data.items()
                                                                  if not _is_ciphertext(v)}
         if noised is None:
             problems.append("the site's client-level DP filter released nothing for this result")
         else:
-            names = set(values) if masked else set(data)
-            unknown = [k for k in sorted(names) if k not in noised or (k in values and values[k] != noised[k])]
-            if masked and set(values) != set(noised):
-                unknown = sorted(set(values) ^ set(noised)) or unknown
+            names = set(values) | set(noised) if masked else set(data)  # masked: exactly what DP noised, all of it
+            unknown = [k for k in sorted(names) if k not in noised or (k in values and values[k] != noised[k])
+                       or (masked and k not in values)]
             if unknown:
                 problems.append(f"{len(unknown)} model values are not the ones client-level DP noised "
                                 f"(e.g. {', '.join(unknown[:3])})")

@@ -151,6 +151,10 @@ class ResilientFedAvg(FedAvg):
                 self._trained.append(client_name(result))
         return accepted
 
+    def _publishable(self) -> bool:
+        """Whether the round just closed is published: enough updates (``min_responses``), enough trained."""
+        return len(self._answered) >= self.min_responses and len(self._trained) >= self.min_trained_sites
+
     def _get_aggregated_result(self):
         waited = time.time() - self._round_started
         missing = [s for s in self._asked if s not in self._answered]
@@ -170,7 +174,7 @@ class ResilientFedAvg(FedAvg):
                  "missing": missing, "closed_by": closed_by, "seconds": round(waited, 1),
                  "min_responses": self.min_responses, "accepted": len(self._answered) >= self.min_responses,
                  "trained": list(self._trained), "min_trained_sites": self.min_trained_sites, "time": time.time()}
-        entry["published"] = entry["accepted"] and len(self._trained) >= self.min_trained_sites
+        entry["published"] = self._publishable()
         if entry["accepted"] and not entry["published"]:
             entry["why_unpublished"] = (f"{len(self._trained)} trained site(s) ({', '.join(sorted(self._trained)) or 'none'}), "
                                         f"fewer than min_trained_sites {self.min_trained_sites}: the global model "

@@ -169,8 +169,8 @@ class SiteSecAgg:
                 raise SecAggError(f"the keys advertised for '{name}' do not carry its signature: the server (or "
                                   f"someone on the way) changed them") from None
             peers[name] = ad
-        mine = self.advertise()
-        if {k: peers.get(self.me.name, {}).get(k) for k in ("c_pk", "s_pk")} != {k: mine[k] for k in ("c_pk", "s_pk")}:
+        mine = {"c_pk": _b64(_raw_public(self._c)), "s_pk": _b64(_raw_public(self._s))}
+        if {k: peers.get(self.me.name, {}).get(k) for k in mine} != mine:
             raise SecAggError(f"the server's list does not hold this site's own keys as advertised")
         if len(peers) < threshold or threshold < threshold_for(len(peers)):
             raise SecAggError(f"{len(peers)} sites advertised keys with threshold {threshold}; at least "

@@ -17,7 +17,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 
-from fedbrain.aggregation.aggregator import _metrics
+from fedbrain.aggregation.aggregator import site_metrics_average
 from fedbrain.contracts import SECAGG_LAYOUT_META, SECAGG_MASKED, SECAGG_MESSAGE_META, SECAGG_WEIGHT_META
 from fedbrain.fl.flare_private import client_name
 from fedbrain.fl.resilient import ResilientFedAvg, RoundFailed
@@ -38,15 +38,14 @@ class SecAggSum(ModelAggregator):
     def __init__(self):
         super().__init__()
         self.reset_stats()
-        self.n_sites = 0
-        self.unmasked: np.ndarray | None = None
+        self.n_sites = 0  # the masking group's size: the fixed point's scale depends on it
 
     def reset_stats(self):
         self.masked_sum: np.ndarray | None = None
         self.weights: dict[str, float] = {}
         self.layout: list | None = None
         self.metrics_only: list[FLModel] = []
-        self.unmasked = None
+        self.unmasked: np.ndarray | None = None  # set by the controller once it has unmasked the round's sum
 
     def accept_model(self, model: FLModel):
         site = client_name(model)
@@ -70,7 +69,7 @@ class SecAggSum(ModelAggregator):
             raise RoundFailed(f"{SECAGG_LOG_TAG}: the round's sum was not unmasked")
         average = decode(self.unmasked, sum(self.weights.values()), self.n_sites)
         params = unflatten(average, self.layout)
-        return FLModel(params=params, params_type=ParamsType.DIFF, metrics=_metrics(self.metrics_only),
+        return FLModel(params=params, params_type=ParamsType.DIFF, metrics=site_metrics_average(self.metrics_only),
                        meta={AppConstants.METRICS_AGGREGATION_INFO: {
                            "metric_source": "client_reported_flmodel_metrics", "use_contribution_sites": True,
                            "aggregation": {"method": "secure_weighted_sum", "weight_key": SECAGG_WEIGHT_META}}})
@@ -78,6 +77,8 @@ class SecAggSum(ModelAggregator):
 
 class SecAggFedAvg(ResilientFedAvg):
     """FedAvg over pairwise-masked updates (needs :class:`SecAggSum` as its aggregator)."""
+
+    _secagg: ServerSecAgg | None = None  # the job's masking group, once the setup completed
 
     def run(self) -> None:
         try:
@@ -107,39 +108,38 @@ class SecAggFedAvg(ResilientFedAvg):
         return out
 
     def _setup(self) -> None:
-        job = self.fl_ctx.get_job_id()
-        self._secagg = ServerSecAgg(job)
         sites = self.sample_clients(self.num_clients)
+        secagg = ServerSecAgg(self.fl_ctx.get_job_id())
         rounds = list(range(self.start_round, self.start_round + self.num_rounds))
         ads = self._exchange("secagg_advertise", {"rounds": rounds}, sites)
-        threshold = self._secagg.setup([a["advertisement"] for a in ads.values()])
-        if len(ads) < max(threshold, self.min_responses):
+        threshold = secagg.setup([a["advertisement"] for a in ads.values()])
+        needed = max(threshold, self.min_responses)
+        if len(ads) < needed:
             raise RoundFailed(f"only {len(ads)} of {len(sites)} sites advertised keys ({', '.join(sorted(ads)) or 'none'}),"
-                              f" fewer than needed ({max(threshold, self.min_responses)}): the job ends here")
+                              f" fewer than needed ({needed}): the job ends here")
         shared = self._exchange("secagg_share", {"advertisements": [a["advertisement"] for a in ads.values()],
                                                  "threshold": threshold}, sorted(ads))
-        if len(shared) < max(threshold, self.min_responses):
+        if len(shared) < needed:
             raise RoundFailed(f"only {len(shared)} of {len(ads)} sites shared their keys ({', '.join(sorted(shared)) or 'none'}),"
-                              f" fewer than needed ({max(threshold, self.min_responses)}): the job ends here "
+                              f" fewer than needed ({needed}): the job ends here "
                               f"(a site that refused says why above)")
-        routed = self._secagg.route({s: a["shares"] for s, a in shared.items()})
-        delivered = self._exchange("secagg_deliver", {"members": self._secagg.members, "shares": routed},
-                                   self._secagg.members)
-        missing = [s for s in self._secagg.members if s not in delivered]
+        routed = secagg.route({s: a["shares"] for s, a in shared.items()})
+        delivered = self._exchange("secagg_deliver", {"members": secagg.members, "shares": routed}, secagg.members)
+        missing = [s for s in secagg.members if s not in delivered]
         if missing:
             raise RoundFailed(f"{missing} did not take their shares: the job ends here")
-        self.aggregator.n_sites = len(self._secagg.members)
-        self.info(f"{SECAGG_LOG_TAG}: masking group {self._secagg.members}, threshold {threshold} "
+        self._secagg, self.aggregator.n_sites = secagg, len(secagg.members)
+        self.info(f"{SECAGG_LOG_TAG}: masking group {secagg.members}, threshold {threshold} "
                   f"(a round needs that many of them; fewer and nothing is revealed)")
 
     def sample_clients(self, num_clients: int = None) -> list[str]:
         """After the setup, only the masking group is asked: a site outside it cannot mask."""
         alive = super().sample_clients(num_clients)
-        members = getattr(getattr(self, "_secagg", None), "members", None)
+        members = self._secagg.members if self._secagg is not None else []
         return [s for s in alive if s in members] if members else alive
 
     def _get_aggregated_result(self):
-        if len(self._answered) >= self.min_responses and len(self._trained) >= self.min_trained_sites:
+        if self._publishable():  # nothing is unmasked for a round that is not published
             self._unmask()
         return super()._get_aggregated_result()
 
