@@ -312,7 +312,7 @@ def test_clean_case_passes(tmp_path):
     item = _make_case(tmp_path, "OK-0001", with_ct=True)
     case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
     result = check_case(case, "training")
-    assert result == CaseCheck("OK-0001", "training", True, [])
+    assert result == CaseCheck("OK-0001", "training", True, [], mri_ok=True)
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__.removeprefix("_damage_"))
@@ -500,7 +500,12 @@ def test_data_check_and_training_decide_alike(tmp_path, damage):
     case = load_datalist(_write_datalist(tmp_path, [item]))["training"][0]
     checked = check_case(case)
     assert checked.ok == (damage is None), checked.problems
+    ct_only = damage is not None and damage.__name__.startswith("_damage_ct_")
+    assert checked.mri_ok == (damage is None or ct_only), checked.problems
     for task, (loaded, reason) in _load_for_training(case).items():
+        if task == "segment" and ct_only:  # MRI-only segmentation reads no CT: the case is its to use
+            assert loaded and reason is None, reason
+            continue
         assert loaded == checked.ok, (task, reason)
         assert reason == (None if checked.ok else "; ".join(checked.problems)), task
 
@@ -594,7 +599,7 @@ def test_a_ct_elsewhere_is_refused_with_the_overlap_and_never_fed_as_zeros(tmp_p
     [problem] = check_case(case).problems
     assert problem.startswith("CT ct: covers 0% of the MRI brain (needs 90%): CT spans x ")
     assert "z 379..439, brain x -32..32 y -40..40 z -16..32 (mm, RAS); CT and MRI must be in one space" in problem
-    assert _load_for_training(case) == {"segment": (False, problem), "classify": (False, problem)}
+    assert _load_for_training(case) == {"segment": (True, None), "classify": (False, problem)}
 
 
 def test_ct_series_uid_in_the_datalist_picks_one_of_several_series(tmp_path):

@@ -32,11 +32,14 @@ class CaseCheck:
     section: str
     ok: bool
     problems: list[str] = field(default_factory=list)
+    #: the problems are the CT's only: jobs that read no CT (MRI-only segmentation) still train on the case
+    mri_ok: bool = False
 
 
 def check_case(case: dict, section: str | None = None) -> CaseCheck:
     """Check one datalist item (as returned by ``load_datalist``) on disk, with the validator
-    training uses (:func:`fedbrain.data.validate.case_problems`): ok here means loaded there.
+    training uses (:func:`fedbrain.data.validate.case_problems`): ok here means loaded there; a case
+    whose only problems are its CT's is ``mri_ok``: skipped by jobs that read CT, loaded by the others.
 
     Never raises: a malformed item or an unexpected error becomes a problem
     string too, so one odd case cannot hide the others.
@@ -45,7 +48,8 @@ def check_case(case: dict, section: str | None = None) -> CaseCheck:
     case_id = case_id_of(item)
     section = section if section is not None else str(item.get("section", ""))
     problems = case_problems(item)
-    return CaseCheck(case_id=case_id, section=section, ok=not problems, problems=problems)
+    mri_ok = not problems or not case_problems(item, ct=False)
+    return CaseCheck(case_id=case_id, section=section, ok=not problems, problems=problems, mri_ok=mri_ok)
 
 
 def check_datalist(path, root=None, progress: bool = False) -> list[CaseCheck]:
@@ -101,6 +105,8 @@ def render_check_table(results: list[CaseCheck], console=None) -> None:
     for result in results:
         status = "[green]ok[/]" if result.ok else "[red]problem[/]"
         problems = "\n".join(escape(problem) for problem in result.problems)
+        if not result.ok and result.mri_ok:
+            problems += "\n[yellow]CT only: jobs that read CT skip this case; MRI-only segmentation uses it[/]"
         table.add_row(escape(result.case_id), escape(result.section), status, problems)
     console.print(table)
 

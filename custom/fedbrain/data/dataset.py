@@ -88,10 +88,11 @@ def _files(case: dict) -> list[tuple[str, str]]:
     return out
 
 
-def require_usable(case: dict) -> None:
+def require_usable(case: dict, *, ct: bool = True) -> None:
     """The one validator ``fedbrain data check`` runs: a case it reports is skipped here, with
-    the same reasons, and a case it passes is loaded."""
-    problems = case_problems(case)
+    the same reasons, and a case it passes is loaded. ``ct=False``: a job that does not read CT
+    neither reads nor judges the case's CT (a broken CT does not cost an MRI-only job the case)."""
+    problems = case_problems(case, ct=ct)
     if problems:
         raise CaseError("; ".join(problems))
 
@@ -199,7 +200,7 @@ CT_CHANNELS = 2
 
 
 def _prepare_segmentation_case(case: dict, head: Compose, *, ct: bool = False) -> dict:
-    require_usable(case)  # also checks a case's CT (series, coverage of the MRI brain) when it has one
+    require_usable(case, ct=ct)  # with ct: also the case's CT (series, coverage of the MRI brain) when it has one
     data = {"image": list(case["image"]), "label": case["label"], LABEL_CONVENTION_KEY: label_convention_of(case)}
     if ct:
         data.update({"ct": os.fspath(case["ct"]) if case.get("ct") else None, CT_SERIES_KEY: case.get(CT_SERIES_KEY)})

@@ -222,7 +222,7 @@ def _check_ct(case: dict, case_dir: Path, grid: _Volume | None, brain: np.ndarra
             "co-registered with the MRI")
 
 
-def _check_files(case: dict, problems: list[str]) -> None:
+def _check_files(case: dict, problems: list[str], ct: bool = True) -> None:
     label_path = Path(case["label"])
     case_dir = label_path.parent
     convention = label_convention_of(case)
@@ -268,12 +268,13 @@ def _check_files(case: dict, problems: list[str]) -> None:
         del data
 
     grid = _check_geometry(volumes, problems)
-    if case.get("ct"):
+    if ct and case.get("ct"):
         _check_ct(case, case_dir, grid, brain, problems)
 
 
-def case_problems(case: dict) -> list[str]:
+def case_problems(case: dict, *, ct: bool = True) -> list[str]:
     """Every reason a datalist item (as ``load_datalist`` returns it) is unusable; [] when it is fine.
+    ``ct=False``: for a job that reads no CT, the case's CT is not read or judged.
 
     Never raises: a malformed item or an unexpected error becomes a problem string too.
     """
@@ -285,7 +286,7 @@ def case_problems(case: dict) -> list[str]:
         return ["malformed item: no 'label' path"]
     problems: list[str] = []
     try:
-        _check_files(item, problems)
+        _check_files(item, problems, ct=ct)
     except Exception as exc:  # a bug or an exotic file must not abort the whole check
         problems.append(f"unexpected error while checking: {type(exc).__name__}: {exc}")
     return problems
