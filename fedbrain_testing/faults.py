@@ -75,12 +75,14 @@ def flare_pid(poc: PocConsortium, name: str) -> int | None:
     return _read_pid(poc.kit(name) / "pid.fl")
 
 
-def job_pids(poc: PocConsortium, name: str) -> list[int]:
-    """The participant's job process(es): children of its FLARE parent running a job."""
+def job_pids(poc: PocConsortium, name: str, job_id: str | None = None) -> list[int]:
+    """The participant's job process(es) (of job ``job_id`` only, when given), started by its FLARE parent:
+    its children, or in a POC kit the children of the warm process it started (:mod:`fedbrain.poc.warm`)."""
     parent = flare_pid(poc, name)
     if parent is None:
         return []
-    return [p for p in _children(parent) if "worker_process" in _cmd(p) or "runner_process" in _cmd(p)]
+    return [p for p in _descendants(parent) if ("worker_process" in _cmd(p) or "runner_process" in _cmd(p))
+            and (job_id is None or f" -n {job_id} " in _cmd(p) + " ")]
 
 
 def _cmd(pid: int) -> str:
@@ -101,18 +103,18 @@ def _signal(pids, sig) -> list[int]:
     return done
 
 
-def kill_job_process(poc: PocConsortium, name: str) -> list[int]:
+def kill_job_process(poc: PocConsortium, name: str, job_id: str | None = None) -> list[int]:
     """SIGKILL the participant's job process (and what it started); FLARE's parent keeps running."""
-    pids = job_pids(poc, name)
+    pids = job_pids(poc, name, job_id)
     if not pids:
         raise PocError(f"{name}: no job process to kill")
     everything = [d for p in pids for d in _descendants(p)] + pids
     return _signal(everything, signal.SIGKILL)
 
 
-def stop_job_process(poc: PocConsortium, name: str) -> list[int]:
+def stop_job_process(poc: PocConsortium, name: str, job_id: str | None = None) -> list[int]:
     """SIGSTOP the job process: it stays connected at the socket level but does nothing (a straggler)."""
-    pids = job_pids(poc, name)
+    pids = job_pids(poc, name, job_id)
     if not pids:
         raise PocError(f"{name}: no job process to stop")
     return _signal(pids, signal.SIGSTOP)

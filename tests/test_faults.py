@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -37,17 +38,52 @@ def test_a_job_process_killed_by_a_signal_is_reported_as_unknown_not_as_a_failur
     assert _handle(0).poll() == JobReturnCode.SUCCESS
 
 
-def test_site_kits_use_the_signal_tolerant_launcher(tmp_path):
+def test_poc_kits_start_job_processes_warm_with_the_signal_tolerant_launcher(tmp_path):
+    """POC kits fork job processes warm (fedbrain.poc.warm), through the signal-tolerant launcher;
+    production kits (tests/test_provision.py) keep FLARE's clean start."""
+    from fedbrain.fl.launcher import SiteJobLauncher
     from fedbrain.poc.consortium import PocConsortium
+    from fedbrain.poc.warm import WarmServerJobLauncher, WarmSiteJobLauncher
 
+    assert issubclass(WarmSiteJobLauncher, SiteJobLauncher)
     poc = PocConsortium(tmp_path / "poc")
     poc.prepare()
     for site in poc.sites:
         res = json.loads((poc.kit(site) / "local" / "resources.json").read_text())
         paths = [c["path"] for c in res["components"]]
-        assert "fedbrain.fl.launcher.SiteJobLauncher" in paths and not any("ClientProcessJobLauncher" in p for p in paths)
+        assert "fedbrain.poc.warm.WarmSiteJobLauncher" in paths and not any("ClientProcessJobLauncher" in p for p in paths)
     server = json.loads((poc.kit("localhost") / "local" / "resources.json").read_text())
-    assert any("ServerProcessJobLauncher" in c["path"] for c in server["components"])
+    assert "fedbrain.poc.warm.WarmServerJobLauncher" in [c["path"] for c in server["components"]]
+    assert WarmServerJobLauncher.__mro__[1].__name__ == "ServerProcessJobLauncher"
+
+
+def test_a_warm_started_process_is_the_process_flare_asked_for(tmp_path):
+    """What FLARE's launcher relies on, through the warm process: the module runs as ``__main__`` with
+    FLARE's arguments, environment and folder, in its own session, showing FLARE's command line; its
+    exit status (0, an error's 1, a SIGKILL) comes back."""
+    from fedbrain.poc.warm import WarmStarter
+
+    (tmp_path / "job_main.py").write_text(
+        "import os, sys, time\n"
+        "open('out.txt', 'w').write(repr((sys.argv[1:], os.environ['JOB_VAR'], os.getcwd(), os.getsid(0) == os.getpid(),"
+        " [a for a in open('/proc/self/cmdline').read().split(chr(0)) if a])))\n"
+        "if sys.argv[1] == 'sleep': time.sleep(60)\n"
+        "sys.exit(int(sys.argv[1]) if sys.argv[1].isdigit() else 0)\n")
+    starter = WarmStarter("bare", f"--workspace={tmp_path}")
+    env = {"JOB_VAR": "from FLARE", "PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [sys.executable, "-u", "-m", "job_main"]
+    pid = starter.start([*argv, "0", "--job"], env, str(work))
+    assert starter.exit_code(pid, timeout=30) == 0
+    args, var, cwd, own_session, cmdline = eval((work / "out.txt").read_text())
+    assert (args, var, cwd, own_session) == (["0", "--job"], "from FLARE", str(work), True)
+    assert cmdline == [*argv, "0", "--job"], cmdline  # what ps and the fault tests find it by
+    assert starter.exit_code(starter.start([*argv, "3"], env, str(work)), timeout=30) == 3
+    pid = starter.start([*argv, "sleep"], env, str(work))
+    time.sleep(1)
+    os.kill(pid, signal.SIGKILL)
+    assert starter.exit_code(pid, timeout=30) == -signal.SIGKILL
 
 
 def test_the_job_carries_the_round_policy(tmp_path):

@@ -86,6 +86,16 @@ def test_no_kit_admits_fault_injection_or_the_attack_filter(kits):
             assert not [a for a in allowed if a == "*" or attack.startswith(a)], (p["name"], allowed)
 
 
+def test_production_kits_start_every_job_process_clean(kits):
+    """Warm job start (fedbrain.poc.warm) is for POC kits only: a hospital's job process imports
+    everything itself, through fedbrain's signal-tolerant launcher (sites) and FLARE's (server)."""
+    for p in _participants():
+        if p["type"] in ("client", "server"):
+            text = (kits / p["name"] / "local" / "resources.json").read_text()
+            assert "fedbrain.poc.warm" not in text, p["name"]
+            assert ("fedbrain.fl.launcher.SiteJobLauncher" if p["type"] == "client" else "ServerProcessJobLauncher") in text
+
+
 def test_every_secret_is_readable_by_its_owner_only(kits):
     """Keys, the CA state (the root key and every participant's key) and the sites' HE contexts (CKKS
     secret key): 0600, in folders only their owner can list; FLARE alone leaves most of them 0644."""

@@ -154,6 +154,16 @@ def use_site_job_launcher(res: dict) -> None:
             comp["path"] = "fedbrain.fl.launcher.SiteJobLauncher"
 
 
+def use_warm_job_start(res: dict) -> None:
+    """POC kits only: job processes forked from a process that has imported torch, MONAI and FLARE
+    already (:mod:`fedbrain.poc.warm`); a production kit's job process always starts clean."""
+    warm = {"nvflare.app_common.job_launcher.server_process_launcher.ServerProcessJobLauncher":
+            "fedbrain.poc.warm.WarmServerJobLauncher",
+            "fedbrain.fl.launcher.SiteJobLauncher": "fedbrain.poc.warm.WarmSiteJobLauncher"}
+    for comp in res.get("components", []):
+        comp["path"] = warm.get(comp.get("path"), comp.get("path"))
+
+
 def site_config_template() -> dict:
     """local/fedbrain_site.json.template: copy to fedbrain_site.json and fill in (docs/hospital-it.md)."""
     return {
@@ -191,9 +201,10 @@ def _flag(value, default: bool) -> bool:
 class SitePolicyBuilder(Builder):
     def __init__(self, default_scope: str = "standard", update_norm_clip: float = 100.0,
                  client_dp_clip: float = 1.0, client_dp_noise: float = 1.0,
-                 allow_log_streaming: bool = False, storage_root: str | None = None):
+                 allow_log_streaming: bool = False, storage_root: str | None = None, warm_job_start: bool = False):
         """Args are consortium-wide defaults; a participant in project.yml may set its own
-        ``default_scope``, ``allow_log_streaming`` (sites) or ``storage_root`` (server)."""
+        ``default_scope``, ``allow_log_streaming`` (sites) or ``storage_root`` (server).
+        ``warm_job_start``: POC projects only (:func:`use_warm_job_start`)."""
         privacy_policy(default_scope, update_norm_clip, client_dp_clip, client_dp_noise)  # refuse bad args early
         self.default_scope = default_scope
         self.update_norm_clip = update_norm_clip
@@ -201,6 +212,7 @@ class SitePolicyBuilder(Builder):
         self.client_dp_noise = client_dp_noise
         self.allow_log_streaming = allow_log_streaming
         self.storage_root = storage_root
+        self.warm_job_start = _flag(warm_job_start, False)
 
     def build(self, project: Project, ctx: ProvisionContext):
         for p in project.get_all_participants():
@@ -223,6 +235,8 @@ class SitePolicyBuilder(Builder):
                 (local / "privacy.json").write_text(json.dumps(policy, indent=2) + "\n")
                 (local / "privacy.json.sample").unlink(missing_ok=True)  # FLARE's names a class that does not exist
                 (local / "fedbrain_site.json.template").write_text(json.dumps(site_config_template(), indent=2) + "\n")
+            if self.warm_job_start:
+                use_warm_job_start(res)
             # Both files: FLARE reads the first of them, and `nvflare poc prepare` rebuilds the
             # server's resources.json from the .default one (only moving its storage).
             for name in ("resources.json", "resources.json.default"):
