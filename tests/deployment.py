@@ -80,6 +80,9 @@ class Deployment:
         old = os.environ.get("HOME")
         os.environ["HOME"] = str(self.home)
         try:
+            from fedbrain.ops.status import confine_config_search
+
+            confine_config_search(self.kit(self.admin))
             return new_secure_session(self.admin, str(self.kit(self.admin)), timeout=timeout)
         finally:
             if old is not None:

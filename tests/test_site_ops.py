@@ -198,3 +198,22 @@ def test_the_printed_service_steps_leave_the_keys_owner_only(kits, tmp_path):
     assert sc.check_secrets(kit).status == sc.FAIL  # the group read alone opens the keys
     subprocess.run(key_line.split("&&")[1].split("#")[0], shell=True, check=True)
     assert sc.check_secrets(kit).status == sc.OK, sc.check_secrets(kit)
+
+
+def test_the_admin_client_looks_for_its_comm_config_in_the_kit_not_the_working_folder(kits, tmp_path, monkeypatch):
+    """FLARE's admin client, left alone, walks the current folder for `comm_config.*` (issue 29: `fedbrain
+    status` 11-19 s from a big folder); fedbrain confines the search to the admin's kit."""
+    from nvflare.fuel.utils.config_service import ConfigService
+
+    decoy = tmp_path / "home" / "a" / "b"
+    decoy.mkdir(parents=True)
+    (decoy / "comm_config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "home")
+    ConfigService.reset()
+    try:
+        found = ConfigService.load_configuration("comm_config.json")  # what FLARE's cell asks, 15 times per session
+        assert found is not None and Path(found.file_path).resolve() == decoy / "comm_config.json"  # on its own: a walk
+        st.confine_config_search(kits / ADMIN)
+        assert ConfigService.load_configuration("comm_config.json") is None
+    finally:
+        ConfigService.reset()

@@ -51,9 +51,25 @@ def admin_username(kit: Path) -> str:
         return kit.name
 
 
+def confine_config_search(kit: Path) -> None:
+    """Make FLARE's admin client look for its optional comm config in the admin's kit only.
+
+    FLARE 2.9's admin client never sets a config folder, so its cell looks for ``comm_config.*``
+    (15 lookups, every config format) by walking the *current working folder* recursively: 3-5 s from
+    a checkout with a virtual environment, more from a home folder (issue 29: `fedbrain status` took
+    11-19 s). The kit is where an admin's comm config belongs; FLARE keeps the first folders it is given.
+    """
+    from nvflare.fuel.utils.config_service import ConfigService
+
+    folders = [str(Path(kit).resolve() / sub) for sub in ("local", "startup") if (Path(kit) / sub).is_dir()]
+    if folders:
+        ConfigService.initialize(section_files={}, config_path=folders)
+
+
 def open_session(kit: Path, username: str, timeout: float):
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
+    confine_config_search(kit)
     return new_secure_session(username, str(Path(kit).resolve()), timeout=timeout)
 
 

@@ -212,6 +212,9 @@ class PocConsortium:
         old = os.environ.get("HOME")
         os.environ["HOME"] = str(self.home)  # nvflare reads ~/.nvflare: keep it inside the run
         try:
+            from fedbrain.ops.status import confine_config_search
+
+            confine_config_search(self.kit(self.admin))
             return new_secure_session(self.admin, str(self.kit(self.admin)), timeout=timeout)
         finally:
             if old is not None:
