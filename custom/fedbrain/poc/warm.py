@@ -159,8 +159,10 @@ def serve(fd: int, kind: str) -> None:
                 line, buffer = buffer.split(b"\n", 1)
                 request = json.loads(line)
                 pid = os.fork()
-                if pid == 0:
+                if pid == 0:  # the job process keeps none of the warm process's descriptors
                     conn.close()
+                    os.close(wake_r)
+                    os.close(wake_w)
                     os._exit(_run_job(request))
                 conn.sendall(json.dumps({"started": pid}).encode() + b"\n")
 
