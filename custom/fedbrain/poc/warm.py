@@ -160,6 +160,7 @@ def serve(fd: int, kind: str) -> None:
                 request = json.loads(line)
                 pid = os.fork()
                 if pid == 0:  # the job process keeps none of the warm process's descriptors
+                    signal.set_wakeup_fd(-1)
                     conn.close()
                     os.close(wake_r)
                     os.close(wake_w)
