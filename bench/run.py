@@ -393,7 +393,12 @@ def _overhead_detail(ov: dict) -> str:
                else "") + "; docs/reliability.md section 5)"
             + (f"; round time beyond the site's own validate+train time, median: "
                f"{statistics.median(ov['beyond_site_work_flare_defaults_s']):.2f} s -> "
-               f"{statistics.median(ov['beyond_site_work_s']):.2f} s" if ov.get("beyond_site_work_s") else ""))
+               f"{statistics.median(ov['beyond_site_work_s']):.2f} s. What is left: those "
+               f"{statistics.median(ov['beyond_site_work_s']):.2f} s (FLARE carrying the global model to the site and the "
+               "update back through its cell messaging, the server's aggregation and model persistence, the Client API "
+               "hand-over inside the site's job process); running the site loop as a FLARE Executor instead of a script "
+               "behind the Client API (issue 30, item 9) was not done. Warm job start (POC kits) shortens a job's start, "
+               "not its rounds" if ov.get("beyond_site_work_s") else ""))
 
 
 def _f(v, fmt="{:.3f}"):
