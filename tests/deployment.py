@@ -75,15 +75,12 @@ class Deployment:
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def session(self, timeout: float = 30):
-        from nvflare.fuel.flare_api.flare_api import new_secure_session
+        from fedbrain.ops.status import open_session  # the admin kit's session, as `fedbrain status` opens it
 
         old = os.environ.get("HOME")
         os.environ["HOME"] = str(self.home)
         try:
-            from fedbrain.ops.status import confine_config_search
-
-            confine_config_search(self.kit(self.admin))
-            return new_secure_session(self.admin, str(self.kit(self.admin)), timeout=timeout)
+            return open_session(self.kit(self.admin), self.admin, timeout)
         finally:
             if old is not None:
                 os.environ["HOME"] = old

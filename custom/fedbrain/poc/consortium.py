@@ -207,15 +207,12 @@ class PocConsortium:
     # ---- admin API ------------------------------------------------------------------------
     def session(self, timeout: float = 30):
         """An admin session as the project admin, over mTLS, like the admin console uses."""
-        from nvflare.fuel.flare_api.flare_api import new_secure_session
+        from fedbrain.ops.status import open_session  # the admin kit's session, as `fedbrain status` opens it
 
         old = os.environ.get("HOME")
         os.environ["HOME"] = str(self.home)  # nvflare reads ~/.nvflare: keep it inside the run
         try:
-            from fedbrain.ops.status import confine_config_search
-
-            confine_config_search(self.kit(self.admin))
-            return new_secure_session(self.admin, str(self.kit(self.admin)), timeout=timeout)
+            return open_session(self.kit(self.admin), self.admin, timeout)
         finally:
             if old is not None:
                 os.environ["HOME"] = old
