@@ -11,7 +11,9 @@ Kinds (on every float array of the update):
 - ``scale``: the update times ``factor`` (default 100): a boosted / model-replacement attack;
 - ``sign_flip``: the update times -1 (``factor`` ignored): pushes the model against the others;
 - ``random``: Gaussian noise with the same L2 norm as the honest update (times ``factor``, default 1):
-  at matching norm the norm guard cannot see it; only the robust methods can.
+  at matching norm the norm guard cannot see it; only the robust methods can;
+- ``weight``: the update unchanged, its FedAvg weight (``NUM_STEPS_CURRENT_ROUND``) times ``factor``
+  (default 100): an inflated weight buys the site the model without a visible update.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from nvflare.apis.filter import Filter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
+from fedbrain.contracts import NUM_STEPS_META
 from fedbrain.updates import as_numpy, is_float, update_norm
 
 #: The repository folder holding this package: on a test POC's PYTHONPATH, so its sites can import it.
 SUPPORT_ROOT = Path(__file__).resolve().parents[1]
 
-KINDS = ("scale", "sign_flip", "random")
-DEFAULT_FACTOR = {"scale": 100.0, "sign_flip": -1.0, "random": 1.0}
+KINDS = ("scale", "sign_flip", "random", "weight")
+DEFAULT_FACTOR = {"scale": 100.0, "sign_flip": -1.0, "random": 1.0, "weight": 100.0}
 
 
 def poison(data: dict, kind: str, factor: float | None = None, rng: np.random.Generator | None = None) -> dict:
@@ -42,6 +45,8 @@ def poison(data: dict, kind: str, factor: float | None = None, rng: np.random.Ge
     if kind not in KINDS:
         raise ValueError(f"attack kind must be one of {KINDS}, got {kind!r}")
     factor = DEFAULT_FACTOR[kind] if factor is None else float(factor)
+    if kind == "weight":
+        return dict(data)
     if kind == "sign_flip":
         factor = -1.0
     if kind in ("scale", "sign_flip"):
@@ -82,7 +87,10 @@ class PoisonUpdate(DXOFilter):
         rng = np.random.default_rng([self.seed, self._rounds])
         self.log_warning(fl_ctx, f"FAULT INJECTION: {self.site} sends a poisoned update ({self.kind}"
                                  f"{'' if self.factor is None else f', factor {self.factor:g}'})")
-        return DXO(data_kind=dxo.data_kind, data=poison(dxo.data, self.kind, self.factor, rng), meta=dxo.meta)
+        meta = dict(dxo.meta or {})
+        if self.kind == "weight" and NUM_STEPS_META in meta:
+            meta[NUM_STEPS_META] = int(meta[NUM_STEPS_META] * (self.factor or DEFAULT_FACTOR["weight"]))
+        return DXO(data_kind=dxo.data_kind, data=poison(dxo.data, self.kind, self.factor, rng), meta=meta)
 
 
 def check_attack(attack: dict, config, sites=None) -> None:

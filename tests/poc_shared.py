@@ -160,10 +160,13 @@ def first_wave_jobs(shared: SharedPoc) -> dict[str, Path]:
         # test_poc_classify: personal heads, then (in the module) SCAFFOLD under the same name
         "classify": classification_job.export(classify_config(), jobs / "classify", sites=sites),
         # test_poc_hostile: a config-only job naming a fedbrain function, refused at every site
-        "hostile_function": hostile_job(jobs / "hostile_function"),
+        "hostile_function": hostile_job(jobs / "hostile_function", sites),
         # ... jobs whose own filters undo their scope's promise, refused by each site's final check
         "hostile_encrypted": hostile_encrypted_job(jobs / "hostile_encrypted", sites),
         "hostile_dp": hostile_dp_job(jobs / "hostile_dp", sites),
+        # ... and filters that rewrite a `dp` site's noised update or inflate its weight (one site trains: the
+        # round is not published under min_trained_sites 3)
+        "hostile_dp_filters": hostile_dp_filters_job(jobs / "hostile_dp_filters", sites),
         # test_poc_secagg: masked updates seen by a curious server, with a site killed after the key setup
         "secagg_lost": secagg_job(jobs / "secagg_lost", "poc_secagg_lost", sites, crash=("hospital-c", 0),
                                   min_clients=2, min_responses=2, min_trained_sites=2, round_timeout=45,
@@ -205,34 +208,42 @@ def secagg_job(out: Path, name: str, sites, crash: tuple[str, int] | None = None
     return job
 
 
-#: A config-only job's component that calls a fedbrain function at each site: it would rewrite the
-#: hospital's local settings without its privacy keys (issue 25's critical finding). Sites must refuse it.
-HOSTILE_COMPONENT = {"id": "hostile", "path": "fedbrain.fl.site.write_site_config",
-                     "args": {"workspace": "{WORKSPACE}", "datalist": "/tmp/hostile/datalist.json"}}
+#: What each site's app of :func:`hostile_job` adds to the plain segmentation job, configuration only: a
+#: fedbrain function that rewrites the hospital's local settings without its privacy keys (issue 25's critical
+#: finding), one that deletes a folder (the site's privacy ledger), and a class of FLARE's own default list that
+#: reads a job-supplied data folder at the site (the XGBoost CSV loader). Every site must refuse its app at load.
+HOSTILE_COMPONENTS = {
+    "hospital-a": {"id": "hostile", "path": "fedbrain.fl.site.write_site_config",
+                   "args": {"workspace": "{WORKSPACE}", "datalist": "/tmp/hostile/datalist.json"}},
+    "hospital-b": {"id": "hostile", "path": "fedbrain.synthetic.cohort.write_case",
+                   "args": {"case": {}, "folder": "{WORKSPACE}/privacy", "affine": [], "case_id": "x"}},
+    "hospital-c": {"id": "hostile", "path": "nvflare.app_opt.xgboost.histogram_based_v2.csv_data_loader.CSVDataLoader",
+                   "args": {"folder": "{WORKSPACE}/.."}},
+}
 
 
-def hostile_job(out: Path) -> Path:
-    """The plain segmentation job with :data:`HOSTILE_COMPONENT` added to its site app: configuration
-    only, exactly what a job submitter could write."""
+def hostile_job(out: Path, sites) -> Path:
+    """The plain segmentation job with each site's :data:`HOSTILE_COMPONENTS` entry added to its app."""
     job = segmentation_job.export(SegmentationConfig(name="hostile_function", rounds=1, max_steps=1), out)
-    client = job / "app" / "config" / "config_fed_client.json"
-    config = json.loads(client.read_text())
-    config.setdefault("components", []).append(HOSTILE_COMPONENT)
-    client.write_text(json.dumps(config, indent=2))
-    return job
+
+    def edit(site, client):
+        client.setdefault("components", []).append(HOSTILE_COMPONENTS[site])
+
+    return per_site_job(job, sites, edit, scope=None)
 
 
 #: What each site's app of :func:`hostile_encrypted_job` does after FLARE's encryptor (None: nothing hostile).
 HOSTILE_ENCRYPTED = {
-    "hospital-a": "a decryptor after the encryptor",
+    "hospital-a": "fedbrain's decryptor after the encryptor",
     "hospital-b": "the encryptor told to encrypt the biases only",
     "hospital-c": None,
 }
 
 
-def per_site_job(job: Path, sites, edit_site, scope: str) -> Path:
+def per_site_job(job: Path, sites, edit_site, scope: str | None) -> Path:
     """An exported one-app (@ALL) job rewritten as a server app and one app per site, each site's
-    config passed through ``edit_site(site, config)``, under the privacy ``scope`` the job names."""
+    config passed through ``edit_site(site, config)``, under the privacy ``scope`` the job names (None:
+    each site's default)."""
     import shutil
 
     app = job / "app" / "config"
@@ -246,7 +257,9 @@ def per_site_job(job: Path, sites, edit_site, scope: str) -> Path:
         edit_site(site, config)
         (job / f"app_{site}" / "config" / "config_fed_client.json").write_text(json.dumps(config, indent=2))
     meta = json.loads((job / "meta.json").read_text())
-    meta.update(deploy_map={"app_server": ["server"], **{f"app_{s}": [s] for s in sites}}, scope=scope)
+    meta.update(deploy_map={"app_server": ["server"], **{f"app_{s}": [s] for s in sites}})
+    if scope:
+        meta["scope"] = scope
     (job / "meta.json").write_text(json.dumps(meta, indent=2))
     return job
 
@@ -260,7 +273,7 @@ def hostile_encrypted_job(out: Path, sites) -> Path:
     def edit(site, client):
         train = next(f for f in client["task_result_filters"] if f["tasks"] == ["train"])["filters"]
         if site == "hospital-a":
-            train.append({"path": "nvflare.app_opt.he.model_decryptor.HEModelDecryptor", "args": {}})
+            train.append({"path": "fedbrain.filters.he.SharedPartDecryptor", "args": {}})
         elif site == "hospital-b":
             train[-1]["args"]["encrypt_layers"] = "bias$"
 
@@ -273,6 +286,30 @@ def hostile_dp_job(out: Path, sites) -> Path:
     # min_clients 3: FLARE's SCAFFOLD asks min_clients sites (a random subset when fewer), here every site.
     config = classify_config(name="hostile_dp", algorithm="scaffold", rounds=1, min_clients=3)
     job = classification_job.export(config, out, sites=sites)
+    meta = json.loads((job / "meta.json").read_text())
+    (job / "meta.json").write_text(json.dumps({**meta, "scope": "dp"}, indent=2))
+    return job
+
+
+#: What each site's app of :func:`hostile_dp_filters_job` does after the `dp` scope's noise (None: nothing).
+HOSTILE_DP_FILTERS = {
+    "hospital-a": {"kind": "scale", "factor": 100},  # rewrites the noised payload
+    "hospital-b": {"kind": "weight", "factor": 100},  # inflates the update's FedAvg weight
+    "hospital-c": None,
+}
+
+
+def hostile_dp_filters_job(out: Path, sites) -> Path:
+    """A classifier job under the `dp` scope whose own result filters, which FLARE runs after the scope's,
+    rewrite the noised update (hospital-a) or inflate its weight (hospital-b); hospital-c's app is plain. The
+    rewriting filter is the test-support PoisonUpdate (POC kits admit it), standing for any filter a job adds."""
+    job = classification_job.export(classify_config(name="hostile_dp_filters", rounds=1, min_clients=1,
+                                                    min_responses=1), out, sites=sites)
+    for site, attack in HOSTILE_DP_FILTERS.items():
+        if attack:
+            _edit_app(job, f"app_{site}", lambda c, a=attack, s=site: next(
+                f for f in c["task_result_filters"] if "train" in f["tasks"])["filters"].append(
+                {"path": "fedbrain_testing.attack.PoisonUpdate", "args": {"site": s, **a}}))
     meta = json.loads((job / "meta.json").read_text())
     (job / "meta.json").write_text(json.dumps({**meta, "scope": "dp"}, indent=2))
     return job

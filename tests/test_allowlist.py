@@ -1,6 +1,7 @@
 """The class allow-list of every fedbrain kit: exactly the classes the shipped jobs and site policies
-name, nothing else from fedbrain, and no function reachable under FLARE's prefix rule (a config-only
-job naming ``fedbrain.fl.site.write_site_config`` rewrote a site's privacy settings before)."""
+name, FLARE's and fedbrain's, nothing else, and no function reachable under FLARE's prefix rule (a
+config-only job naming ``fedbrain.fl.site.write_site_config`` rewrote a site's privacy settings before;
+FLARE's default list, which kits carried too, admits loaders that read job-supplied paths at a site)."""
 
 import importlib
 import inspect
@@ -10,7 +11,8 @@ import pkgutil
 import pytest
 
 import fedbrain
-from fedbrain.ops.allowlist import FEDBRAIN_SERVER_CLASSES, FEDBRAIN_SITE_CLASSES, admitted, class_allow_list
+from fedbrain.ops.allowlist import (FEDBRAIN_SERVER_CLASSES, FEDBRAIN_SITE_CLASSES, FLARE_SERVER_CLASSES,
+                                    FLARE_SITE_CLASSES, admitted, class_allow_list)
 from fedbrain.tasks.classification_config import ClassificationConfig
 from fedbrain.tasks.segmentation_config import SegmentationConfig
 
@@ -65,6 +67,28 @@ def test_every_component_the_jobs_name_is_admitted(used, kind):
 @pytest.mark.parametrize("kind,listed", [("server", FEDBRAIN_SERVER_CLASSES), ("client", FEDBRAIN_SITE_CLASSES)])
 def test_nothing_from_fedbrain_is_listed_that_no_job_names(used, kind, listed):
     assert set(listed) == {p for p in used[kind] if p.startswith("fedbrain.")}
+
+
+@pytest.mark.parametrize("kind,listed", [("server", FLARE_SERVER_CLASSES), ("client", FLARE_SITE_CLASSES)])
+def test_nothing_is_listed_that_no_job_names(used, kind, listed):
+    """The whole list is what fedbrain's jobs and policies name: FLARE's default list is not included."""
+    assert set(listed) == {p for p in used[kind] if not p.startswith("fedbrain.")}
+    assert set(class_allow_list(kind)) == used[kind]
+
+
+@pytest.mark.parametrize("path", [
+    "nvflare.app_opt.xgboost.histogram_based_v2.csv_data_loader.CSVDataLoader",  # reads a job-supplied folder
+    "nvflare.app_opt.xgboost.histogram_based_v2.fed_executor.FedXGBHistogramExecutor",
+    "nvflare.app_common.executors.statistics.statistics_executor.StatisticsExecutor",
+    "nvflare.app_common.psi.psi_executor.PSIExecutor",
+    "nvflare.app_opt.he.model_decryptor.HEModelDecryptor",  # FLARE's, for a result chain: fedbrain's own decrypts task data
+    "nvflare.app_common.widgets.event_recorder.ClientEventRecorder",
+])
+def test_flares_default_site_classes_that_fedbrain_does_not_use_are_refused(path):
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+    assert admitted(path, DEFAULT_CLASS_ALLOW_LIST)  # FLARE alone would build it at a site
+    assert not admitted(path, class_allow_list("client"))
 
 
 def _every_fedbrain_name():

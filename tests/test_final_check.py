@@ -284,3 +284,28 @@ def test_dp_secagg_accepts_a_masked_update_only_of_exactly_what_dp_noised():
     fewer = {**released, SECAGG_INPUT: {"enc.weight": fps["enc.weight"]}}  # a noised value left out of the mask
     assert "not the ones client-level DP noised" in " ".join(payload_problems(payload, parts, PERSONAL_PARTS,
                                                                                released=fewer))
+
+
+def test_a_job_naming_a_scope_weaker_than_the_sites_default_is_refused_at_its_start(monkeypatch):
+    """A hospital that made `encrypted` its default but still defines `standard` (FLARE lets a job pick any
+    defined scope): a job naming `standard` is refused before the site trains, and every result with it."""
+    import fedbrain.filters.final_check as final_check
+
+    monkeypatch.setattr(final_check, "site_default_scope", lambda: "encrypted")
+    check, ctx = site_check(), _site_ctx("standard", job="job-weaker")
+    check.handle_event(EventType.START_RUN, ctx)
+    assert job_refused("job-weaker")  # the site loop never trains for it
+    result = update()
+    _event(check, EventType.BEFORE_TASK_RESULT_FILTER, ctx, update())
+    _event(check, EventType.AFTER_TASK_RESULT_FILTER, ctx, result)
+    reason = result.get_header(REFUSED_HEADER)
+    assert result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and from_shareable(result).data == {}
+    assert "privacy scope 'standard', weaker than this site's default 'encrypted' (it lacks require_encryption)" in reason
+    # the same job under the default or a stronger scope is not refused for its scope
+    for scope, job in (("encrypted", "job-same"), ("dp_encrypted", "job-stronger")):
+        check, ctx = site_check(), _site_ctx(scope, job=job)
+        check.handle_event(EventType.START_RUN, ctx)
+        assert not job_refused(job), scope
+    assert final_check.weaker_than_default("dp", "dp_secagg", SCOPE_PARTS) == (
+        "the job names privacy scope 'dp', weaker than this site's default 'dp_secagg' (it lacks require_secagg)")
+    assert final_check.weaker_than_default("standard", "", SCOPE_PARTS) == ""  # default unknown: no floor here

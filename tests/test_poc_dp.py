@@ -79,11 +79,18 @@ def dp_jobs(shared_poc):
         lines = original_b.splitlines()
         lines[1] = lines[1].replace('"steps": [[', '"steps": [[0.0, 0.0, 0], [', 1)
         ledger_b.path.write_text("\n".join(lines) + "\n")
+        # ... and hospital-c's, whose budget the first job spent, is deleted (a fresh start would reset it).
+        ledger_c = PrivacyLedger(poc.kit("hospital-c"))
+        original_c = ledger_c.path.read_bytes()
+        ledger_c.path.unlink()
         job2 = export_job(run_dir / "jobs2", ClassifyDemoSettings(cases=8, seed=5, task=task.replace(rounds=1)),
                           poc.sites)
         out["meta2"], out["result2"] = submit_and_wait(poc, job2, rounds=1, result_dir=run_dir / "r2")
-        out["log_b2"] = (poc.kit("hospital-b") / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
-        ledger_b.path.write_text(original_b)  # the hospital restores its ledger from its backup
+        out["log_b2"], out["log_c2"] = ((poc.kit(s) / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
+                                        for s in ("hospital-b", "hospital-c"))
+        out["ledger_c_recreated"] = ledger_c.path.exists()
+        ledger_b.path.write_text(original_b)  # the hospitals restore their ledgers from their backups
+        ledger_c.path.write_bytes(original_c)
         plain = ClassifyDemoSettings(task=ClassifyDemoSettings().task.replace(name="poc_dp_plain", rounds=1,
                                                                               epochs_per_round=1))
         # Every hospital now requires DP: a job without it has no site left to learn from.
@@ -131,15 +138,13 @@ def test_epsilon_per_round_equals_opacus_offline(dp_jobs):
 
 
 def test_a_restarted_site_goes_on_from_its_ledger(dp_jobs):
-    """After hospital-a's restart, the next job's epsilon composes all its steps (not one round's);
-    hospital-c's budget, spent in the first job, still holds it back."""
+    """After hospital-a's restart, the next job's epsilon composes all its steps (not one round's)."""
     assert dp_jobs["killed"] and dp_jobs["back_after_s"] > 0
     (row,) = _rows(dp_jobs["result2"])
     steps, q = _site_round(dp_jobs["n_train"]["hospital-a"])
     assert row["hospital-a"][TRAIN_STEPS] == steps
     assert row["hospital-a"][DP_EPSILON_SPENT] == pytest.approx(_epsilon((ROUNDS + 1) * steps, q), rel=1e-6)
     assert row["hospital-a"][DP_EPSILON_SPENT] > 1.5 * _epsilon(steps, q)  # a reset would report one round
-    assert row["hospital-c"][TRAIN_STEPS] == 0 and row["hospital-c"][DP_WITHHELD] == BUDGET_EXHAUSTED
 
 
 def test_a_ledger_edited_by_hand_refuses_the_next_dp_job_at_that_site_in_one_line(dp_jobs):
@@ -147,6 +152,17 @@ def test_a_ledger_edited_by_hand_refuses_the_next_dp_job_at_that_site_in_one_lin
     assert row["hospital-b"][TRAIN_STEPS] == 0 and row["hospital-b"][DP_WITHHELD] == LEDGER_BROKEN
     lines = [line for line in dp_jobs["log_b2"].splitlines() if "does not follow the one before" in line]
     assert len(lines) == 1 and "no job may use this site's privacy budget until it is restored" in lines[0]
+
+
+def test_a_deleted_ledger_does_not_give_a_spent_budget_back(dp_jobs):
+    """hospital-c spent its budget in the first job; its ledger is then deleted by hand. The next DP job is
+    refused there in one line (the head record in local/ still counts the entries), not started afresh, and
+    no new ledger is begun."""
+    (row,) = _rows(dp_jobs["result2"])
+    assert row["hospital-c"][TRAIN_STEPS] == 0 and row["hospital-c"][DP_WITHHELD] == LEDGER_BROKEN
+    lines = [line for line in dp_jobs["log_c2"].splitlines() if "is missing, but" in line and "(deleted?)" in line]
+    assert len(lines) == 1 and "no job may use this site's privacy budget until it is restored" in lines[0]
+    assert not dp_jobs["ledger_c_recreated"]
 
 
 def test_ledgers_live_in_the_site_kits(dp_jobs):

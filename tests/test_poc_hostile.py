@@ -1,17 +1,18 @@
-"""Hostile config-only jobs against real POC sites (issue 25's catalogue): a job naming a fedbrain
-function instead of a class is refused at every site by the exact class allow-list; jobs whose own
-filters undo their scope's promise (a decryptor after the encryptor, encryption of a subset, SCAFFOLD's
-un-noised controls under `dp`) are refused by each site's final check, and the server receives the
-reason, not the payload. No site's local/ or privacy ledger changes (hashes before and after, on the
-sites' disks)."""
+"""Hostile config-only jobs against real POC sites (issue 25's catalogue): components no fedbrain job
+names (a fedbrain function that rewrites the site's settings, one that deletes a folder, FLARE's own
+loader of a job-supplied data folder) are refused at each site by the exact class allow-list; jobs whose
+own filters undo their scope's promise (a decryptor after the encryptor, encryption of a subset,
+SCAFFOLD's un-noised controls under `dp`, a rewritten noised update, an inflated weight) are refused by
+each site's final check, and the server receives the reason, not the payload. No site's local/ or
+privacy ledger changes (hashes before and after, on the sites' disks)."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from fedbrain.contracts import AUDIT_FILE
-from poc_shared import HOSTILE_COMPONENT, HOSTILE_ENCRYPTED
+from fedbrain.contracts import AUDIT_FILE, NUM_STEPS_META
+from poc_shared import HOSTILE_COMPONENTS, HOSTILE_DP_FILTERS, HOSTILE_ENCRYPTED
 
 pytestmark = pytest.mark.poc
 
@@ -47,12 +48,14 @@ def test_the_job_naming_a_fedbrain_function_never_ran(hostile):
     assert hostile["meta"]["status"] != "FINISHED:COMPLETED", hostile["meta"]
 
 
-def test_every_site_refused_it_naming_the_component(hostile):
-    """Each site's job process refuses the component while loading the job, before building anything;
-    its log names the path. (FLARE reports only "missing job on client" to the server: the reason does
-    not reach the admin yet, issue 29.)"""
-    for site, log in hostile["site_logs"].items():
-        assert f"Component '{HOSTILE_COMPONENT['path']}'" in log and "not in allow_list" in log, (site, log[-2000:])
+@pytest.mark.parametrize("site", sorted(HOSTILE_COMPONENTS))
+def test_every_site_refused_it_naming_the_component(hostile, site):
+    """Each site's job process refuses its app's component while loading the job, before building anything;
+    its log names the path. hospital-c's is a class of FLARE's own default list (which kits admitted before)
+    that reads a job-supplied folder. (FLARE reports only "missing job on client" to the server: the reason
+    does not reach the admin yet, issue 29.)"""
+    log = hostile["site_logs"][site]
+    assert f"Component '{HOSTILE_COMPONENTS[site]['path']}'" in log and "not in allow_list" in log, (site, log[-2000:])
 
 
 def test_no_sites_local_settings_or_ledger_changed(hostile):
@@ -98,3 +101,46 @@ def test_scaffold_under_dp_is_refused_and_no_control_reaches_the_server(hostile_
         (line,) = [line for line in hostile_dp["site_logs"][site].splitlines() if REFUSAL in line]
         assert "plaintext arrays would travel outside the model values (meta." in line, line
     assert hostile_dp["meta"]["status"] != "FINISHED:COMPLETED"
+
+
+@pytest.fixture(scope="module")
+def hostile_dp_filters(shared_poc, first_wave):
+    return _job(shared_poc, first_wave, "hostile_dp_filters")
+
+
+@pytest.mark.parametrize("site", sorted(HOSTILE_DP_FILTERS))
+def test_a_job_filter_rewriting_a_dp_update_or_its_weight_is_refused_by_that_site(hostile_dp_filters, site):
+    """Under `dp`, FLARE runs the job's own filters after the scope's noise: hospital-a's app multiplies the
+    noised update, hospital-b's multiplies its FedAvg weight. Each refuses its result in one line naming what
+    changed; hospital-c (plain app) sends its noised update."""
+    log = hostile_dp_filters["site_logs"][site]
+    refusals = [line for line in log.splitlines() if REFUSAL in line]
+    expected = {"scale": "model values are not the ones client-level DP noised",
+                "weight": f"the update's weight {NUM_STEPS_META} is"}
+    if HOSTILE_DP_FILTERS[site] is None:
+        assert not refusals, refusals
+    else:
+        assert len(refusals) == 1 and expected[HOSTILE_DP_FILTERS[site]["kind"]] in refusals[0], (site, log[-3000:])
+
+
+def test_the_server_received_two_reasons_and_one_noised_update(hostile_dp_filters):
+    received = hostile_dp_filters["received"]
+    refused = {r["site"]: r["refused"] for r in received if r.get("refused")}
+    assert set(refused) == {s for s, attack in HOSTILE_DP_FILTERS.items() if attack}, received
+    (update,) = [r for r in received if not r.get("refused")]
+    assert update["site"] == "hospital-c" and update["params"], update
+    # noised by the site's own filter: noise of std 1 per value (the scope's clip is 1.0) makes the norm large
+    assert update["l2_norm"] > 10, update
+
+
+def test_a_round_one_site_trained_is_not_published_and_the_report_says_why(hostile_dp_filters):
+    """With min_trained_sites 3 (the default), the round's one trained site would be read exactly from the
+    new global model: the server keeps the model as it was, and the report names the reason."""
+    from fedbrain.contracts import ROUND_FILE
+    from fedbrain.report.job_report import build_report
+
+    result = Path(hostile_dp_filters["result"])
+    (record,) = [json.loads(line) for line in (result / "workspace" / ROUND_FILE).read_text().splitlines()]
+    assert record["published"] is False and record["trained"] == ["hospital-c"], record
+    assert record["why_unpublished"].startswith("1 trained site(s) (hospital-c), fewer than min_trained_sites 3")
+    assert build_report(result)["unpublished"] == [{"round": 0, "why": record["why_unpublished"]}]

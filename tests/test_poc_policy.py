@@ -11,20 +11,22 @@ defaults; hospital-c makes `encrypted` its default scope. Then:
 2. the same job at all three, needing 2 answers a round: hospital-c refuses to release plaintext,
    nothing of its update arrives, the server records its one-line reason, and the job completes with
    the two others (a careful hospital does not end everyone's job);
-3. a job naming a scope no site defines ("research") is refused.
+3. a job naming a scope no site defines ("research") is refused;
+4. a job naming `standard` at hospital-c, which made `encrypted` its default but (like a hospital that
+   edits only ``default_scope``) still defines `standard`: FLARE would apply `standard`; hospital-c's
+   final check refuses it at job start because it is weaker than the site's default, and never trains.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from fedbrain.contracts import AUDIT_FILE
 from fedbrain.jobs.classification import export
-from fedbrain.poc.runner import submit_and_wait
+from fedbrain.poc.runner import run_jobs_side_by_side, submit_and_wait
 from fedbrain.tasks.classification import ClassificationConfig
 
 pytestmark = pytest.mark.poc
@@ -61,28 +63,24 @@ def policy_jobs(shared_poc):
         job = export(task.replace(min_clients=3, min_responses=2), run_dir / "jobs_abc", sites=poc.sites)
         out["meta2"], out["result2"] = submit_and_wait(poc, job, rounds=1, result_dir=run_dir / "r2")
         out["log_c"] = (poc.kit("hospital-c") / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
-        meta = json.loads((job / "meta.json").read_text())
-        meta["scope"] = "research"
-        (job / "meta.json").write_text(json.dumps(meta))
-        sess = poc.session()
-        try:
-            job_id = sess.submit_job(str(job))
-            out["meta3"] = _wait(sess, job_id, timeout=180)
-            out["server_log3"] = (poc.kit("localhost") / "log.txt").read_text(errors="replace")
-        finally:
-            sess.close()
+        _set_scope(job, "research")
+        weaker = _set_scope(export(task.replace(name="poc_policy_weaker", min_clients=1, min_responses=1),
+                                   run_dir / "jobs_c", sites=["hospital-c"]), "standard")
+        results = run_jobs_side_by_side(poc, {"research": job, "weaker": weaker}, run_dir / "r34", max_active=2,
+                                        timeout=300)
+        out["meta3"] = results["research"][0]
+        out["server_log3"] = (poc.kit("localhost") / "log.txt").read_text(errors="replace")
+        out["meta4"], out["result4"] = results["weaker"][:2]
+        out["log_c4"] = (poc.kit("hospital-c") / out["meta4"]["job_id"] / "log.txt").read_text(errors="replace")
     finally:
         shared_poc.restore_policies()
     return out
 
 
-def _wait(sess, job_id: str, timeout: float) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        meta = sess.get_job_meta(job_id)
-        if meta.get("status", "").startswith("FINISHED") or time.time() > deadline:
-            return meta
-        time.sleep(3)
+def _set_scope(job: Path, scope: str) -> Path:
+    meta = json.loads((job / "meta.json").read_text())
+    (job / "meta.json").write_text(json.dumps({**meta, "scope": scope}))
+    return job
 
 
 def _audit(result: Path) -> list[dict]:
@@ -130,3 +128,13 @@ def test_a_scope_no_site_defines_is_refused(policy_jobs):
     # FLARE refuses it at deployment: the reason is in the job's deploy detail and the server log.
     detail = " ".join(policy_jobs["meta3"].get("job_deploy_detail", []))
     assert "privacy scope 'research' is not allowed" in detail + policy_jobs["server_log3"], detail
+
+
+def test_a_job_naming_a_scope_weaker_than_the_sites_default_is_refused_there(policy_jobs):
+    """hospital-c's default is `encrypted`; the job names `standard`, which hospital-c still defines. Its final
+    check refuses at job start (one line, no training) and the server receives the reason, not an update."""
+    weaker = "privacy scope 'standard', weaker than this site's default 'encrypted' (it lacks require_encryption)"
+    assert [line for line in policy_jobs["log_c4"].splitlines() if weaker in line and "will not train" in line]
+    audit = _audit(policy_jobs["result4"])
+    assert audit and all(e["site"] == "hospital-c" and not e.get("params") for e in audit), audit
+    assert all(weaker in e["refused"] for e in audit), audit

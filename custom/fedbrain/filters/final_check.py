@@ -15,6 +15,11 @@ checks the promise of the job's scope on exactly what would leave:
   this task (noised), and no other array travels (meta, headers);
 - ``require_encryption``: every model value is a CKKS ciphertext, and no plaintext array travels.
 
+The site's ``default_scope`` is also a floor: FLARE lets a job pick any scope the site defines, so a
+site that made ``encrypted`` its default but still defines ``standard`` would release plaintext to a
+job naming ``standard``. A job whose scope lacks a promise of the site's default is refused at job
+start (the site loop never trains for it) and at every result.
+
 A result that breaks the promise never leaves: its content is removed and the server receives an
 error reply (``TASK_RESULT_FILTER_ERROR``, not FLARE's ``UNSAFE_JOB``, which would end every site's
 job) whose ``fedbrain_refused`` header carries the one-line reason, recorded by the server's audit
@@ -148,6 +153,25 @@ def payload_problems(result: Shareable, parts, personal_parts: str, *, steps_sen
     return problems
 
 
+def site_default_scope() -> str:
+    """The name of the ``default_scope`` FLARE read from this site's privacy.json ("" when unknown)."""
+    from nvflare.private.fed.utils.fed_utils import get_scope_info
+
+    name = get_scope_info()[1]
+    return "" if name == "processing_error" else name
+
+
+def weaker_than_default(scope: str, default: str, scope_parts: dict) -> str:
+    """Why a job under ``scope`` may not run at a site whose default is ``default`` ("" if it may)."""
+    if not default or default not in scope_parts or scope not in scope_parts:
+        return ""
+    missing = sorted(set(scope_parts[default]) - set(scope_parts[scope]))
+    if not missing:
+        return ""
+    return (f"the job names privacy scope '{scope}', weaker than this site's default '{default}' "
+            f"(it lacks {', '.join(missing)})")
+
+
 def refuse(result: Shareable, reason: str) -> None:
     """Empty ``result`` in place (so nothing of it can leave), keeping only FLARE's routing, as an
     error reply whose ``fedbrain_refused`` header says why. It holds an empty metrics DXO: FLARE's
@@ -183,7 +207,7 @@ class FinalPayloadCheck(FLComponent):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            self._start_problem = self._local_since_start(fl_ctx)
+            self._start_problem = self._local_since_start(fl_ctx) or self._weaker_scope(fl_ctx)
         elif event_type == EventType.BEFORE_TASK_RESULT_FILTER:
             sent = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
             self._steps_sent, self._checked = self._steps_of(sent), None
@@ -219,6 +243,18 @@ class FinalPayloadCheck(FLComponent):
         mark_refused(fl_ctx.get_job_id())
         return reason
 
+    def _weaker_scope(self, fl_ctx: FLContext) -> str:
+        """One line when the job's scope promises less than the site's default scope: refused at this site."""
+        weaker = weaker_than_default(fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or "",
+                                     site_default_scope(), self.scope_parts)
+        if not weaker:
+            return ""
+        reason = (f"site {fl_ctx.get_identity_name()} refused job {fl_ctx.get_job_id()}: {weaker}. Nothing will be "
+                  f"sent; this site will not train for this job.")
+        self.log_error(fl_ctx, reason)
+        mark_refused(fl_ctx.get_job_id())
+        return reason
+
     @staticmethod
     def _steps_of(result) -> object:
         try:
@@ -238,8 +274,11 @@ class FinalPayloadCheck(FLComponent):
             return
         scope = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME) or ""
         site, job, task = fl_ctx.get_identity_name(), fl_ctx.get_job_id(), fl_ctx.get_prop(FLContextKey.TASK_NAME)
+        weaker = weaker_than_default(scope, site_default_scope(), self.scope_parts)
         if scope not in self.scope_parts:
             problems = [f"its privacy scope '{scope}' is not one this site's final check knows"]
+        elif weaker:
+            problems = [weaker]
         else:
             problems = payload_problems(result, self.scope_parts[scope], self.personal_parts,
                                         steps_sent=self._steps_sent, released=self._released_now)

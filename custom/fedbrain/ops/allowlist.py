@@ -4,7 +4,8 @@ FLARE instantiates whatever a job's component ``path`` names, function or class,
 the job (``{WORKSPACE}`` is the site's own folder), and its allow-list matches entries as path
 prefixes. A module prefix such as ``fedbrain.`` therefore let a config-only job call any fedbrain
 function at a site (rewrite its local settings, delete its privacy ledger). These lists name classes
-only, one by one; under FLARE's prefix rule an entry ``a.b.C`` admits ``a.b.C`` and nothing else that
+only, one by one, FLARE's included (FLARE's own default list admits 88 classes a fedbrain site never
+needs); under FLARE's prefix rule an entry ``a.b.C`` admits ``a.b.C`` and nothing else that
 exists (``tests/test_allowlist.py`` walks every fedbrain module to prove it, and checks that every
 component the shipped jobs and site policies use is listed and nothing more).
 """
@@ -39,20 +40,37 @@ FEDBRAIN_SITE_CLASSES = (
     "fedbrain.secagg.site.SecAggSiteExecutor",
     "fedbrain.secagg.site.SecAggMask",
 )
-#: FLARE classes fedbrain's server apps name that FLARE's default allow-list lacks.
-FLARE_SERVER_EXTRAS = (
-    "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+#: FLARE classes fedbrain's server apps name (its round workflow, model selection and persistence,
+#: the TensorBoard receiver, FLARE's HE server parts).
+FLARE_SERVER_CLASSES = (
+    "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
+    "nvflare.app_common.widgets.metrics_artifact_writer.MetricsArtifactWriter",
+    "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator",
+    "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval",
+    "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather",
+    "nvflare.app_opt.he.model_serialize_filter.HEModelSerializeFilter",
+    "nvflare.app_opt.he.model_shareable_generator.HEModelShareableGenerator",
     "nvflare.app_opt.pt.file_model_locator.PTFileModelLocator",
+    "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
     "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
+)
+#: FLARE classes fedbrain's site apps and site policies name: the head filter and the metric relay.
+#: Nothing else of FLARE's default list (88 classes) is admitted at a site: it holds executors and
+#: loaders that read files from job-supplied paths (the XGBoost CSV loader, PSI, statistics), which
+#: would bypass the rule that only the site's own local/ names its data.
+FLARE_SITE_CLASSES = (
+    "nvflare.app_common.filters.exclude_vars.ExcludeVars",
+    "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
 )
 
 
 def class_allow_list(kind: str) -> list[str]:
-    """``server`` or ``client``: FLARE's default list plus exactly what fedbrain's apps name there."""
-    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-
-    extra = FLARE_SERVER_EXTRAS + FEDBRAIN_SERVER_CLASSES if kind == "server" else FEDBRAIN_SITE_CLASSES
-    return list(DEFAULT_CLASS_ALLOW_LIST) + [c for c in extra if c not in DEFAULT_CLASS_ALLOW_LIST]
+    """``server`` or ``client``: exactly the classes fedbrain's apps and site policies name there, FLARE's
+    and fedbrain's (not FLARE's default list)."""
+    if kind not in ("server", "client"):
+        raise ValueError(f"kind must be 'server' or 'client', got {kind!r}")
+    return list(FLARE_SERVER_CLASSES + FEDBRAIN_SERVER_CLASSES if kind == "server"
+                else FLARE_SITE_CLASSES + FEDBRAIN_SITE_CLASSES)
 
 
 def admitted(path: str, allow_list) -> bool:
