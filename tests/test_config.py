@@ -110,3 +110,17 @@ def test_server_and_site_build_the_same_network():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         c = config.replace(seed=4).build_model().state_dict()
         assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+@pytest.mark.parametrize("config_cls", CONFIGS)
+@pytest.mark.parametrize("change,why", [({"he": True}, "cannot also decrypt"),
+                                        ({"algorithm": "scaffold"}, "SCAFFOLD's control variates"),
+                                        ({"aggregation": "median"}, "combine other than by a weighted average"),
+                                        ({"guard": True}, "the server never sees one")])
+def test_secagg_refuses_what_would_need_each_sites_update(config_cls, change, why):
+    """The server learns only the masked sum: decryption, SCAFFOLD controls (unmasked in meta), robust
+    aggregation and the update guard would each need one site's update, so the config refuses them."""
+    if change.get("algorithm") == "scaffold" and "scaffold" not in config_cls.ALGORITHMS:
+        pytest.skip("no SCAFFOLD for this task")
+    with pytest.raises(ValueError, match=why):
+        config_cls(secagg=True, **change)

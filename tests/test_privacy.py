@@ -386,6 +386,11 @@ def test_a_release_without_dp_makes_epsilon_infinite_for_those_patients(cases, t
                             budget=SiteBudget(epsilon=8.0, delta=1e-5, require_dp=False))
     (r,) = _rounds(SitePrivacy(trainer, settings, "hospital-x"), trainer, trainer.build_model(), 1)
     assert r["steps"] > 0 and r[DP_EPSILON_SPENT] == math.inf
+    # FLARE's metrics writer drops non-finite numbers: what leaves says "unbounded" as a finite flag
+    for share in ("all", "minimal"):
+        sent = SiteBudget(epsilon=8.0, share_metrics=share).shared_metrics(r, n_val=10, dp_sgd=False)
+        assert DP_EPSILON_SPENT not in sent and sent["dp_epsilon_unbounded"] == 1, share
+        assert all(math.isfinite(v) for v in sent.values() if isinstance(v, float)), sent
     trainer, privacy = _budgeted(tmp_path, cases)  # a later DP job on the same patients, with a budget
     assert privacy.spent() == math.inf and privacy.withhold() == BUDGET_EXHAUSTED
 

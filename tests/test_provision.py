@@ -231,3 +231,41 @@ def test_a_kit_from_another_consortium_is_not_vouched_for(kits, tmp_path):
     shutil.copy(kits / "hospital-a" / "startup" / "rootCA.pem", kit / "startup" / "rootCA.pem")
     with pytest.raises(KitError, match="not issued by this kit's root CA"):
         check_certificate(kit)
+
+
+def test_a_missing_or_added_startup_file_or_a_missing_manifest_is_refused_and_named(kits, tmp_path):
+    kit = _copy(kits, "hospital-a", tmp_path)
+    (kit / "startup" / "fed_client.json").unlink()
+    (kit / "startup" / "extra.sh").write_text("#!/bin/sh\n")
+    problems = guard(kit, probe_server=False)
+    assert any("startup/fed_client.json: missing" in p for p in problems), problems
+    assert any("startup/extra.sh: added" in p for p in problems), problems
+    (kit / "startup" / "fedbrain_kit_manifest.json").unlink()
+    with pytest.raises(KitError, match="fedbrain_kit_manifest.json: missing"):
+        verify_manifest(kit)
+    assert guard(kit, probe_server=False)  # refused, not waved through
+
+
+def test_a_certificate_not_yet_valid_or_a_key_of_another_kit_is_refused(kits, tmp_path):
+    import datetime
+
+    kit = _copy(kits, "hospital-a", tmp_path)
+    check_certificate(kit)  # as provisioned: fine
+    long_ago = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+    with pytest.raises(KitError, match="not valid before .* is this machine's clock right"):
+        check_certificate(kit, now=long_ago)
+    shutil.copy(kits / "hospital-b" / "startup" / "client.key", kit / "startup" / "client.key")
+    with pytest.raises(KitError, match="client.key: does not belong to .*client.crt"):
+        check_certificate(kit)
+
+
+def test_only_the_project_admin_reads_streamed_logs(kits):
+    """download_job_components (FLARE's command for stored ERRORLOG files) and get_job_log: project admin only."""
+    checked = 0
+    for path in sorted(kits.glob("*/local/authorization.json")):
+        for role, rights in json.loads(path.read_text())["permissions"].items():
+            for command in ("download_job_components", "get_job_log"):
+                granted = rights.get(command, "none") not in ("none", False, None)
+                assert granted == (role == "project_admin"), (path, role, command, rights.get(command))
+                checked += 1
+    assert checked >= 4 * 4  # four roles in every site and server kit

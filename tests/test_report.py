@@ -193,3 +193,28 @@ def test_a_site_without_a_value_is_never_the_minimum_and_its_reason_is_listed(tm
     assert all("site error" in why for why in s["sites_without_value"].values())
     md = (write_report(result, tmp_path / "out") and (tmp_path / "out" / "report.md").read_text())
     assert "**hospital-b: no value** (site error" in md and "(hospital-c)" in md
+
+
+def test_an_unbounded_epsilon_is_shown_as_infinity(tmp_path):
+    """A budgeted site that released without DP sends dp_epsilon_unbounded (FLARE drops an infinite number
+    from its metrics file); the report and `fedbrain watch` show epsilon as ∞, not as missing."""
+    import math
+
+    from fedbrain.contracts import SITE_METRICS_LOG_TAG
+    from fedbrain.ops.status import site_metrics
+
+    result = make_result(tmp_path, {"hospital-a": [0.5, 0.6], "hospital-b": [0.4, 0.5]})
+    path = result / "workspace" / "metrics" / "round_metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row["sites"][0]["metrics"] += [{"name": "dp_epsilon_unbounded", "value": 1}]
+        row["sites"][1]["metrics"] += [{"name": "dp_epsilon_spent", "value": 2.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = build_report(result)
+    assert report["privacy"]["hospital-a"]["final_epsilon"] == math.inf
+    assert report["privacy"]["hospital-b"]["final_epsilon"] == 2.5
+    write_report(result, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| 1 | ∞ | 2.500 |" in text, text
+    line = f'{SITE_METRICS_LOG_TAG} {{"site": "hospital-a", "round": 1, "metrics": {{"dp_epsilon_unbounded": 1}}}}'
+    assert site_metrics(line)["hospital-a"]["dp_epsilon_spent"] == math.inf

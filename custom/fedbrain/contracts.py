@@ -55,6 +55,9 @@ NUM_STEPS_META = "NUM_STEPS_CURRENT_ROUND"
 #: (at ``dp_delta``), and why a site withheld its update (a code of DP_WITHHELD_REASONS; absent: it did not).
 DP_EPSILON_SPENT, DP_DELTA, DP_NOISE_MULTIPLIER = "dp_epsilon_spent", "dp_delta", "dp_noise_multiplier"
 DP_WITHHELD = "dp_withheld"
+#: 1 when the epsilon spent is unbounded (a release without DP): FLARE's metrics writer drops non-finite
+#: numbers, so an infinite ``dp_epsilon_spent`` travels as this flag instead (the report shows ∞).
+DP_EPSILON_UNBOUNDED = "dp_epsilon_unbounded"
 DP_WITHHELD_REASONS = {1: "privacy budget exhausted", 2: "site requires DP; the job has none",
                        3: "privacy ledger failed verification",
                        4: "global model from fewer trained sites than this site's minimum"}

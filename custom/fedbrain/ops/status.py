@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import re
 import sys
 import time
 from pathlib import Path
 
-from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_ERROR, SITE_METRICS_LOG_TAG
+from fedbrain.contracts import DP_EPSILON_SPENT, DP_EPSILON_UNBOUNDED, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_ERROR, SITE_METRICS_LOG_TAG
 from fedbrain.ops.kit import KitError, kit_identity, server_address
 
 #: Job states whose round is worth looking up.
@@ -157,7 +158,10 @@ def site_metrics(server_log: str) -> dict[str, dict]:
             record = json.loads(line[at + len(SITE_METRICS_LOG_TAG) + 1:])
         except ValueError:
             continue
-        out[str(record.get("site"))] = {"round": record.get("round"), **(record.get("metrics") or {})}
+        metrics = dict(record.get("metrics") or {})
+        if metrics.get(DP_EPSILON_UNBOUNDED):
+            metrics[DP_EPSILON_SPENT] = math.inf  # a release without DP
+        out[str(record.get("site"))] = {"round": record.get("round"), **metrics}
     return out
 
 
@@ -299,7 +303,7 @@ def _metrics_table(job: dict):
         table.add_column(col)
     guard = job.get("guard") or {}
     for site, m in sorted(rows.items()):
-        cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "" for k in present]
+        cells = [("∞" if math.isinf(m[k]) else f"{m[k]:.3f}") if isinstance(m.get(k), float) else "" for k in present]
         g = guard.get(site, {})
         refusal = (("FLAGGED; " if g.get("flagged") else "") + f"update refused in round {g['round']}: {g['reason']}"
                    if "round" in g else "")

@@ -46,11 +46,16 @@ class SiteBudget:
     def shared_metrics(self, metrics: dict, *, n_val: int, dp_sgd: bool) -> dict:
         """What of ``metrics`` leaves the site. Under DP-SGD the training loss never does: it is computed on the
         training patients without noise (a membership signal) and is not part of the DP release."""
-        from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_NOISE_MULTIPLIER, DP_WITHHELD, SITE_ERROR, \
-            TRAIN_LOSS, TRAIN_STEPS
+        from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_EPSILON_UNBOUNDED, DP_NOISE_MULTIPLIER, \
+            DP_WITHHELD, SITE_ERROR, TRAIN_LOSS, TRAIN_STEPS
 
+        metrics = dict(metrics)
+        if isinstance(metrics.get(DP_EPSILON_SPENT), float) and math.isinf(metrics[DP_EPSILON_SPENT]):
+            del metrics[DP_EPSILON_SPENT]  # FLARE would drop it on the way (not finite): say it as a flag
+            metrics[DP_EPSILON_UNBOUNDED] = 1
         if self.share_metrics == "minimal":
-            keep = (SITE_ERROR, TRAIN_STEPS, DP_WITHHELD, DP_EPSILON_SPENT, DP_DELTA, DP_NOISE_MULTIPLIER)
+            keep = (SITE_ERROR, TRAIN_STEPS, DP_WITHHELD, DP_EPSILON_SPENT, DP_EPSILON_UNBOUNDED, DP_DELTA,
+                    DP_NOISE_MULTIPLIER)
             return {k: v for k, v in metrics.items() if k in keep}
         out = dict(metrics)
         if dp_sgd:
