@@ -348,6 +348,11 @@ def test_moving_the_datalist_does_not_restart_the_same_patients(cases, tmp_path)
     _rounds(privacy, trainer, trainer.build_model(), 1)
     trainer, moved = _budgeted(tmp_path, cases, datalist=tmp_path / "rebuilt" / "elsewhere.json")
     assert moved.spent() == pytest.approx(_offline_epsilon(2, 0.5, 1e-5), rel=1e-9)
+    # keyed by salted hashes: no case ID is in the ledger, and the salt is readable by the site's account only
+    ledger_text = (tmp_path / "site" / "privacy" / "ledger.jsonl").read_text()
+    ids = [c["case_id"] for c in cases if c.get("case_id")]
+    assert ids and not [i for i in ids if i in ledger_text]
+    assert (tmp_path / "site" / "privacy" / "ledger.salt").stat().st_mode & 0o077 == 0
     other = make_cases(tmp_path / "others", 3, prefix="OTHER", seed=101)  # other patients start fresh
     assert _budgeted(tmp_path, other)[1].spent() == 0.0
 

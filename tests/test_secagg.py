@@ -203,3 +203,10 @@ def test_a_threshold_below_a_majority_is_refused_by_every_site(consortium):
     ads = [s.advertise() for s in sites.values()]
     with pytest.raises(SecAggError, match="at least 3 of them must be needed to unmask"):
         sites["hospital-00"].share(ads, 2)
+
+
+def test_each_job_gets_fresh_key_pairs(consortium):
+    """Key-agreement pairs are made per job (per SiteSecAgg): the same site in two jobs advertises other keys."""
+    site = consortium["hospital-00"]
+    first, second = SiteSecAgg(site, "job-1", [0]).advertise(), SiteSecAgg(site, "job-2", [0]).advertise()
+    assert first["c_pk"] != second["c_pk"] and first["s_pk"] != second["s_pk"]  # encryption and masking keys
