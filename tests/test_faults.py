@@ -254,3 +254,17 @@ def test_the_report_and_status_name_unpublished_rounds(tmp_path):
     rows = [{"round": 0, "published": True}, {"round": 1, "published": False, "why_unpublished": "1 trained site(s)"}]
     (tmp_path / ROUND_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert _unpublished(tmp_path) == [{"round": 1, "why": "1 trained site(s)"}]
+
+
+def test_export_warns_when_two_site_aggregates_are_allowed(tmp_path, caplog):
+    """At 2, the two trained sites can read each other's update from the global model: export says so."""
+    import logging
+
+    from fedbrain.jobs.segmentation import export
+
+    with caplog.at_level(logging.WARNING, logger="fedbrain"):
+        export(SegmentationConfig(min_trained_sites=3), tmp_path / "three")
+    assert "min_trained_sites 2" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="fedbrain"):
+        export(SegmentationConfig(min_trained_sites=2), tmp_path / "two")
+    assert "each of the two can then read the other's update from the global model" in caplog.text

@@ -96,6 +96,7 @@ def test_exported_job_is_portable(name):
             assert not [m for m in machine if m in text], path
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["name"] == config_cls().name
+    assert "scope" not in meta  # no privacy scope named: each site's default_scope applies
     assert not list(folder.rglob("custom")), "a job folder carries configuration only"
     for app in folder.glob("app*"):
         config = app / "config" / "config_fed_client.json"

@@ -448,3 +448,21 @@ def test_what_metrics_leave_follows_the_hospitals_rules():
         SiteBudget.from_site_json({"share_metrics": "some"})
     with pytest.raises(ValueError, match="min_validation_cases"):
         SiteBudget.from_site_json({"min_validation_cases": 0})
+
+
+def test_dp_noise_never_comes_from_a_seed_the_job_knows():
+    """Every generator that draws privacy noise is seeded from os.urandom: with the process's global seeds fixed
+    (as a job's seed would fix them), two filters and two DP-SGD generators still draw different noise."""
+    import numpy as np
+    import torch
+
+    from fedbrain.privacy.client_dp import ClientLevelDP
+    from fedbrain.privacy.dpsgd import os_generator
+
+    draws = []
+    for _ in range(2):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        draws.append((ClientLevelDP(clip_norm=1.0, noise_multiplier=1.0)._rng.standard_normal(4),
+                       torch.randn(4, generator=os_generator())))
+    assert not np.allclose(draws[0][0], draws[1][0]) and not torch.allclose(draws[0][1], draws[1][1])
