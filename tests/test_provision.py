@@ -269,3 +269,31 @@ def test_only_the_project_admin_reads_streamed_logs(kits):
                 assert granted == (role == "project_admin"), (path, role, command, rights.get(command))
                 checked += 1
     assert checked >= 4 * 4  # four roles in every site and server kit
+
+
+def test_a_damaged_certificate_is_told_from_one_of_another_consortium(kits, tmp_path):
+    """One changed byte in the signed part (the issuer's key identifier intact) is damage, not a foreign kit;
+    a certificate of another consortium with the same root name is foreign."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    kit = _copy(kits, "hospital-c", tmp_path)
+    crt = kit / "startup" / "client.crt"
+    der = bytearray(x509.load_pem_x509_certificate(crt.read_bytes()).public_bytes(Encoding.DER))
+    der[-10] ^= 0x01  # inside the signature value
+    body = base64.encodebytes(bytes(der)).decode()
+    crt.write_text(f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n")
+    with pytest.raises(KitError) as damaged:
+        check_certificate(kit)
+    assert "damaged" in str(damaged.value) and "two consortia" not in str(damaged.value)
+    for offset in (200, 400, 600):  # a flipped character anywhere in the PEM: never called foreign
+        kit = _copy(kits, "hospital-c", tmp_path / str(offset))
+        crt = kit / "startup" / "client.crt"
+        data = bytearray(crt.read_bytes())
+        data[offset] = ord("A") if data[offset] != ord("A") else ord("B")
+        crt.write_bytes(bytes(data))
+        with pytest.raises(KitError) as flipped:
+            check_certificate(kit)
+        assert "two consortia" not in str(flipped.value), (offset, str(flipped.value))

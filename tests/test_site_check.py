@@ -200,10 +200,16 @@ def test_a_foreign_certificate_and_a_foreign_server(consortium, datalist, tmp_pa
     # An intact kit of another consortium meets our server: the server refuses its certificate.
     other = _site(consortium, tmp_path, datalist, which="foreign")
     with FakeServer(consortium["ours"] / SERVER, consortium["port"]):
-        rows = _rows(_check(other))
+        rows = _rows(_check(other, preflight=True))
     assert rows["kit integrity"].status == sc.OK and rows["certificate"].status == sc.OK
     assert rows["server TLS"].status == sc.FAIL
     assert "does not belong to this consortium" in rows["server TLS"].detail or "did not issue" in rows["server TLS"].detail
+    # the other rows say why, not "not reachable" or a plain "passed"
+    assert "failed on certificates" in rows["clock vs server"].detail, rows["clock vs server"]
+    assert "not reachable" not in rows["clock vs server"].detail
+    preflight = rows["FLARE preflight-check"]  # FLARE's dry run reaches the listener: it must not read as all clear
+    assert preflight.detail.startswith("passed") and preflight.status == sc.WARN, preflight
+    assert "does not test this kit's certificate" in preflight.detail
 
 
 def test_expired_and_expiring_certificates(consortium, tmp_path):

@@ -232,7 +232,10 @@ def check_certificate(kit: Path, expected_name: str | None = None,
     try:
         root.public_key().verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
                                  cert.signature_hash_algorithm)
-    except Exception:  # noqa: BLE001 - any failure means: not issued by this root
+    except Exception:  # noqa: BLE001 - any failure means: not issued by this root, or damaged since
+        if _names_this_root(cert, root):
+            raise KitError(f"{cert_path}: damaged: it names this kit's root CA as its issuer, but its signature no "
+                           f"longer verifies (a changed byte). Restore the file from the kit you were sent") from None
         raise KitError(f"{cert_path}: not issued by this kit's root CA (startup/rootCA.pem, "
                        f"'{root.subject.rfc4514_string()}'): the kit mixes files of two consortia") from None
     now = now or datetime.datetime.now(datetime.timezone.utc)
@@ -256,6 +259,18 @@ def check_certificate(kit: Path, expected_name: str | None = None,
     if expected_name and common_name != expected_name:
         raise KitError(f"{cert_path}: issued to '{common_name}', but this kit is '{expected_name}'")
     return CertInfo(cert_path, common_name, cert.not_valid_after_utc)
+
+
+def _names_this_root(cert, root) -> bool:
+    """Whether ``cert`` says this root issued it: its authority key identifier is the root's key (two consortia
+    provisioned from one template share the root's name, never its key)."""
+    from cryptography import x509
+
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    return aki == x509.SubjectKeyIdentifier.from_public_key(root.public_key()).digest
 
 
 def server_address(kit: Path) -> tuple[str, int]:

@@ -455,7 +455,11 @@ def flare_preflight(kit: Path, python: str | None, server_row: Row | None) -> Ro
     if not summary:
         return Row(name, FAIL, f"no result (exit {res.returncode}): {(res.stderr or res.stdout).strip()[-300:]}")
     if not failed:
-        return Row(name, OK, "passed (" + ", ".join(c["component"] for c in summary.get("checks", [])) + ")")
+        passed = "passed (" + ", ".join(c["component"] for c in summary.get("checks", [])) + ")"
+        if _certificate_refused(server_row):  # FLARE's dry run only connects; it never presents the certificate
+            return Row(name, WARN, f"{passed}, but it does not test this kit's certificate, and the server's TLS "
+                                   f"handshake with it failed (server TLS row)", server_row.fix)
+        return Row(name, OK, passed)
     only_server = problems and all("server available" in p.lower() for p in problems)
     if only_server and server_row is not None:
         return Row(name, server_row.status, "; ".join(problems) + " (as the server row says; FLARE's dry run of the "
@@ -555,7 +559,14 @@ def _scheme(kit: Path) -> str:
         return "unknown"
 
 
+def _certificate_refused(server_row: Row | None) -> bool:
+    """The server TLS row failed on certificates (the server answered), not on the network."""
+    return server_row is not None and server_row.status != OK and not server_row.detail.startswith("unreachable")
+
+
 def check_clock(kit: Path, server_row: Row) -> Row:
+    if _certificate_refused(server_row):
+        return diagnose_clock(None, "the server answered but the TLS handshake failed on certificates (server TLS row)")
     if server_row.status != OK:
         return diagnose_clock(None, "the server is not reachable")
     scheme = _scheme(kit)
