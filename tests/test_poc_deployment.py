@@ -118,6 +118,8 @@ def _negative_cases(dep: Deployment, root: Path, job: Path) -> dict:
         found[name] = {"line": line, "seconds": time.time() - started}
         time.sleep(3)
         found[name]["flare_started"] = any("nvflare.private.fed.app" in _cmd(p) for p in processes_under(kit))
+    server_name = next(p["name"] for p in dep.project["participants"] if p["type"] == "server")
+    found["server_log"] = (dep.kit(server_name) / "log.txt").read_text(errors="replace")
     sess = dep.session()
     try:
         found["connected"] = sorted(c.name for c in sess.get_system_info().client_info)
@@ -160,6 +162,9 @@ def test_a_foreign_kit_is_refused_in_its_log_within_60s(deployed):
     assert neg["seconds"] < 60 and "did not issue" in neg["line"], neg
     assert not neg["flare_started"]
     assert "hospital-a" in deployed["negative"]["connected"]  # the real hospital-a; no second one joined
+    # the server's own log says who tried and why (FLARE alone logs nothing for a failed handshake)
+    lines = [line for line in deployed["negative"]["server_log"].splitlines() if "TLS handshake from" in line]
+    assert lines and "another consortium" in lines[0], deployed["negative"]["server_log"][-3000:]
 
 
 def test_an_edited_kit_is_refused_at_start_naming_the_file(deployed):

@@ -217,3 +217,77 @@ def test_the_admin_client_looks_for_its_comm_config_in_the_kit_not_the_working_f
         assert ConfigService.load_configuration("comm_config.json") is None
     finally:
         ConfigService.reset()
+
+
+def test_the_server_logs_a_refused_tls_handshake_once_a_minute_per_source(tmp_path, caplog):
+    """A real asyncio TLS server (as FLARE's aiohttp driver runs one) with the server component installed: a
+    client holding another consortium's certificate is refused, and the server's log names who tried and why."""
+    import asyncio
+    import logging
+    import ssl
+
+    from cryptography.hazmat.primitives import serialization
+
+    from fedbrain.ops import handshake_log
+    from fedbrain_testing import pki
+
+    ours, theirs = pki.consortium(["server", "hospital-a"]), pki.consortium(["hospital-a"], ca_name="other-ca")
+
+    def files(identity, name):
+        key = tmp_path / f"{name}.key"
+        key.write_bytes(identity.private_key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+        (tmp_path / f"{name}.crt").write_bytes(identity.cert_pem)
+        (tmp_path / f"{name}.ca").write_bytes(identity.root_ca_pem)
+        return str(tmp_path / f"{name}.crt"), str(key), str(tmp_path / f"{name}.ca")
+
+    server_crt, server_key, server_ca = files(ours["server"], "server")
+    good = files(ours["hospital-a"], "good")
+    foreign = files(theirs["hospital-a"], "foreign")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=server_ca)
+    server_ctx.load_cert_chain(server_crt, server_key)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    handshake_log.RefusedHandshakeLog()  # what the server kit's resources.json builds at start
+
+    async def connect(client):
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=server_ca)
+        ctx.check_hostname = False
+        ctx.load_cert_chain(client[0], client[1])
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+            await asyncio.wait_for(reader.read(1), 1.0)
+            writer.close()
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            pass
+
+    async def main():
+        nonlocal port
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        for client in (good, foreign, foreign):
+            await connect(client)
+        await asyncio.sleep(0.2)
+        server.close()
+
+    port = 0
+    handshake_log._last.clear()
+    with caplog.at_level(logging.WARNING, logger="fedbrain.handshakes"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedbrain.handshakes"]
+    assert len(lines) == 1, lines  # the intact kit is not reported; the foreign one once in its minute
+    assert lines[0].startswith("TLS handshake from 127.0.0.1 failed: its certificate was not issued by this "
+                               "consortium's root CA"), lines
+    exc = ssl.SSLError("x")  # the same source and reason: again only after a minute
+    assert handshake_log.report(("10.0.0.9", 1), exc, now=1000.0)
+    assert handshake_log.report(("10.0.0.9", 1), exc, now=1030.0) is None
+    assert handshake_log.report(("10.0.0.9", 1), exc, now=1061.0)
+
+
+def test_server_kits_log_refused_handshakes(tmp_path):
+    from fedbrain.ops.builder import HANDSHAKE_LOG, log_refused_handshakes
+
+    res = {"components": [{"id": "x", "path": "a.B"}]}
+    log_refused_handshakes(res)
+    log_refused_handshakes(res)  # once
+    assert [c["id"] for c in res["components"]] == ["x", HANDSHAKE_LOG["id"]]

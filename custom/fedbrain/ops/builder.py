@@ -154,6 +154,18 @@ def use_site_job_launcher(res: dict) -> None:
             comp["path"] = "fedbrain.fl.launcher.SiteJobLauncher"
 
 
+#: The server component that logs each refused TLS handshake (fedbrain.ops.handshake_log).
+HANDSHAKE_LOG = {"id": "fedbrain_refused_handshakes", "path": "fedbrain.ops.handshake_log.RefusedHandshakeLog",
+                 "args": {}}
+
+
+def log_refused_handshakes(res: dict) -> None:
+    """The server logs who tried to connect with a certificate it refuses (FLARE's server stays silent)."""
+    comps = res.setdefault("components", [])
+    if not any(c.get("id") == HANDSHAKE_LOG["id"] for c in comps):
+        comps.append(dict(HANDSHAKE_LOG))
+
+
 def use_warm_job_start(res: dict) -> None:
     """POC kits only: job processes forked from a process that has imported torch, MONAI and FLARE
     already (:mod:`fedbrain.poc.warm`); a production kit's job process always starts clean."""
@@ -227,6 +239,7 @@ class SitePolicyBuilder(Builder):
             if p.type == ParticipantType.SERVER:
                 storage = p.props.get("storage_root", self.storage_root) or "/var/lib/fedbrain/server"
                 res = resources_with_policy(default, "server", None, storage_root=storage)
+                log_refused_handshakes(res)
             else:
                 res = resources_with_policy(default, "client", streaming)
                 use_site_job_launcher(res)
