@@ -1,6 +1,6 @@
 """A production deployment on this machine, as hospitals would run it (not POC).
 
-The production template is provisioned with ``fedbrain provision`` (server renamed
+The production template is provisioned as ``fedbrain provision --trial`` does it (server renamed
 ``localhost`` so it binds and resolves to loopback, free ports, storage in the test folder);
 the server and each site start from their own kit folder with the kit's own ``start.sh``;
 the admin logs in with an admin kit through FLARE's API. Teardown kills by PID whatever
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from fedbrain.ops.provision import CONSORTIUM_TEMPLATE, provision
-from fedbrain.poc.consortium import free_ports, kill_processes_under
+from fedbrain.ops.provision import CONSORTIUM_TEMPLATE, provision, trial_project
+from fedbrain.poc.consortium import kill_processes_under
 
 
 class Deployment:
@@ -31,12 +31,9 @@ class Deployment:
 
     # ---- provisioning, as the consortium admin does it --------------------------------------
     def provision(self, edit=None) -> Path:
-        project = yaml.safe_load(CONSORTIUM_TEMPLATE.read_text())
+        """The template as `fedbrain provision --trial` makes it (server on localhost, free ports, storage here)."""
+        project = trial_project(yaml.safe_load(CONSORTIUM_TEMPLATE.read_text()), self.root)
         project["name"] = self.project_name
-        server = next(p for p in project["participants"] if p["type"] == "server")
-        server["name"] = "localhost"
-        server["fed_learn_port"], server["admin_port"] = free_ports(2)
-        server["storage_root"] = str(self.root / "server-storage")
         if edit:
             edit(project)
         self.project = project

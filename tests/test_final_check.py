@@ -46,6 +46,9 @@ def test_a_personal_head_in_data_or_in_scaffold_meta_is_refused_under_every_scop
     assert "head.bias" in " ".join(payload_problems(update(meta=ctrl), STANDARD, PERSONAL_PARTS))
     shared_only = {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: {"enc.weight": np.ones(3)}}
     assert payload_problems(update(meta=shared_only), STANDARD, PERSONAL_PARTS) == []
+    in_header = update()
+    in_header.set_header("copy", {"head.weight": np.ones(3)})  # a personal tensor smuggled in a header
+    assert "header.copy.head.weight" in " ".join(payload_problems(in_header, STANDARD, PERSONAL_PARTS))
 
 
 def test_a_weight_changed_after_the_site_loop_is_refused():

@@ -143,4 +143,9 @@ def test_a_round_one_site_trained_is_not_published_and_the_report_says_why(hosti
     (record,) = [json.loads(line) for line in (result / "workspace" / ROUND_FILE).read_text().splitlines()]
     assert record["published"] is False and record["trained"] == ["hospital-c"], record
     assert record["why_unpublished"].startswith("1 trained site(s) (hospital-c), fewer than min_trained_sites 3")
-    assert build_report(result)["unpublished"] == [{"round": 0, "why": record["why_unpublished"]}]
+    report = build_report(result)
+    assert report["unpublished"] == [{"round": 0, "why": record["why_unpublished"]}]
+    # the report also names each refusing site with its one-line reason
+    refused = {r["site"]: r["reason"] for r in report["exchange"]["refused"]}
+    assert set(refused) == {s for s, attack in HOSTILE_DP_FILTERS.items() if attack}, refused
+    assert all(REFUSAL in reason for reason in refused.values()), refused

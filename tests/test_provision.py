@@ -297,3 +297,33 @@ def test_a_damaged_certificate_is_told_from_one_of_another_consortium(kits, tmp_
         with pytest.raises(KitError) as flipped:
             check_certificate(kit)
         assert "two consortia" not in str(flipped.value), (offset, str(flipped.value))
+
+
+def test_a_trial_of_the_production_kits_prints_every_command_whole_even_into_a_pipe(tmp_path):
+    """`fedbrain provision --trial --data`: the production kits with the server on localhost, free ports and its
+    storage under --out; each site pointed at its synthetic data; every printed command, path and the root
+    fingerprint on one line when stdout is a pipe (rich wraps at 80 columns there unless told not to)."""
+    import re
+
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "COLUMNS": "80"}
+    data = tmp_path / "data"
+    fedbrain = str(Path(sys.executable).parent / "fedbrain")
+    subprocess.run([fedbrain, "data", "synth", "--sites", "3", "--cases", "2", "--out", str(data)], env=env,
+                   check=True, capture_output=True, timeout=300)
+    out = tmp_path / "a-folder-name-long-enough-to-need-more-than-eighty-columns" / "for-the-trial-kits"
+    res = subprocess.run([fedbrain, "provision", str(REPO / "provisioning" / "consortium" / "project.yml"),
+                          "--out", str(out), "--trial", "--data", str(data)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    prod = out / "fedbrain_consortium" / "prod_00"
+    starts = [line.strip() for line in lines if line.strip().startswith("bash ") and line.endswith("start.sh")]
+    assert starts == [f"bash {prod / k / 'startup' / 'start.sh'}" for k in ("localhost", "hospital-a", "hospital-b",
+                                                                            "hospital-c")], lines
+    assert any(re.search(r"fingerprint .*: ([0-9A-F]{2}:){31}[0-9A-F]{2}$", line) for line in lines), lines
+    server = json.loads((prod / "localhost" / "local" / "resources.json").read_text())
+    assert str(out / "server-storage") in json.dumps(server)
+    for site in ("hospital-a", "hospital-b", "hospital-c"):
+        settings = json.loads((prod / site / "local" / "fedbrain_site.json").read_text())
+        assert settings["datalist"] == str(data / site / "datalist.json")
+    assert guard(prod / "hospital-a", probe_server=False) == []  # a trial kit is a real, signed production kit

@@ -8,9 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from rich.console import Console
+from fedbrain import terminal
 
-console = Console()
+console = terminal.console()
 
 
 def cmd_data_check(a) -> int:
@@ -228,11 +228,23 @@ def cmd_report(a) -> int:
 
 
 def cmd_provision(a) -> int:
-    from fedbrain.ops.kit import KitError
-    from fedbrain.ops.provision import provision
+    import yaml
 
+    from fedbrain.ops.kit import KitError
+    from fedbrain.ops.provision import provision, trial_project
+
+    project = Path(a.project)
     try:
-        prod = provision(Path(a.project), Path(a.out))
+        if a.trial:
+            try:
+                loaded = yaml.safe_load(project.read_text())
+            except (OSError, yaml.YAMLError) as e:
+                raise KitError(f"{project}: cannot read the project file ({e})") from None
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            trial = Path(a.out) / "trial.project.yml"
+            trial.write_text(yaml.safe_dump(trial_project(loaded, Path(a.out)), sort_keys=False))
+            project = trial
+        prod = provision(project, Path(a.out))
     except KitError as e:
         console.print(f"[red]provisioning failed:[/] {e}")
         return 1
@@ -244,9 +256,50 @@ def cmd_provision(a) -> int:
     first = next(p for p in sorted(prod.iterdir()) if (p / "startup" / "rootCA.pem").is_file())
     console.print(f"root CA SHA-256 fingerprint (publish it to every participant out of band): "
                   f"{root_fingerprint(first)}")
+    if a.trial:
+        _print_trial_steps(prod, Path(a.data) if a.data else None)
+        return 0
     console.print("Send each participant only its own folder (it holds its private key); keep "
                   f"{prod.parent / 'state'} (the root CA key) offline. Hospitals: docs/hospital-it.md.")
     return 0
+
+
+def _print_trial_steps(prod: Path, data: Path | None) -> None:
+    """What to run, in order, to try the production kits on this machine (one line per command)."""
+    import yaml
+
+    from fedbrain.fl.site import write_site_config
+
+    kits = {p.name: p for p in sorted(prod.iterdir()) if (p / "startup").is_dir()}
+    roles = {"server": [], "client": [], "admin": []}
+    for name, kit in kits.items():
+        startup = kit / "startup"
+        kind = "server" if (startup / "fed_server.json").exists() else "client" if (startup / "fed_client.json").exists() \
+            else "admin"
+        roles[kind].append(name)
+    project = yaml.safe_load((prod.parent.parent / f"{prod.parent.name}.project.yml").read_text()) \
+        if (prod.parent.parent / f"{prod.parent.name}.project.yml").is_file() else {}
+    admin = next((p["name"] for p in project.get("participants", []) if p.get("role") == "project_admin"),
+                 (roles["admin"] or ["?"])[0])
+    configured = []
+    if data:
+        for site in roles["client"]:
+            datalist = data / site / "datalist.json"
+            if datalist.is_file():
+                write_site_config(kits[site], datalist)
+                configured.append(site)
+    console.print(f"Trial kits (production policies, server on localhost) in {prod}. Run each in its own terminal:")
+    for name in roles["server"] + roles["client"]:
+        console.print(f"  bash {kits[name] / 'startup' / 'start.sh'}")
+    for site in roles["client"]:
+        if site not in configured:
+            console.print(f"  (before starting {site}: cp {kits[site] / 'local' / 'fedbrain_site.json.template'} "
+                          f"{kits[site] / 'local' / 'fedbrain_site.json'} and set its datalist; or provision again "
+                          f"with --data from `fedbrain data synth --sites {len(roles['client'])} --out DIR`)")
+    console.print(f"Then, as the consortium admin: fedbrain status --kit {kits.get(admin, prod / admin)}")
+    console.print("To stop: docs/runbook.md (the orderly way, from the admin console); as a last resort, for each kit:")
+    for name in roles["client"] + roles["server"]:
+        console.print(f"  bash {kits[name] / 'startup' / 'stop_fl.sh'}")
 
 
 def cmd_export_bundle(a) -> int:
@@ -447,6 +500,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "plus site policies and a signed kit manifest)")
     pv.add_argument("project", help="project file, e.g. provisioning/consortium/project.yml")
     pv.add_argument("--out", required=True, help="folder for the kits (and the consortium's root CA state)")
+    pv.add_argument("--trial", action="store_true", help="a one-machine trial of the production kits: the server "
+                    "named localhost on free ports, its storage under --out; prints what to run")
+    pv.add_argument("--data", default=None, help="with --trial: a folder from `fedbrain data synth` (DIR/<site>/"
+                    "datalist.json); each site kit's local/fedbrain_site.json then points at its part")
     pv.set_defaults(func=cmd_provision)
 
     kv = sub.add_parser("kit", help="startup kit tools").add_subparsers(dest="kit_cmd", required=True)

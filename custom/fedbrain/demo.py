@@ -19,6 +19,7 @@ from rich.console import Console
 
 from fedbrain.poc.consortium import PocConsortium
 from fedbrain.poc.runner import submit_and_wait
+from fedbrain import terminal
 
 
 def _segmentation_config():
@@ -115,7 +116,7 @@ def run_demo(runs: Path = Path("runs"), settings: DemoSettings | ClassifyDemoSet
 
     settings = settings or DemoSettings()
     classify = isinstance(settings, ClassifyDemoSettings)
-    console = console or Console()
+    console = console or terminal.console()
     t0 = time.time()
     run_dir = new_run_dir(runs)
     console.rule(f"fedbrain demo — {run_dir}")

@@ -31,6 +31,7 @@ from fedbrain.contracts import (
     MRI_CONTRASTS,
 )
 from fedbrain.data.dicom import DicomSeriesError, find_series, select_series
+from fedbrain import terminal
 
 __all__ = ["BuildResult", "build_datalist", "guess_slot"]
 
@@ -236,11 +237,10 @@ def build_datalist(folder, out, *, val_fraction: float = 0.2, seed: int = 0, ct_
 
 def run_build_datalist(folder, out, console=None, **options) -> int:
     """The CLI: build, print the guesses (a table) and what could not be placed; exit 1 on nothing built."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    console = console or terminal.console()
     try:
         result = build_datalist(folder, out, **options)
     except ValueError as exc:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fedbrain.contracts import case_id_of
 from fedbrain.data.datalist import DatalistError, load_datalist
 from fedbrain.data.validate import case_problems
+from fedbrain import terminal
 
 __all__ = [
     "CaseCheck",
@@ -87,11 +88,10 @@ def summarize(results: list[CaseCheck]) -> dict:
 
 def render_check_table(results: list[CaseCheck], console=None) -> None:
     """Print one row per case: green ok, red problem with every reason listed."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    console = console or terminal.console()
     counts = summarize(results)
     table = Table(
         title="Data check",
@@ -113,10 +113,9 @@ def render_check_table(results: list[CaseCheck], console=None) -> None:
 
 def run_data_check(datalist, root=None, console=None) -> int:
     """``fedbrain data check``: table of every case, exit code 1 if anything is wrong."""
-    from rich.console import Console
     from rich.markup import escape
 
-    console = console or Console()
+    console = console or terminal.console()
     try:
         results = check_datalist(datalist, root=root, progress=console.is_terminal)
     except DatalistError as exc:

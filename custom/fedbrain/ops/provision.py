@@ -9,6 +9,7 @@ stays in ``DIR/<project>/state/`` (keep it: re-provisioning with it keeps the co
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,22 @@ def with_fedbrain_builders(project: dict) -> dict:
     if MANIFEST_BUILDER not in paths:
         builders.append({"path": MANIFEST_BUILDER})
     return {**project, "builders": builders}
+
+
+def trial_project(project: dict, root: Path) -> dict:
+    """The production project for a one-machine trial: the server named ``localhost`` (it binds and is reached
+    on loopback only), two free ports, its storage inside ``root`` (the template's /var/lib needs root).
+    Everything else (policies, allow-lists, manifest, secrets 0600) is the production kit's."""
+    from fedbrain.poc.consortium import free_ports
+
+    out = json.loads(json.dumps(project))
+    server = next((p for p in out.get("participants", []) if p.get("type") == "server"), None)
+    if server is None:
+        raise KitError("the project file has no server participant")
+    server["name"] = "localhost"
+    server["fed_learn_port"], server["admin_port"] = free_ports(2)
+    server["storage_root"] = str(Path(root).resolve() / "server-storage")
+    return out
 
 
 def provision(project_file: Path, out_dir: Path, env: dict | None = None) -> Path:

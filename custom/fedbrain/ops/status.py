@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedbrain.contracts import DP_EPSILON_SPENT, DP_EPSILON_UNBOUNDED, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_ERROR, SITE_METRICS_LOG_TAG
 from fedbrain.ops.kit import KitError, kit_identity, server_address
+from fedbrain import terminal
 
 #: Job states whose round is worth looking up.
 ACTIVE = ("RUNNING", "DISPATCHED")
@@ -233,10 +234,9 @@ def watch(kit: Path, job: str | None = None, interval: float = 5.0, console=None
           session_factory=open_session, polls: int | None = None, sleep=time.sleep) -> dict:
     """``fedbrain watch``: the status, refreshed every ``interval`` s over one session, until Ctrl-C,
     or until the watched ``job`` ends (``polls`` bounds the loop in tests). Returns the last snapshot."""
-    from rich.console import Console
     from rich.live import Live
 
-    console = console or Console()
+    console = console or terminal.console()
     status, n = {}, 0
     with admin_session(kit, timeout, session_factory) as (session, address, username), \
             Live(console=console, auto_refresh=False) as live:

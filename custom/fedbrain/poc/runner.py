@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedbrain.ops.status import parse_progress  # the server-log reading `fedbrain watch` uses too
+from fedbrain import terminal
 
 FINAL_EVAL_RE = re.compile(r"CrossSiteModelEval|cross site validation|Cross-site", re.IGNORECASE)
 
@@ -31,7 +32,7 @@ def watch_job(
     on_poll: Callable[[], None] | None = None,
 ) -> dict:
     """Block until the job finishes; show round i of N and each site's state. Returns the job meta."""
-    console = console or Console()
+    console = console or terminal.console()
     started = time.time()
     meta = {}
     with Progress(
@@ -73,7 +74,7 @@ def submit_and_wait(consortium, job_folder: Path, *, rounds: int, result_dir: Pa
     session = consortium.session()
     try:
         job_id = session.submit_job(str(Path(job_folder).resolve()))
-        (console or Console()).print(f"submitted [bold]{Path(job_folder).name}[/] as job {job_id}")
+        (console or terminal.console()).print(f"submitted [bold]{Path(job_folder).name}[/] as job {job_id}")
         meta = watch_job(session, job_id, rounds=rounds, sites=consortium.sites, console=console, on_poll=on_poll)
         result_dir.mkdir(parents=True, exist_ok=True)
         path = session.download_job_result(job_id, str(result_dir))
@@ -88,7 +89,7 @@ def run_jobs_side_by_side(consortium, jobs: dict, result_dir: Path, *, max_activ
     runs up to 4), wait for all, download each. Returns name -> (meta, result path, seconds from
     submission to finish). Same results as one after another, in less wall time: FLARE's per-job
     start, round and end latencies overlap."""
-    console = console or Console()
+    console = console or terminal.console()
     session = consortium.session()
     try:
         pending, running, done = list(jobs.items()), {}, {}

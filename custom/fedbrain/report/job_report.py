@@ -20,6 +20,7 @@ from fedbrain.contracts import (AUDIT_FILE, ROUND_FILE, DATA_COUNTS, DP_DELTA, D
                                 GUARD_FILE, HE_AGGREGATION_FILE, REGIONS, SITE_ERROR, VAL_DICE, VAL_DICE_REGIONS,
                                 VAL_HD95_REGIONS, SECAGG_MASKED)
 from fedbrain.tasks.seg_metrics import convergence_score
+from fedbrain import terminal
 
 # Per task: the metrics shown (key, column label) and the primary one (flags, minimum-site figure).
 TASKS = {
@@ -614,10 +615,9 @@ def write_report(result_dir: Path, out_dir: Path | None = None, extra: dict | No
 
 
 def print_site_table(report: dict, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or terminal.console()
     metrics, primary = report["metrics"], report["primary"]
     table = Table(title=f"{report['job_name']} {report['job_id'][:8]} — {report['status']}, duration {report.get('duration') or 'n/a'}")
     table.add_column("site", no_wrap=True)

@@ -23,6 +23,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from fedbrain.contracts import DATA_COUNTS, TRAIN_LOSS
+from fedbrain import terminal
 
 logger = logging.getLogger("fedbrain")
 
@@ -345,9 +346,8 @@ def train_central(
         writer = SummaryWriter(log_dir=str(log_dir))
     console = None
     if progress:
-        from rich.console import Console
 
-        console = Console(stderr=True)
+        console = terminal.console(stderr=True)
     history = []
     try:
         for epoch in range(1, epochs + 1):
