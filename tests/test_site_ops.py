@@ -121,7 +121,7 @@ def test_status_from_an_admin_kit(kits):
     assert [s["name"] for s in status["sites"]] == ["hospital-a", "hospital-b"]
     assert status["sites"][0]["last_contact"].endswith("UTC")
     running, old = status["jobs"]
-    assert running["round"] == 2 and running["aggregated"] == ["hospital-b"] and "round" not in old
+    assert running["round"] == 1 and running["aggregated"] == ["hospital-b"] and "round" not in old  # from 0
     assert status["site_jobs"][0]["client"] == "hospital-a"
     json.dumps(status)  # --json output
 

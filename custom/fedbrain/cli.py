@@ -296,7 +296,7 @@ def _print_trial_steps(prod: Path, data: Path | None) -> None:
             console.print(f"  (before starting {site}: cp {kits[site] / 'local' / 'fedbrain_site.json.template'} "
                           f"{kits[site] / 'local' / 'fedbrain_site.json'} and set its datalist; or provision again "
                           f"with --data from `fedbrain data synth --sites {len(roles['client'])} --out DIR`)")
-    console.print(f"Then, as the consortium admin: fedbrain status --kit {kits.get(admin, prod / admin)}")
+    console.print(f"Then, as the consortium admin: fedbrain status --admin-kit {kits.get(admin, prod / admin)}")
     console.print("To stop: docs/runbook.md (the orderly way, from the admin console); as a last resort, for each kit:")
     for name in roles["client"] + roles["server"]:
         console.print(f"  bash {kits[name] / 'startup' / 'stop_fl.sh'}")

@@ -105,7 +105,7 @@ def job_round(session, job_id: str) -> dict:
         return {"round": None, "note": f"server job log not readable with this kit ({type(e).__name__})"}
     text = next(iter(logs.values()), "") if logs else ""
     current, done = parse_progress(text)
-    return {"round": None if current is None else current + 1, "aggregated": sorted(done),
+    return {"round": current, "aggregated": sorted(done),
             "site_metrics": site_metrics(text), "guard": guard_refusals(text), "closed": last_closed_round(text)}
 
 
@@ -269,18 +269,19 @@ def status_view(status: dict):
     for s in status["sites"]:
         sites.add_row(escape(str(s["name"])), s["last_contact"])
     jobs = Table(title=f"{len(status['jobs'])} jobs")
-    for col in ("job", "name", "status", "submitted", "duration", "round"):
+    # Rounds count from 0 everywhere (FLARE's log, the round records, the report, the metrics table below).
+    for col in ("job", "name", "status", "submitted", "duration", "round (from 0)"):
         jobs.add_column(col)
     for j in status["jobs"]:
-        rnd = "" if "round" not in j else (str(j["round"]) if j["round"] else j.get("note", "not started"))
+        rnd = "" if "round" not in j else (str(j["round"]) if j["round"] is not None else j.get("note", "not started"))
         if j.get("aggregated"):
             rnd += f" (aggregated: {', '.join(j['aggregated'])})"
         closed = j.get("closed") or {}
         if closed.get("missing"):
-            rnd += (f"; round {closed['round'] + 1} closed without {', '.join(closed['missing'])} "
+            rnd += (f"; round {closed['round']} closed without {', '.join(closed['missing'])} "
                     f"({closed.get('closed_by')})")
         if closed.get("published") is False and closed.get("why_unpublished"):
-            rnd += f"; round {closed['round'] + 1} not published: {closed['why_unpublished']}"
+            rnd += f"; round {closed['round']} not published: {closed['why_unpublished']}"
         jobs.add_row(str(j["job_id"]), escape(str(j.get("job_name") or "")), str(j["status"]),
                      str(j.get("submit_time") or ""), str(j.get("duration") or ""), escape(rnd))
     parts = [head, sites, jobs]
