@@ -1,0 +1,185 @@
+"""Soak: one long job (500 rounds, 3 sites, a small model) and the memory of every process, round by round.
+
+FLARE users report the server's memory growing over long jobs. A real POC (server, 3 site processes,
+mTLS, fedbrain's site policies), the segmentation job with the load benchmark's tiny settings,
+submitted through the admin API. A background thread samples, every second, the resident memory
+(VmRSS) of the server's parent process, its job process, and each site's client and job processes;
+each sample is then placed in the round the server's log says was running. Per round: the last
+sample. Goal (issue 29): growth below 10% from round 50 to the last round, for the server and for
+each site.
+
+    python bench/run.py --only soak          # ~30-40 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from pathlib import Path
+
+TITLE = "Soak: memory over a 500-round job"
+ROUNDS = 500
+FROM_ROUND = 50
+GOAL_GROWTH = 0.10
+
+
+class RssTimeline:
+    """Every ``interval`` seconds: (time, {process role: resident bytes}) of the POC's server and sites."""
+
+    def __init__(self, workspace: Path, server: str, sites: list[str], interval: float = 1.0):
+        self.workspace, self.server, self.sites, self.interval = Path(workspace), server, list(sites), interval
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        import re
+
+        from fedbrain.poc.consortium import processes_under
+        from fedbrain_testing.load import _cmdline, _status_kb
+
+        row = {}
+        pids = processes_under(self.workspace)
+        for name in [self.server, *self.sites]:
+            pattern = re.compile(rf"/{re.escape(name)}(/|\s|$)")
+            for pid in pids:
+                cmd = _cmdline(pid)
+                if "python" not in cmd or not pattern.search(cmd):
+                    continue
+                role = ("job" if "worker_process" in cmd or "runner_process" in cmd
+                        else "warm" if "fedbrain.poc.warm" in cmd else "parent")
+                key = f"{name} {role}"
+                row[key] = row.get(key, 0) + _status_kb(pid, "VmRSS") * 1024
+        self.samples.append((time.time(), row))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def per_round(samples, round_starts: list[float]) -> dict[str, list[float | None]]:
+    """Process role -> resident MB at the end of each round (the last sample before the next round began).
+    The last round has no next start: it ends one median round after it began (then the job's processes exit)."""
+    roles = sorted({k for _, row in samples for k in row})
+    out = {r: [None] * len(round_starts) for r in roles}
+    gaps = sorted(b - a for a, b in zip(round_starts, round_starts[1:]))
+    end = round_starts[-1] + (gaps[len(gaps) // 2] if gaps else 0.0) if round_starts else 0.0
+    for t, row in samples:
+        i = bisect.bisect_right(round_starts, t) - 1
+        if 0 <= i < len(round_starts) and t <= max(end, round_starts[i] if i < len(round_starts) - 1 else end):
+            for role, value in row.items():
+                if value:
+                    out[role][i] = value / 2**20
+    return out
+
+
+def round_starts(log_json: str) -> list[float]:
+    """When each round began (epoch seconds), from the server's job log; the log's times are this machine's."""
+    import re
+
+    from fedbrain_testing.load import _records
+
+    return [t.timestamp() for t, msg, _ in _records(log_json) if re.search(r"Round \d+ started", msg)]
+
+
+def growth(series: list[float | None], start: int = FROM_ROUND) -> float | None:
+    """(last value - value at ``start``) / value at ``start``, over the rounds that have a value."""
+    at = next((v for v in series[start:] if v), None)
+    last = next((v for v in reversed(series) if v), None)
+    return None if not at or last is None else (last - at) / at
+
+
+def run(work: Path, console, rounds: int = ROUNDS) -> dict:
+    from fedbrain.jobs.segmentation import export
+    from fedbrain.poc.consortium import PocConsortium
+    from fedbrain.poc.runner import submit_and_wait
+    from fedbrain.report.job_report import find_workspace
+    from fedbrain.synthetic.cohort import synthesize_consortium
+    from fedbrain_testing.load import round_timeline
+
+    import load as load_bench  # bench/load.py: the same tiny job
+
+    run_dir = Path(work) / f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
+    poc = PocConsortium(run_dir)
+    synthesize_consortium(run_dir / "data", sites=len(poc.sites), cases=load_bench.CASES, seed=0, spacing_mm=4.0,
+                          site_names=poc.sites, progress=False)
+    config = load_bench.tiny_config(len(poc.sites), rounds=rounds, name="fedbrain_soak").replace(
+        min_trained_sites=2, round_timeout=120)
+    job = export(config, run_dir / "jobs")
+    server = next(p.name for p in poc.participants("server"))
+    started = time.time()
+    try:
+        poc.up(data_dir=run_dir / "data", timeout=240)
+        with RssTimeline(poc.workspace, server, poc.sites) as rss:
+            meta, result = submit_and_wait(poc, job, rounds=rounds, result_dir=run_dir / "result", console=console)
+    finally:
+        poc.clean()
+    ws = find_workspace(result)
+    log_json = (ws / "log.json").read_text(errors="replace")
+    timeline = round_timeline(log_json)
+    series = per_round(rss.samples, round_starts(log_json))
+    return {"status": meta.get("status"), "rounds": rounds, "rounds_seen": len(timeline), "from_round": FROM_ROUND,
+            "seconds": time.time() - started,
+            "round_median_s": sorted(r["seconds"] for r in timeline if r.get("seconds"))[len(timeline) // 2]
+            if timeline else None,
+            "rss_mb": series, "growth": {role: growth(v) for role, v in series.items()},
+            "task": load_bench.TINY, "sites": poc.sites}
+
+
+# ---- report ----------------------------------------------------------------------------------------
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:+.1f}%"
+
+
+def rows(result: dict) -> list[tuple]:
+    g = result["growth"]
+    servers = {k: v for k, v in g.items() if k.startswith("localhost")}
+    sites = {k: v for k, v in g.items() if not k.startswith("localhost")}
+    worst_site = max(sites.items(), key=lambda kv: kv[1] if kv[1] is not None else -1) if sites else (None, None)
+
+    def verdict(values):
+        return "met" if values and all(v is not None and v < GOAL_GROWTH for v in values) else "**not met**"
+
+    last = result["rounds_seen"] - 1
+    detail = (f"{result['status']}; {result['rounds_seen']} rounds seen, median round {result['round_median_s']:.1f} s; "
+              f"resident memory at the end of round {result['from_round']} vs round {last}")
+    out = [(f"Server memory growth, rounds {result['from_round']}-{last} (parent / job process)",
+            " / ".join(_pct(servers.get(k)) for k in ("localhost parent", "localhost job")), "< +10%",
+            detail + "; POC kits (their warm process, which forks job processes, is shown apart)",
+            verdict(list(servers.values()))),
+           (f"Site memory growth, rounds {result['from_round']}-{last}, worst of {len(sites)} processes",
+            f"{_pct(worst_site[1])} ({worst_site[0]})", "< +10%",
+            "; ".join(f"{k} {_pct(v)}" for k, v in sorted(sites.items())), verdict(list(sites.values())))]
+    return out
+
+
+def plot(result: dict, img_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for role, values in sorted(result["rss_mb"].items()):
+        xs = [i for i, v in enumerate(values) if v]
+        ax.plot(xs, [values[i] for i in xs], label=role, lw=1.2 if role.startswith("localhost") else 0.8)
+    ax.axvline(result["from_round"], color="grey", ls=":", lw=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("resident memory (MB)")
+    ax.set_title(f"{result['rounds']}-round job, 3 sites: memory at the end of each round")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    img_dir.mkdir(parents=True, exist_ok=True)
+    path = img_dir / "soak_memory.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [f"img/{path.name}"]
