@@ -14,9 +14,10 @@ each site.
 from __future__ import annotations
 
 import bisect
-import threading
 import time
 from pathlib import Path
+
+from fedbrain_testing.load import Sampler
 
 TITLE = "Soak: memory over a 500-round job"
 ROUNDS = 500
@@ -24,14 +25,13 @@ FROM_ROUND = 50
 GOAL_GROWTH = 0.10
 
 
-class RssTimeline:
+class RssTimeline(Sampler):
     """Every ``interval`` seconds: (time, {process role: resident bytes}) of the POC's server and sites."""
 
     def __init__(self, workspace: Path, server: str, sites: list[str], interval: float = 1.0):
-        self.workspace, self.server, self.sites, self.interval = Path(workspace), server, list(sites), interval
+        super().__init__(interval)
+        self.workspace, self.server, self.sites = Path(workspace), server, list(sites)
         self.samples: list[tuple[float, dict[str, int]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         import re
@@ -52,18 +52,6 @@ class RssTimeline:
                 key = f"{name} {role}"
                 row[key] = row.get(key, 0) + _status_kb(pid, "VmRSS") * 1024
         self.samples.append((time.time(), row))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def per_round(samples, round_starts: list[float]) -> dict[str, list[float | None]]:

@@ -92,25 +92,16 @@ def site_processes(workspace: Path, site: str) -> dict[int, str]:
     return out
 
 
-class PeakRss:
-    """Samples, in a background thread, each site's peak resident memory (bytes): of its client
-    process, of its job process (the kernel's high-water mark, VmHWM, so no peak between two samples
-    is missed while the process lives) and of both together."""
+class Sampler:
+    """Calls :meth:`sample` every ``interval`` seconds in a background thread, inside a ``with`` block."""
 
-    def __init__(self, workspace: Path, sites: list[str], interval: float = 1.0):
-        self.workspace, self.sites, self.interval = Path(workspace), list(sites), interval
-        self.peak = {s: {"site": 0, "job": 0, "total": 0} for s in self.sites}
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        for site in self.sites:
-            total = 0
-            for pid, role in site_processes(self.workspace, site).items():
-                rss = _status_kb(pid, "VmHWM") * 1024
-                total += rss
-                self.peak[site][role] = max(self.peak[site][role], rss)
-            self.peak[site]["total"] = max(self.peak[site]["total"], total)
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -123,6 +114,26 @@ class PeakRss:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+class PeakRss(Sampler):
+    """Samples, in a background thread, each site's peak resident memory (bytes): of its client
+    process, of its job process (the kernel's high-water mark, VmHWM, so no peak between two samples
+    is missed while the process lives) and of both together."""
+
+    def __init__(self, workspace: Path, sites: list[str], interval: float = 1.0):
+        super().__init__(interval)
+        self.workspace, self.sites = Path(workspace), list(sites)
+        self.peak = {s: {"site": 0, "job": 0, "total": 0} for s in self.sites}
+
+    def sample(self) -> None:
+        for site in self.sites:
+            total = 0
+            for pid, role in site_processes(self.workspace, site).items():
+                rss = _status_kb(pid, "VmHWM") * 1024
+                total += rss
+                self.peak[site][role] = max(self.peak[site][role], rss)
+            self.peak[site]["total"] = max(self.peak[site]["total"], total)
 
 
 # ---- the server's per-round timeline --------------------------------------------------------------
