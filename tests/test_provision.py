@@ -327,3 +327,16 @@ def test_a_trial_of_the_production_kits_prints_every_command_whole_even_into_a_p
         settings = json.loads((prod / site / "local" / "fedbrain_site.json").read_text())
         assert settings["datalist"] == str(data / site / "datalist.json")
     assert guard(prod / "hospital-a", probe_server=False) == []  # a trial kit is a real, signed production kit
+
+
+def test_provisioning_again_into_the_same_folder_keeps_the_root_ca(tmp_path):
+    """Re-provisioning (a new hospital, a new admin) writes the next prod_NN with the same root CA, owner-only."""
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    template = REPO / "provisioning" / "consortium" / "project.yml"
+    first = provision(template, tmp_path / "out", env=env)
+    second = provision(template, tmp_path / "out", env=env)
+    assert (first.name, second.name) == ("prod_00", "prod_01")
+    assert (first / "hospital-a" / "startup" / "rootCA.pem").read_bytes() == \
+        (second / "hospital-a" / "startup" / "rootCA.pem").read_bytes()
+    assert (second / "hospital-a" / "startup" / "client.key").stat().st_mode & 0o077 == 0
+    assert guard(second / "hospital-a", probe_server=False) == []

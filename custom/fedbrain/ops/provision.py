@@ -70,7 +70,10 @@ def provision(project_file: Path, out_dir: Path, env: dict | None = None) -> Pat
     effective.write_text(yaml.safe_dump(with_fedbrain_builders(project), sort_keys=False))
     before = set((out_dir / project["name"]).glob("prod_*"))
     nvflare = Path(sys.executable).parent / "nvflare"
-    res = subprocess.run([str(nvflare), "provision", "-p", str(effective), "-w", str(out_dir)],
+    # Re-provisioning (a new hospital, a renewed kit) writes the next prod_NN beside the others and reuses the root CA
+    # in state/; FLARE asks to confirm that on a terminal and refuses without one unless told --force.
+    again = ["--force"] if (out_dir / project["name"]).exists() else []
+    res = subprocess.run([str(nvflare), "provision", "-p", str(effective), "-w", str(out_dir), *again],
                          capture_output=True, text=True, env=env or dict(os.environ), stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise KitError(f"FLARE provisioning failed (exit {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
