@@ -86,7 +86,7 @@ def growth(series: list[float | None], start: int = FROM_ROUND) -> float | None:
     return None if not at or last is None else (last - at) / at
 
 
-def run(work: Path, console, rounds: int = ROUNDS) -> dict:
+def run(work: Path, console, rounds: int = ROUNDS, env: dict | None = None) -> dict:
     from fedbrain.jobs.segmentation import export
     from fedbrain.poc.consortium import PocConsortium
     from fedbrain.poc.runner import submit_and_wait
@@ -98,6 +98,7 @@ def run(work: Path, console, rounds: int = ROUNDS) -> dict:
 
     run_dir = Path(work) / f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
     poc = PocConsortium(run_dir)
+    poc.extra_env.update(env or {})
     synthesize_consortium(run_dir / "data", sites=len(poc.sites), cases=load_bench.CASES, seed=0, spacing_mm=4.0,
                           site_names=poc.sites, progress=False)
     config = load_bench.tiny_config(len(poc.sites), rounds=rounds, name="fedbrain_soak").replace(
@@ -185,6 +186,15 @@ def notes(result: dict) -> list[str]:
         " 87 -> 104 MB (about 0.12 MB per call); 60 more, each in a new session, 104 -> 109 MB. So it grows with"
         " admin commands, not with rounds: this benchmark's own progress polling (job meta and the server's job log,"
         " every poll) is what it measured. A `fedbrain watch` left open for days would grow the server the same way."
-        " Not fixed: the cause inside FLARE's admin command handling was not found yet.",
+        " Inside the server (tracemalloc in its parent process): every admin reply is streamed by FLARE's"
+        " ByteStreamer, which allocates a 512 KB-1 MB chunk buffer per stream (`TxTask`, `bytearray(chunk_size)`);"
+        " the Python objects are freed (one `TxTask` alive after 80 commands), so what stays is glibc's heap"
+        " fragmentation from buffers of that size.",
+        "",
+        "Tried, not shipped: the same job twice side by side for 300 rounds, one with `MALLOC_ARENA_MAX=2` and"
+        " `MALLOC_MMAP_THRESHOLD_=131072` for every process: server parent from round 50 to 299 +75% (124 -> 217 MB)"
+        " plain, +42% (106 -> 150 MB) with the settings; but its median round took 1.45 s against 1.16 s. Next:"
+        " fewer, lighter admin commands from `fedbrain status`/`watch` (each poll downloads the server's whole job"
+        " log), or a smaller `streaming_chunk_size` in the server's comm config, measured against large HE updates.",
         "",
     ]
