@@ -236,12 +236,9 @@ class FinalPayloadCheck(FLComponent):
             self.log_info(fl_ctx, f"local/ changed since this site started: {', '.join(others)} (read per job: applies)")
         if not policies:
             return ""
-        reason = (f"site {fl_ctx.get_identity_name()} refused job {fl_ctx.get_job_id()}: {', '.join(policies)} changed "
-                  f"since the site started, and FLARE still applies what it read then; restart the site to apply "
-                  f"the edit. This site will not train for this job.")
-        self.log_error(fl_ctx, reason)
-        mark_refused(fl_ctx.get_job_id())
-        return reason
+        return self._refuse_job(fl_ctx, f"{', '.join(policies)} changed since the site started, and FLARE still "
+                                        f"applies what it read then; restart the site to apply the edit. This site will "
+                                        f"not train for this job.")
 
     def _weaker_scope(self, fl_ctx: FLContext) -> str:
         """One line when the job's scope promises less than the site's default scope: refused at this site."""
@@ -249,8 +246,11 @@ class FinalPayloadCheck(FLComponent):
                                      site_default_scope(), self.scope_parts)
         if not weaker:
             return ""
-        reason = (f"site {fl_ctx.get_identity_name()} refused job {fl_ctx.get_job_id()}: {weaker}. Nothing will be "
-                  f"sent; this site will not train for this job.")
+        return self._refuse_job(fl_ctx, f"{weaker}. Nothing will be sent; this site will not train for this job.")
+
+    def _refuse_job(self, fl_ctx: FLContext, why: str) -> str:
+        """Refuse the whole job at this site at its start: one log line, and the site loop never trains for it."""
+        reason = f"site {fl_ctx.get_identity_name()} refused job {fl_ctx.get_job_id()}: {why}"
         self.log_error(fl_ctx, reason)
         mark_refused(fl_ctx.get_job_id())
         return reason
