@@ -125,3 +125,23 @@ print('after', flush=True)
     assert "kept line" in outputs[True] and "after" in outputs[True]
     assert "does not fit in a single ciphertext" not in outputs[True]
     assert "does not fit in a single ciphertext" in outputs[False]  # the test can fail
+
+
+def test_an_encrypted_round_with_too_few_trained_sites_ends_the_job_with_one_line():
+    """The server cannot leave an encrypted sum out of the model: below min_trained_sites (or min_responses) the HE
+    aggregator ends the job with the reason instead of publishing (it never adds the ciphertexts)."""
+    from nvflare.apis.fl_context import FLContext
+
+    from fedbrain.filters.he import TimedHEAggregator
+
+    for accepted, trained, why in ((3, 2, "round 4 not published: 2 trained site(s), fewer than min_trained_sites 3"),
+                                   (1, 1, "round 4: 1 encrypted update(s) arrived before the round closed, fewer than "
+                                          "min_responses 2")):
+        agg = TimedHEAggregator(min_responses=2, min_trained_sites=3)
+        panics = []
+        agg.system_panic = lambda reason, fl_ctx: panics.append(reason)
+        agg._accepted, agg._trained = accepted, trained
+        ctx = FLContext()
+        ctx.set_prop("current_round", 4, private=False, sticky=False)
+        assert agg.aggregate(ctx) is None
+        assert len(panics) == 1 and panics[0].startswith(why) and panics[0].endswith("the job ends here"), panics
