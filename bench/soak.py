@@ -8,7 +8,7 @@ each sample is then placed in the round the server's log says was running. Per r
 sample. Goal (issue 29): growth below 10% from round 50 to the last round, for the server and for
 each site.
 
-    python bench/run.py --only soak          # ~30-40 min on 2 cores
+    python bench/run.py --only soak          # ~8 min on 2 cores (2026-12-06: 469 s)
 """
 
 from __future__ import annotations
