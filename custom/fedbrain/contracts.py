@@ -58,6 +58,19 @@ DP_WITHHELD = "dp_withheld"
 #: 1 when the epsilon spent is unbounded (a release without DP): FLARE's metrics writer drops non-finite
 #: numbers, so an infinite ``dp_epsilon_spent`` travels as this flag instead (the report shows ∞).
 DP_EPSILON_UNBOUNDED = "dp_epsilon_unbounded"
+
+
+def epsilon_to_wire(metrics: dict) -> dict:
+    """A site's metrics as they may travel: an infinite epsilon becomes the DP_EPSILON_UNBOUNDED flag."""
+    eps = metrics.get(DP_EPSILON_SPENT)
+    if not (isinstance(eps, float) and eps == float("inf")):
+        return dict(metrics)
+    return {**{k: v for k, v in metrics.items() if k != DP_EPSILON_SPENT}, DP_EPSILON_UNBOUNDED: 1}
+
+
+def epsilon_from_wire(metrics: dict) -> dict:
+    """What a site sent, with the DP_EPSILON_UNBOUNDED flag read back as an infinite epsilon."""
+    return {**metrics, DP_EPSILON_SPENT: float("inf")} if metrics.get(DP_EPSILON_UNBOUNDED) else dict(metrics)
 DP_WITHHELD_REASONS = {1: "privacy budget exhausted", 2: "site requires DP; the job has none",
                        3: "privacy ledger failed verification",
                        4: "global model from fewer trained sites than this site's minimum"}

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedbrain.contracts import DP_EPSILON_SPENT, DP_EPSILON_UNBOUNDED, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_ERROR, SITE_METRICS_LOG_TAG
+from fedbrain.contracts import (DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_ERROR, SITE_METRICS_LOG_TAG,
+                                epsilon_from_wire)
 from fedbrain.ops.kit import KitError, kit_identity, server_address
 from fedbrain import terminal
 
@@ -159,10 +160,7 @@ def site_metrics(server_log: str) -> dict[str, dict]:
             record = json.loads(line[at + len(SITE_METRICS_LOG_TAG) + 1:])
         except ValueError:
             continue
-        metrics = dict(record.get("metrics") or {})
-        if metrics.get(DP_EPSILON_UNBOUNDED):
-            metrics[DP_EPSILON_SPENT] = math.inf  # a release without DP
-        out[str(record.get("site"))] = {"round": record.get("round"), **metrics}
+        out[str(record.get("site"))] = {"round": record.get("round"), **epsilon_from_wire(record.get("metrics") or {})}
     return out
 
 

@@ -47,17 +47,14 @@ class SiteBudget:
         """What of ``metrics`` leaves the site. Under DP-SGD the training loss never does: it is computed on the
         training patients without noise (a membership signal) and is not part of the DP release."""
         from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_EPSILON_UNBOUNDED, DP_NOISE_MULTIPLIER, \
-            DP_WITHHELD, SITE_ERROR, TRAIN_LOSS, TRAIN_STEPS
+            DP_WITHHELD, SITE_ERROR, TRAIN_LOSS, TRAIN_STEPS, epsilon_to_wire
 
-        metrics = dict(metrics)
-        if isinstance(metrics.get(DP_EPSILON_SPENT), float) and math.isinf(metrics[DP_EPSILON_SPENT]):
-            del metrics[DP_EPSILON_SPENT]  # FLARE would drop it on the way (not finite): say it as a flag
-            metrics[DP_EPSILON_UNBOUNDED] = 1
+        metrics = epsilon_to_wire(metrics)  # FLARE drops non-finite numbers on the way
         if self.share_metrics == "minimal":
             keep = (SITE_ERROR, TRAIN_STEPS, DP_WITHHELD, DP_EPSILON_SPENT, DP_EPSILON_UNBOUNDED, DP_DELTA,
                     DP_NOISE_MULTIPLIER)
             return {k: v for k, v in metrics.items() if k in keep}
-        out = dict(metrics)
+        out = metrics
         if dp_sgd:
             out.pop(TRAIN_LOSS, None)
         if n_val < self.min_validation_cases:

@@ -16,9 +16,9 @@ import statistics
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from fedbrain.contracts import (AUDIT_FILE, ROUND_FILE, DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_EPSILON_UNBOUNDED, DP_WITHHELD, DP_WITHHELD_REASONS,
+from fedbrain.contracts import (AUDIT_FILE, ROUND_FILE, DATA_COUNTS, DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS,
                                 GUARD_FILE, HE_AGGREGATION_FILE, REGIONS, SITE_ERROR, VAL_DICE, VAL_DICE_REGIONS,
-                                VAL_HD95_REGIONS, SECAGG_MASKED)
+                                VAL_HD95_REGIONS, SECAGG_MASKED, epsilon_from_wire)
 from fedbrain.tasks.seg_metrics import convergence_score
 from fedbrain import terminal
 
@@ -226,9 +226,7 @@ def build_report(result_dir: Path) -> dict:
         agg = {m["name"]: m["value"] for m in row.get("aggregated_metrics", [])}
         global_curve.append({"round": rnd, **{k: agg.get(k) for k in keys}})
         for site in row.get("sites", []):
-            metrics = {m["name"]: m["value"] for m in site.get("metrics", [])}
-            if metrics.get(DP_EPSILON_UNBOUNDED):
-                metrics[DP_EPSILON_SPENT] = math.inf  # a release without DP: no finite bound
+            metrics = epsilon_from_wire({m["name"]: m["value"] for m in site.get("metrics", [])})
             entry = sites.setdefault(site["name"], {"rounds": []})
             entry["rounds"].append({"round": rnd, **{k: metrics.get(k) for k in (*keys, "train_loss", "round_seconds",
                                                                                  "he_decrypt_seconds", SITE_ERROR,
