@@ -241,9 +241,9 @@ def cmd_provision(a) -> int:
             except (OSError, yaml.YAMLError) as e:
                 raise KitError(f"{project}: cannot read the project file ({e})") from None
             Path(a.out).mkdir(parents=True, exist_ok=True)
-            trial = Path(a.out) / "trial.project.yml"
-            trial.write_text(yaml.safe_dump(trial_project(loaded, Path(a.out)), sort_keys=False))
-            project = trial
+            trial = trial_project(loaded, Path(a.out))
+            project = Path(a.out) / "trial.project.yml"
+            project.write_text(yaml.safe_dump(trial, sort_keys=False))
         prod = provision(project, Path(a.out))
     except KitError as e:
         console.print(f"[red]provisioning failed:[/] {e}")
@@ -257,17 +257,16 @@ def cmd_provision(a) -> int:
     console.print(f"root CA SHA-256 fingerprint (publish it to every participant out of band): "
                   f"{root_fingerprint(first)}")
     if a.trial:
-        _print_trial_steps(prod, Path(a.data) if a.data else None)
+        admin = next((p["name"] for p in trial["participants"] if p.get("role") == "project_admin"), None)
+        _print_trial_steps(prod, admin, Path(a.data) if a.data else None)
         return 0
     console.print("Send each participant only its own folder (it holds its private key); keep "
                   f"{prod.parent / 'state'} (the root CA key) offline. Hospitals: docs/hospital-it.md.")
     return 0
 
 
-def _print_trial_steps(prod: Path, data: Path | None) -> None:
+def _print_trial_steps(prod: Path, admin: str | None, data: Path | None) -> None:
     """What to run, in order, to try the production kits on this machine (one line per command)."""
-    import yaml
-
     from fedbrain.fl.site import write_site_config
 
     kits = {p.name: p for p in sorted(prod.iterdir()) if (p / "startup").is_dir()}
@@ -277,10 +276,7 @@ def _print_trial_steps(prod: Path, data: Path | None) -> None:
         kind = "server" if (startup / "fed_server.json").exists() else "client" if (startup / "fed_client.json").exists() \
             else "admin"
         roles[kind].append(name)
-    project = yaml.safe_load((prod.parent.parent / f"{prod.parent.name}.project.yml").read_text()) \
-        if (prod.parent.parent / f"{prod.parent.name}.project.yml").is_file() else {}
-    admin = next((p["name"] for p in project.get("participants", []) if p.get("role") == "project_admin"),
-                 (roles["admin"] or ["?"])[0])
+    admin = admin or (roles["admin"] or ["?"])[0]
     configured = []
     if data:
         for site in roles["client"]:
