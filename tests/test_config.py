@@ -19,6 +19,7 @@ CHANGED = {
     "dp_delta": 1e-6, "client_dp_clip": 5.0, "client_dp_noise": 0.5, "aggregation": "median", "trim_fraction": 0.3,
     "krum_byzantine": 2, "guard": False, "guard_z": 5.0, "guard_flag_after": 2,
     "round_timeout": 45.0, "min_responses": 1, "dead_site_grace": 20.0, "min_trained_sites": 2,
+    "dp_part": "all", "start_model": "sha256:" + "ab" * 32, "dp_ready": True,
     # segmentation
     "arch": "segresnet", "init_filters": 16, "dropout": 0.1, "spacing": (2.0, 2.5, 3.5), "roi_size": (32, 48, 64),
     "loss": "dicece", "val_sw_batch_size": 2, "val_overlap": 0.5, "ct_filters": 6,

@@ -67,9 +67,16 @@ def test_checked_in_apps_are_the_export_and_the_jobs_are_assembled_from_them(tmp
 @pytest.mark.parametrize("name", JOBS)
 def test_site_rebuilds_exactly_the_exported_config(name, tmp_path):
     """Every field set to a non-default value travels: a field that does not fails here."""
+    from fedbrain.models import start
+
     job, config_cls = JOBS[name]
     config = changed(config_cls)
-    folder = job.export(config, tmp_path)
+    # a start for exactly this network (its weights: the network's own initial draw)
+    made = start.save(config.replace(start_model=None).build_model().state_dict(), tmp_path / "start",
+                      {"task": config.TASK, "model_spec": config.model_spec()})
+    folder = job.export(config.replace(start_model=str(made.weights)), tmp_path)
+    assert config.start_model == "sha256:" + "ab" * 32
+    config = config.replace(start_model=made.reference)  # what the sites get: the hash, never the path
     clients = _client_configs(folder)
     assert clients
     for client in clients:

@@ -114,6 +114,28 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_pretrain(a) -> int:
+    from fedbrain.tasks.config import config_from_arguments
+    from fedbrain.tasks.pretrain import pretrain, synthesize_public
+
+    if a.epochs < 1:
+        raise SystemExit(f"--epochs must be at least 1, got {a.epochs}")
+    out = Path(a.out)
+    if a.datalists:
+        datalists = _datalists(a.datalists)
+    else:
+        console.print(f"no public data given: synthesizing the synthetic public cohort into {out / 'public_data'}")
+        datalists = synthesize_public(out / "public_data", cases=a.cases, seed=a.data_seed)
+    config = config_from_arguments(_config(a.task), a)
+    start = pretrain(config, datalists, out, epochs=a.epochs, trainer_cls=_trainer(a.task))
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in start.record["public_validation"].items())
+    console.print(f"start model {start.weights} (sha256 {start.sha256[:16]}), provenance {start.weights.with_suffix('.json')}")
+    console.print(f"on the public validation cases: {shown}")
+    console.print(f"use it: fedbrain job export-{a.task} --start-model {start.weights} --dp-epsilon 8 --dp-part "
+                  f"{_config(a.task).DP_PART_DEFAULT}")
+    return 0
+
+
 def cmd_job_export(a) -> int:
     import importlib
 
@@ -443,6 +465,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_config_arguments(t, _config(task), groups=("training",), also=_config(task).CENTRAL_PRIVACY)
     t.set_defaults(func=cmd_train)
 
+    pt = sub.add_parser("pretrain", help="train a task's starting model on public data (what DP jobs fine-tune)")
+    pt.add_argument("datalists", nargs="*", help="public datalists (e.g. BraTS indexed with `fedbrain data index`), "
+                    "or a folder of them; none: the synthetic public cohort")
+    pt.add_argument("--task", default="segment", choices=sorted(TASKS), help="shows that task's settings with --help")
+    pt.add_argument("--out", required=True, help="folder for start.pt and start.json")
+    pt.add_argument("--epochs", type=int, default=10)
+    pt.add_argument("--cases", type=int, default=100, help="synthetic public cohort: cases per public centre")
+    pt.add_argument("--data-seed", dest="data_seed", type=int, default=0, help="synthetic public cohort: its seed")
+    add_config_arguments(pt, _config(task), groups=("training",), skip=("start_model", "dp_ready"))
+    pt.set_defaults(func=cmd_pretrain)
+
     j = sub.add_parser("job", help="export a job folder to submit (settings from the task config)")
     j_sub = j.add_subparsers(dest="job_cmd", required=True)
     for job_task in sorted(TASKS):
@@ -577,11 +610,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fedbrain.bundle import BundleError
     from fedbrain.data.datalist import DatalistError
     from fedbrain.fl.site import SiteConfigError
+    from fedbrain.models.start import StartModelError
     from fedbrain.ops.kit import KitError
     from fedbrain.poc.consortium import PocError
     from fedbrain.report.job_report import ReportError
 
-    return DatalistError, SiteConfigError, KitError, PocError, ReportError, BundleError, FileNotFoundError
+    return (DatalistError, SiteConfigError, KitError, PocError, ReportError, BundleError, StartModelError,
+            FileNotFoundError)
 
 
 def main(argv=None) -> int:

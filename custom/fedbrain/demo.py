@@ -89,6 +89,17 @@ def export_job(out_dir: Path, settings: DemoSettings | ClassifyDemoSettings, sit
     return export(settings.task.replace(min_clients=len(sites)), out_dir)
 
 
+def public_start(runs: Path, settings, console):
+    """The public start a DP demo fine-tunes (:func:`fedbrain.tasks.pretrain.cached_start`, under ``runs/``)."""
+    from fedbrain.tasks.pretrain import cached_start
+
+    if isinstance(settings, ClassifyDemoSettings):
+        from fedbrain.tasks.classification import ClassificationTrainer as trainer_cls
+    else:
+        from fedbrain.tasks.segmentation import SegmentationTrainer as trainer_cls
+    return cached_start(Path(runs).resolve() / "public-start", settings.task, trainer_cls, console=console)
+
+
 def prepare_classification_data(data_dir: Path, sites: list[str], settings: ClassifyDemoSettings) -> Path:
     """Synthesize hospitals, pool their cases, re-split by Dirichlet(alpha) grade skew; returns the split folder."""
     from fedbrain.data.datalist import load_datalist
@@ -130,6 +141,10 @@ def run_demo(runs: Path = Path("runs"), settings: DemoSettings | ClassifyDemoSet
         data_dir = run_dir / "data"
         synthesize_consortium(data_dir, sites=len(poc.sites), cases=settings.cases, seed=settings.seed,
                               site_names=poc.sites, progress=True)
+    if settings.task.dp and settings.task.start_model is None:  # DP-SGD from random weights learns nothing
+        settings.task = settings.task.replace(start_model=str(public_start(runs, settings, console).weights))
+        console.print(f"    DP-SGD trains the part '{settings.task.trained_part}' of the public start "
+                      f"{settings.task.start_model}")
     timings["synth_s"] = time.time() - t0
 
     peak = {"rss": 0}

@@ -255,12 +255,25 @@ def add_secure_aggregation(recipe, clients) -> None:
             job.to_clients(SecAggSiteExecutor(), tasks=list(SECAGG_TASKS))
 
 
-def export_recipe(recipe, export_dir: str | Path, name: str) -> Path:
-    """Export into ``export_dir/name``: configuration only (the site script is named, not carried)."""
+def export_recipe(recipe, export_dir: str | Path, name: str, start=None) -> Path:
+    """Export into ``export_dir/name``: configuration only (the site script is named, not carried),
+    plus the public start model (:func:`fedbrain.models.start.ship`) when the job has one."""
     export_dir = Path(export_dir).resolve()
     with contextlib.chdir(SITES_DIR):
         recipe.export(str(export_dir))
+    if start is not None:
+        from fedbrain.models.start import ship
+
+        ship(export_dir / name, start)
     return export_dir / name
+
+
+def bind_start(config: TaskConfig):
+    """``(config, start)``: a start given as a path becomes its hash in the config that travels to
+    sites, and the files travel in the job (:func:`fedbrain.models.start.bind`)."""
+    from fedbrain.models.start import bind
+
+    return bind(config)
 
 
 def job_main(config_cls, export, doc: str, argv=None, default_export_dir: str | Path = ".") -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedbrain.jobs import DEFAULT_SITES, build_task_recipe, export_recipe, job_main
+from fedbrain.jobs import DEFAULT_SITES, bind_start, build_task_recipe, export_recipe, job_main
 from fedbrain.models.classifier import head_parameter_names
 from fedbrain.tasks.classification import ClassificationConfig, ClassificationTrainer
 
@@ -28,8 +28,8 @@ def build_recipe(config: ClassificationConfig | None = None, sites: Sequence[str
 
 def export(config: ClassificationConfig | None = None, export_dir: str | Path = ".",
            sites: Sequence[str] = DEFAULT_SITES) -> Path:
-    config = config or ClassificationConfig()
-    return export_recipe(build_recipe(config, sites), export_dir, config.name)
+    config, start = bind_start(config or ClassificationConfig())
+    return export_recipe(build_recipe(config, sites), export_dir, config.name, start)
 
 
 def main(argv=None, default_export_dir: str | Path = ".") -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedbrain.jobs import build_task_recipe, export_recipe, job_main
+from fedbrain.jobs import bind_start, build_task_recipe, export_recipe, job_main
 from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
 
 SITE_SCRIPT = "segment_client.py"
@@ -17,8 +17,8 @@ def build_recipe(config: SegmentationConfig | None = None):
 
 
 def export(config: SegmentationConfig | None = None, export_dir: str | Path = ".") -> Path:
-    config = config or SegmentationConfig()
-    return export_recipe(build_recipe(config), export_dir, config.name)
+    config, start = bind_start(config or SegmentationConfig())
+    return export_recipe(build_recipe(config), export_dir, config.name, start)
 
 
 def main(argv=None, default_export_dir: str | Path = ".") -> Path:

@@ -296,6 +296,7 @@ def build_report(result_dir: Path) -> dict:
             "flagged_sites": sorted(flags),
         },
     }
+    report["start_model"] = _start_model(ws)
     report["exchange"] = _exchange(ws, sites)
     report["privacy"] = _privacy(sites)
     report["guard"] = _guard(ws)
@@ -305,6 +306,29 @@ def build_report(result_dir: Path) -> dict:
         report["summary"].update(mean_final_wt_dice=report["summary"]["mean_final"], min_final_wt_dice=report["summary"]["min_final"],
                                  mean_final_dice=_mean([e["final"].get("val_dice") for e in sites.values()]))
     return report
+
+
+def _start_model(ws: Path) -> dict | None:
+    """Where the job's initial global model came from: the public start it carried (its provenance), or None."""
+    from fedbrain.models.start import record_in_run
+
+    record = record_in_run(ws)
+    if record is None:
+        return None
+    return {"sha256": record.get("sha256"), "task": record.get("task"), "created": record.get("created"),
+            "epochs": record.get("epochs"), "public_validation": record.get("public_validation", {}),
+            "public_data": [{k: d.get(k) for k in ("site", "n_training", "n_validation", "datalist_sha256")}
+                            for d in record.get("public_data", [])]}
+
+
+def _start_markdown(start: dict | None) -> list[str]:
+    if not start:
+        return ["Initial global model: the network's seeded random weights (no public start)."]
+    data = ", ".join(f"{d['site']} ({d['n_training']} training cases, datalist sha256 {str(d['datalist_sha256'])[:12]})"
+                     for d in start["public_data"])
+    scores = ", ".join(f"{k} {_fmt(v)}" for k, v in start["public_validation"].items())
+    return [f"Initial global model: the public start sha256 `{str(start['sha256'])[:16]}` ({start['epochs']} epochs on "
+            f"{data}; on its public validation cases {scores}; made {start['created']}). No hospital data is in it."]
 
 
 def _exchange(ws: Path, sites: dict) -> dict:
@@ -540,6 +564,7 @@ def render_markdown(report: dict, plots: list[Path], extra: dict | None = None) 
         lines.append(f"- {k}: {v}")
     if extra:
         lines.append("")
+    lines += [*_start_markdown(report.get("start_model")), ""]
     cols = [label for _, label in metrics]
     lines += [
         "## Per site",

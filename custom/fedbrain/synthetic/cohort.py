@@ -53,6 +53,7 @@ __all__ = [
     "GliomaCT",
     "Anatomy",
     "default_site_profiles",
+    "public_site_profiles",
     "load_anatomy",
     "synthesize_case",
     "write_case",
@@ -161,6 +162,10 @@ class SiteProfile:
     ct_noise_hu: float = 5.0
     ct_offset_hu: float = 0.0  # calibration error of the CT scanner
     ct_psf_sigma_vox: float = 0.35
+    #: Tumour size relative to the usual draw (radii x this): a cohort's size mix.
+    tumour_scale: float = 1.0
+    #: Another MR protocol: per tissue, per contrast (MRI_CONTRASTS order) factors on TISSUE_MRI.
+    tissue_contrast: dict = field(default_factory=dict)
 
 
 def _site_letter(index: int) -> str:
@@ -207,6 +212,48 @@ def default_site_profiles(n: int, seed: int = 0, names: list[str] | None = None)
             has_ct=not (n >= 3 and i == n - 1),
             ct_noise_hu=round(float(rng.uniform(3.0, 8.0)), 2),
             ct_offset_hu=round(float(rng.uniform(-4.0, 4.0)), 2),
+        ))
+    return profiles
+
+
+#: The public cohort's names: never a hospital's (``fedbrain pretrain`` refuses hospital data named so).
+PUBLIC_PREFIX = "public-"
+#: Another MR protocol than the hospitals' (TISSUE_MRI factors, MRI_CONTRASTS order): weaker FLAIR and
+#: T2 oedema contrast, a softer enhancing rim, brighter grey matter on T1, as a public challenge
+#: cohort pooled from other scanners and sequences differs from one hospital's.
+PUBLIC_PROTOCOL = {
+    "gm": (1.06, 1.06, 1.0, 0.96),
+    "oedema": (1.0, 1.0, 1.07, 1.12),
+    "nonenh": (1.0, 1.0, 1.05, 1.1),
+    "enhancing": (1.0, 1.12, 1.0, 1.0),
+    "necrosis": (1.1, 1.1, 0.95, 1.07),
+}
+
+
+def public_site_profiles(n: int = 2, seed: int = 0) -> list[SiteProfile]:
+    """Profiles of a public, challenge-style cohort (what a consortium may pretrain on).
+
+    It differs from the hospitals of :func:`default_site_profiles` the way public data differs
+    from a hospital's: other scanners and intensity profiles (another protocol with brighter lesions,
+    a stronger intensity non-linearity, curated 1 mm acquisitions with little noise or bias), another
+    grade and size mix (mostly HGG, larger tumours, few healthy scans) and no CT.
+    """
+    rng = np.random.default_rng([seed, 0x9B11C])
+    profiles = []
+    for i in range(n):
+        base_gain = float(rng.uniform(200.0, 400.0))
+        profiles.append(SiteProfile(
+            name=f"{PUBLIC_PREFIX}{i + 1}",
+            grade_mix={"healthy": 0.1, "LGG": 0.2, "HGG": 0.7},
+            mri_gain={c: round(base_gain * float(rng.uniform(0.7, 1.3)), 1) for c in MRI_CONTRASTS},
+            gamma=round(float(rng.uniform(1.25, 1.4)), 3),
+            bias_strength=round(float(rng.uniform(0.01, 0.03)), 3),
+            noise_level=round(float(rng.uniform(0.01, 0.03)), 4),
+            psf_fwhm_mm=round(float(rng.uniform(1.0, 1.8)), 2),
+            slice_thickness_mm=1.0,
+            has_ct=False,
+            tumour_scale=1.3,
+            tissue_contrast=PUBLIC_PROTOCOL,
         ))
     return profiles
 
@@ -464,7 +511,7 @@ def _to_template(points_mm: np.ndarray, anatomy: Anatomy, deform: Deformation,
 
 
 def sample_tumour_plan(rng: np.random.Generator, anatomy: Anatomy, deform: Deformation,
-                       grade: str, atypical: float = 0.0) -> TumourPlan | None:
+                       grade: str, atypical: float = 0.0, size_scale: float = 1.0) -> TumourPlan | None:
     """Pick a white-matter seed and sizes; WT ~2-6 cm across, HGG with a thicker rim.
 
     With probability ``atypical`` a glioma looks like the other grade on MRI (an
@@ -495,6 +542,8 @@ def sample_tumour_plan(rng: np.random.Generator, anatomy: Anatomy, deform: Defor
         mass = rng.uniform(0.05, 0.25)
     else:
         raise ValueError(f"grade must be one of {GRADES}, got {grade!r}")
+    if size_scale != 1.0:  # after every draw: the same cases, only larger or smaller
+        oedema_r, core_r = oedema_r * size_scale, core_r * size_scale
     # Seeds deep enough that most of the core stays inside the brain.
     ok = np.flatnonzero(anatomy.seed_depth_mm >= min(0.7 * core_r + 4.0, anatomy.seed_depth_mm.max()))
     seed_template = anatomy.seed_points_mm[rng.choice(ok)]
@@ -690,7 +739,9 @@ def simulate_mri(rng: np.random.Generator, tissue: Tissue, tumour: Tumour, profi
     session_gain = rng.normal(1.0, 0.04, len(MRI_CONTRASTS))  # auto-prescan scaling per scan
     out = {}
     for ci, contrast in enumerate(MRI_CONTRASTS):
-        values = {t: TISSUE_MRI[t][ci] * patient[t][ci] for t in TISSUE_MRI}
+        protocol = profile.tissue_contrast
+        values = {t: TISSUE_MRI[t][ci] * patient[t][ci] * (protocol[t][ci] if t in protocol else 1.0)
+                  for t in TISSUE_MRI}
         amp = {"oedema": 0.06, "necrosis": 0.08, "nonenh": 0.08, "enhancing": 0.15 if contrast == "t1ce" else 0.06}
         mix = 0.5 if contrast in ("t1", "t1ce") else 0.0
         img = _tissue_image(values, tissue, tumour, amp, t1_texture_mix=mix)
@@ -801,7 +852,7 @@ def synthesize_case(rng: np.random.Generator, anatomy: Anatomy, site_profile: Si
         raise ValueError(f"grade must be one of {GRADES}, got {grade!r}")
     deform = sample_deformation(rng)
     findings = ct_findings or GliomaCT()
-    plan = sample_tumour_plan(rng, anatomy, deform, grade, atypical)
+    plan = sample_tumour_plan(rng, anatomy, deform, grade, atypical, site_profile.tumour_scale)
     if plan is not None:  # deterministic from the plan: no draw, so it changes no other random choice
         plan.midline_shift_mm = findings.midline_shift_mm * plan.mass_effect
         plan.midline_sigma_mm = findings.midline_sigma_mm
@@ -892,6 +943,16 @@ def _allocate_grades(rng: np.random.Generator, n: int, mix: dict) -> list[str]:
     return [grades[i] for i in rng.permutation(n)]
 
 
+def _is_public(profile: SiteProfile) -> bool:
+    return profile.name.startswith(PUBLIC_PREFIX)
+
+
+def _stream(profile: SiteProfile, seed: int) -> list[int]:
+    """The random stream of a site's cases: a public cohort draws other patients than any hospital
+    of the same seed (same stream, same heads and tumours)."""
+    return [seed, 0x9B11C] if _is_public(profile) else [seed]
+
+
 def _split(rng: np.random.Generator, grades: list[str], val_fraction: float) -> list[bool]:
     """Validation flags: >= 2 validation cases, at least one with a tumour, >= 1 training case."""
     n = len(grades)
@@ -945,7 +1006,7 @@ def synthesize_consortium(
 
     plans = []
     for si, profile in enumerate(profiles):
-        rng = np.random.default_rng([seed, si, 0xCA5E])
+        rng = np.random.default_rng([*_stream(profile, seed), si, 0xCA5E])
         n = max(3, int(round(cases * profile.case_factor)))
         grades = _allocate_grades(rng, n, profile.grade_mix)
         plans.append((si, profile, grades, _split(rng, grades, val_fraction)))
@@ -961,12 +1022,12 @@ def synthesize_consortium(
         for si, profile, grades, is_val in plans:
             site_dir = out / profile.name
             site_dir.mkdir(parents=True, exist_ok=True)
-            letter = _site_letter(si)
+            letter = ("PUB-" if _is_public(profile) else "") + _site_letter(si)
             datalist = {"site": profile.name, "training": [], "validation": []}
             for ci, (grade, val) in enumerate(zip(grades, is_val)):
                 case_id = f"SYN-{letter}-{ci + 1:04d}"
                 bar.update(task, description=f"{profile.name} {case_id}")
-                rng = np.random.default_rng([seed, si, ci])
+                rng = np.random.default_rng([*_stream(profile, seed), si, ci])
                 case = synthesize_case(rng, anatomy, profile, grade, atypical, ct_findings)
                 study_uid = generate_uid(entropy_srcs=["fedbrain-synth", str(seed), profile.name, case_id])
                 item = write_case(case, site_dir / "cases" / case_id, anatomy.affine,

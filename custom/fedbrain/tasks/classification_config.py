@@ -20,6 +20,16 @@ class ClassificationConfig(TaskConfig):
     ALGORITHMS: ClassVar[tuple[str, ...]] = ("personal", "fedavg", "fedprox", "scaffold")
     TASK: ClassVar[str] = "classification"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("streams", "channels", "spacing", "spatial_size")
+    #: Classifier parts: trunks (one per stream), their projections, the fusion and the grade head.
+    PARTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "all": (".",),
+        "head": (r"(^|\.)head\.", r"(^|\.)fusion\."),  # fusion + grade head
+        "head_proj": (r"(^|\.)head\.", r"(^|\.)fusion\.", r"_trunk\.proj\."),  # + each trunk's projection
+        "head_ct": (r"(^|\.)head\.", r"(^|\.)fusion\.", r"_trunk\.proj\.", r"(^|\.)ct_trunk\."),  # + the CT trunk (no public CT)
+        "bias": (r"\.bias$", r"(^|\.)head\.", r"(^|\.)fusion\."),
+    }
+    #: The part a public-start DP job trains, chosen by measurement (docs/benchmarks.md, "DP from a public start").
+    DP_PART_DEFAULT: ClassVar[str] = "head_ct"
 
     name: str = "fedbrain_classification"
     algorithm: str = "personal"

@@ -39,12 +39,18 @@ class TaskConfig:
     FIELD_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "federation": ("name", "algorithm", "rounds", "min_clients", "epochs_per_round", "fedprox_mu",
                        "aggregation", "trim_fraction", "krum_byzantine", "guard", "guard_z", "guard_flag_after"),
-        "privacy": ("he", "secagg", "dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta",
+        "privacy": ("he", "secagg", "dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta", "dp_part",
                     "client_dp_clip", "client_dp_noise", "min_trained_sites"),
         "resilience": ("round_timeout", "min_responses", "dead_site_grace"),
     }
     #: Privacy settings that also apply to centralized training (sample-level DP-SGD).
-    CENTRAL_PRIVACY: ClassVar[tuple[str, ...]] = ("dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta")
+    CENTRAL_PRIVACY: ClassVar[tuple[str, ...]] = ("dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta",
+                                                  "dp_part")
+    #: What may train under DP-SGD (``dp_part``): name -> regular expressions searched in parameter
+    #: names (state_dict keys); the rest stays as the starting model. ``all``: every parameter.
+    PARTS: ClassVar[dict[str, tuple[str, ...]]] = {"all": (".",)}
+    #: The part a public-start DP job trains (chosen by measurement: docs/benchmarks.md).
+    DP_PART_DEFAULT: ClassVar[str] = "all"
 
     name: str = "fedbrain"  # the FLARE job name; also names a site's personal-part store
     algorithm: str = "fedavg"
@@ -68,6 +74,15 @@ class TaskConfig:
     dp_noise_multiplier: float | None = None  # fixed noise instead of calibrating to dp_epsilon
     dp_max_grad_norm: float = 1.0  # per-sample gradient clip (L2)
     dp_delta: float | None = None  # None: min(1e-5, 1 / n_train^1.1) of each site
+    # What trains under DP-SGD (a name of the task's PARTS); the rest stays frozen at the starting model, so
+    # only the part gets per-sample gradients, clipping and noise. Meant with start_model: a frozen random
+    # network learns nothing. Without DP every parameter trains.
+    dp_part: str | None = None  # None: the task's DP_PART_DEFAULT with a start_model, else all
+    # A starting model written by `fedbrain pretrain` (its start.pt; start.json beside it): the server's
+    # initial global model, built DP-ready; its provenance reaches the job's result and report. The exported
+    # job carries the file, and its config names it by its hash (sha256:...), never by a path.
+    start_model: str | None = None
+    dp_ready: bool = False  # build the network DP-SGD can train even without DP (what `fedbrain pretrain` writes)
     # Client-level DP (fedbrain.privacy.client_dp): each site clips its whole update, adds Gaussian noise.
     client_dp_clip: float | None = None  # L2 bound of an outgoing update; None: off
     client_dp_noise: float = 0.0  # noise std = client_dp_noise * client_dp_clip; 0: clip only
@@ -145,6 +160,8 @@ class TaskConfig:
         if self.min_trained_sites < 2:
             raise ValueError(f"min_trained_sites must be >= 2 (an aggregate of one trained site is that site's own "
                              f"update, readable by every other site), got {self.min_trained_sites}")
+        if self.dp_part is not None and self.dp_part not in self.PARTS:
+            raise ValueError(f"dp_part must be one of {tuple(self.PARTS)}, got {self.dp_part!r}")
         if self.client_dp_noise < 0 or (self.client_dp_noise > 0 and self.client_dp_clip is None):
             raise ValueError("client_dp_noise must be >= 0 and needs client_dp_clip (the noise is relative to it)")
 
@@ -168,15 +185,47 @@ class TaskConfig:
         """Sample-level DP-SGD on (the model spec may differ: see the tasks' model_spec)."""
         return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
 
+    @property
+    def dp_ready_model(self) -> bool:
+        """Whether the network is built so DP-SGD can train it (a public start always is: the same start
+        serves DP and non-DP fine-tuning)."""
+        return self.dp or self.dp_ready or self.start_model is not None
+
+    @property
+    def trained_part(self) -> str:
+        """The part DP-SGD trains: ``dp_part``, or by default the task's chosen part from a public start
+        (from random weights a frozen rest could not learn: everything trains)."""
+        if self.dp_part is not None:
+            return self.dp_part
+        return self.DP_PART_DEFAULT if self.start_model is not None else "all"
+
+    def trainable_names(self, names) -> list[str]:
+        """Of ``names`` (parameter names), those that train under this config: ``dp_part``'s under DP, all otherwise."""
+        import re
+
+        if not self.dp or self.trained_part == "all":
+            return list(names)
+        patterns = [re.compile(p) for p in self.PARTS[self.trained_part]]
+        return [n for n in names if any(p.search(n) for p in patterns)]
+
     def model_spec(self) -> dict:
         """``{"class_path", "args"}`` of this task's network: what the server persistor and
         every site build (:func:`fedbrain.models.instantiate`)."""
         raise NotImplementedError
 
     def build_model(self):
+        """The network; with ``start_model`` a path (centralized runs, benchmarks), loaded with the start's
+        weights. In a job ``start_model`` is the start's hash and the server's initial model carries them."""
         from fedbrain.models import instantiate
 
-        return instantiate(self.model_spec())
+        model = instantiate(self.model_spec())
+        if self.start_model is not None and not self.start_model.startswith("sha256:"):
+            from fedbrain.models import start
+
+            found = start.load(self.start_model)
+            found.check_spec(self)
+            model.load_state_dict(found.state_dict())
+        return model
 
     # ------------------------------------------------------------------ travel
     def to_dict(self) -> dict:

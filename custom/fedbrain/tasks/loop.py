@@ -65,6 +65,19 @@ class TrainingHook:
         return None
 
 
+def apply_trainable_part(model: nn.Module, config) -> list[str]:
+    """Freeze every parameter outside the part that trains under ``config`` (``dp_part`` under DP-SGD,
+    all otherwise): frozen parameters get no gradient, no per-sample gradient and no noise, and stay as
+    the model they came with. Returns the trained names."""
+    names = [n for n, _ in model.named_parameters()]
+    keep = set(config.trainable_names(names))
+    if not keep:
+        raise ValueError(f"dp_part {config.trained_part!r} names no parameter of this network")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
+    return [n for n in names if n in keep]
+
+
 class FedProx(TrainingHook):
     """FedProx: ``mu/2 * sum ||w - w_global||^2`` over the parameters that are federated.
 
@@ -259,6 +272,7 @@ class Trainer:
         self._apply_threads()
         model.to(self.device)
         model.train()
+        apply_trainable_part(model, self.config)
         net, optimizer, loader = model, self._optimizer_for(model), self.train_loader
         for hook in hooks:
             net, optimizer, loader = hook.wrap(net, optimizer, loader, hooks)

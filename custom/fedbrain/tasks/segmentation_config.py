@@ -21,6 +21,16 @@ class SegmentationConfig(TaskConfig):
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("spacing", "roi_size", "streams")
     #: The stream sets a segmentation network can take: MRI alone, or MRI + CT (dual-stream).
     STREAM_SETS: ClassVar[tuple[tuple[str, ...], ...]] = (("mri",), ("mri", "ct"))
+    #: UNet parts (MONAI names: each level's ``submodule.2`` / the top ``model.2`` is its decoder stage).
+    PARTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "all": (".",),
+        "bias": (r"\.bias$",),  # BitFit: every bias, weights frozen
+        "decoder": (r"(^|\.)model\.2\.", r"submodule\.2\."),  # every decoder stage and the output head
+        "last_stage": (r"(^|\.)model\.2\.", r"(^|\.)model\.1\.submodule\.2\."),  # the top decoder stage + head
+        "decoder_bias": (r"(^|\.)model\.2\.", r"submodule\.2\.", r"\.bias$"),
+    }
+    #: The part a public-start DP job trains, chosen by measurement (docs/benchmarks.md, "DP from a public start").
+    DP_PART_DEFAULT: ClassVar[str] = "decoder"
 
     name: str = "fedbrain_segmentation"
     rounds: int = 6
@@ -69,5 +79,5 @@ class SegmentationConfig(TaskConfig):
 
     def model_spec(self) -> dict:
         return model_spec(self.arch, init_filters=self.init_filters, dropout=self.dropout, init_seed=self.seed,
-                          act=DP_ACT if self.dp else None, ct_filters=self.ct_filters if self.ct else None,
+                          act=DP_ACT if self.dp_ready_model else None, ct_filters=self.ct_filters if self.ct else None,
                           modality_dropout=self.modality_dropout)

@@ -1,0 +1,149 @@
+"""A public start (fedbrain pretrain) and DP-SGD on a declared part of it."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fedbrain.models import start as start_mod
+from fedbrain.privacy.dpsgd import DPSGD
+from fedbrain.tasks.classification import ClassificationConfig
+from fedbrain.tasks.pretrain import pretrain
+from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
+
+try:
+    from .fixtures_seg import make_cases
+except ImportError:  # tests/ is not a package
+    from fixtures_seg import make_cases
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+SMALL = dict(spacing=(6.0, 6.0, 6.0), roi_size=(32, 32, 32), seed=0, num_threads=1, epochs_per_round=1, rounds=2,
+             batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("start")
+    items = make_cases(root, 4, prefix="PUB", seed=300)
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps({"site": "public-1", "training": items[:3], "validation": items[3:]}))
+    return root, items, datalist
+
+
+@pytest.fixture(scope="module")
+def start(cases, tmp_path_factory):
+    _, _, datalist = cases
+    return pretrain(SegmentationConfig(**SMALL), [datalist], tmp_path_factory.mktemp("start_out"), epochs=1,
+                    trainer_cls=SegmentationTrainer, progress=False)
+
+
+def test_the_public_cohort_is_nobody_from_a_hospital(tmp_path):
+    from fedbrain.synthetic.cohort import public_site_profiles, synthesize_consortium
+
+    public = synthesize_consortium(tmp_path / "public", sites=2, cases=3, seed=0, profiles=public_site_profiles(2, 0),
+                                   progress=False)
+    hospital = synthesize_consortium(tmp_path / "hospital", sites=1, cases=3, seed=0, site_names=["hospital-a"],
+                                     progress=False)
+    assert [s["name"] for s in public["sites"]] == ["public-1", "public-2"]
+    assert not any(s["has_ct"] for s in public["sites"])  # no CT in the public cohort
+    assert all(s["profile"]["tumour_scale"] > 1 for s in public["sites"])  # larger tumours
+    public_ids = {c["case_id"] for c in public["cases"]}
+    assert not public_ids & {c["case_id"] for c in hospital["cases"]}
+    first_public = json.loads((tmp_path / "public/public-1/datalist.json").read_text())
+    first_hospital = json.loads((tmp_path / "hospital/hospital-a/datalist.json").read_text())
+    a = nib.load(tmp_path / "public/public-1" / (first_public["training"] + first_public["validation"])[0]["label"])
+    b = nib.load(tmp_path / "hospital/hospital-a" / (first_hospital["training"] + first_hospital["validation"])[0]["label"])
+    # Same seed, same site index: another patient (another random stream), not the hospital's with other contrast.
+    assert not np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+
+
+def test_pretrain_writes_weights_and_provenance_that_verify(start, cases):
+    _, _, datalist = cases
+    record = json.loads(start.weights.with_suffix(".json").read_text())
+    assert record["sha256"] == start_mod.sha256_of(start.weights)
+    assert record["task"] == "segmentation" and record["settings"]["dp_ready"] is True
+    assert record["public_data"][0]["site"] == "public-1"
+    assert record["public_data"][0]["n_training"] == 3
+    assert "val_dice_wt" in record["public_validation"]
+    # weights_only: FLARE's persistor loads it as is
+    state = torch.load(start.weights, weights_only=True)
+    assert set(state) == set(SegmentationConfig(**SMALL, dp_ready=True).build_model().state_dict())
+    # the network built from it is the start, for DP and non-DP fine-tuning alike
+    for dp in ({}, {"dp_epsilon": 8.0}):
+        model = SegmentationConfig(**SMALL, start_model=str(start.weights), **dp).build_model()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_changed_or_foreign_start_is_refused_in_one_line(start, tmp_path):
+    bad = tmp_path / "start.pt"
+    bad.write_bytes(start.weights.read_bytes()[:-8] + b"XXXXXXXX")
+    (tmp_path / "start.json").write_text(start.weights.with_suffix(".json").read_text())
+    with pytest.raises(start_mod.StartModelError, match="sha256 .* is not the"):
+        start_mod.load(bad)
+    with pytest.raises(start_mod.StartModelError, match="another network"):
+        SegmentationConfig(**{**SMALL, "init_filters": 16}, start_model=str(start.weights)).build_model()
+    with pytest.raises(start_mod.StartModelError, match="a start for 'segmentation'"):
+        start_mod.load(start.weights).check_spec(ClassificationConfig())
+
+
+def test_the_exported_job_carries_the_start_and_names_it_by_hash(start, tmp_path):
+    from fedbrain.jobs.segmentation import export
+
+    job = export(SegmentationConfig(**SMALL, start_model=str(start.weights), dp_epsilon=8.0), tmp_path)
+    server = next(job.glob("*/config/config_fed_server.json")).parent
+    assert start_mod.sha256_of(server / start_mod.JOB_START_WEIGHTS) == start.sha256
+    assert json.loads((server / "environment.json").read_text())["APP_CKPT"] == f"config/{start_mod.JOB_START_WEIGHTS}"
+    assert json.loads((server / start_mod.JOB_START_RECORD).read_text())["sha256"] == start.sha256
+    clients = "".join(p.read_text() for p in job.glob("*/config/config_fed_client.json"))
+    assert f"sha256:{start.sha256}" in clients
+    assert str(start.weights.parent) not in clients  # the admin's path never reaches a site
+    assert start_mod.record_in_run(server.parent.parent / "nowhere") is None
+    assert start_mod.record_in_run(job)["sha256"] == start.sha256
+
+
+@pytest.mark.parametrize("part", ["decoder", "bias"])
+def test_dp_on_a_part_changes_that_part_only(start, cases, part):
+    _, items, _ = cases
+    config = SegmentationConfig(**SMALL, start_model=str(start.weights), dp_noise_multiplier=1.0, dp_part=part)
+    trainer = SegmentationTrainer(items[:3], items[3:], config)
+    DPSGD.attach(trainer)
+    model = trainer.build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = trainer.train(model, steps=2)
+    assert result["steps"] == 2 and result["dp_epsilon_spent"] > 0
+    trained = set(config.trainable_names(before))
+    assert trained and len(trained) < len(before)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == trained  # the whole part moved (noise alone moves it), nothing else did
+    # without DP the same config trains everything
+    assert set(config.replace(dp_noise_multiplier=None).trainable_names(before)) == set(before)
+
+
+def test_a_public_start_picks_the_tasks_part_and_random_weights_train_everything(start):
+    names = list(SegmentationConfig(**SMALL, dp_ready=True).build_model().state_dict())
+    with_start = SegmentationConfig(**SMALL, start_model=str(start.weights), dp_epsilon=8.0)
+    assert with_start.trained_part == SegmentationConfig.DP_PART_DEFAULT
+    assert SegmentationConfig(**SMALL, dp_epsilon=8.0).trainable_names(names) == names
+    with pytest.raises(ValueError, match="dp_part must be one of"):
+        SegmentationConfig(dp_part="everything")
+    cls = ClassificationConfig(start_model="sha256:00", dp_epsilon=8.0)
+    kept = cls.trainable_names(list(cls.build_model().state_dict()))
+    assert kept and all("mri_trunk.features" not in k for k in kept)
+
+
+def test_the_report_names_the_start(start, tmp_path):
+    from fedbrain.report.job_report import _start_markdown, _start_model
+
+    ws = tmp_path / "workspace"
+    config_dir = ws / "app_server" / "config"
+    config_dir.mkdir(parents=True)
+    (config_dir / "config_fed_server.json").write_text("{}")
+    start_mod.ship(ws, start)
+    found = _start_model(ws)
+    assert found["sha256"] == start.sha256 and found["public_data"][0]["site"] == "public-1"
+    line = _start_markdown(found)[0]
+    assert start.sha256[:16] in line and "No hospital data is in it" in line
+    assert "no public start" in _start_markdown(_start_model(tmp_path / "empty"))[0]
