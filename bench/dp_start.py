@@ -171,9 +171,19 @@ def step_times(task: str, steps: int) -> dict:
 
 
 def run(work: Path, console, settings: DPStartSettings | None = None) -> dict:
+    """Every task of the settings, or those named in ``FEDBRAIN_BENCH_DP_START_TASKS`` (comma-separated; the
+    other tasks keep what bench/results.json holds for them)."""
+    import json
+    import os
+
     s = settings or DPStartSettings()
-    out = {"settings": asdict(s), "tasks": {}}
+    chosen = [t for t in os.environ.get("FEDBRAIN_BENCH_DP_START_TASKS", "").split(",") if t] or list(s.tasks)
+    stored = Path(__file__).resolve().parent / "results.json"
+    kept = json.loads(stored.read_text()).get("dp_start", {}).get("tasks", {}) if stored.exists() else {}
+    out = {"settings": asdict(s), "tasks": {t: v for t, v in kept.items() if t not in chosen}}
     for task, spec in s.tasks.items():
+        if task not in chosen:
+            continue
         start = public_start(work, task, spec, console)
         metric = METRIC[task]
         sizes = {}
