@@ -147,3 +147,19 @@ def test_the_report_names_the_start(start, tmp_path):
     line = _start_markdown(found)[0]
     assert start.sha256[:16] in line and "No hospital data is in it" in line
     assert "no public start" in _start_markdown(_start_model(tmp_path / "empty"))[0]
+
+
+def test_a_frozen_trunk_gets_no_loss_of_its_own():
+    """Each stream's own loss trains its trunk; with the trunks frozen (DP on the head of a public start whose CT
+    trunk never trained) it would only bend the shared head towards features that cannot improve."""
+    from fedbrain.tasks.classification import ClassificationTrainer
+
+    def own(config):
+        trainer = ClassificationTrainer.__new__(ClassificationTrainer)
+        trainer.config = config
+        return trainer._streams_with_own_loss(config.build_model())
+
+    assert own(ClassificationConfig()) == {"mri", "ct"}
+    assert own(ClassificationConfig(start_model="sha256:00", dp_epsilon=8.0)) == set()  # the head only
+    assert own(ClassificationConfig(start_model="sha256:00", dp_epsilon=8.0, dp_part="head_ct")) == {"ct"}
+    assert own(ClassificationConfig(start_model="sha256:00")) == {"mri", "ct"}  # without DP all of it trains

@@ -29,7 +29,7 @@ class ClassificationConfig(TaskConfig):
         "bias": (r"\.bias$", r"(^|\.)head\.", r"(^|\.)fusion\."),
     }
     #: The part a public-start DP job trains, chosen by measurement (docs/benchmarks.md, "DP from a public start").
-    DP_PART_DEFAULT: ClassVar[str] = "head_ct"
+    DP_PART_DEFAULT: ClassVar[str] = "head"
 
     name: str = "fedbrain_classification"
     algorithm: str = "personal"
