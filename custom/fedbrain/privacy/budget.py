@@ -129,7 +129,9 @@ class SitePrivacy:
     def describe(self) -> str:
         if self.dp is None:
             return "no DP-SGD"
-        return (f"DP-SGD noise {self.dp.noise_multiplier:.3f}, clip {self.dp.max_grad_norm:g}, q {self.dp.sample_rate:.3f}, "
+        start = f", from the public start {self.config.start_model[:19]}..." if self.config.start_model else ""
+        return (f"DP-SGD on part '{self.config.trained_part}'{start}: "
+                f"noise {self.dp.noise_multiplier:.3f}, clip {self.dp.max_grad_norm:g}, q {self.dp.sample_rate:.3f}, "
                 f"delta {self.delta:.2e}; spent so far epsilon {self.spent():.3f}; budget "
                 f"{self.budget.epsilon if self.budget.epsilon is not None else 'none'}; ledger {self.ledger.path}")
 
