@@ -43,13 +43,18 @@ NOTES = [
 ]
 
 
-def _stepper(config, loss_fn, dp: bool):
-    """One training step of ``config``'s network (plain, or DP-SGD as the loop runs it) on a given batch."""
+def _stepper(config, loss_fn, dp: bool, part: str | None = None):
+    """One training step of ``config``'s network (plain, or DP-SGD as the loop runs it) on a given batch;
+    with ``part``, only that part of the network trains (the rest frozen, as under ``dp_part``)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    from fedbrain.tasks.loop import apply_trainable_part
+
     model = config.build_model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if part is not None:
+        apply_trainable_part(model, config.replace(dp_noise_multiplier=1.0, dp_part=part))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     net = model
     if dp:
         net = GradSampleModule(model)

@@ -115,15 +115,17 @@ def one_arm(task: str, spec: dict, lists: dict, start, seed: int, epsilon: float
 
 
 def step_times(task: str, steps: int) -> dict:
-    """Median step seconds: plain vs DP-SGD with the declared part trained, and with all of it."""
-    import torch
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    """Median step seconds: plain vs DP-SGD with the declared part trained, and with all of it (bench/dp.py's
+    stepper, steps interleaved on one random batch of the task's default size)."""
+    import sys
 
-    from fedbrain.tasks.loop import apply_trainable_part
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dp import _stepper
 
     torch.set_num_threads(2)
-    config_cls, trainer_cls = _classes(task)
+    config_cls, _ = _classes(task)
     config = config_cls(dp_ready=True)
     g = torch.Generator().manual_seed(0)
     if task == "segmentation":
@@ -139,32 +141,13 @@ def step_times(task: str, steps: int) -> dict:
                   torch.ones(b))
         target = torch.randint(0, 3, (b,), generator=g)
         loss_fn = torch.nn.CrossEntropyLoss()
-
-    def stepper(part: str, dp: bool):
-        model = config.build_model()
-        apply_trainable_part(model, config.replace(dp_noise_multiplier=1.0, dp_part=part))
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        net = model
-        if dp:
-            net = GradSampleModule(model)
-            opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=b)
-
-        def step() -> float:
-            t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss_fn(net(*inputs), target).backward()
-            opt.step()
-            return time.perf_counter() - t
-
-        return step
-
     part = config_cls.DP_PART_DEFAULT
-    arms = {"plain_part_s": stepper(part, False), "dp_part_s": stepper(part, True),
-            "plain_all_s": stepper("all", False), "dp_all_s": stepper("all", True)}
+    arms = {"plain_part_s": _stepper(config, loss_fn, False, part), "dp_part_s": _stepper(config, loss_fn, True, part),
+            "plain_all_s": _stepper(config, loss_fn, False), "dp_all_s": _stepper(config, loss_fn, True)}
     times = {k: [] for k in arms}
     for i in range(steps + 2):  # two warm-up rounds
         for k, step in arms.items():
-            seconds = step()
+            seconds = step(inputs, target)
             if i >= 2:
                 times[k].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fedbrain.jobs import DEFAULT_SITES
+
 from fedbrain.fl.executor import installed_site_script
 from test_config import changed
 
@@ -74,7 +76,7 @@ def test_site_rebuilds_exactly_the_exported_config(name, tmp_path):
     # a start for exactly this network (its weights: the network's own initial draw)
     made = start.save(config.replace(start_model=None).build_model().state_dict(), tmp_path / "start",
                       {"task": config.TASK, "model_spec": config.model_spec()})
-    folder = job.export(config.replace(start_model=str(made.weights)), tmp_path)
+    folder = job.export(config.replace(start_model=str(made.weights)), tmp_path, sites=list(DEFAULT_SITES))
     assert config.start_model == "sha256:" + "ab" * 32
     config = config.replace(start_model=made.reference)  # what the sites get: the hash, never the path
     clients = _client_configs(folder)

@@ -92,7 +92,16 @@ def test_a_changed_or_foreign_start_is_refused_in_one_line(start, tmp_path):
 def test_the_exported_job_carries_the_start_and_names_it_by_hash(start, tmp_path):
     from fedbrain.jobs.segmentation import export
 
-    job = export(SegmentationConfig(**SMALL, start_model=str(start.weights), dp_epsilon=8.0), tmp_path)
+    config = SegmentationConfig(**SMALL, start_model=str(start.weights), dp_epsilon=8.0)
+    with pytest.raises(start_mod.StartModelError, match="names its sites"):
+        export(config, tmp_path / "nowhere")
+    job = export(config, tmp_path, sites=["hospital-a", "hospital-b"])
+    # the start goes to the server's own app only (the sites never load it; a job message over 4 MB
+    # once closed FLARE's HTTP connection to every site: FINISHED:FAILED_TO_RUN)
+    assert json.loads((job / "meta.json").read_text())["deploy_map"] == {"app_server": ["server"],
+                                                                         "app": ["hospital-a", "hospital-b"]}
+    assert not list((job / "app").rglob("fedbrain_start*")) and not (job / "app/config/config_fed_server.json").exists()
+    assert not (job / "app_server/config/config_fed_client.json").exists()
     server = next(job.glob("*/config/config_fed_server.json")).parent
     assert start_mod.sha256_of(server / start_mod.JOB_START_WEIGHTS) == start.sha256
     assert json.loads((server / "environment.json").read_text())["APP_CKPT"] == f"config/{start_mod.JOB_START_WEIGHTS}"

@@ -131,8 +131,7 @@ def cmd_pretrain(a) -> int:
     shown = ", ".join(f"{k} {v:.3f}" for k, v in start.record["public_validation"].items())
     console.print(f"start model {start.weights} (sha256 {start.sha256[:16]}), provenance {start.weights.with_suffix('.json')}")
     console.print(f"on the public validation cases: {shown}")
-    console.print(f"use it: fedbrain job export-{a.task} --start-model {start.weights} --dp-epsilon 8 --dp-part "
-                  f"{_config(a.task).DP_PART_DEFAULT}")
+    console.print(f"use it: fedbrain job export-{a.task} --start-model {start.weights} --dp-epsilon 8 --sites SITE ...")
     return 0
 
 
@@ -483,6 +482,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         je.add_argument("--out", default=".", help="folder to export into")
         if job_task == "classify":
             je.add_argument("--sites", nargs="+", default=None, help="one app per site (default: the POC's)")
+        else:
+            je.add_argument("--sites", nargs="+", default=None, help="the consortium's sites; needed with "
+                            "--start-model (the start goes to the server app only)")
         add_config_arguments(je, _config(job_task))
         je.set_defaults(func=cmd_job_export, task=job_task)
 

@@ -86,7 +86,7 @@ def export_job(out_dir: Path, settings: DemoSettings | ClassifyDemoSettings, sit
         return export(settings.task.replace(min_clients=len(sites)), out_dir, sites=sites)
     from fedbrain.jobs.segmentation import export
 
-    return export(settings.task.replace(min_clients=len(sites)), out_dir)
+    return export(settings.task.replace(min_clients=len(sites)), out_dir, sites=sites)
 
 
 def public_start(runs: Path, settings, console):

@@ -255,7 +255,7 @@ def add_secure_aggregation(recipe, clients) -> None:
             job.to_clients(SecAggSiteExecutor(), tasks=list(SECAGG_TASKS))
 
 
-def export_recipe(recipe, export_dir: str | Path, name: str, start=None) -> Path:
+def export_recipe(recipe, export_dir: str | Path, name: str, start=None, sites=None) -> Path:
     """Export into ``export_dir/name``: configuration only (the site script is named, not carried),
     plus the public start model (:func:`fedbrain.models.start.ship`) when the job has one."""
     export_dir = Path(export_dir).resolve()
@@ -264,7 +264,7 @@ def export_recipe(recipe, export_dir: str | Path, name: str, start=None) -> Path
     if start is not None:
         from fedbrain.models.start import ship
 
-        ship(export_dir / name, start)
+        ship(export_dir / name, start, sites)
     return export_dir / name
 
 

@@ -29,7 +29,7 @@ def build_recipe(config: ClassificationConfig | None = None, sites: Sequence[str
 def export(config: ClassificationConfig | None = None, export_dir: str | Path = ".",
            sites: Sequence[str] = DEFAULT_SITES) -> Path:
     config, start = bind_start(config or ClassificationConfig())
-    return export_recipe(build_recipe(config, sites), export_dir, config.name, start)
+    return export_recipe(build_recipe(config, sites), export_dir, config.name, start, sites)
 
 
 def main(argv=None, default_export_dir: str | Path = ".") -> Path:

@@ -16,9 +16,11 @@ def build_recipe(config: SegmentationConfig | None = None):
                              key_metric=SegmentationTrainer.key_metric)
 
 
-def export(config: SegmentationConfig | None = None, export_dir: str | Path = ".") -> Path:
+def export(config: SegmentationConfig | None = None, export_dir: str | Path = ".", sites=None) -> Path:
+    """The job folder; one app for every participant, or, carrying a start model, a server app of its own
+    and one app for ``sites`` (the start goes to the server only)."""
     config, start = bind_start(config or SegmentationConfig())
-    return export_recipe(build_recipe(config), export_dir, config.name, start)
+    return export_recipe(build_recipe(config), export_dir, config.name, start, sites)
 
 
 def main(argv=None, default_export_dir: str | Path = ".") -> Path:

@@ -111,12 +111,38 @@ def bind(config):
     return bound, start
 
 
-def ship(job_folder: Path, start: StartModel) -> None:
-    """Put the start into every server app of an exported job: FLARE's persistor loads
+def _server_app_of_its_own(job_folder: Path, sites) -> None:
+    """A job whose one app goes to every participant (``@ALL``) gets a server app of its own and names its
+    sites: the start must not travel to the sites (they never load it, and a job message of over 4 MB
+    closes FLARE's HTTP connection: the sites then time out deploying, FINISHED:FAILED_TO_RUN)."""
+    import shutil
+
+    meta_path = job_folder / "meta.json"
+    if not meta_path.is_file():
+        return
+    meta = json.loads(meta_path.read_text())
+    deploy = meta.get("deploy_map", {})
+    if len(deploy) != 1 or list(deploy.values())[0] != ["@ALL"]:
+        return
+    if not sites:
+        raise StartModelError(f"{job_folder}: a job carrying a start model names its sites (--sites ...): the start "
+                              f"goes to the server only, so the job cannot deploy one app to @ALL")
+    app = job_folder / next(iter(deploy))
+    server_app = job_folder / "app_server"
+    shutil.copytree(app, server_app)
+    (server_app / "config" / "config_fed_client.json").unlink()
+    (app / "config" / "config_fed_server.json").unlink()
+    meta["deploy_map"] = {"app_server": ["server"], app.name: list(sites)}
+    meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+
+
+def ship(job_folder: Path, start: StartModel, sites=None) -> None:
+    """Put the start into the server app of an exported job: FLARE's persistor loads
     ``config/fedbrain_start.pt`` as the initial global model (``APP_CKPT`` of the app's
     ``config/environment.json``), and the report reads the record beside it."""
     import shutil
 
+    _server_app_of_its_own(Path(job_folder), sites)
     servers = sorted(Path(job_folder).glob("*/config/config_fed_server.json"))
     if not servers:
         raise StartModelError(f"{job_folder}: no server app to carry the start model")
