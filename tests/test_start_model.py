@@ -172,3 +172,21 @@ def test_a_frozen_trunk_gets_no_loss_of_its_own():
     assert own(ClassificationConfig(start_model="sha256:00", dp_epsilon=8.0)) == set()  # the head only
     assert own(ClassificationConfig(start_model="sha256:00", dp_epsilon=8.0, dp_part="head_ct")) == {"ct"}
     assert own(ClassificationConfig(start_model="sha256:00")) == {"mri", "ct"}  # without DP all of it trains
+
+
+def test_the_demos_public_start_is_made_once_and_reused(tmp_path, monkeypatch):
+    """`fedbrain demo --dp-epsilon` without a start: one is pretrained on the synthetic public cohort into the
+    cache, and the next demo with the same network loads it instead of training again."""
+    from fedbrain.tasks import pretrain as pretrain_mod
+
+    monkeypatch.setattr(pretrain_mod, "PUBLIC_CASES", 3)
+    monkeypatch.setitem(pretrain_mod.EPOCHS, "segmentation", 1)
+    config = SegmentationConfig(**SMALL, dp_epsilon=8.0)
+    made = pretrain_mod.cached_start(tmp_path, config, SegmentationTrainer)
+    assert made.record["public_data"][0]["site"] == "public-1" and made.record["settings"]["dp_ready"]
+    calls = []
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda *a, **k: calls.append(a))
+    again = pretrain_mod.cached_start(tmp_path, config, SegmentationTrainer)
+    assert again.sha256 == made.sha256 and not calls
+    # the demo's job is then built from it: DP on the task's part of that start
+    assert config.replace(start_model=str(again.weights)).trained_part == SegmentationConfig.DP_PART_DEFAULT

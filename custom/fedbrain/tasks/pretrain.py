@@ -98,6 +98,6 @@ def cached_start(cache_dir, config, trainer_cls, *, console=None) -> StartModel:
         pass
     if console is not None:
         console.print(f"    no public start yet: pretraining one on the synthetic public cohort into {out} (once)")
-    datalists = synthesize_public(Path(cache_dir) / "public_data", progress=console is not None)
+    datalists = synthesize_public(Path(cache_dir) / "public_data", cases=PUBLIC_CASES, progress=console is not None)
     return pretrain(ready, datalists, out, epochs=EPOCHS[config.TASK], trainer_cls=trainer_cls,
                     progress=console is not None)
