@@ -190,3 +190,15 @@ def test_the_demos_public_start_is_made_once_and_reused(tmp_path, monkeypatch):
     assert again.sha256 == made.sha256 and not calls
     # the demo's job is then built from it: DP on the task's part of that start
     assert config.replace(start_model=str(again.weights)).trained_part == SegmentationConfig.DP_PART_DEFAULT
+
+
+def test_a_job_cannot_make_a_site_open_a_file_through_start_model(tmp_path):
+    """A hostile config names a start by a path at the site: the site never opens it (a job names its start
+    by hash; the server's first global model carries the weights)."""
+    from fedbrain.fl.site_loop import parse_site_args
+
+    bait = tmp_path / "start.pt"
+    bait.write_bytes(b"not a model")
+    config = parse_site_args(SegmentationConfig, ["--config", SegmentationConfig(start_model=str(bait)).to_argument()])
+    assert config.start_model.startswith("sha256:")
+    config.build_model()  # builds the DP-ready network without opening anything
