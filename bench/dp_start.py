@@ -242,7 +242,9 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
                             f"{abs_mean:.3f} mean; spent <= {spent:.2f} at delta {r['settings']['delta']:g}, batch "
                             f"{first[arm]['batch_size']}{extra}"
                             + (f"; {_met(lo, goal)}" if goal else "")))
-        st = t["step_time"]
+        st = t.get("step_time")
+        if not st:
+            continue
         out.append((f"{task} DP-SGD step / plain step, declared part '{st['part']}' trained in both",
                     f"{st['ratio_part']:.2f}", "<= 1.3", f"{st['dp_part_s']:.3f} s vs {st['plain_part_s']:.3f} s, "
                     f"batch {st['batch_size']}; {_met(-st['ratio_part'], -1.3)}"))
