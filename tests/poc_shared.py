@@ -372,11 +372,6 @@ def second_wave(shared_poc, first_wave):
                         for s in shared_poc.sites}
         jobs = {"classify_scaffold": classification_job.export(classify_config(algorithm="scaffold"),
                                                                run_dir / "jobs" / "classify2", sites=shared_poc.sites),
-                # test_poc_e2e: DP-SGD on the declared part of a public start (hospital-c, without data here,
-                # trains nothing: min_trained_sites 2 publishes the two others' round)
-                "dp_start": segmentation_job.export(DP_START_JOB.replace(
-                    start_model=str(seeded_start(run_dir / "start", DP_START_JOB))), run_dir / "jobs" / "dp_start",
-                    sites=shared_poc.sites),
                 "e2e_bad_site": export_job(run_dir / "jobs" / "e2e_bad_site",
                                            DemoSettings(task=SegmentationConfig(rounds=1, epochs_per_round=1)),
                                            shared_poc.sites)}
