@@ -315,23 +315,6 @@ def hostile_dp_filters_job(out: Path, sites) -> Path:
     return job
 
 
-#: test_poc_e2e's DP job from a public start.
-DP_START_JOB = SegmentationConfig(name="poc_dp_start", rounds=1, epochs_per_round=1, max_steps=2,
-                                  dp_noise_multiplier=1.0, dp_delta=1e-5, min_trained_sites=2)
-
-
-def seeded_start(out: Path, config) -> Path:
-    """A start for ``config``'s network (start.pt + start.json, as `fedbrain pretrain` writes them) holding the
-    weights of another init seed: what the test needs is weights the job's own seeded network would not have."""
-    from fedbrain.models import start
-
-    other = config.replace(seed=config.seed + 7, start_model=None, dp_ready=True)
-    made = start.save(other.build_model().state_dict(), out,
-                      {"task": config.TASK, "model_spec": other.model_spec(), "epochs": 0, "public_validation": {},
-                       "public_data": [], "created": "test"})
-    return made.weights
-
-
 def local_state(poc) -> dict:
     """Hashes of every file in each site kit's local/ and privacy/ (the ledger): what a job must not change."""
     import hashlib
