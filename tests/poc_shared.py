@@ -315,6 +315,23 @@ def hostile_dp_filters_job(out: Path, sites) -> Path:
     return job
 
 
+#: test_poc_e2e's DP job from a public start.
+DP_START_JOB = SegmentationConfig(name="poc_dp_start", rounds=1, epochs_per_round=1, max_steps=2,
+                                  dp_noise_multiplier=1.0, dp_delta=1e-5, min_trained_sites=2)
+
+
+def seeded_start(out: Path, config) -> Path:
+    """A start for ``config``'s network (start.pt + start.json, as `fedbrain pretrain` writes them) holding the
+    weights of another init seed: what the test needs is weights the job's own seeded network would not have."""
+    from fedbrain.models import start
+
+    other = config.replace(seed=config.seed + 7, start_model=None, dp_ready=True)
+    made = start.save(other.build_model().state_dict(), out,
+                      {"task": config.TASK, "model_spec": other.model_spec(), "epochs": 0, "public_validation": {},
+                       "public_data": [], "created": "test"})
+    return made.weights
+
+
 def local_state(poc) -> dict:
     """Hashes of every file in each site kit's local/ and privacy/ (the ledger): what a job must not change."""
     import hashlib
@@ -355,6 +372,11 @@ def second_wave(shared_poc, first_wave):
                         for s in shared_poc.sites}
         jobs = {"classify_scaffold": classification_job.export(classify_config(algorithm="scaffold"),
                                                                run_dir / "jobs" / "classify2", sites=shared_poc.sites),
+                # test_poc_e2e: DP-SGD on the declared part of a public start (hospital-c, without data here,
+                # trains nothing: min_trained_sites 2 publishes the two others' round)
+                "dp_start": segmentation_job.export(DP_START_JOB.replace(
+                    start_model=str(seeded_start(run_dir / "start", DP_START_JOB))), run_dir / "jobs" / "dp_start",
+                    sites=shared_poc.sites),
                 "e2e_bad_site": export_job(run_dir / "jobs" / "e2e_bad_site",
                                            DemoSettings(task=SegmentationConfig(rounds=1, epochs_per_round=1)),
                                            shared_poc.sites)}

@@ -51,7 +51,7 @@ def dp_jobs(shared_poc):
     task = ClassifyDemoSettings().task.replace(name="poc_dp", rounds=ROUNDS, epochs_per_round=1, batch_size=BATCH,
                                                dp_noise_multiplier=NOISE, dp_delta=DELTA)
     settings = ClassifyDemoSettings(cases=8, seed=5, task=task)
-    data = prepare_classification_data(run_dir / "data", poc.sites, settings)
+    data = prepare_classification_data(run_dir / "data", poc.sites, settings, cohort="DP")  # its own patients
     n_train = {s: len(load_datalist(data / s / "datalist.json")["training"]) for s in poc.sites}
     steps, q = _site_round(n_train["hospital-c"])
     out = {"poc": poc, "n_train": n_train}

@@ -128,3 +128,25 @@ def test_the_server_log_carries_each_sites_round_metrics_for_watch(finished_job)
     Console(file=out, width=140).print(_metrics_table({"job_id": "j", "site_metrics": bad}))
     assert "site error (its data could not be used)" in out.getvalue()
 
+
+def test_a_dp_job_from_a_public_start_moves_only_its_declared_part(second_wave, shared_poc):
+    """The server started from the start the job carried, and what the sites released under DP-SGD changed
+    the declared part only: every frozen parameter of the final global model is the start's, bit for bit."""
+    import torch
+
+    from fedbrain.models import start as start_mod
+    from poc_shared import DP_START_JOB
+
+    meta, result, _ = second_wave["dp_start"]
+    assert meta["status"] == "FINISHED:COMPLETED"
+    start = start_mod.load(shared_poc.run_dir / "start")
+    weights = start.state_dict()
+    saved = torch.load(result / "workspace" / "app_server" / "FL_global_model.pt", weights_only=False)
+    final = saved.get("model", saved)
+    part = set(DP_START_JOB.replace(start_model=start.reference).trainable_names(weights))
+    assert part and len(part) < len(weights)
+    frozen = [k for k in weights if k not in part]
+    assert all(torch.equal(torch.as_tensor(final[k]), weights[k]) for k in frozen)
+    assert all(not torch.equal(torch.as_tensor(final[k]), weights[k]) for k in part)  # the round was published
+    report = build_report(result)
+    assert report["start_model"]["sha256"] == start.sha256

@@ -301,6 +301,36 @@ def test_client_dp_filters_follow_the_config():
         SegmentationConfig(client_dp_noise=1.0)
 
 
+@pytest.mark.parametrize("torch_tensors", [False, True])
+def test_client_level_dp_on_a_part_clips_and_noises_the_part_and_sends_the_rest_as_zero(torch_tensors):
+    """From a public start only the declared part trains: the filter bounds and noises that part, and sends
+    exactly 0 for every other entry, even one a job changed (a NaN included), so nothing leaves unnoised."""
+    from fedbrain.privacy.client_dp import ClientLevelDP, UpdateNormClip, client_dp_filters, update_norm
+
+    update = _update(10.0, torch_tensors)
+    update["b"][0] = float("nan")  # outside the part: must not survive as NaN (NaN * 0 is NaN)
+    clip, sigma = 2.0, 0.8
+    out = _filtered(ClientLevelDP(clip_norm=clip, noise_multiplier=sigma, part=["^a$"]), _dxo(update))
+    assert not np.asarray(out.data["b"]).any()
+    assert out.data["steps"][0] == 7
+    a = np.asarray(update["a"])
+    residual = np.asarray(out.data["a"]) - a * clip / np.linalg.norm(a)  # clipped over the part alone
+    assert residual.std() == pytest.approx(sigma * clip, rel=0.06)
+    clipped = _filtered(UpdateNormClip(max_norm=clip, part=["^a$"]), _dxo(update))
+    assert update_norm(clipped.data) == pytest.approx(clip, rel=1e-5) and not np.asarray(clipped.data["b"]).any()
+    with pytest.raises(ValueError, match="names no entry"):
+        _filtered(ClientLevelDP(clip_norm=clip, noise_multiplier=sigma, part=["^nothing$"]), _dxo(update))
+
+    # the config's trained part reaches the filter only from a start (random weights: everything trains)
+    (whole,) = client_dp_filters(ClassificationConfig(client_dp_clip=1.0, client_dp_noise=1.0))
+    assert whole.part is None
+    started = ClassificationConfig(client_dp_clip=1.0, client_dp_noise=1.0, start_model="sha256:" + "0" * 64)
+    (part,) = client_dp_filters(started)
+    assert part.part == list(ClassificationConfig.PARTS[ClassificationConfig.DP_PART_DEFAULT])
+    names = ["stream_mri.conv.weight", "head.weight", "head.bias"]
+    assert started.trainable_names(names) == names[1:] and started.replace(dp_part="all").trainable_names(names) == names
+
+
 # ---------------------------------------------------------------- the report
 def test_report_shows_epsilon_per_site_per_round_and_withheld_rounds(tmp_path):
     import json

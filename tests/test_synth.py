@@ -294,6 +294,23 @@ def test_same_seed_same_arrays_different_seed_differs(consortium, tmp_path):
         assert not np.array_equal(first[key], other[key])
 
 
+def test_a_cohort_tag_gives_other_patient_ids_and_the_same_images(consortium, tmp_path):
+    """A site's privacy ledger counts patients by case ID: a tagged cohort must not reuse another's IDs."""
+    out, manifest = consortium
+    tagged = synth.synthesize_consortium(tmp_path / "tagged", sites=SITES, cases=CASES, seed=SEED, cohort="DP",
+                                         progress=False)
+    ids, tagged_ids = ({c["case_id"] for c in m["cases"]} for m in (manifest, tagged))
+    assert len(tagged_ids) == len(ids) and not ids & tagged_ids
+    assert all(i.startswith("SYN-DP-") for i in tagged_ids) and tagged["cohort"] == "DP"
+    first = sorted(ids)[0]
+    site = next(c["site"] for c in manifest["cases"] if c["case_id"] == first)
+    a, _ = _load(out / site / "cases" / first / "t1.nii.gz")
+    b, _ = _load(tmp_path / "tagged" / site / "cases" / first.replace("SYN-", "SYN-DP-") / "t1.nii.gz")
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="cohort"):
+        synth.synthesize_consortium(tmp_path / "bad", sites=1, cases=3, cohort="../x", progress=False)
+
+
 def test_atypical_gliomas_look_like_the_other_grade(anatomy, profile):
     """atypical=1: every LGG enhances with a necrotic core and no HGG does; the true grade stays in meta."""
     seed = [11, 3]

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from fedbrain import terminal
@@ -626,6 +627,9 @@ def main(argv=None) -> int:
     # FLARE's own INFO chatter (connections, cells) drowns the progress bar: keep it at WARNING.
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedbrain").setLevel(logging.DEBUG if a.verbose else logging.INFO)
+    if not a.verbose:  # MONAI's note that an optional GPU DICOM decoder is absent, on every CPU-only load
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     try:
         return a.func(a) or 0
     except user_errors() as e:

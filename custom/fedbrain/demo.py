@@ -100,14 +100,16 @@ def public_start(runs: Path, settings, console):
     return cached_start(Path(runs).resolve() / "public-start", settings.task, trainer_cls, console=console)
 
 
-def prepare_classification_data(data_dir: Path, sites: list[str], settings: ClassifyDemoSettings) -> Path:
-    """Synthesize hospitals, pool their cases, re-split by Dirichlet(alpha) grade skew; returns the split folder."""
+def prepare_classification_data(data_dir: Path, sites: list[str], settings: ClassifyDemoSettings,
+                                cohort: str = "") -> Path:
+    """Synthesize hospitals, pool their cases, re-split by Dirichlet(alpha) grade skew; returns the split folder.
+    ``cohort`` tags the case IDs (:func:`~fedbrain.synthetic.cohort.synthesize_consortium`)."""
     from fedbrain.data.datalist import load_datalist
     from fedbrain.data.splits import write_partitioned_datalists
     from fedbrain.synthetic.cohort import synthesize_consortium
 
     synthesize_consortium(data_dir / "pool", sites=len(sites), cases=settings.cases, seed=settings.seed,
-                          site_names=sites, atypical=settings.atypical, progress=True)
+                          site_names=sites, atypical=settings.atypical, cohort=cohort, progress=True)
     pooled = []
     for site in sites:
         lists = load_datalist(data_dir / "pool" / site / "datalist.json")

@@ -9,10 +9,11 @@ the update's L2 norm. Answering them here keeps "the norm" one number across the
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
-__all__ = ["as_numpy", "is_float", "update_norm"]
+__all__ = ["as_numpy", "is_float", "names_in_part", "update_norm"]
 
 
 def is_float(v) -> bool:
@@ -32,3 +33,12 @@ def as_numpy(v) -> np.ndarray:
 def update_norm(data: dict) -> float:
     """L2 norm over every float tensor of an update (numpy arrays or torch tensors)."""
     return math.sqrt(sum(float(np.sum(np.square(as_numpy(v), dtype=np.float64))) for v in data.values() if is_float(v)))
+
+
+def names_in_part(names, patterns) -> list[str]:
+    """Of ``names``, those a pattern of ``patterns`` (regular expressions) finds; all of them when ``patterns``
+    is None. One rule for what trains and what a client-level DP filter releases."""
+    if patterns is None:
+        return list(names)
+    compiled = [re.compile(p) for p in patterns]
+    return [n for n in names if any(p.search(n) for p in compiled)]

@@ -15,6 +15,7 @@ Noise and sampling draw from the operating system's random source, never from th
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from opacus import GradSampleModule
@@ -26,6 +27,12 @@ from opacus.validators import ModuleValidator
 from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_NOISE_MULTIPLIER
 from fedbrain.privacy.accounting import ACCOUNTANT, default_delta, epsilon_of
 from fedbrain.tasks.loop import TrainingHook
+
+# With a frozen encoder (DP on a part of a public start) the first trained layer's inputs need no gradient, and
+# torch says so on every step in the site's log; Opacus' per-sample gradients do not depend on it.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                                          "to module outputs since no inputs require gradients")
+
 
 def os_generator(device="cpu") -> torch.Generator:
     """A generator seeded from the OS (see the module docstring)."""

@@ -978,6 +978,7 @@ def synthesize_consortium(
     atypical: float = 0.0,
     ct_findings: GliomaCT | None = None,
     profiles: list[SiteProfile] | None = None,
+    cohort: str = "",
     progress: bool = True,
 ) -> dict:
     """Write a synthetic consortium (layout in docs/CONTRACTS.md); returns the manifest.
@@ -989,6 +990,8 @@ def synthesize_consortium(
     ``ct_findings``: the glioma signs on CT and their strengths (:class:`GliomaCT` defaults).
     ``profiles``: one :class:`SiteProfile` per site instead of :func:`default_site_profiles`
     (e.g. a benchmark's own grade mixes).
+    ``cohort``: a tag in every case ID (``SYN-<cohort>-A-0001``). A site's privacy ledger counts patients by
+    case ID, so two synthetic cohorts at one site that should be different patients need different tags.
     """
     if sites < 1:
         raise ValueError("sites must be >= 1")
@@ -996,6 +999,8 @@ def synthesize_consortium(
         raise ValueError("cases must be >= 1")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError("val_fraction must be in (0, 1)")
+    if cohort and not cohort.replace("_", "").isalnum():
+        raise ValueError(f"cohort must be letters, digits or _, got {cohort!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     anatomy = load_anatomy(float(spacing_mm))
@@ -1022,7 +1027,7 @@ def synthesize_consortium(
         for si, profile, grades, is_val in plans:
             site_dir = out / profile.name
             site_dir.mkdir(parents=True, exist_ok=True)
-            letter = ("PUB-" if _is_public(profile) else "") + _site_letter(si)
+            letter = (f"{cohort}-" if cohort else "") + ("PUB-" if _is_public(profile) else "") + _site_letter(si)
             datalist = {"site": profile.name, "training": [], "validation": []}
             for ci, (grade, val) in enumerate(zip(grades, is_val)):
                 case_id = f"SYN-{letter}-{ci + 1:04d}"
@@ -1061,6 +1066,7 @@ def synthesize_consortium(
         "generator": "fedbrain.synthetic.cohort",
         "version": _SYNTH_VERSION,
         "seed": seed,
+        "cohort": cohort,
         "spacing_mm": float(spacing_mm),
         "shape": list(anatomy.shape),
         "affine": np.round(anatomy.affine, 6).tolist(),

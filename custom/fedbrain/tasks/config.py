@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import ClassVar
 
+from fedbrain.updates import names_in_part
+
 
 def three(v) -> tuple:
     """A per-axis triple from one value or a triple (``--spacing 2`` means 2 mm on every axis)."""
@@ -20,6 +22,7 @@ def three(v) -> tuple:
         v = tuple(v)
         return v * 3 if len(v) == 1 else v
     return (v, v, v)
+
 
 
 @dataclass
@@ -74,9 +77,9 @@ class TaskConfig:
     dp_noise_multiplier: float | None = None  # fixed noise instead of calibrating to dp_epsilon
     dp_max_grad_norm: float = 1.0  # per-sample gradient clip (L2)
     dp_delta: float | None = None  # None: min(1e-5, 1 / n_train^1.1) of each site
-    # What trains under DP-SGD (a name of the task's PARTS); the rest stays frozen at the starting model, so
-    # only the part gets per-sample gradients, clipping and noise. Meant with start_model: a frozen random
-    # network learns nothing. Without DP every parameter trains.
+    # What trains under DP-SGD or client-level DP (a name of the task's PARTS); the rest stays frozen at the
+    # starting model, so only the part gets per-sample gradients, clipping and noise (client-level DP sends
+    # the rest as 0). Meant with start_model: a frozen random network learns nothing. Without DP all trains.
     dp_part: str | None = None  # None: the task's DP_PART_DEFAULT with a start_model, else all
     # A starting model written by `fedbrain pretrain` (its start.pt; start.json beside it): the server's
     # initial global model, built DP-ready; its provenance reaches the job's result and report. The exported
@@ -193,20 +196,24 @@ class TaskConfig:
 
     @property
     def trained_part(self) -> str:
-        """The part DP-SGD trains: ``dp_part``, or by default the task's chosen part from a public start
+        """The part a DP mechanism trains: ``dp_part``, or by default the task's chosen part from a public start
         (from random weights a frozen rest could not learn: everything trains)."""
         if self.dp_part is not None:
             return self.dp_part
         return self.DP_PART_DEFAULT if self.start_model is not None else "all"
 
-    def trainable_names(self, names) -> list[str]:
-        """Of ``names`` (parameter names), those that train under this config: ``dp_part``'s under DP, all otherwise."""
-        import re
+    @property
+    def part_patterns(self) -> tuple[str, ...] | None:
+        """The trained part's name patterns when training is limited to it: under sample-level DP-SGD or
+        client-level DP (clip, noise), with a part other than ``all``. None: everything trains."""
+        if not (self.dp or self.client_dp_clip is not None) or self.trained_part == "all":
+            return None
+        return self.PARTS[self.trained_part]
 
-        if not self.dp or self.trained_part == "all":
-            return list(names)
-        patterns = [re.compile(p) for p in self.PARTS[self.trained_part]]
-        return [n for n in names if any(p.search(n) for p in patterns)]
+    def trainable_names(self, names) -> list[str]:
+        """Of ``names`` (parameter names), those that train under this config: the part's under a DP
+        mechanism (:attr:`part_patterns`), all otherwise."""
+        return names_in_part(names, self.part_patterns)
 
     def model_spec(self) -> dict:
         """``{"class_path", "args"}`` of this task's network: what the server persistor and

@@ -339,8 +339,10 @@ def train_central(
     log_dir: str | None = None,
     progress: bool = True,
     best_path: str | None = None,
+    validate_every: int = 1,
 ) -> list[dict]:
-    """Centralized training of pooled cases with the same trainer, one validation per epoch.
+    """Centralized training of pooled cases with the same trainer, one validation per epoch (or every
+    ``validate_every`` epochs and after the last: a pretraining run only needs its final score).
 
     Returns one dict per epoch: ``epoch``, the ``train()`` and ``validate()`` metrics and
     ``data_summary()``'s counts.
@@ -349,8 +351,8 @@ def train_central(
     ``best_path`` the weights of the epoch with the best ``trainer.key_metric`` are saved
     there (that epoch's record gets ``best: True``).
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if epochs < 1 or validate_every < 1:
+        raise ValueError(f"epochs and validate_every must be >= 1, got {epochs} and {validate_every}")
     summary = {k: v for k, v in trainer.data_summary().items() if isinstance(v, (int, float))}
     model = model if model is not None else trainer.build_model()
     writer = None
@@ -366,7 +368,9 @@ def train_central(
     try:
         for epoch in range(1, epochs + 1):
             record = {"epoch": epoch, **trainer.train(model, epochs=1, progress=progress)}
-            record.update(trainer.validate(model))
+            validated = epoch % validate_every == 0 or epoch == epochs
+            if validated:
+                record.update(trainer.validate(model))
             record.update(summary)
             score = record.get(trainer.key_metric, math.nan)
             if best_path is not None and score == score and score > max(
@@ -380,7 +384,7 @@ def train_central(
                         writer.add_scalar(name, value, epoch)
                 writer.flush()
             line = f"epoch {epoch}/{epochs}  {record['steps']} steps {record['train_seconds']:.0f}s  " + \
-                trainer.summary_line(record)
+                (trainer.summary_line(record) if validated else Trainer.summary_line(trainer, record))
             if console is not None:
                 console.print(line)
             else:

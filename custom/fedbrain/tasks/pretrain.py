@@ -65,7 +65,7 @@ def pretrain(config, datalists, out_dir, *, epochs: int, trainer_cls, progress: 
     if not len(trainer.train_ds):
         raise ValueError(f"no usable public training case in {', '.join(map(str, datalists))}")
     model = trainer.build_model()
-    history = train_central(trainer, epochs=epochs, model=model, progress=progress)
+    history = train_central(trainer, epochs=epochs, model=model, progress=progress, validate_every=epochs)
     final = history[-1]
     record = {
         "task": config.TASK,
