@@ -73,8 +73,7 @@ def public_start(work: Path, task: str, spec: dict, console):
 
     _, trainer_cls = _classes(task)
     t = time.time()
-    start = cached_start(work / "dp_start" / "public-start", _base(task, spec, 0).replace(batch_size=4 if task == "segmentation" else 16),
-                         trainer_cls, console=console)
+    start = cached_start(work / "dp_start" / "public-start", _base(task, spec, 0), trainer_cls, console=console)
     console.print(f"  {task} public start {start.sha256[:12]} ({time.time() - t:.0f} s): {start.record['public_validation']}")
     return start
 

@@ -316,8 +316,11 @@ def hostile_dp_filters_job(out: Path, sites) -> Path:
 
 
 #: test_poc_e2e's DP job from a public start.
+#: Both DP mechanisms on the part: DP-SGD trains only it, and client-level DP noises only it and sends the rest as
+#: 0 (noise on the frozen rest would move it, which the test would see).
 DP_START_JOB = SegmentationConfig(name="poc_dp_start", rounds=1, epochs_per_round=1, max_steps=2,
-                                  dp_noise_multiplier=1.0, dp_delta=1e-5, min_trained_sites=2)
+                                  dp_noise_multiplier=1.0, dp_delta=1e-5, min_trained_sites=2,
+                                  client_dp_clip=1.0, client_dp_noise=0.5)
 
 
 def seeded_start(out: Path, config) -> Path:

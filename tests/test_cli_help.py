@@ -63,3 +63,16 @@ def test_demo_flags_are_the_task_configs_own(capsys):
     assert f"default: {ClassificationConfig().rounds}" in next(l for l in out.splitlines() if l.strip().startswith("--rounds"))
     a = build_parser(["demo"]).parse_args(["demo", "--local-epochs", "2", "--rounds", "3"])
     assert a.config_epochs_per_round == 2 and a.config_rounds == 3
+
+
+def test_a_dp_demo_takes_the_dp_batch_unless_a_batch_is_given(monkeypatch):
+    """DP-SGD's noise is added per batch: the DP demo's default batch is the larger DP one; a given batch wins."""
+    import fedbrain.demo as demo
+    from fedbrain.cli import main
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda runs, settings, console=None: seen.append(settings.task.batch_size))
+    for argv in (["demo", "--dp-epsilon", "8"], ["demo", "--task", "classify", "--dp-epsilon", "8"],
+                 ["demo", "--dp-epsilon", "8", "--batch-size", "3"], ["demo"]):
+        assert main(argv) == 0
+    assert seen == [demo.DP_BATCH_SIZE, demo.DP_BATCH_SIZE, 3, SegmentationConfig().batch_size]

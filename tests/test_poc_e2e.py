@@ -130,8 +130,9 @@ def test_the_server_log_carries_each_sites_round_metrics_for_watch(finished_job)
 
 
 def test_a_dp_job_from_a_public_start_moves_only_its_declared_part(second_wave, shared_poc):
-    """The server started from the start the job carried, and what the sites released under DP-SGD changed
-    the declared part only: every frozen parameter of the final global model is the start's, bit for bit."""
+    """The server started from the start the job carried, and what the sites released under DP-SGD and
+    client-level DP changed the declared part only: every frozen parameter of the final global model is the
+    start's, bit for bit (client-level noise there would have moved it)."""
     import torch
 
     from fedbrain.models import start as start_mod

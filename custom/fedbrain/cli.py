@@ -228,6 +228,10 @@ def cmd_demo(a) -> int:
     from fedbrain.tasks.config import config_from_arguments
 
     config = config_from_arguments(_config(a.task), a)
+    if config.dp and getattr(a, "config_batch_size", None) is None:
+        from fedbrain.demo import DP_BATCH_SIZE
+
+        config = config.replace(batch_size=DP_BATCH_SIZE)
     cases = {"cases": a.cases} if a.cases is not None else {}
     if a.task == "classify":
         data = {k: v for k, v in (("alpha", a.alpha), ("atypical", a.atypical), ("min_per_grade", a.min_per_grade))
