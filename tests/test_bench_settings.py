@@ -143,3 +143,37 @@ def test_each_site_is_judged_on_more_of_its_own_cases_graded_its_own_way(tmp_pat
     assert "LGG" in b_true  # so the habit was really applied (seed 3: hospital-b sees many LGG)
     iid_grades = [c["grade"] for d in data["iid"].values() for c in d["validation"] if c["image"][0] in extra]
     assert sorted(iid_grades) == sorted(extra.values())  # the IID consortium: one (true) labelling
+
+
+def test_client_dp_from_a_start_spends_its_epsilon_and_judges_30_sites_by_the_interval():
+    """The noise is calibrated on the product's accountant, and the 30-site goal is met only when the interval's
+    low end clears 0.90 (12 sites are shown, not judged)."""
+    import pytest
+
+    from fedbrain.privacy.accounting import epsilon_of
+
+    spec = importlib.util.spec_from_file_location("client_dp_start", BENCH / "client_dp_start.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    sigma = module.noise_for(8.0, 10, 1e-5)
+    assert epsilon_of([(sigma, 1.0, 10)], 1e-5) == pytest.approx(8.0, rel=1e-3)
+
+    def arms(n, clip, noised):
+        return [a for seed, (c, d) in enumerate(zip(clip, noised))
+                for a in ({"sites": n, "seed": seed, "arm": "clip only", "noise": None, "val_bacc": c, "epsilon": None},
+                          {"sites": n, "seed": seed, "arm": "eps 8", "noise": sigma, "val_bacc": d, "epsilon": 8.0})]
+
+    settings = {**vars(module.ClientDPStartSettings()), "epsilons": (8.0,)}
+    r = {"settings": settings, "public": {"val_bacc": 0.8}, "n_held_out": 150,
+         "arms": arms(12, [0.9, 0.9, 0.9], [0.5, 0.6, 0.7])}
+
+    def judged(thirty_noised):
+        rows = module.rows({**r, "arms": r["arms"] + arms(30, [0.9, 0.9, 0.9], thirty_noised)})
+        (twelve,) = [row for row in rows if row[0].startswith("12 hospitals")]
+        (thirty,) = [row for row in rows if row[0].startswith("30 hospitals")]
+        assert twelve[2] == "" and thirty[2] == ">= 0.90"
+        return thirty[3].rsplit("; ", 1)[1]
+
+    assert judged([0.88, 0.89, 0.9]) == "met"  # ratios 0.978-1.0
+    assert judged([0.7, 0.9, 0.95]) == "not met"  # mean 0.944, but the interval reaches far below 0.90

@@ -224,14 +224,11 @@ def _job_rounds(job: Path) -> int:
 
 
 def cmd_demo(a) -> int:
-    from fedbrain.demo import ClassifyDemoSettings, DemoSettings, run_demo
+    from fedbrain.demo import ClassifyDemoSettings, DemoSettings, run_demo, with_dp_batch
     from fedbrain.tasks.config import config_from_arguments
 
     config = config_from_arguments(_config(a.task), a)
-    if config.dp and getattr(a, "config_batch_size", None) is None:
-        from fedbrain.demo import DP_BATCH_SIZE
-
-        config = config.replace(batch_size=DP_BATCH_SIZE)
+    config = with_dp_batch(config, batch_given=getattr(a, "config_batch_size", None) is not None)
     cases = {"cases": a.cases} if a.cases is not None else {}
     if a.task == "classify":
         data = {k: v for k, v in (("alpha", a.alpha), ("atypical", a.atypical), ("min_per_grade", a.min_per_grade))

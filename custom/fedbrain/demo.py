@@ -78,6 +78,11 @@ class ClassifyDemoSettings:
 DP_BATCH_SIZE = 8
 
 
+def with_dp_batch(task, batch_given: bool = False):
+    """The demo's task config with :data:`DP_BATCH_SIZE` under DP-SGD, unless the user gave a batch."""
+    return task.replace(batch_size=DP_BATCH_SIZE) if task.dp and not batch_given else task
+
+
 def new_run_dir(runs: Path, prefix: str = "demo") -> Path:
     run_dir = Path(runs).resolve() / f"{prefix}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir.mkdir(parents=True, exist_ok=False)

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import ClassVar
 
-from fedbrain.updates import names_in_part
-
 
 def three(v) -> tuple:
     """A per-axis triple from one value or a triple (``--spacing 2`` means 2 mm on every axis)."""
@@ -213,6 +211,8 @@ class TaskConfig:
     def trainable_names(self, names) -> list[str]:
         """Of ``names`` (parameter names), those that train under this config: the part's under a DP
         mechanism (:attr:`part_patterns`), all otherwise."""
+        from fedbrain.updates import names_in_part  # numpy: not at import (the command line lists settings fast)
+
         return names_in_part(names, self.part_patterns)
 
     def model_spec(self) -> dict:
