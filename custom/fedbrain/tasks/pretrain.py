@@ -20,10 +20,11 @@ from fedbrain.models.start import StartModel, save
 #: Public cases per site of the synthetic public cohort and how many public "centres" it pools.
 PUBLIC_CASES = 100
 PUBLIC_SITES = 2
-#: Epochs and batch size of a public start per task (what `fedbrain demo --dp-epsilon` pretrains when it has no
-#: start, and the benchmark's): a job's own batch size is for fine-tuning and does not change the start.
+#: Epochs, batch size and learning rate of a public start per task (what `fedbrain demo --dp-epsilon` pretrains
+#: when it has no start, and the benchmark's): a job's own batch and lr are for fine-tuning, not the start.
 EPOCHS = {"segmentation": 8, "classification": 20}
 BATCH = {"segmentation": 4, "classification": 16}
+LR = {"segmentation": 1e-2, "classification": 1e-3}
 
 
 def synthesize_public(out_dir, *, cases: int = PUBLIC_CASES, sites: int = PUBLIC_SITES, seed: int = 0,
@@ -86,13 +87,13 @@ def pretrain(config, datalists, out_dir, *, epochs: int, trainer_cls, progress: 
 def cached_start(cache_dir, config, trainer_cls, *, console=None) -> StartModel:
     """The synthetic public start for ``config``'s network, made once into ``cache_dir`` and reused
     (``fedbrain demo`` with DP and no ``start_model``): keyed by the network and its training settings
-    (the task's pretraining batch :data:`BATCH`, ``config``'s learning rate)."""
+    (the task's pretraining :data:`BATCH` and :data:`LR`, whatever the job's)."""
     import json
 
     from fedbrain.models.start import StartModelError, load
 
     ready = config.replace(dp_ready=True, start_model=None, dp_epsilon=None, dp_noise_multiplier=None,
-                           batch_size=BATCH[config.TASK])
+                           batch_size=BATCH[config.TASK], lr=LR[config.TASK])
     key = hashlib.sha256(json.dumps([ready.model_spec(), EPOCHS[config.TASK], PUBLIC_CASES, ready.lr,
                                      ready.batch_size], sort_keys=True).encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"{config.TASK}-{key}"
