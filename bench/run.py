@@ -39,7 +39,7 @@ import dp as dp_bench  # noqa: E402  (bench/dp.py: differential-privacy rows)
 #: ``TITLE`` (its docs/benchmarks.md section), ``run(work: Path, console) -> dict`` (JSON-able results),
 #: ``rows(result) -> [(what, measured, goal, detail)]``, and optionally ``notes(result) -> [lines]`` and
 #: ``plot(result, img_dir: Path) -> [relative png paths]``. A module not written yet is skipped.
-GROUP_MODULES = ("faults", "attacks", "load", "client_dp", "seg_ct", "secagg", "soak", "dp_start", "client_dp_start")
+GROUP_MODULES = ("faults", "attacks", "load", "client_dp", "seg_ct", "secagg", "soak", "dp_start", "client_dp_start", "client_dp_poc")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
