@@ -200,7 +200,9 @@ def notes(r: dict) -> list[str]:
         "How to read these rows: an in-process simulation of the product's site loop (the product's trainer, "
         "the job's own client-level DP filter, step-weighted FedAvg at the server) from the classifier's public "
         f"start; {s['cases']} nominal cases per hospital, {s['rounds']} rounds of one epoch, batch {s['batch_size']}. "
-        "Only the declared part trains and is noised; the rest is sent as 0. One synthetic consortium; seeds change "
+        "Only the declared part trains and is noised; the rest is sent as 0. The simulation applies no site scope, so "
+        "it federates the grade head too; a real site's default `standard` scope keeps head.* at the site (the POC "
+        "run below: only fusion.* reaches the server). One synthetic consortium; seeds change "
         "the training order and the noise, so the interval is the noise's luck, not the data's. Ratios are per seed "
         "(DP / clip only at the same consortium size), mean with a 95% interval (t).",
         "",
