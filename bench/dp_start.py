@@ -265,9 +265,11 @@ def notes(r: dict) -> list[str]:
         "of the same hospital), mean with a 95% interval (t); a goal is met only when the interval's low end clears it.",
     ]
     if s.get("note"):
-        lines.append(f"This run: {s['note']}; its ε spent is the calibrated target, as the log gives it. Step "
-                     "times: the whole-network DP-SGD rows of *Differential privacy* above; the declared part's were "
-                     "not measured.")
+        timed = all(t.get("step_time") for t in r["tasks"].values())
+        lines.append(f"This run: {s['note']}; its ε spent is the calibrated target, as the log gives it. "
+                     + (f"Step times: {s['step_time_note']}." if timed and s.get("step_time_note") else
+                        "Step times: the whole-network DP-SGD rows of *Differential privacy* above; the declared "
+                        "part's were not measured."))
     lines.append("Caveat: on this synthetic public cohort the segmentation start alone is already within 0.04 Dice of "
                  "non-DP fine-tuning (the issue asks for at least 0.05), so the segmentation ratio mostly measures "
                  "the start; docs/privacy.md and docs/maintainers.md give the exploration with a farther cohort.")
