@@ -3,12 +3,14 @@
 ``UpdateNormClip(max_norm)`` scales an outgoing update so its L2 norm (over all its float
 tensors) is at most ``max_norm``: it bounds any one site's influence on the global model.
 ``ClientLevelDP(clip_norm, noise_multiplier)`` clips the same way, then adds Gaussian noise
-of std ``noise_multiplier * clip_norm`` to every value (with ``part``, the job's trained part from a public
-start: the part only, and every other difference is sent as exactly 0, whatever the training did) (under secure aggregation with threshold t, 1/sqrt(t) of it:
+of std ``noise_multiplier * clip_norm`` to every value (under secure aggregation with threshold t, 1/sqrt(t) of it:
 the server only ever sees the masked sum of at least t updates, which carries the whole noise; such an update may
 leave the site only masked), and keeps an RDP account of the job
 (sampling rate 1, one release per round): the epsilon it has bought so far rides in the
 update's meta (``client_dp_epsilon``) and in the site's log.
+
+With ``part`` (the job's trained part from a public start: name patterns) both act on that part only (the
+norm, the clip, the noise) and send every other difference as exactly 0, whatever the training did.
 
 Both act on plaintext: a site's privacy.json scope runs before the job's filters, and a job
 must place them before an HE encryptor (after ExcludeVars, so a personal head is neither

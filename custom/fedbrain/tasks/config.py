@@ -22,7 +22,6 @@ def three(v) -> tuple:
     return (v, v, v)
 
 
-
 @dataclass
 class TaskConfig:
     """Settings every task has: federation, optimisation, compute. Plain values (JSON round trip)."""
