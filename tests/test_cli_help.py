@@ -76,3 +76,24 @@ def test_a_dp_demo_takes_the_dp_batch_unless_a_batch_is_given(monkeypatch):
                  ["demo", "--dp-epsilon", "8", "--batch-size", "3"], ["demo"]):
         assert main(argv) == 0
     assert seen == [demo.DP_BATCH_SIZE, demo.DP_BATCH_SIZE, 3, SegmentationConfig().batch_size]
+
+
+def test_pretrain_uses_the_tasks_recipe_unless_told_otherwise(monkeypatch, tmp_path):
+    """`fedbrain pretrain` makes the start the demo and the benchmark make (same batch, lr, epochs) by default."""
+    from types import SimpleNamespace
+
+    import fedbrain.tasks.pretrain as pretrain_mod
+    from fedbrain.cli import main
+
+    seen = []
+
+    def fake(config, datalists, out, *, epochs, trainer_cls):
+        seen.append((config.batch_size, config.lr, epochs))
+        return SimpleNamespace(record={"public_validation": {}}, weights=tmp_path / "start.pt", sha256="0" * 64)
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", fake)
+    monkeypatch.setattr(pretrain_mod, "synthesize_public", lambda *a, **k: [])
+    assert main(["pretrain", "--task", "classify", "--out", str(tmp_path)]) == 0
+    assert main(["pretrain", "--task", "segment", "--out", str(tmp_path), "--batch-size", "2", "--epochs", "3"]) == 0
+    assert seen == [(pretrain_mod.BATCH["classification"], pretrain_mod.LR["classification"],
+                     pretrain_mod.EPOCHS["classification"]), (2, pretrain_mod.LR["segmentation"], 3)]

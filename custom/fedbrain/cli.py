@@ -117,18 +117,23 @@ def cmd_train(a) -> int:
 
 def cmd_pretrain(a) -> int:
     from fedbrain.tasks.config import config_from_arguments
-    from fedbrain.tasks.pretrain import pretrain, synthesize_public
+    from fedbrain.tasks.pretrain import BATCH, EPOCHS, LR, pretrain, synthesize_public
 
-    if a.epochs < 1:
-        raise SystemExit(f"--epochs must be at least 1, got {a.epochs}")
+    config_cls = _config(a.task)
+    epochs = a.epochs if a.epochs is not None else EPOCHS[config_cls.TASK]
+    if epochs < 1:
+        raise SystemExit(f"--epochs must be at least 1, got {epochs}")
     out = Path(a.out)
     if a.datalists:
         datalists = _datalists(a.datalists)
     else:
         console.print(f"no public data given: synthesizing the synthetic public cohort into {out / 'public_data'}")
         datalists = synthesize_public(out / "public_data", cases=a.cases, seed=a.data_seed)
-    config = config_from_arguments(_config(a.task), a)
-    start = pretrain(config, datalists, out, epochs=a.epochs, trainer_cls=_trainer(a.task))
+    # The recipe the demo's and the benchmark's starts use, where the user gives no batch or lr.
+    recipe = {k: v[config_cls.TASK] for k, v in (("batch_size", BATCH), ("lr", LR))
+              if getattr(a, f"config_{k}", None) is None}
+    config = config_from_arguments(config_cls, a, **recipe)
+    start = pretrain(config, datalists, out, epochs=epochs, trainer_cls=_trainer(a.task))
     shown = ", ".join(f"{k} {v:.3f}" for k, v in start.record["public_validation"].items())
     console.print(f"start model {start.weights} (sha256 {start.sha256[:16]}), provenance {start.weights.with_suffix('.json')}")
     console.print(f"on the public validation cases: {shown}")
@@ -471,7 +476,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "or a folder of them; none: the synthetic public cohort")
     pt.add_argument("--task", default="segment", choices=sorted(TASKS), help="shows that task's settings with --help")
     pt.add_argument("--out", required=True, help="folder for start.pt and start.json")
-    pt.add_argument("--epochs", type=int, default=10)
+    pt.add_argument("--epochs", type=int, default=None,
+                    help="default: the task's pretraining recipe (segmentation 8, classification 20; batch 4 / 16, "
+                         "lr 1e-2 / 1e-3 unless given), the one `fedbrain demo --dp-epsilon` uses")
     pt.add_argument("--cases", type=int, default=100, help="synthetic public cohort: cases per public centre")
     pt.add_argument("--data-seed", dest="data_seed", type=int, default=0, help="synthetic public cohort: its seed")
     add_config_arguments(pt, _config(task), groups=("training",), skip=("start_model", "dp_ready"))
