@@ -12,6 +12,8 @@ target is a ratio of two things measured in the same run, never an absolute time
     python bench/run.py --only dp            # DP-SGD step time; demo with/without --dp-epsilon 8, both tasks (~30 min)
     python bench/run.py --only dp --dp-tasks classification,segmentation   # + utility at epsilon 1/3/8/inf (~40 min more on 2 cores)
     python bench/run.py --only faults        # reliability groups (bench/<group>.py, see GROUP_MODULES): faults | attacks | load
+    python bench/run.py --only dp_start      # DP from a public start, both tasks, 3 seeds (~75 min)
+    python bench/run.py --only client_dp_start,client_dp_poc   # client-level DP from the start: 12/30 hospitals (~15 min), 12 in POC (~5 min)
     python bench/run.py --only doc           # re-render docs/benchmarks.md and the plots from results.json
 """
 
