@@ -3,12 +3,15 @@ own start.sh, a job through the admin API, and the kits a hospital must not be a
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedbrain.fl.site import write_site_config
 from fedbrain.jobs.segmentation import export
@@ -118,6 +121,7 @@ def _negative_cases(dep: Deployment, root: Path, job: Path) -> dict:
         found[name] = {"line": line, "seconds": time.time() - started}
         time.sleep(3)
         found[name]["flare_started"] = any("nvflare.private.fed.app" in _cmd(p) for p in processes_under(kit))
+    found["joined"] = _a_hospital_joins_with_a_key_it_made(dep, root)
     server_name = next(p["name"] for p in dep.project["participants"] if p["type"] == "server")
     found["server_log"] = (dep.kit(server_name) / "log.txt").read_text(errors="replace")
     sess = dep.session()
@@ -126,6 +130,34 @@ def _negative_cases(dep: Deployment, root: Path, job: Path) -> dict:
     finally:
         sess.close()
     return found
+
+
+def _a_hospital_joins_with_a_key_it_made(dep: Deployment, root: Path) -> dict:
+    """hospital-d joins the running consortium by distributed provisioning: its key made in its own folder,
+    only the request and the signed certificate crossing, its kit assembled there and started."""
+    from fedbrain.ops import distributed
+    from fedbrain.ops.kit import root_fingerprint
+
+    project = json.loads(json.dumps(dep.project))
+    project["participants"].append({"name": "hospital-d", "type": "client", "org": "hospital_d"})
+    consortium_side, hospital_side = dep.kits.parent, root / "hospital-d-machine"
+    (consortium_side.parent / "project-with-d.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+    hospital_side.mkdir()
+    (hospital_side / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))  # a project file: no secret
+    request, key = distributed.request_kit(hospital_side / "project.yml", hospital_side / "request", name="hospital-d",
+                                           env=dep.env())
+    signed = distributed.approve_request(shutil.copy(request, consortium_side), consortium_side,
+                                         consortium_side.parent / "project-with-d.yml", env=dep.env())
+    kit = distributed.package_kit(shutil.copy(signed, hospital_side), hospital_side / "request",
+                                  hospital_side / "kits", root_fingerprint(dep.kit("localhost")), env=dep.env())
+    dep.start(kit)
+    dep.wait_for_sites(["hospital-d"], timeout=90)
+    key_pem = key.read_bytes()
+    return {"kit": kit, "key": key_pem, "kit_key": (kit / "startup" / "client.key").read_bytes(),
+            "key_mode": (kit / "startup" / "client.key").stat().st_mode & 0o777,
+            "consortium_files_with_key": [str(f) for f in consortium_side.rglob("*")
+                                          if f.is_file() and key_pem.strip() in f.read_bytes()],
+            "crossed": {z.name: z.read_bytes() for z in (request, signed)}}
 
 
 def _cmd(pid: int) -> str:
@@ -177,6 +209,20 @@ def test_a_corrupted_certificate_is_a_clear_error_not_a_hang(deployed):
     neg = deployed["negative"]["corrupted"]
     assert "startup/client.crt" in neg["line"] and neg["seconds"] < 60, neg
     assert not neg["flare_started"]
+
+
+def test_a_hospital_joins_with_a_key_that_never_left_it(deployed):
+    """Distributed provisioning, end to end: hospital-d's key is the one it made, in no file on the consortium's
+    side, in neither zip that crossed; its own kit passed the kit check and the server admitted it."""
+    joined = deployed["negative"]["joined"]
+    assert "hospital-d" in deployed["negative"]["connected"]
+    assert joined["kit_key"] == joined["key"] and joined["key_mode"] == 0o600
+    assert joined["consortium_files_with_key"] == []
+    for name, content in joined["crossed"].items():
+        with zipfile.ZipFile(io.BytesIO(content)) as zf:
+            assert not [m for m in zf.namelist() if b"PRIVATE KEY" in zf.read(m)], name
+    log = (joined["kit"] / "log.txt").read_text()
+    assert "kit verified" in log, log[-2000:]
 
 
 def test_site_logs_stay_at_the_site(deployed):

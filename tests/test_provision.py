@@ -340,3 +340,14 @@ def test_provisioning_again_into_the_same_folder_keeps_the_root_ca(tmp_path):
         (second / "hospital-a" / "startup" / "rootCA.pem").read_bytes()
     assert (second / "hospital-a" / "startup" / "client.key").stat().st_mode & 0o077 == 0
     assert guard(second / "hospital-a", probe_server=False) == []
+
+
+def test_a_fingerprint_prints_as_it_is_not_as_emoji():
+    """Rich turns `:ab:` into an emoji by default: a root fingerprint holding `:AB:` printed wrong before."""
+    import io
+
+    from fedbrain.terminal import console
+
+    buf = io.StringIO()
+    console(file=buf).print("root CA SHA-256 fingerprint: 79:AB:AB:0B:CD:EF:FE:ED")
+    assert buf.getvalue().strip() == "root CA SHA-256 fingerprint: 79:AB:AB:0B:CD:EF:FE:ED"

@@ -262,6 +262,8 @@ def cmd_provision(a) -> int:
     from fedbrain.ops.provision import provision, trial_project
 
     project = Path(a.project)
+    if a.distributed:
+        return _provision_distributed(project, Path(a.out))
     try:
         if a.trial:
             try:
@@ -290,6 +292,78 @@ def cmd_provision(a) -> int:
         return 0
     console.print("Send each participant only its own folder (it holds its private key); keep "
                   f"{prod.parent / 'state'} (the root CA key) offline. Hospitals: docs/hospital-it.md.")
+    return 0
+
+
+def _provision_distributed(project: Path, out: Path) -> int:
+    """The consortium's own kits, the CA folder for approving, a participant file per hospital participant."""
+    from fedbrain.ops.distributed import provision_distributed
+    from fedbrain.ops.kit import KitError, root_fingerprint
+
+    try:
+        prod, ca, files = provision_distributed(project, out)
+    except KitError as e:
+        console.print(f"[red]provisioning failed:[/] {e}")
+        return 1
+    console.print(f"the consortium's own kits (keys made here, for its server and project admin) in [bold]{prod}[/]:")
+    for kit in sorted(p for p in prod.iterdir() if p.is_dir()):
+        console.print(f"  {kit.name}")
+    first = next(p for p in sorted(prod.iterdir()) if (p / "startup" / "rootCA.pem").is_file())
+    console.print(f"root CA SHA-256 fingerprint (publish it to every participant out of band): {root_fingerprint(first)}")
+    console.print(f"Every other participant makes its own key. Send each the file made for it ({ca.parent / 'requests'}/"
+                  f"NAME.yml) and these steps (docs/hospital-it.md, distributed provisioning):")
+    console.print("  at the hospital:   fedbrain kit request NAME.yml --out REQUEST_DIR      (send back NAME.request.zip)")
+    console.print(f"  here:              fedbrain kit approve NAME.request.zip --consortium {ca.parent}")
+    console.print("  at the hospital:   fedbrain kit package NAME.signed.zip --request-dir REQUEST_DIR --out KITS "
+                  "--fingerprint FINGERPRINT")
+    console.print(f"Keep {ca.parent / 'ca'} and {ca.parent / 'state'} (the root CA key) on this machine, offline.")
+    return 0
+
+
+def cmd_kit_request(a) -> int:
+    from fedbrain.ops.distributed import request_kit
+    from fedbrain.ops.kit import KitError
+
+    try:
+        request, key = request_kit(Path(a.file), Path(a.out), name=a.name)
+    except KitError as e:
+        console.print(f"[red]kit request:[/] {e}")
+        return 1
+    console.print(f"your private key: {key} (readable by you only; it never leaves this machine)")
+    console.print(f"send to the consortium: {request} (the certificate request, no key)")
+    console.print(f"then, with the signed zip it returns: fedbrain kit package SIGNED.zip --request-dir {key.parent} "
+                  f"--out KITS --fingerprint FINGERPRINT")
+    return 0
+
+
+def cmd_kit_approve(a) -> int:
+    from fedbrain.ops.distributed import approve_request
+    from fedbrain.ops.kit import KitError
+
+    try:
+        signed = approve_request(Path(a.request), Path(a.consortium), Path(a.project) if a.project else None,
+                                 Path(a.out) if a.out else None)
+    except KitError as e:
+        console.print(f"[red]kit approve:[/] {e}")
+        return 1
+    console.print(f"signed: {signed}; return it to the requester (it holds their certificate, no key)")
+    return 0
+
+
+def cmd_kit_package(a) -> int:
+    from fedbrain.ops.distributed import package_kit
+    from fedbrain.ops.kit import KitError
+    from fedbrain.ops.kit_guard import guard
+
+    try:
+        kit = package_kit(Path(a.signed), Path(a.request_dir), Path(a.out), a.fingerprint)
+    except KitError as e:
+        console.print(f"[red]kit package:[/] {e}")
+        return 1
+    console.print(f"your kit: {kit} (its key is the one you made; secrets readable by you only)")
+    if guard(kit, probe_server=False):
+        return 1
+    console.print(f"next: docs/hospital-it.md (tell the site where its data is), then bash {kit / 'startup' / 'start.sh'}")
     return 0
 
 
@@ -544,6 +618,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "named localhost on free ports, its storage under --out; prints what to run")
     pv.add_argument("--data", default=None, help="with --trial: a folder from `fedbrain data synth` (DIR/<site>/"
                     "datalist.json); each site kit's local/fedbrain_site.json then points at its part")
+    pv.add_argument("--distributed", action="store_true", help="keys stay with their owners: kits here for the "
+                    "consortium's server and project admin only, a CA folder for approving, a file per other "
+                    "participant for `fedbrain kit request` (no HE: it needs a key every site shares)")
     pv.set_defaults(func=cmd_provision)
 
     kv = sub.add_parser("kit", help="startup kit tools").add_subparsers(dest="kit_cmd", required=True)
@@ -552,6 +629,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     kvv.add_argument("kit", help="the participant's kit folder (holding startup/ and local/)")
     kvv.add_argument("--offline", action="store_true", help="skip the TLS handshake with the server")
     kvv.set_defaults(func=cmd_kit_verify)
+    kvr = kv.add_parser("request", help="distributed provisioning, at the hospital: make your private key and a "
+                                        "certificate request to send to the consortium")
+    kvr.add_argument("file", help="the participant file the consortium sent (or its project file, with --name)")
+    kvr.add_argument("--name", default=None, help="which participant of the file you are")
+    kvr.add_argument("--out", required=True, help="folder for your key and the request (keep it: packaging needs it)")
+    kvr.set_defaults(func=cmd_kit_request)
+    kva = kv.add_parser("approve", help="distributed provisioning, at the consortium: sign a participant's request")
+    kva.add_argument("request", help="NAME.request.zip from `fedbrain kit request`")
+    kva.add_argument("--consortium", required=True, help="the folder `fedbrain provision` wrote for the project "
+                     "(DIR/<project name>, holding state/ and ca/)")
+    kva.add_argument("--project", default=None, help="the project file, when it changed (a hospital added) or the "
+                     "consortium was provisioned in one step")
+    kva.add_argument("--out", default=None, help="signed zip (default: NAME.signed.zip beside the request)")
+    kva.set_defaults(func=cmd_kit_approve)
+    kvp = kv.add_parser("package", help="distributed provisioning, at the hospital: assemble your kit from the "
+                                        "signed zip and your own key")
+    kvp.add_argument("signed", help="NAME.signed.zip from the consortium")
+    kvp.add_argument("--request-dir", required=True, help="the folder of `fedbrain kit request --out` (your key)")
+    kvp.add_argument("--out", required=True, help="folder for the kit")
+    kvp.add_argument("--fingerprint", required=True, help="the root CA's SHA-256 fingerprint the consortium "
+                     "published out of band (AA:BB:...)")
+    kvp.set_defaults(func=cmd_kit_package)
 
     from fedbrain.ops import site_check as sc
     st = sub.add_parser("site", help="run a hospital site: pre-flight check, system service")

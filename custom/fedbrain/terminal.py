@@ -5,6 +5,7 @@ pipe, a log, CI): a printed command, path or fingerprint then breaks where a new
 and copy-paste breaks with it. ``soft_wrap`` leaves lines whole (the terminal folds them for the
 eye, not in the text). Tables and progress bars fit the width: a terminal's, else ``COLUMNS``, else
 160 (a log or CI page is wider than 80 columns, and an 80-column site table truncates every name).
+Emoji codes are off: Rich turns ``:ab:`` into an emoji, so a root CA fingerprint (``...:AB:...``) would print wrong.
 """
 
 from __future__ import annotations
@@ -22,4 +23,5 @@ def console(**kwargs) -> Console:
     stream = sys.stderr if kwargs.get("stderr") else sys.stdout
     if "width" not in kwargs and "file" not in kwargs and not os.environ.get("COLUMNS") and not stream.isatty():
         kwargs["width"] = PIPE_WIDTH
+    kwargs.setdefault("emoji", False)
     return Console(soft_wrap=True, **kwargs)

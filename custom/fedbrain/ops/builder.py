@@ -17,7 +17,8 @@ signature covers what it writes) puts a hospital's decisions into each kit's ``l
 and adds a start-time check of the kit (:mod:`fedbrain.ops.kit_guard`) to ``sub_start.sh``.
 
 ``KitManifestBuilder`` (listed last) signs a manifest of every file in ``startup/`` and
-``local/`` with the consortium's root key (:mod:`fedbrain.ops.kit`).
+``local/`` with the consortium's root key, or the participant's own key where its owner assembles the
+kit (distributed provisioning, :mod:`fedbrain.ops.distributed`; :mod:`fedbrain.ops.kit`).
 """
 
 from __future__ import annotations
@@ -260,12 +261,26 @@ class SitePolicyBuilder(Builder):
 
 
 class KitManifestBuilder(Builder):
-    """Sign every kit's startup/ and local/ with the root key; list it after every other builder."""
+    """Sign every kit's startup/ and local/; list it after every other builder.
+
+    One-step provisioning signs with the root key. ``nvflare package`` (distributed provisioning: the kit's
+    owner assembles it from a signed certificate) has no root key, so the kit is signed with its own key, and
+    the kit check verifies that key's certificate against the root instead."""
 
     def build(self, project: Project, ctx: ProvisionContext):
-        key = ctx.get(CtxKey.ROOT_PRI_KEY)
-        if not key:
-            raise RuntimeError("no root private key in the provisioning context: list CertBuilder before "
-                               "fedbrain.ops.builder.KitManifestBuilder")
+        from fedbrain.ops.kit import own_private_key
+
+        root_key = ctx.get(CtxKey.ROOT_PRI_KEY)
+        signed = 0
         for p in project.get_all_participants():
-            write_manifest(Path(ctx.get_ws_dir(p)), p.name, key)
+            kit = Path(ctx.get_ws_dir(p))
+            if root_key:
+                write_manifest(kit, p.name, root_key)
+            elif any((kit / "startup" / key).is_file() for key in ("client.key", "server.key")):
+                write_manifest(kit, p.name, own_private_key(kit), signer="participant")
+            else:  # `nvflare package` lists a placeholder server beside the one kit it assembles
+                continue
+            signed += 1
+        if not signed:
+            raise RuntimeError("no kit to sign: neither a root key in the provisioning context (list CertBuilder "
+                               "before fedbrain.ops.builder.KitManifestBuilder) nor a kit holding its own key")

@@ -3,7 +3,9 @@
 FLARE signs a kit only when it carries HE or confidential-computing files, and a kit whose
 certificate is corrupted hangs silently inside FLARE. fedbrain therefore writes its own
 manifest at provisioning (every file of ``startup/`` and ``local/`` with its SHA-256, signed
-with the consortium's root key) and checks it, with the certificates, before a site starts
+with the consortium's root key; a kit assembled by its owner in distributed provisioning is signed
+with the owner's own key instead, since the root key never reaches it) and checks it, with the
+certificates, before a site starts
 (``python -m fedbrain.ops.kit_guard``, called by the kit's ``sub_start.sh``) and in
 ``fedbrain site check``.
 
@@ -98,15 +100,37 @@ def _pss():
     return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH), hashes.SHA256()
 
 
-def write_manifest(kit: Path, participant: str, root_private_key) -> Path:
-    """Sign the kit as it is now with the consortium's root key (called at provisioning)."""
+#: Who signed a manifest: the consortium's root key (one-step provisioning) or the participant's own key
+#: (a kit its owner assembled from a signed certificate: distributed provisioning).
+SIGNERS = ("root", "participant")
+
+
+def write_manifest(kit: Path, participant: str, private_key, signer: str = "root") -> Path:
+    """Sign the kit as it is now (called at provisioning) with the root key or, ``signer="participant"``, the
+    kit's own private key."""
+    if signer not in SIGNERS:
+        raise ValueError(f"signer must be one of {SIGNERS}, not {signer!r}")
     files = kit_files(kit)
     pad, algo = _pss()
-    signature = root_private_key.sign(_canonical(files, participant), pad, algo)
+    signature = private_key.sign(_canonical(files, participant), pad, algo)
     path = Path(kit) / "startup" / MANIFEST_NAME
-    path.write_text(json.dumps({"participant": participant, "files": files,
+    path.write_text(json.dumps({"participant": participant, "files": files, "signer": signer,
                                 "signature": base64.b64encode(signature).decode()}, indent=1, sort_keys=True) + "\n")
     return path
+
+
+def own_private_key(kit: Path):
+    """The kit's own private key (``startup/client.key`` or ``server.key``)."""
+    from cryptography.hazmat.primitives import serialization
+
+    _, _, key_name = kit_identity(kit)
+    path = Path(kit) / "startup" / key_name
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise KitError(f"{path}: missing") from None
+    except (ValueError, TypeError) as e:
+        raise KitError(f"{path}: corrupted, not a valid private key ({e})") from None
 
 
 @dataclass
@@ -114,6 +138,7 @@ class KitState:
     """What differs between a kit on disk and its signed manifest."""
 
     participant: str = ""
+    signer: str = "root"
     changed: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
@@ -152,9 +177,10 @@ def root_fingerprint(kit: Path) -> str:
 
 
 def verify_manifest(kit: Path) -> KitState:
-    """Check the manifest's signature against the kit's root CA, then every file against it.
+    """Check the manifest's signature against the kit's root CA (or, for a kit its owner assembled, against the
+    kit's own certificate, whose chain to the root :func:`check_certificate` checks), then every file against it.
 
-    Raises KitError when the manifest is missing, unsigned or signed by another root (the kit
+    Raises KitError when the manifest is missing, unsigned or signed by another key (the kit
     then cannot be vouched for at all); returns the differences otherwise.
     """
     from cryptography.exceptions import InvalidSignature
@@ -167,18 +193,25 @@ def verify_manifest(kit: Path) -> KitState:
     try:
         manifest = json.loads(path.read_text())
         files, participant = manifest["files"], manifest["participant"]
+        signer = manifest.get("signer", "root")
         signature = base64.b64decode(manifest["signature"])
     except (ValueError, KeyError, TypeError) as e:
         raise KitError(f"{path}: unreadable ({e!r})") from None
+    if signer not in SIGNERS:
+        raise KitError(f"{path}: signed by '{signer}', which is neither the root nor the participant")
     pad, algo = _pss()
+    if signer == "root":
+        key, against = read_root_cert(kit).public_key(), "startup/rootCA.pem"
+    else:
+        key, against = _own_certificate(kit).public_key(), f"the kit's own certificate ({kit_identity(kit)[1]})"
     try:
-        read_root_cert(kit).public_key().verify(signature, _canonical(files, participant), pad, algo)
+        key.verify(signature, _canonical(files, participant), pad, algo)
     except InvalidSignature:
-        raise KitError(f"{path}: its signature does not match startup/rootCA.pem: the manifest or the root "
-                       f"certificate was edited, or they come from different consortia") from None
+        raise KitError(f"{path}: its signature does not match {against}: the manifest or the certificate was "
+                       f"edited, or they come from different kits") from None
     actual = kit_files(kit)
     return KitState(
-        participant=participant,
+        participant=participant, signer=signer,
         changed=sorted(f for f in files if f in actual and actual[f] != files[f]),
         missing=sorted(f for f in files if f not in actual),
         added=sorted(f for f in actual if f not in files),
@@ -186,6 +219,18 @@ def verify_manifest(kit: Path) -> KitState:
 
 
 # ---- certificates ---------------------------------------------------------------------------
+
+def _own_certificate(kit: Path):
+    from cryptography import x509
+
+    path = Path(kit) / "startup" / kit_identity(kit)[1]
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise KitError(f"{path}: missing") from None
+    except ValueError as e:
+        raise KitError(f"{path}: corrupted, not a valid PEM certificate ({e})") from None
+
 
 @dataclass
 class CertInfo:

@@ -516,7 +516,9 @@ def check_kit_integrity(kit: Path) -> tuple[Row, str | None]:
         return Row(name, WARN, "; ".join(f"{f}: {why} since provisioning" for f, why in local),
                    "local/ is yours: fine if you changed it on purpose (restart the site after editing policies)"), \
             state.participant
-    return Row(name, OK, f"signed manifest of '{state.participant}' matches every file"), state.participant
+    by = " (signed with the site's own key: a kit it assembled itself, distributed provisioning)" \
+        if state.signer == "participant" else ""
+    return Row(name, OK, f"signed manifest of '{state.participant}' matches every file{by}"), state.participant
 
 
 def check_certificates(kit: Path, site: str | None, now: datetime.datetime | None = None) -> Row:
