@@ -322,13 +322,16 @@ class JobRun:
     """Submit an exported job as the project admin and follow it from the server's own run folder,
     so a fault can be injected at a given round; survives the server going away and coming back."""
 
-    def __init__(self, poc: PocConsortium, job_folder: Path):
+    def __init__(self, poc: PocConsortium, job_folder: Path | None, job_id: str | None = None):
+        """Submit ``job_folder``, or follow the job ``job_id`` already in the server's store."""
         self.poc = poc
-        sess = poc.session()
-        try:
-            self.job_id = sess.submit_job(str(Path(job_folder).resolve()))
-        finally:
-            sess.close()
+        if job_id is None:
+            sess = poc.session()
+            try:
+                job_id = sess.submit_job(str(Path(job_folder).resolve()))
+            finally:
+                sess.close()
+        self.job_id = job_id
         self.submitted = time.time()
 
     @property
@@ -485,6 +488,28 @@ def run_scenario(poc: PocConsortium, name: str, config, work: Path, *, proxy: Tc
     return out
 
 
+def resumed_job_of(poc: PocConsortium, job_id: str, timeout: float = 60) -> dict | None:
+    """``{"job_id", "after_round"}`` of the job the restarted server made to continue ``job_id``, or None."""
+    from fedbrain.fl.autoresume import RESUMED_FROM_META
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            sess = poc.session()
+            try:
+                jobs = sess.list_jobs(detailed=True) or []
+            finally:
+                sess.close()
+        except Exception:  # noqa: BLE001 - the server may still be coming up
+            jobs = []
+        for meta in jobs:
+            origin = meta.get(RESUMED_FROM_META) or {}
+            if origin.get("job") == job_id:
+                return {"job_id": meta.get("job_id"), "after_round": origin.get("after_round")}
+        time.sleep(2)
+    return None
+
+
 def _server_restart(poc, job: JobRun, folder: Path, config, work: Path, fault: float, timeout: float) -> dict:
     from fedbrain.jobs.resume import resume_job
 
@@ -504,14 +529,21 @@ def _server_restart(poc, job: JobRun, folder: Path, config, work: Path, fault: f
     out["interrupted_status"] = job.meta().get("status")
     record_before = [json.loads(line) for line in (run_dir / ROUND_FILE).read_text().splitlines()] \
         if (run_dir / ROUND_FILE).exists() else []
-    if out["interrupted_status"] == "RUNNING":
-        try:
-            job.abort()
-        except Exception as e:  # noqa: BLE001 - reported, the resume goes on
-            out["abort_error"] = str(e)[:200]
-    resumed_folder, found = resume_job(folder, Path(work) / "jobs" / "server_restart", run_dir)
-    out["resumed_from_round"] = found["round"]
-    resumed = JobRun(poc, resumed_folder)
+    # The restarted server continues the job by itself (fedbrain.fl.autoresume): find the job it made.
+    auto = resumed_job_of(poc, job.job_id, timeout=60)
+    out["resumed_by"] = "server (automatic)" if auto else "admin (fedbrain job resume)"
+    if auto:
+        resumed = JobRun(poc, None, job_id=auto["job_id"])
+        out["resumed_from_round"] = auto["after_round"]
+    else:  # a kit without the component: what an admin types
+        if out["interrupted_status"] == "RUNNING":
+            try:
+                job.abort()
+            except Exception as e:  # noqa: BLE001 - reported, the resume goes on
+                out["abort_error"] = str(e)[:200]
+        resumed_folder, found = resume_job(folder, Path(work) / "jobs" / "server_restart", run_dir)
+        out["resumed_from_round"] = found["round"]
+        resumed = JobRun(poc, resumed_folder)
     meta, result, record_after = _result(poc, resumed, results, timeout)
     record = record_before + record_after
     out.update(status=meta.get("status"), resumed_job_id=resumed.job_id, wall_seconds=round(time.time() - job.submitted, 1),

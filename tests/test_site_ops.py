@@ -291,3 +291,45 @@ def test_server_kits_log_refused_handshakes(tmp_path):
     log_refused_handshakes(res)
     log_refused_handshakes(res)  # once
     assert [c["id"] for c in res["components"]] == ["x", HANDSHAKE_LOG["id"]]
+
+
+def test_a_connection_closed_mid_handshake_is_unreachable_not_a_refused_kit(kits, tmp_path):
+    """A relay or proxy in front of a server that is not up yet accepts and closes: no TLS alert, so nothing judged
+    the certificate. The kit check used to refuse the kit for good ("refused this kit's certificate")."""
+    import shutil
+    import socket
+    import threading
+
+    from fedbrain.ops.kit import tls_handshake
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept_and_close():
+        for _ in range(3):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    kit = Path(shutil.copytree(kits / "hospital-a", tmp_path / "hospital-a"))
+    cfg = kit / "startup" / "fed_client.json"
+    client = json.loads(cfg.read_text())
+    client["servers"][0]["service"]["target"] = f"127.0.0.1:{port}"
+    cfg.write_text(json.dumps(client))
+    try:
+        reach = tls_handshake(kit, timeout=5)
+    finally:
+        listener.close()
+    assert reach.startswith("unreachable:") and "without a refusal" in reach, reach
+
+
+def test_server_kits_resume_interrupted_jobs(kits):
+    from fedbrain.ops.builder import AUTO_RESUME, resume_interrupted_jobs
+
+    res = json.loads((kits / "fl-server.example-consortium.org" / "local" / "resources.json").read_text())
+    assert [c for c in res["components"] if c["id"] == AUTO_RESUME["id"]] == [AUTO_RESUME]
+    resume_interrupted_jobs(res)  # once
+    assert len([c for c in res["components"] if c["id"] == AUTO_RESUME["id"]]) == 1

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.scaffold import Scaffold
 
@@ -194,6 +195,26 @@ class ResilientFedAvg(FedAvg):
         self._published_trained = len(self._trained)
         result.meta = {**(result.meta or {}), TRAINED_SITES_META: self._published_trained}
         return result
+
+    def load_model(self):
+        """FLARE's initial model; for a job the server cloned to resume an interrupted one
+        (:mod:`fedbrain.fl.autoresume`), the interrupted job's last saved global model instead, and the rounds left."""
+        from fedbrain.fl.autoresume import read_resume_note
+
+        try:
+            note = read_resume_note(Path(self.get_run_dir()).parent, self.fl_ctx.get_job_id())
+        except (OSError, ValueError) as e:
+            note = None
+            self.warning(f"could not read this job's resume note ({e!r}); starting from its initial model")
+        if note:
+            self.start_round = int(note["round"]) + 1
+            self.num_rounds = int(note["total_rounds"]) - self.start_round
+            self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
+            if hasattr(self.persistor, "source_ckpt_file_full_name"):
+                self.persistor.source_ckpt_file_full_name = note["checkpoint"]
+            self.info(f"resuming job {note['from_job']}: rounds {self.start_round}..{note['total_rounds'] - 1} from "
+                      f"its global model after round {note['round']} ({note['checkpoint']})")
+        return super().load_model()
 
     def save_model(self, model) -> None:
         """FLARE's persistence, then a note of which round the saved global model is (for a resume)."""

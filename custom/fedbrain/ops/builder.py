@@ -167,6 +167,18 @@ def log_refused_handshakes(res: dict) -> None:
         comps.append(dict(HANDSHAKE_LOG))
 
 
+#: The server component that continues a job a server restart interrupted (fedbrain.fl.autoresume).
+AUTO_RESUME = {"id": "fedbrain_resume_interrupted_jobs", "path": "fedbrain.fl.autoresume.ResumeInterruptedJobs",
+               "args": {}}
+
+
+def resume_interrupted_jobs(res: dict) -> None:
+    """A restarted server continues each interrupted job from its last saved round, with no command typed."""
+    comps = res.setdefault("components", [])
+    if not any(c.get("id") == AUTO_RESUME["id"] for c in comps):
+        comps.append(dict(AUTO_RESUME))
+
+
 def use_warm_job_start(res: dict) -> None:
     """POC kits only: job processes forked from a process that has imported torch, MONAI and FLARE
     already (:mod:`fedbrain.poc.warm`); a production kit's job process always starts clean."""
@@ -241,6 +253,7 @@ class SitePolicyBuilder(Builder):
                 storage = p.props.get("storage_root", self.storage_root) or "/var/lib/fedbrain/server"
                 res = resources_with_policy(default, "server", None, storage_root=storage)
                 log_refused_handshakes(res)
+                resume_interrupted_jobs(res)
             else:
                 res = resources_with_policy(default, "client", streaming)
                 use_site_job_launcher(res)

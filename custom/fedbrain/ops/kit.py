@@ -363,6 +363,11 @@ def tls_handshake(kit: Path, timeout: float = 5.0) -> str:
         raise KitError(f"the server {host}:{port} presents a certificate this kit's rootCA.pem did not issue "
                        f"({e.verify_message}): the kit belongs to another consortium, or the server was "
                        f"re-provisioned; ask the consortium for the current kit") from None
+    except ssl.SSLEOFError:
+        # Closed without a TLS alert: nothing judged the certificate. A relay or proxy in front of a server that is
+        # not up yet does this (a refusal of the certificate comes as an alert).
+        return (f"unreachable: {host}:{port} (the connection closed during the TLS handshake, without a refusal: "
+                f"the server is not up yet, or a proxy in between cannot reach it)")
     except ssl.SSLError as e:
         raise KitError(f"the server {host}:{port} refused this kit's certificate ({e.reason or e}); the kit "
                        f"does not belong to this consortium") from None
