@@ -130,8 +130,9 @@ def hospital_note(r: dict) -> str:
     if r.get("next_job"):
         text += f"; next job status {r['next_job']['status']}, aggregated {r['next_job']['aggregated']}"
     if r.get("interrupted_status"):
-        text += (f"; interrupted job after the restart: {r['interrupted_status']}; resumed from round "
-                 f"{r.get('resumed_from_round')}, rounds trained twice {r.get('rounds_trained_twice')}")
+        text += (f"; interrupted job after the restart: {r['interrupted_status']}; resumed by the "
+                 f"{r.get('resumed_by', 'admin (fedbrain job resume)')} after round {r.get('resumed_from_round')}, "
+                 f"rounds trained twice {r.get('rounds_trained_twice')}")
     return text
 
 

@@ -11,7 +11,8 @@ signature covers what it writes) puts a hospital's decisions into each kit's ``l
 - ``resources.json``: the class allow-list (FLARE's defaults plus the exact classes fedbrain's apps
   name: :mod:`fedbrain.ops.allowlist`; no module prefix, no function),
   fedbrain's job launcher at sites (a job process killed by a signal does not fail the job), log streaming off unless the project file turns it on, and for the server job storage
-  under ``storage_root`` instead of FLARE's ``/tmp/nvflare``;
+  under ``storage_root`` instead of FLARE's ``/tmp/nvflare``, a log of refused TLS handshakes and the continuation
+  of jobs a server restart interrupted (:mod:`fedbrain.fl.autoresume`);
 - ``fedbrain_site.json.template``: where the hospital says where its data is;
 
 and adds a start-time check of the kit (:mod:`fedbrain.ops.kit_guard`) to ``sub_start.sh``.
