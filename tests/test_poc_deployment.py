@@ -66,6 +66,7 @@ def deployed(tmp_path_factory):
         out["job"] = job
         out["meta"], out["result"] = submit_and_wait(dep, job, rounds=1, result_dir=root / "result")
         out["negative"] = _negative_cases(dep, root, job)
+        out["restart"] = _server_killed_mid_job(dep, root)
         yield out
     finally:
         dep.stop()
@@ -160,6 +161,52 @@ def _a_hospital_joins_with_a_key_it_made(dep: Deployment, root: Path) -> dict:
             "crossed": {z.name: z.read_bytes() for z in (request, signed)}}
 
 
+def _server_killed_mid_job(dep: Deployment, root: Path) -> dict:
+    """A plaintext job on the shipped template (hospital-c's default scope refuses plaintext; hospital-d, which joined
+    above, has no data yet), then the server's FLARE process tree killed after round 0 was saved. Its kit's start
+    script brings it back; nothing is typed; the restarted server continues the job by itself."""
+    import os
+    import signal
+
+    from fedbrain.contracts import CHECKPOINT_NOTE
+    from fedbrain.report.job_report import build_report
+    from fedbrain_testing.faults import _descendants, flare_pid, resumed_job_of
+
+    config = SegmentationConfig(name="restart_mid_job", rounds=3, epochs_per_round=1, max_steps=1, min_clients=2,
+                                min_responses=2, min_trained_sites=2, round_timeout=60)
+    sess = dep.session()
+    try:
+        job_id = sess.submit_job(str(export(config, root / "jobs-restart")))
+    finally:
+        sess.close()
+    note = dep.kit("localhost") / job_id / CHECKPOINT_NOTE
+    deadline = time.time() + 240
+    while not note.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert note.exists(), f"round 0 of {job_id} was not saved in 240 s"
+    parent = flare_pid(dep, "localhost")
+    for pid in [parent, *_descendants(parent)]:  # the server process and its job: the start script stays
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    resumed = resumed_job_of(dep, job_id, timeout=120)
+    assert resumed, f"the restarted server did not continue {job_id}"
+    sess = dep.session()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            meta = sess.get_job_meta(resumed["job_id"])
+            if meta.get("status", "").startswith("FINISHED"):
+                break
+            time.sleep(2)
+        old = sess.get_job_meta(job_id)
+        path = Path(sess.download_job_result(resumed["job_id"], str(root / "result-restart")))
+    finally:
+        sess.close()
+    return {"job_id": job_id, "resumed": resumed, "meta": meta, "old_status": old.get("status"),
+            "seconds": time.time() - killed_at, "report": build_report(path),
+            "server_log": (dep.kit("localhost") / "log.txt").read_text(errors="replace")}
+
+
 def _cmd(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -223,6 +270,19 @@ def test_a_hospital_joins_with_a_key_that_never_left_it(deployed):
             assert not [m for m in zf.namelist() if b"PRIVATE KEY" in zf.read(m)], name
     log = (joined["kit"] / "log.txt").read_text()
     assert "kit verified" in log, log[-2000:]
+
+
+def test_a_server_killed_mid_job_comes_back_and_continues_the_job_by_itself(deployed):
+    """Nothing typed: the kit's start script restarts the server, which continues the job from the round it saved;
+    hospital-c (default scope `encrypted`) refused the plaintext job without ending it, and the report says so."""
+    r = deployed["restart"]
+    assert r["meta"]["status"] == "FINISHED:COMPLETED", r["meta"]
+    assert r["old_status"] == "FINISHED:ABNORMAL" and r["resumed"]["after_round"] == 0
+    assert f"fedbrain: job {r['job_id']} was interrupted by a server restart after round 0" in r["server_log"]
+    rounds = sorted({x["round"] for site in r["report"]["sites"].values() for x in site["rounds"]})
+    assert rounds == [1, 2], rounds  # the rounds left, none trained twice
+    refused = {x["site"]: x["reason"] for x in r["report"]["exchange"]["refused"]}
+    assert "requires encrypted model updates" in refused.get("hospital-c", ""), refused
 
 
 def test_site_logs_stay_at_the_site(deployed):
