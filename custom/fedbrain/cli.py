@@ -278,14 +278,7 @@ def cmd_provision(a) -> int:
     except KitError as e:
         console.print(f"[red]provisioning failed:[/] {e}")
         return 1
-    console.print(f"kits written to [bold]{prod}[/]:")
-    for kit in sorted(p for p in prod.iterdir() if p.is_dir()):
-        console.print(f"  {kit.name}")
-    from fedbrain.ops.kit import root_fingerprint
-
-    first = next(p for p in sorted(prod.iterdir()) if (p / "startup" / "rootCA.pem").is_file())
-    console.print(f"root CA SHA-256 fingerprint (publish it to every participant out of band): "
-                  f"{root_fingerprint(first)}")
+    _print_kits(prod, "kits written to")
     if a.trial:
         admin = next((p["name"] for p in trial["participants"] if p.get("role") == "project_admin"), None)
         _print_trial_steps(prod, admin, Path(a.data) if a.data else None)
@@ -295,21 +288,28 @@ def cmd_provision(a) -> int:
     return 0
 
 
+def _print_kits(prod: Path, heading: str) -> None:
+    """The kits provisioned in ``prod`` and the root CA fingerprint to publish (one line each, never wrapped)."""
+    from fedbrain.ops.kit import root_fingerprint
+
+    console.print(f"{heading} [bold]{prod}[/]:")
+    for kit in sorted(p for p in prod.iterdir() if p.is_dir()):
+        console.print(f"  {kit.name}")
+    first = next(p for p in sorted(prod.iterdir()) if (p / "startup" / "rootCA.pem").is_file())
+    console.print(f"root CA SHA-256 fingerprint (publish it to every participant out of band): {root_fingerprint(first)}")
+
+
 def _provision_distributed(project: Path, out: Path) -> int:
     """The consortium's own kits, the CA folder for approving, a participant file per hospital participant."""
     from fedbrain.ops.distributed import provision_distributed
-    from fedbrain.ops.kit import KitError, root_fingerprint
+    from fedbrain.ops.kit import KitError
 
     try:
         prod, ca, files = provision_distributed(project, out)
     except KitError as e:
         console.print(f"[red]provisioning failed:[/] {e}")
         return 1
-    console.print(f"the consortium's own kits (keys made here, for its server and project admin) in [bold]{prod}[/]:")
-    for kit in sorted(p for p in prod.iterdir() if p.is_dir()):
-        console.print(f"  {kit.name}")
-    first = next(p for p in sorted(prod.iterdir()) if (p / "startup" / "rootCA.pem").is_file())
-    console.print(f"root CA SHA-256 fingerprint (publish it to every participant out of band): {root_fingerprint(first)}")
+    _print_kits(prod, "the consortium's own kits (keys made here, for its server and project admin) in")
     console.print(f"Every other participant makes its own key. Send each the file made for it ({ca.parent / 'requests'}/"
                   f"NAME.yml) and these steps (docs/hospital-it.md, distributed provisioning):")
     console.print("  at the hospital:   fedbrain kit request NAME.yml --out REQUEST_DIR      (send back NAME.request.zip)")

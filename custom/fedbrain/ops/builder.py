@@ -161,11 +161,15 @@ HANDSHAKE_LOG = {"id": "fedbrain_refused_handshakes", "path": "fedbrain.ops.hand
                  "args": {}}
 
 
+def _add_component(res: dict, component: dict) -> None:
+    comps = res.setdefault("components", [])
+    if not any(c.get("id") == component["id"] for c in comps):
+        comps.append(dict(component))
+
+
 def log_refused_handshakes(res: dict) -> None:
     """The server logs who tried to connect with a certificate it refuses (FLARE's server stays silent)."""
-    comps = res.setdefault("components", [])
-    if not any(c.get("id") == HANDSHAKE_LOG["id"] for c in comps):
-        comps.append(dict(HANDSHAKE_LOG))
+    _add_component(res, HANDSHAKE_LOG)
 
 
 #: The server component that continues a job a server restart interrupted (fedbrain.fl.autoresume).
@@ -175,9 +179,7 @@ AUTO_RESUME = {"id": "fedbrain_resume_interrupted_jobs", "path": "fedbrain.fl.au
 
 def resume_interrupted_jobs(res: dict) -> None:
     """A restarted server continues each interrupted job from its last saved round, with no command typed."""
-    comps = res.setdefault("components", [])
-    if not any(c.get("id") == AUTO_RESUME["id"] for c in comps):
-        comps.append(dict(AUTO_RESUME))
+    _add_component(res, AUTO_RESUME)
 
 
 def use_warm_job_start(res: dict) -> None:

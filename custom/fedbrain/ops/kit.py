@@ -156,16 +156,19 @@ class KitState:
         return [(f, why) for f, why in self._differences() if f.split("/", 1)[0] not in REFUSE_CHANGES_IN]
 
 
-def read_root_cert(kit: Path):
+def _certificate(path: Path, missing: str = "missing"):
     from cryptography import x509
 
-    path = Path(kit) / "startup" / "rootCA.pem"
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:
-        raise KitError(f"{path}: missing; this folder is not a startup kit") from None
+        raise KitError(f"{path}: {missing}") from None
     except ValueError as e:
         raise KitError(f"{path}: not a valid PEM certificate ({e})") from None
+
+
+def read_root_cert(kit: Path):
+    return _certificate(Path(kit) / "startup" / "rootCA.pem", "missing; this folder is not a startup kit")
 
 
 def root_fingerprint(kit: Path) -> str:
@@ -221,15 +224,7 @@ def verify_manifest(kit: Path) -> KitState:
 # ---- certificates ---------------------------------------------------------------------------
 
 def _own_certificate(kit: Path):
-    from cryptography import x509
-
-    path = Path(kit) / "startup" / kit_identity(kit)[1]
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except FileNotFoundError:
-        raise KitError(f"{path}: missing") from None
-    except ValueError as e:
-        raise KitError(f"{path}: corrupted, not a valid PEM certificate ({e})") from None
+    return _certificate(Path(kit) / "startup" / kit_identity(kit)[1])
 
 
 @dataclass
