@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from fedbrain.cli import main
 from fedbrain.ops import distributed
+from fedbrain.ops.builder import offered_scopes
 from fedbrain.ops.kit import KitError, exposed_secrets, root_fingerprint, verify_manifest, write_manifest
 from fedbrain.ops.kit_guard import guard
 from fedbrain.ops.site_check import OK, check_kit_integrity
@@ -110,6 +111,9 @@ def test_the_hospital_kit_is_a_fedbrain_kit_that_checks(flow):
     assert row.status == OK and "site's own key" in row.detail, row
     policy = json.loads((kit / "local" / "privacy.json").read_text())
     assert policy["default_scope"] == "standard" and policy["components"]
+    # no HE key in this kit: a job cannot pick a scope that needs it
+    assert [s["name"] for s in policy["scopes"]] == offered_scopes("standard", he=False) == ["standard", "dp", "secagg",
+                                                                                            "dp_secagg"]
     resources = json.loads((kit / "local" / "resources.json").read_text())
     assert resources["class_list_enforcement_mode"] == "enforce"
     assert not (kit / "startup" / "client_context.tenseal").exists()

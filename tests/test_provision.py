@@ -351,3 +351,14 @@ def test_a_fingerprint_prints_as_it_is_not_as_emoji():
     buf = io.StringIO()
     console(file=buf).print("root CA SHA-256 fingerprint: 79:AB:AB:0B:CD:EF:FE:ED")
     assert buf.getvalue().strip() == "root CA SHA-256 fingerprint: 79:AB:AB:0B:CD:EF:FE:ED"
+
+
+def test_the_policy_builder_runs_after_the_he_builder():
+    """Sites are offered the HE scopes only when their kit holds the HE key, so the policy builder must see it."""
+    from fedbrain.ops.provision import HE_BUILDER, POLICY_BUILDER, with_fedbrain_builders
+
+    listed = {"builders": [{"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder"}, {"path": POLICY_BUILDER},
+                           {"path": HE_BUILDER}, {"path": "nvflare.lighter.impl.signature.SignatureBuilder"}]}
+    paths = [b["path"] for b in with_fedbrain_builders(listed)["builders"]]
+    assert paths.index(HE_BUILDER) + 1 == paths.index(POLICY_BUILDER) < paths.index(
+        "nvflare.lighter.impl.signature.SignatureBuilder")

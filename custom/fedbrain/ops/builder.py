@@ -56,18 +56,22 @@ GUARD_LINE = ('python3 -m fedbrain.ops.kit_guard "$SOURCE_WORKSPACE" '
 GUARD_ANCHOR = 'echo "WORKSPACE set to $WORKSPACE"'
 
 
-def offered_scopes(default_scope: str) -> list[str]:
+def offered_scopes(default_scope: str, he: bool = True) -> list[str]:
     """The scopes a site offers: its default and those that protect at least as much. A job may
     name any scope a site defines, so a site whose default is `encrypted` must not define
-    `standard`, or a job could choose plaintext there."""
+    `standard`, or a job could choose plaintext there. ``he=False`` (a kit without the HE key: one
+    its owner assembled) leaves out the scopes that need it."""
     if default_scope not in SCOPE_PARTS:
         raise ValueError(f"default_scope '{default_scope}' is not one of {', '.join(SCOPES)}")
     floor = set(SCOPE_PARTS[default_scope])
-    return [name for name, parts in SCOPE_PARTS.items() if floor <= set(parts)]
+    if not he and "require_encryption" in floor:
+        raise ValueError(f"default_scope '{default_scope}' needs the HE key, which this kit does not hold")
+    return [name for name, parts in SCOPE_PARTS.items()
+            if floor <= set(parts) and (he or "require_encryption" not in parts)]
 
 
 def privacy_policy(default_scope: str = "standard", update_norm_clip: float = 100.0,
-                   client_dp_clip: float = 1.0, client_dp_noise: float = 1.0) -> dict:
+                   client_dp_clip: float = 1.0, client_dp_noise: float = 1.0, he: bool = True) -> dict:
     """The privacy.json a site gets: every scope is `standard` plus its parts."""
     from fedbrain.contracts import PRIVACY_FILTERS
 
@@ -80,7 +84,7 @@ def privacy_policy(default_scope: str = "standard", update_norm_clip: float = 10
         {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars", "args": {"exclude_vars": PERSONAL_PARTS}},
         {"path": PRIVACY_FILTERS["clip"], "args": {"max_norm": float(update_norm_clip)}},
     ]
-    offered = offered_scopes(default_scope)
+    offered = offered_scopes(default_scope, he)
     return {
         "scopes": [{"name": name, "properties": {},
                     "task_result_filters": standard + [parts[p] for p in SCOPE_PARTS[name] if p in parts]}
@@ -261,7 +265,8 @@ class SitePolicyBuilder(Builder):
                 res = resources_with_policy(default, "client", streaming)
                 use_site_job_launcher(res)
                 scope = p.props.get("default_scope", self.default_scope)
-                policy = privacy_policy(scope, self.update_norm_clip, self.client_dp_clip, self.client_dp_noise)
+                he = (startup / "client_context.tenseal").exists()  # none in a kit its owner assembled
+                policy = privacy_policy(scope, self.update_norm_clip, self.client_dp_clip, self.client_dp_noise, he)
                 (local / "privacy.json").write_text(json.dumps(policy, indent=2) + "\n")
                 (local / "privacy.json.sample").unlink(missing_ok=True)  # FLARE's names a class that does not exist
                 (local / "fedbrain_site.json.template").write_text(json.dumps(site_config_template(), indent=2) + "\n")

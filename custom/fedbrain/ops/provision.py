@@ -22,6 +22,7 @@ from fedbrain.ops.kit import KitError, protect_secrets
 POLICY_BUILDER = "fedbrain.ops.builder.SitePolicyBuilder"
 MANIFEST_BUILDER = "fedbrain.ops.builder.KitManifestBuilder"
 SIGNATURE_BUILDER = "nvflare.lighter.impl.signature.SignatureBuilder"
+HE_BUILDER = "nvflare.lighter.impl.he.HEBuilder"
 #: The production template shipped in the package (repo: provisioning/consortium/project.yml).
 CONSORTIUM_TEMPLATE = Path(__file__).resolve().parent / "consortium.yml"
 
@@ -37,6 +38,11 @@ def with_fedbrain_builders(project: dict) -> dict:
         builders.insert(at, {"path": POLICY_BUILDER})
     if MANIFEST_BUILDER not in paths:
         builders.append({"path": MANIFEST_BUILDER})
+    paths = [b.get("path") for b in builders]
+    if HE_BUILDER in paths and paths.index(HE_BUILDER) > paths.index(POLICY_BUILDER):
+        # the policy builder offers the HE scopes only to a kit that holds the HE key: it must come after it
+        policy = builders.pop(paths.index(POLICY_BUILDER))
+        builders.insert([b.get("path") for b in builders].index(HE_BUILDER) + 1, policy)
     return {**project, "builders": builders}
 
 
