@@ -12,9 +12,9 @@ help:
 	@echo "make bench  - benchmarks -> bench/results.json, docs/benchmarks.md"
 	@echo "make jobs   - re-export apps/ (the FLARE apps) and the jobs/*/ folders assembled from them"
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	touch $(STAMP)

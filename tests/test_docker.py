@@ -78,7 +78,7 @@ def test_images_run_as_a_user_with_cpu_torch_by_default_and_a_cuda_argument():
     targets = [args.split()[-1] for op, args in steps if op == "FROM"]
     assert targets == ["wheel", "runtime", "server", "site"]  # site last: the default target
     users = [args for op, args in steps if op == "USER"]
-    assert users and users[-1] not in ("root", "0")
+    assert users and users[-1].split(":")[0] not in ("root", "0")
     assert "ARG TORCH_VARIANT=cpu" in text and "download.pytorch.org/whl/${TORCH_VARIANT}" in text
     assert 'HEALTHCHECK' in text and 'ENTRYPOINT ["entrypoint.sh"]' in text and 'CMD ["start"]' in text
     assert "fedbrain-*.whl" in text and "COPY custom/" in text.split("AS runtime")[0]  # source only in the wheel stage
@@ -127,3 +127,16 @@ def test_healthcheck_follows_flares_pid_file(tmp_path):
     assert subprocess.run(check, env=env).returncode == 0
     (tmp_path / "pid.fl").write_text("999999999\n")
     assert subprocess.run(check, env=env).returncode != 0
+
+
+def test_the_dockerfile_passes_hadolint():
+    """hadolint (requirements-dev.txt), every rule at every level: the images are built rarely (their own make
+    target), so the suite is where a Dockerfile mistake is caught."""
+    import shutil
+    import sys
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is not installed: make test installs requirements-dev.txt"
+    res = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(DOCKER / "Dockerfile")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
