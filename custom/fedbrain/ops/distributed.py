@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from fedbrain.ops.kit import KitError, protect_secrets
-from fedbrain.ops.provision import with_fedbrain_builders
+from fedbrain.ops.provision import HE_BUILDER, SIGNATURE_BUILDER, with_fedbrain_builders
 
 #: Participants the consortium provisions itself: FLARE's distributed requests cover sites, the server and
 #: org_admin/lead/member users, never the project admin, who holds the root key anyway.
@@ -44,7 +44,7 @@ CONSORTIUM_KINDS = ("server",)
 CONSORTIUM_ROLES = ("project_admin",)
 #: Builders a kit assembled by its owner leaves out: HE needs a key shared by every site; FLARE's
 #: SignatureBuilder needs the root key (``nvflare package`` drops it too).
-NOT_IN_OWNER_KITS = ("nvflare.lighter.impl.he.HEBuilder", "nvflare.lighter.impl.signature.SignatureBuilder")
+NOT_IN_OWNER_KITS = (HE_BUILDER, SIGNATURE_BUILDER)
 #: Scopes that need the shared HE key.
 HE_SCOPES = ("encrypted", "dp_encrypted")
 CA_FOLDER, REQUESTS_FOLDER = "ca", "requests"
@@ -165,7 +165,7 @@ def provision_distributed(project_file: Path, out_dir: Path, env: dict | None = 
         raise KitError(f"{project_file}: the project file has no server participant")
     files = {p["name"]: participant_file(project, p) for p in others}  # refuses HE scopes before anything is made
     consortium = {**project, "participants": own,
-                  "builders": [b for b in project.get("builders") or [] if b.get("path") != NOT_IN_OWNER_KITS[0]]}
+                  "builders": [b for b in project.get("builders") or [] if b.get("path") != HE_BUILDER]}
     out_dir.mkdir(parents=True, exist_ok=True)
     own_file = out_dir / f"{project['name']}.consortium.yml"
     own_file.write_text(yaml.safe_dump(consortium, sort_keys=False))
