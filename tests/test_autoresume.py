@@ -44,7 +44,8 @@ def test_plan_resume_continues_after_the_last_saved_round_only(tmp_path):
 class _Jobs:
     """The server's job store as the component uses it (FLARE's JobDefManager API)."""
 
-    def __init__(self, jobs):
+    def __init__(self, jobs, root: Path):
+        self.root = root
         self.jobs = {j.job_id: j for j in jobs}
         self.status, self.cloned = {}, []
 
@@ -53,9 +54,10 @@ class _Jobs:
         return list(self.jobs.values())
 
     def clone(self, from_jid, meta, fl_ctx):
-        new = f"clone-of-{from_jid}"
+        new = meta[JobMetaKey.JOB_ID.value]  # FLARE's clone keeps a job id the meta gives
+        assert read_resume_note(self.root, new)["from_job"] == from_jid  # the note is there before the clone is
         self.cloned.append((from_jid, meta))
-        return {**meta, JobMetaKey.JOB_ID.value: new}
+        return {**meta}
 
     def set_status(self, jid, status, fl_ctx):
         self.status[jid] = status
@@ -78,31 +80,32 @@ def test_the_restarted_server_clones_each_interrupted_job_as_its_submitter(tmp_p
                  JobMetaKey.SUBMITTER_ROLE.value: "lead", JobMetaKey.JOB_NAME.value: "seg",
                  JobMetaKey.DEPLOY_MAP.value: {"app": ["@ALL"]}, JobMetaKey.STATUS.value: "RUNNING",
                  JobMetaKey.JOB_ID.value: "a"}
-    jobs = _Jobs([SimpleNamespace(job_id="a", meta=submitter), SimpleNamespace(job_id="b", meta={})])
+    jobs = _Jobs([SimpleNamespace(job_id="a", meta=submitter), SimpleNamespace(job_id="b", meta={})], tmp_path)
     said = []
     component = ResumeInterruptedJobs()
     monkeypatch.setattr(component, "log_warning", lambda ctx, msg: said.append(msg))
     done = component.resume_all(_ctx(tmp_path, jobs))
-    assert done == [("a", "clone-of-a"), ("b", None)]
+    (_, clone), second = done
+    assert done[0][0] == "a" and second == ("b", None)
     (origin, meta), = jobs.cloned
     assert origin == "a" and meta[JobMetaKey.SUBMITTER_NAME.value] == "lead@hospital-b.org"
     assert meta[JobMetaKey.SUBMITTER_ROLE.value] == "lead" and meta[JobMetaKey.DEPLOY_MAP.value] == {"app": ["@ALL"]}
     assert meta[RESUMED_FROM_META] == {"job": "a", "after_round": 2} and JobMetaKey.STATUS.value not in meta
-    note = read_resume_note(tmp_path, "clone-of-a")
+    note = read_resume_note(tmp_path, clone)
     assert (note["from_job"], note["round"], note["total_rounds"]) == ("a", 2, 5)
     assert jobs.status == {"a": RunStatus.FINISHED_ABNORMAL, "b": RunStatus.FINISHED_ABNORMAL}
-    assert "continues as job clone-of-a from round 3 (2 rounds left" in said[0]
+    assert f"continues as job {clone} from round 3 (2 rounds left" in said[0]
     assert "b was interrupted by a server restart and is not resumed: no round was saved" in said[1]
 
 
 def test_a_resumed_job_interrupted_before_its_first_saved_round_resumes_from_the_same_model(tmp_path):
     run = _run(tmp_path, "a", 1)
-    jobs = _Jobs([SimpleNamespace(job_id="a", meta={})])
-    ResumeInterruptedJobs().resume_all(_ctx(tmp_path, jobs))
-    (tmp_path / "clone-of-a").mkdir()  # the clone started, then the server went down before it closed a round
-    again = _Jobs([SimpleNamespace(job_id="clone-of-a", meta={})])
-    ResumeInterruptedJobs().resume_all(_ctx(tmp_path, again))
-    note = read_resume_note(tmp_path, "clone-of-clone-of-a")
+    jobs = _Jobs([SimpleNamespace(job_id="a", meta={})], tmp_path)
+    (_, clone), = ResumeInterruptedJobs().resume_all(_ctx(tmp_path, jobs))
+    (tmp_path / clone).mkdir()  # the clone started, then the server went down before it closed a round
+    again = _Jobs([SimpleNamespace(job_id=clone, meta={})], tmp_path)
+    (_, second), = ResumeInterruptedJobs().resume_all(_ctx(tmp_path, again))
+    note = read_resume_note(tmp_path, second)
     assert note["round"] == 1 and note["checkpoint"] == str(run / "app_server" / "FL_global_model.pt")
 
 
@@ -112,12 +115,12 @@ def test_the_clone_s_controller_starts_from_the_saved_model_and_runs_the_rounds_
     from fedbrain.fl.resilient import ResilientFedAvg
 
     _run(tmp_path, "a", 2)
-    jobs = _Jobs([SimpleNamespace(job_id="a", meta={})])
-    ResumeInterruptedJobs().resume_all(_ctx(tmp_path, jobs))
+    jobs = _Jobs([SimpleNamespace(job_id="a", meta={})], tmp_path)
+    (_, clone), = ResumeInterruptedJobs().resume_all(_ctx(tmp_path, jobs))
     controller = ResilientFedAvg(num_clients=2, num_rounds=5, min_trained_sites=2)
-    controller.fl_ctx = _ctx(tmp_path, job_id="clone-of-a")
+    controller.fl_ctx = _ctx(tmp_path, job_id=clone)
     controller.persistor = SimpleNamespace(source_ckpt_file_full_name=None)
-    monkeypatch.setattr(controller, "get_run_dir", lambda: str(tmp_path / "clone-of-a"))
+    monkeypatch.setattr(controller, "get_run_dir", lambda: str(tmp_path / clone))
     monkeypatch.setattr(FedAvg, "load_model", lambda self: "the model FLARE's persistor loads")
     assert controller.load_model() == "the model FLARE's persistor loads"
     assert (controller.start_round, controller.num_rounds) == (3, 2)

@@ -83,7 +83,7 @@ class ResumeInterruptedJobs(FLComponent):
 
     def resume_all(self, fl_ctx: FLContext) -> list[tuple[str, str | None]]:
         from nvflare.apis.fl_constant import SystemComponents
-        from nvflare.apis.job_def import JobMetaKey, RunStatus
+        from nvflare.apis.job_def import JobMetaKey, RunStatus, new_job_id
 
         engine = fl_ctx.get_engine()
         jobs = engine.get_component(SystemComponents.JOB_MANAGER)
@@ -98,13 +98,16 @@ class ResumeInterruptedJobs(FLComponent):
                     plan = {k: earlier[k] for k in ("round", "checkpoint", "total_rounds")}
             new = None
             if plan is not None:
-                keep = {k: job.meta[k] for k in job.meta if k in _cloned_keys()}
-                keep[JobMetaKey.CLONED_FROM.value] = old
-                keep[RESUMED_FROM_META] = {"job": old, "after_round": plan["round"]}
-                new = jobs.clone(from_jid=old, meta=keep, fl_ctx=fl_ctx)[JobMetaKey.JOB_ID.value]
+                # The note first, under the id the clone will get: the job runner may schedule the clone at once.
+                new = new_job_id()
                 path = resume_note_path(root, new)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"from_job": old, **plan}) + "\n")
+                keep = {k: job.meta[k] for k in job.meta if k in _cloned_keys()}
+                keep[JobMetaKey.CLONED_FROM.value] = old
+                keep[JobMetaKey.JOB_ID.value] = new
+                keep[RESUMED_FROM_META] = {"job": old, "after_round": plan["round"]}
+                new = jobs.clone(from_jid=old, meta=keep, fl_ctx=fl_ctx)[JobMetaKey.JOB_ID.value]
             jobs.set_status(old, RunStatus.FINISHED_ABNORMAL, fl_ctx)
             if new:
                 self.log_warning(fl_ctx, f"fedbrain: job {old} was interrupted by a server restart after round "
