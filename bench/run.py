@@ -14,6 +14,7 @@ target is a ratio of two things measured in the same run, never an absolute time
     python bench/run.py --only faults        # reliability groups (bench/<group>.py, see GROUP_MODULES): faults | attacks | load
     python bench/run.py --only dp_start      # DP from a public start, both tasks, 3 seeds (~75 min)
     python bench/run.py --only client_dp_start,client_dp_poc   # client-level DP from the start: 12/30 hospitals (~15 min), 12 in POC (~5 min)
+    python bench/run.py --only fed_central   # federated vs centralized on the demo cohort, 5 data seeds (~25 min)
     python bench/run.py --only doc           # re-render docs/benchmarks.md and the plots from results.json
 """
 
@@ -41,7 +42,8 @@ import dp as dp_bench  # noqa: E402  (bench/dp.py: differential-privacy rows)
 #: ``TITLE`` (its docs/benchmarks.md section), ``run(work: Path, console) -> dict`` (JSON-able results),
 #: ``rows(result) -> [(what, measured, goal, detail)]``, and optionally ``notes(result) -> [lines]`` and
 #: ``plot(result, img_dir: Path) -> [relative png paths]``. A module not written yet is skipped.
-GROUP_MODULES = ("faults", "attacks", "load", "client_dp", "seg_ct", "secagg", "soak", "dp_start", "client_dp_start", "client_dp_poc")
+GROUP_MODULES = ("faults", "attacks", "load", "client_dp", "seg_ct", "secagg", "soak", "dp_start", "client_dp_start", "client_dp_poc",
+                 "fed_central")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"

@@ -183,3 +183,42 @@ def test_job_level_client_dp_runs_on_plaintext_before_any_encryptor(he, tmp_path
     assert names == expected, names
     dp = train[1]["args"]
     assert dp["clip_norm"] == 0.5 and dp["noise_multiplier"] == 1.2
+
+
+def test_jobs_export_from_several_threads_at_once(tmp_path, monkeypatch):
+    """Export runs in the sites/ folder, and the working folder is the process's: the fault tests build three jobs
+    in three threads, and one clean-clone run failed with `invalid resource segment_client.py` when one thread's
+    return to its folder pulled sites/ from under another (interleaved, they also left the process in sites/).
+    Exports now take turns."""
+    import threading
+
+    import time
+
+    import fedbrain.jobs as jobs
+    from fedbrain.jobs.segmentation import export
+    from fedbrain.tasks.segmentation import SegmentationConfig
+
+    build, calls = jobs._build, []
+
+    def slow_build(*args, **kwargs):  # staggered: an early thread leaves sites/ while a later one is still in it
+        calls.append(1)
+        time.sleep(0.1 * len(calls))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "_build", slow_build)
+    failures, done = [], []
+
+    def one(i):
+        try:
+            done.append(export(SegmentationConfig(name=f"job{i}", he=bool(i % 2), rounds=1), tmp_path / f"out{i}"))
+        except Exception as e:  # noqa: BLE001 - collected, asserted below
+            failures.append(repr(e))
+
+    before = Path.cwd()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and len(done) == 6
+    assert Path.cwd() == before  # interleaved, the last thread out restored another thread's sites/

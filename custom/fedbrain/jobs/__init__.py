@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 
 from fedbrain.fl.flare_private import (deployed_apps, job_of, persistor_id_of, script_settings, server_workflows,
@@ -39,9 +40,20 @@ def build_task_recipe(config: TaskConfig, *, site_script: str, key_metric: str,
         logging.getLogger("fedbrain").warning(
             f"min_trained_sites {config.min_trained_sites} is more than the {len(sites)} sites given: "
             f"no round of this job can be published")
-    with contextlib.chdir(SITES_DIR):
+    with _in_sites_dir():
         return _build(config, site_script=site_script, key_metric=key_metric, personal_names=personal_names,
                       sites=sites)
+
+
+#: The working folder is the process's, not a thread's: jobs built or exported from several threads at once (the
+#: fault tests do) take turns, or one thread's return to its folder pulls the sites/ folder from under another.
+_CWD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _in_sites_dir():
+    with _CWD_LOCK, contextlib.chdir(SITES_DIR):
+        yield
 
 
 def _build(config: TaskConfig, *, site_script: str, key_metric: str, personal_names, sites):
@@ -259,7 +271,7 @@ def export_recipe(recipe, export_dir: str | Path, name: str, start=None, sites=N
     """Export into ``export_dir/name``: configuration only (the site script is named, not carried),
     plus the public start model (:func:`fedbrain.models.start.ship`) when the job has one."""
     export_dir = Path(export_dir).resolve()
-    with contextlib.chdir(SITES_DIR):
+    with _in_sites_dir():
         recipe.export(str(export_dir))
     if start is not None:
         from fedbrain.models.start import ship
