@@ -530,7 +530,7 @@ def _server_restart(poc, job: JobRun, folder: Path, config, work: Path, fault: f
     record_before = [json.loads(line) for line in (run_dir / ROUND_FILE).read_text().splitlines()] \
         if (run_dir / ROUND_FILE).exists() else []
     # The restarted server continues the job by itself (fedbrain.fl.autoresume): find the job it made.
-    auto = resumed_job_of(poc, job.job_id, timeout=60)
+    auto = resumed_job_of(poc, job.job_id, timeout=240)
     out["resumed_by"] = "server (automatic)" if auto else "admin (fedbrain job resume)"
     if auto:
         resumed = JobRun(poc, None, job_id=auto["job_id"])

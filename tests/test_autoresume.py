@@ -14,13 +14,14 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.job_def import JobMetaKey, RunStatus
 from nvflare.app_common.app_constant import AppConstants
 
-from fedbrain.contracts import CHECKPOINT_NOTE
+from fedbrain.contracts import CHECKPOINT_NOTE, ROUND_FILE
 from fedbrain.fl.autoresume import RESUMED_FROM_META, ResumeInterruptedJobs, plan_resume, read_resume_note
 
 
 def _run(root: Path, job_id: str, last_round: int | None, total: int = 5) -> Path:
     run = root / job_id
     (run / "app_server").mkdir(parents=True)
+    (run / ROUND_FILE).write_text(json.dumps({"round": 0, "asked": ["hospital-a", "hospital-b"]}) + "\n")
     if last_round is not None:
         model = run / "app_server" / "FL_global_model.pt"
         model.write_bytes(b"model")
@@ -63,10 +64,12 @@ class _Jobs:
         self.status[jid] = status
 
 
-def _ctx(root: Path, jobs: _Jobs | None = None, job_id: str | None = None) -> FLContext:
+def _ctx(root: Path, jobs: _Jobs | None = None, job_id: str | None = None, connected=("hospital-a", "hospital-b")
+         ) -> FLContext:
     ctx = FLContext()
     engine = SimpleNamespace(get_component=lambda name: jobs, fire_event=lambda *a, **k: None,
-                             get_workspace=lambda: SimpleNamespace(get_root_dir=lambda: str(root)))
+                             get_workspace=lambda: SimpleNamespace(get_root_dir=lambda: str(root)),
+                             get_clients=lambda: [SimpleNamespace(name=n) for n in connected])
     ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
     if job_id:
         ctx.set_prop(ReservedKey.RUN_NUM, job_id, private=True, sticky=False)
@@ -133,3 +136,24 @@ def test_the_clone_s_controller_starts_from_the_saved_model_and_runs_the_rounds_
     monkeypatch.setattr(fresh, "get_run_dir", lambda: str(tmp_path / "other"))
     fresh.load_model()
     assert (fresh.start_round, fresh.num_rounds) == (0, 5) and fresh.persistor.source_ckpt_file_full_name is None
+
+
+def test_the_clone_waits_for_the_job_s_sites_to_reconnect_then_goes_on_without_the_missing(tmp_path, monkeypatch):
+    """FLARE deploys a job to the sites connected when it starts: a clone made before the hospitals reconnect to
+    the restarted server would run without them (seen in a clean-clone run: round 1 asked 2 of 4 sites)."""
+    import time
+
+    _run(tmp_path, "a", 1)
+    jobs = _Jobs([SimpleNamespace(job_id="a", meta={})], tmp_path)
+    said = []
+    component = ResumeInterruptedJobs(wait_for_sites=1.5)
+    monkeypatch.setattr(component, "log_warning", lambda ctx, msg: said.append(msg))
+    t = time.time()
+    (_, clone), = component.resume_all(_ctx(tmp_path, jobs, connected=("hospital-a",)))
+    assert time.time() - t >= 1.5 and jobs.cloned  # waited for hospital-b, then went on with who is back
+    assert f"job {clone} continues job a without hospital-b" in said[0]
+    jobs2 = _Jobs([SimpleNamespace(job_id="b", meta={})], tmp_path)
+    _run(tmp_path, "b", 1)
+    t = time.time()
+    component.resume_all(_ctx(tmp_path, jobs2))  # everyone back: no wait
+    assert time.time() - t < 1.0

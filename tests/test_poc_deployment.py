@@ -188,7 +188,7 @@ def _server_killed_mid_job(dep: Deployment, root: Path) -> dict:
     for pid in [parent, *_descendants(parent)]:  # the server process and its job: the start script stays
         os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
-    resumed = resumed_job_of(dep, job_id, timeout=120)
+    resumed = resumed_job_of(dep, job_id, timeout=240)
     assert resumed, f"the restarted server did not continue {job_id}"
     sess = dep.session()
     try:

@@ -14,6 +14,8 @@ start, so each was interrupted):
   ``<server workspace>/fedbrain_resume/<new job id>.json`` that the clone's controller reads at start: it
   loads the saved global model and runs the rounds left (:meth:`ResilientFedAvg.load_model`). No
   completed round is trained again;
+- the clone is made once the sites the interrupted job asked have reconnected (at most ``wait_for_sites``
+  seconds after the start; FLARE deploys a job to the sites connected when it starts and cannot add one later);
 - the interrupted job is marked FINISHED:ABNORMAL either way, and the server log says in one line what
   happened to it (resumed as which job, from which round; or why not).
 
@@ -30,7 +32,7 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_context import FLContext
 
-from fedbrain.contracts import CHECKPOINT_NOTE
+from fedbrain.contracts import CHECKPOINT_NOTE, ROUND_FILE
 
 #: Folder of the server's workspace holding one note per resumed job.
 RESUME_FOLDER = "fedbrain_resume"
@@ -48,6 +50,19 @@ def read_resume_note(workspace_root: Path, job_id: str) -> dict | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def sites_of(run_dir: Path) -> list[str]:
+    """The sites the interrupted job asked in its rounds (its ``round_contributions.jsonl``)."""
+    path = Path(run_dir) / ROUND_FILE
+    sites: set[str] = set()
+    try:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                sites.update(json.loads(line).get("asked") or [])
+    except (OSError, ValueError):
+        pass
+    return sorted(sites)
 
 
 def plan_resume(run_dir: Path) -> tuple[dict | None, str]:
@@ -68,18 +83,43 @@ def plan_resume(run_dir: Path) -> tuple[dict | None, str]:
 
 
 class ResumeInterruptedJobs(FLComponent):
-    """At server start: clone every interrupted fedbrain FedAvg job to continue after its last saved round."""
+    """At server start: clone every interrupted fedbrain FedAvg job to continue after its last saved round.
 
-    def __init__(self, enabled: bool = True):
+    The clone is made once the sites the interrupted job asked have reconnected, or after ``wait_for_sites``
+    seconds with whoever is back: FLARE deploys a job to the sites connected when it starts and cannot add one
+    later, so a clone made at once would run without every hospital still reconnecting to the restarted server."""
+
+    def __init__(self, enabled: bool = True, wait_for_sites: float = 120.0):
         super().__init__()
         self.enabled = bool(enabled)
+        self.wait_for_sites = float(wait_for_sites)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.SYSTEM_START and self.enabled:
-            try:
-                self.resume_all(fl_ctx)
-            except Exception as e:  # noqa: BLE001 - the server must start even if this fails
-                self.log_error(fl_ctx, f"fedbrain: could not look for interrupted jobs: {e!r}")
+            import threading
+
+            engine = fl_ctx.get_engine()
+
+            def resume():
+                try:
+                    with engine.new_context() as ctx:
+                        self.resume_all(ctx)
+                except Exception as e:  # noqa: BLE001 - the server runs on whatever happens here
+                    self.logger.error(f"fedbrain: could not resume interrupted jobs: {e!r}")
+
+            threading.Thread(target=resume, name="fedbrain-resume", daemon=True).start()
+
+    def _wait_for(self, engine, sites: list[str]) -> list[str]:
+        """Block until every one of ``sites`` is connected or the wait is over; the ones still missing."""
+        import time
+
+        deadline = time.time() + self.wait_for_sites
+        while True:
+            connected = {c.name for c in (engine.get_clients() or [])}
+            missing = [s for s in sites if s not in connected]
+            if not missing or time.time() >= deadline:
+                return missing
+            time.sleep(1.0)
 
     def resume_all(self, fl_ctx: FLContext) -> list[tuple[str, str | None]]:
         from nvflare.apis.fl_constant import SystemComponents
@@ -103,12 +143,17 @@ class ResumeInterruptedJobs(FLComponent):
                 path = resume_note_path(root, new)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"from_job": old, **plan}) + "\n")
+            jobs.set_status(old, RunStatus.FINISHED_ABNORMAL, fl_ctx)
+            missing = self._wait_for(engine, sites_of(root / old)) if new else []
+            if new:
                 keep = {k: job.meta[k] for k in job.meta if k in _cloned_keys()}
                 keep[JobMetaKey.CLONED_FROM.value] = old
                 keep[JobMetaKey.JOB_ID.value] = new
                 keep[RESUMED_FROM_META] = {"job": old, "after_round": plan["round"]}
                 new = jobs.clone(from_jid=old, meta=keep, fl_ctx=fl_ctx)[JobMetaKey.JOB_ID.value]
-            jobs.set_status(old, RunStatus.FINISHED_ABNORMAL, fl_ctx)
+            if new and missing:
+                self.log_warning(fl_ctx, f"fedbrain: job {new} continues job {old} without {', '.join(missing)}: "
+                                         f"not reconnected {self.wait_for_sites:.0f} s after the restart")
             if new:
                 self.log_warning(fl_ctx, f"fedbrain: job {old} was interrupted by a server restart after round "
                                          f"{plan['round']}; it continues as job {new} from round {plan['round'] + 1} "
