@@ -9,8 +9,8 @@ which round that was (``fedbrain_checkpoint.json``, :class:`fedbrain.fl.resilien
 the server starts. For each job the store still calls RUNNING or DISPATCHED (nothing runs yet at
 start, so each was interrupted):
 
-- with a saved round and rounds left: FLARE's own clone of the job (the same job data, so every app and
-  its submitter signature are unchanged; the clone keeps the submitter), plus a note in
+- with a saved round and rounds left: FLARE's own clone of the job (the same job data, so every app is byte
+  for byte what was submitted; the clone keeps the submitter), plus a note in
   ``<server workspace>/fedbrain_resume/<new job id>.json`` that the clone's controller reads at start: it
   loads the saved global model and runs the rounds left (:meth:`ResilientFedAvg.load_model`). No
   completed round is trained again;
