@@ -168,3 +168,20 @@ def test_a_wrong_fingerprint_refuses_the_kit(flow, tmp_path, monkeypatch):
         distributed.package_kit(flow["hospital"] / "hospital-b.signed.zip", flow["hospital"] / "req",
                                 tmp_path / "kits", wrong)
     assert not list(tmp_path.rglob("client.key"))
+
+
+def test_a_trial_of_distributed_provisioning_on_one_machine(tmp_path, monkeypatch):
+    """`--trial --distributed`: the consortium's own kits with the server on localhost and free ports, as for a
+    one-step trial; every other participant gets its file to request a key with."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["provision", str(CONSORTIUM_TEMPLATE), "--out", str(tmp_path / "out"), "--trial",
+                 "--distributed"]) == 1  # the template's hospital-c defaults to `encrypted`: refused, nothing made
+    assert not (tmp_path / "out" / "fedbrain_consortium").exists()
+    project = yaml.safe_load(CONSORTIUM_TEMPLATE.read_text())
+    for p in project["participants"]:
+        p.pop("default_scope", None)
+    (tmp_path / "p.yml").write_text(yaml.safe_dump(project))
+    assert main(["provision", str(tmp_path / "p.yml"), "--out", str(tmp_path / "out"), "--trial", "--distributed"]) == 0
+    made = tmp_path / "out" / "fedbrain_consortium"
+    assert sorted(k.name for k in (made / "prod_00").iterdir()) == ["admin@example-consortium.org", "localhost"]
+    assert (made / "requests" / "hospital-c.yml").is_file()

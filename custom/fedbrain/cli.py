@@ -262,8 +262,6 @@ def cmd_provision(a) -> int:
     from fedbrain.ops.provision import provision, trial_project
 
     project = Path(a.project)
-    if a.distributed:
-        return _provision_distributed(project, Path(a.out))
     try:
         if a.trial:
             try:
@@ -274,6 +272,8 @@ def cmd_provision(a) -> int:
             trial = trial_project(loaded, Path(a.out))
             project = Path(a.out) / "trial.project.yml"
             project.write_text(yaml.safe_dump(trial, sort_keys=False))
+        if a.distributed:  # with --trial: the same flow on this machine, server on localhost
+            return _provision_distributed(project, Path(a.out))
         prod = provision(project, Path(a.out))
     except KitError as e:
         console.print(f"[red]provisioning failed:[/] {e}")
