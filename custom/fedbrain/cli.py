@@ -305,7 +305,7 @@ def _provision_distributed(project: Path, out: Path) -> int:
     from fedbrain.ops.kit import KitError
 
     try:
-        prod, ca, files = provision_distributed(project, out)
+        prod, ca, _ = provision_distributed(project, out)
     except KitError as e:
         console.print(f"[red]provisioning failed:[/] {e}")
         return 1

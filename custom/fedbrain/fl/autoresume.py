@@ -173,4 +173,4 @@ def _cloned_keys() -> set[str]:
     from nvflare.private.fed.server.job_cmds import CLONED_META_KEYS
 
     return set(CLONED_META_KEYS) | {JobMetaKey.SUBMITTER_NAME.value, JobMetaKey.SUBMITTER_ORG.value,
-                                    JobMetaKey.SUBMITTER_ROLE.value, JobMetaKey.STUDY.value}
+                                    JobMetaKey.SUBMITTER_ROLE.value}
