@@ -5,6 +5,18 @@
 # (fedbrain, nvflare, bash), without the check.
 set -euo pipefail
 KIT="${FEDBRAIN_KIT:-/kit}"
+# Kubernetes (fedbrain kit k8s) mounts the kit as a Secret at FEDBRAIN_KIT_FROM: symlinks into a hidden
+# folder, group-readable under the pod's fsGroup. Copy startup/ and local/ into $KIT (a memory volume),
+# readable by this user only, as the kit check and FLARE expect of a kit.
+if [[ -n "${FEDBRAIN_KIT_FROM:-}" ]]; then
+  if [[ ! -d "$FEDBRAIN_KIT_FROM/startup" ]]; then
+    echo "fedbrain: no kit at $FEDBRAIN_KIT_FROM: create the kit's Secret (kit-secret.yaml from fedbrain kit k8s) before the pod starts" >&2
+    exit 2
+  fi
+  (umask 077 && cp -rL "$FEDBRAIN_KIT_FROM/startup" "$FEDBRAIN_KIT_FROM/local" "$KIT/")
+  chmod -R u+rwX,go-rwx "$KIT/startup" "$KIT/local"
+  chmod u+x "$KIT"/startup/*.sh
+fi
 if [[ "${1:-start}" != "start" ]]; then
   exec "$@"
 fi

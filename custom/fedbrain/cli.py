@@ -367,6 +367,27 @@ def cmd_kit_package(a) -> int:
     return 0
 
 
+def cmd_kit_k8s(a) -> int:
+    from fedbrain.ops.k8s import prepare_chart
+    from fedbrain.ops.kit import KitError
+
+    try:
+        chart = prepare_chart(Path(a.kit), Path(a.out), image=a.image, namespace=a.namespace,
+                              workspace_claim=a.workspace_claim, data_claim=a.data_claim, gpus=a.gpus)
+    except KitError as e:
+        console.print(f"[red]kit k8s:[/] {e}")
+        return 1
+    console.print(f"Helm chart: {chart.chart} (from nvflare deploy prepare; no key in it)")
+    console.print(f"the kit as a Kubernetes Secret: {chart.secret} (private key inside: readable by you only)")
+    if chart.role == "client" and not a.data_claim:
+        console.print("[yellow]no --data-claim: the site starts without data and says so in every job; "
+                      "see docs/hospital-it.md (Kubernetes)[/]")
+    console.print("Then, with kubectl and helm pointed at your cluster:")
+    for line in chart.commands():
+        console.print(f"  {line}")
+    return 0
+
+
 def _print_trial_steps(prod: Path, admin: str | None, data: Path | None) -> None:
     """What to run, in order, to try the production kits on this machine (one line per command)."""
     from fedbrain.fl.site import write_site_config
@@ -651,6 +672,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     kvp.add_argument("--fingerprint", required=True, help="the root CA's SHA-256 fingerprint the consortium "
                      "published out of band (AA:BB:...)")
     kvp.set_defaults(func=cmd_kit_package)
+
+    kvk = kv.add_parser("k8s", help="a Helm chart (from FLARE's nvflare deploy prepare) and the kit as a Secret, "
+                                    "for running this server or site on Kubernetes")
+    kvk.add_argument("kit", help="the server's or a site's kit folder")
+    kvk.add_argument("--out", required=True, help="folder for chart/ and kit-secret.yaml")
+    kvk.add_argument("--image", default=None, help="the image to run (default: fedbrain-server or fedbrain-site "
+                     "at this fedbrain's version, as docker/Dockerfile builds them; prefix your registry)")
+    kvk.add_argument("--namespace", default="fedbrain")
+    kvk.add_argument("--data-claim", default=None, help="sites: the PersistentVolumeClaim holding this hospital's "
+                     "data (mounted read-only at /data, datalist /data/datalist.json)")
+    kvk.add_argument("--workspace-claim", default=None, help="the claim for FLARE's workspace (job folders, the "
+                     "privacy ledger; the server's job store); default NAME-workspace, made by the chart")
+    kvk.add_argument("--gpus", type=int, default=0, help="GPUs the pod requests (nvidia.com/gpu)")
+    kvk.set_defaults(func=cmd_kit_k8s)
 
     from fedbrain.ops import site_check as sc
     st = sub.add_parser("site", help="run a hospital site: pre-flight check, system service")
