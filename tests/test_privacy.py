@@ -387,6 +387,35 @@ def test_moving_the_datalist_does_not_restart_the_same_patients(cases, tmp_path)
     assert _budgeted(tmp_path, other)[1].spent() == 0.0
 
 
+def _container_workspace(root: Path) -> Path:
+    """A workspace as FLARE's sub_start.sh lays it out under NVFL_WORKSPACE (fedbrain's Docker and Kubernetes
+    images): the kit copied afresh into kit/ at every start, startup/ and local/ links into it."""
+    import shutil
+
+    ws = root / "site"
+    shutil.rmtree(ws / "kit", ignore_errors=True)
+    for part in ("startup", "local"):
+        (ws / "kit" / part).mkdir(parents=True)
+        (ws / "kit" / part / "from_the_kit.txt").write_text("as signed\n")
+        if not (ws / part).is_symlink():
+            (ws / part).symlink_to(ws / "kit" / part)
+    return ws
+
+
+def test_a_container_restart_keeps_the_ledger_usable(cases, tmp_path):
+    ws = _container_workspace(tmp_path)
+    trainer, privacy = _budgeted(tmp_path, cases)
+    assert privacy.ledger.workspace == ws
+    _rounds(privacy, trainer, trainer.build_model(), 2)
+    ledger = PrivacyLedger(ws)
+    assert ledger.head_path == ws / "privacy_ledger_head.json" and ledger.head_path.is_file()
+    _container_workspace(tmp_path)  # the container restarts: kit/ (local/ with it) is copied in again
+    trainer, privacy = _budgeted(tmp_path, cases)
+    rounds = _rounds(privacy, trainer, trainer.build_model(), 1, job="job-2", first=3)
+    assert rounds[0].get(DP_WITHHELD) is None and rounds[0]["steps"] > 0
+    assert privacy.spent() == pytest.approx(_offline_epsilon(3 * 2, 0.5, 1e-5), rel=1e-9)
+
+
 @pytest.mark.parametrize("tamper", ["edit", "truncate", "delete", "delete_head"])
 def test_a_tampered_ledger_refuses_the_next_dp_job_in_one_line(cases, tmp_path, tamper, caplog):
     trainer, privacy = _budgeted(tmp_path, cases)

@@ -35,6 +35,15 @@ from fedbrain.privacy.accounting import ACCOUNTANT
 
 LEDGER_FILE = "ledger.jsonl"
 HEAD_FILE = "privacy_ledger_head.json"  # in local/: the chain's length and last hash
+
+
+def head_record_path(workspace: Path) -> Path:
+    """Where the ledger's head record lives: the site's ``local/``, apart from ``privacy/``. Where ``local/`` is a
+    link into a kit copied afresh at every start (FLARE's NVFL_WORKSPACE mode, which fedbrain's Docker and
+    Kubernetes images run), a record there would vanish with each restart and the site would refuse every DP
+    job: it then sits in the workspace folder itself."""
+    local = Path(workspace) / "local"
+    return (Path(workspace) if local.is_symlink() else local) / HEAD_FILE
 GENESIS = "0" * 64
 UNBOUNDED = "no_dp"  # an entry kind: a release without DP (epsilon infinite)
 
@@ -51,7 +60,7 @@ class PrivacyLedger:
     def __init__(self, workspace: str | Path):
         self.workspace = Path(workspace)
         self.path = self.workspace / "privacy" / LEDGER_FILE
-        self.head_path = self.workspace / "local" / HEAD_FILE
+        self.head_path = head_record_path(self.workspace)
 
     # ---- patients ---------------------------------------------------------------------------------
     def _salt(self) -> str:
