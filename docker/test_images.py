@@ -1,0 +1,187 @@
+"""The images, built and run for real: `make image-test` (minutes: the build installs torch; not part of
+`make test`). Run it whenever docker/ or the requirements change.
+
+Podman runs the containers (daemonless; Docker's daemon is not needed, the Dockerfile is the same). Where no image
+registry is reachable (our build machines), the base image is made from Debian's own packages with mmdebstrap
+(``apt-get install podman mmdebstrap runc``); set FEDBRAIN_BASE_IMAGE to use another. The build reaches the
+package index with this machine's pip settings (its pip.conf, PIP_* variables, CA file), mounted into the build
+steps only: nothing of them stays in an image.
+
+What runs: both images build from this checkout; a server container and three site containers start from
+production kits (`fedbrain provision --trial`), each kit mounted read-only at /kit as docker/compose.yml does,
+the entry point's `fedbrain site check` first; an encrypted segmentation job submitted from this machine's
+admin kit completes with every site's update; the health check passes. Sizes and build times are printed
+(docs/hospital-it.md, Containers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the production-kit deployment harness the suite uses
+
+PODMAN = ["podman", "--cgroup-manager=cgroupfs", "--runtime", "runc"]
+#: This machine refuses raised rlimits; podman's defaults ask for them.
+LIMITS = ["--ulimit", "nofile=10000:10000", "--ulimit", "nproc=1000:1000"]
+BASE = "localhost/fedbrain-base:bookworm"
+TAG = "image-test"
+UID = 1000  # the images' user (docker/Dockerfile)
+
+
+def _run(args, timeout=1800, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args[:6]))} ... exit {res.returncode}:\n{res.stdout[-3000:]}\n"
+                             f"{res.stderr[-3000:]}")
+    return res
+
+
+def _base_image(work: Path) -> str:
+    if os.environ.get("FEDBRAIN_BASE_IMAGE"):
+        return os.environ["FEDBRAIN_BASE_IMAGE"]
+    if subprocess.run([*PODMAN, "image", "exists", BASE]).returncode == 0:
+        return BASE
+    if not shutil.which("mmdebstrap"):
+        pytest.skip("no base image: apt-get install mmdebstrap (or set FEDBRAIN_BASE_IMAGE)")
+    rootfs = work / "rootfs.tar"
+    _run(["mmdebstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates,passwd", "bookworm",
+          str(rootfs)])
+    _run([*PODMAN, "import", str(rootfs), BASE])
+    rootfs.unlink()
+    return BASE
+
+
+def _pip_settings(work: Path) -> list[str]:
+    """Mounts that give the build this machine's pip settings: one pip.conf with every setting pip sees here
+    (files and PIP_* variables), and each local file or folder it names, at the same path."""
+    res = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    settings = {}
+    for line in res.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key and value:
+            settings[key.split(".", 1)[-1]] = value.strip().strip("'\"")
+    conf = work / "pip.conf"
+    conf.write_text("[global]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+    mounts = ["-v", f"{conf}:/etc/pip.conf:ro"]
+    for key, value in settings.items():
+        for word in value.split():
+            path = Path(word.removeprefix("file://"))
+            if "index-url" in key:
+                path = path.parent  # a local index's pages link to files beside its simple/ folder
+            if path.is_absolute() and path.exists() and f"{path}:{path}:ro" not in mounts:
+                mounts += ["-v", f"{path}:{path}:ro"]
+    return mounts
+
+
+def _torch_index() -> list[str]:
+    """The Dockerfile's default (PyTorch's CPU index) where reachable; else the package index (with a local CPU
+    wheel, pip's find-links, picked first)."""
+    try:
+        urllib.request.urlopen("https://download.pytorch.org/whl/cpu/", timeout=5)
+        return []
+    except OSError:
+        return ["--build-arg", "TORCH_INDEX=https://pypi.org/simple"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed (apt-get install podman runc)")
+    work = tmp_path_factory.mktemp("build")
+    base = _base_image(work)
+    built = {}
+    for target in ("site", "server"):
+        started = time.time()
+        _run([*PODMAN, "build", "--format", "docker", "--network", "host", *_pip_settings(work), *LIMITS,
+              "-f", "docker/Dockerfile", "--target", target, "--build-arg", f"BASE_IMAGE={base}", *_torch_index(),
+              "-t", f"fedbrain-{target}:{TAG}", "."], cwd=REPO, timeout=3600)
+        size = int(_run([*PODMAN, "image", "inspect", "--format", "{{.Size}}", f"fedbrain-{target}:{TAG}"]).stdout)
+        built[target] = {"image": f"fedbrain-{target}:{TAG}", "seconds": round(time.time() - started),
+                         "size_mb": round(size / 1e6)}
+    print("\nimages:", json.dumps(built))
+    return built
+
+
+def test_the_images_run_the_installed_fedbrain_as_uid_1000(images):
+    for target, info in images.items():
+        out = _run([*PODMAN, "run", "--rm", *LIMITS, info["image"], "sh", "-c", "id -u; fedbrain --version; "
+                    "python3 -c 'import torch, nvflare, monai, tenseal, opacus; print(torch.__version__)'"]).stdout
+        uid, version, torch = out.strip().splitlines()[:3]
+        assert uid == str(UID) and "fedbrain" in out and torch.startswith("2.13.0"), out
+
+
+@pytest.fixture(scope="module")
+def consortium(images, tmp_path_factory):
+    from deployment import Deployment
+    from fedbrain.fl.site import write_site_config
+    from fedbrain.synthetic.cohort import synthesize_consortium
+
+    root = tmp_path_factory.mktemp("containers")
+    dep = Deployment(root)
+    dep.provision()
+    data = root / "data"
+    synthesize_consortium(data, sites=len(dep.sites), cases=6, seed=3, site_names=dep.sites, progress=False)
+    for site in dep.sites:
+        write_site_config(dep.kit(site), data / site / "datalist.json", num_threads=1, min_validation_cases=1)
+    from fedbrain.ops.k8s import server_storage_root
+
+    server = next(p["name"] for p in dep.project["participants"] if p["type"] == "server")
+    storage = Path(server_storage_root(dep.kit(server)))  # the trial's job store, under the test folder
+    for path in (dep.kits, data, storage):
+        path.mkdir(exist_ok=True)
+        shutil.chown(path, UID, UID)
+        for p in path.rglob("*"):  # the kits' owner becomes the containers' user (docs/hospital-it.md)
+            os.chown(p, UID, UID, follow_symlinks=False)
+    names = []
+    try:
+        for name, image in [(server, images["server"]["image"])] + [(s, images["site"]["image"]) for s in dep.sites]:
+            workspace = root / "ws" / name
+            workspace.mkdir(parents=True)
+            shutil.chown(workspace, UID, UID)
+            container = f"fedbrain-test-{name}"
+            subprocess.run([*PODMAN, "rm", "-f", container], capture_output=True)
+            # As docker/compose.yml: the kit read-only at /kit, a writable workspace, data read-only.
+            _run([*PODMAN, "run", "-d", "--name", container, "--network", "host", *LIMITS,
+                  "-v", f"{dep.kit(name)}:/kit:ro", "-v", f"{workspace}:/workspace",
+                  "-v", f"{data}:{data}:ro", "-v", f"{storage}:{storage}", image])
+            names.append(container)
+        dep.wait_for_sites(dep.sites, timeout=300)
+        yield dep, root, names
+    finally:
+        for container in names:
+            (root / f"{container}.log").write_text(
+                subprocess.run([*PODMAN, "logs", container], capture_output=True, text=True).stdout)
+            subprocess.run([*PODMAN, "rm", "-f", "-t", "10", container], capture_output=True)
+
+
+def test_a_containerised_consortium_completes_an_encrypted_job(consortium):
+    from fedbrain.jobs.segmentation import export
+    from fedbrain.poc.runner import submit_and_wait
+    from fedbrain.report.job_report import find_workspace
+    from fedbrain.tasks.segmentation import SegmentationConfig
+
+    dep, root, names = consortium
+    config = SegmentationConfig(rounds=2, epochs_per_round=1, max_steps=2, min_clients=len(dep.sites), he=True)
+    job = export(config, root / "jobs")
+    meta, result = submit_and_wait(dep, job, rounds=2, result_dir=root / "result")
+    assert meta["status"] == "FINISHED:COMPLETED", meta
+    workspace = find_workspace(result)
+    rounds = [json.loads(line) for line in (workspace / "he_aggregation.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["updates"], r["trained"]) for r in rounds] == [(0, 3, 3), (1, 3, 3)], rounds
+    received = [json.loads(line) for line in (workspace / "received_updates.jsonl").read_text().splitlines()]
+    assert sorted((u["round"], u["site"]) for u in received) == sorted((r, s) for r in (0, 1) for s in dep.sites)
+    assert all(p["dtype"] == "CKKSVector" for u in received for p in u["params"].values())  # ciphertext only
+    for container, name in zip(names, [n.removeprefix("fedbrain-test-") for n in names]):
+        res = _run([*PODMAN, "logs", container])
+        logs = res.stdout + res.stderr
+        assert f"Site check: {name}" in logs and "signed manifest of" in logs, logs[-2000:]  # the entry point's check
+        _run([*PODMAN, "exec", container, "healthcheck.sh"])  # FLARE's process is alive
