@@ -333,19 +333,3 @@ def test_server_kits_resume_interrupted_jobs(kits):
     assert [c for c in res["components"] if c["id"] == AUTO_RESUME["id"]] == [AUTO_RESUME]
     resume_interrupted_jobs(res)  # once
     assert len([c for c in res["components"] if c["id"] == AUTO_RESUME["id"]]) == 1
-
-
-def test_server_kits_trim_the_parents_free_heap(kits):
-    """The server's parent process returns freed memory to the OS (fedbrain.ops.memory; bench/soak.py)."""
-    import threading
-
-    from fedbrain.ops.builder import TRIM_FREE_HEAP
-    from fedbrain.ops.memory import keep_heap_trimmed, release_free_heap
-
-    res = json.loads((kits / "fl-server.example-consortium.org" / "local" / "resources.json").read_text())
-    assert [c for c in res["components"] if c["id"] == TRIM_FREE_HEAP["id"]] == [TRIM_FREE_HEAP]
-    site = json.loads((kits / "hospital-a" / "local" / "resources.json").read_text())
-    assert not [c for c in site["components"] if c["id"] == TRIM_FREE_HEAP["id"]]
-    assert release_free_heap() is True  # glibc here
-    assert keep_heap_trimmed(0.05) and keep_heap_trimmed(0.05)  # idempotent: one thread per process
-    assert [t.name for t in threading.enumerate()].count("fedbrain-trim-free-heap") == 1

@@ -186,15 +186,6 @@ def resume_interrupted_jobs(res: dict) -> None:
     _add_component(res, AUTO_RESUME)
 
 
-#: The server component that returns freed heap memory to the OS (fedbrain.ops.memory).
-TRIM_FREE_HEAP = {"id": "fedbrain_trim_free_heap", "path": "fedbrain.ops.memory.TrimFreeHeap", "args": {}}
-
-
-def trim_free_heap(res: dict) -> None:
-    """The server's parent process gives freed memory back, so weeks of admin commands do not grow it."""
-    _add_component(res, TRIM_FREE_HEAP)
-
-
 def use_warm_job_start(res: dict) -> None:
     """POC kits only: job processes forked from a process that has imported torch, MONAI and FLARE
     already (:mod:`fedbrain.poc.warm`); a production kit's job process always starts clean."""
@@ -270,7 +261,6 @@ class SitePolicyBuilder(Builder):
                 res = resources_with_policy(default, "server", None, storage_root=storage)
                 log_refused_handshakes(res)
                 resume_interrupted_jobs(res)
-                trim_free_heap(res)
             else:
                 res = resources_with_policy(default, "client", streaming)
                 use_site_job_launcher(res)
