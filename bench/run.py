@@ -16,6 +16,7 @@ target is a ratio of two things measured in the same run, never an absolute time
     python bench/run.py --only client_dp_start,client_dp_poc   # client-level DP from the start: 12/30 hospitals (~15 min), 12 in POC (~5 min)
     python bench/run.py --only fed_central   # federated vs centralized on the demo cohort, 5 data seeds (~25 min)
     python bench/run.py --only metrics_check # fedbrain's Dice/HD95 vs the BraTS organisers' package (~2 min)
+    python bench/run.py --only classify_demo # `fedbrain demo --task classify` over 5 data seeds (~15 min)
     python bench/run.py --only doc           # re-render docs/benchmarks.md and the plots from results.json
 """
 
@@ -44,7 +45,7 @@ import dp as dp_bench  # noqa: E402  (bench/dp.py: differential-privacy rows)
 #: ``rows(result) -> [(what, measured, goal, detail)]``, and optionally ``notes(result) -> [lines]`` and
 #: ``plot(result, img_dir: Path) -> [relative png paths]``. A module not written yet is skipped.
 GROUP_MODULES = ("faults", "attacks", "load", "client_dp", "seg_ct", "secagg", "soak", "dp_start", "client_dp_start", "client_dp_poc",
-                 "fed_central", "metrics_check")
+                 "fed_central", "metrics_check", "classify_demo")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
