@@ -39,8 +39,10 @@ def rows(r: dict) -> list[tuple]:
     worst = [(a["seed"], min((v for v in a["sites"].values() if v is not None), default=float("nan"))) for a in arms]
     below = [(a["seed"], s, v) for a in arms for s, v in a["sites"].items() if v is None or v < GOAL_SITE]
     slowest = max(a["seconds"] for a in arms)
-    per_seed = "; ".join(f"seed {a['seed']}: " + " / ".join("-" if v is None else f"{v:.3f}" for v in a["sites"].values())
-                         for a in arms)
+    names = sorted({s for a in arms for s in a["sites"]})
+    per_seed = f"per seed ({' / '.join(names)}): " + "; ".join(
+        f"{a['seed']}: " + " / ".join("-" if a["sites"].get(s) is None else f"{a['sites'][s]:.3f}" for s in names)
+        for a in arms)
     return [
         (f"`fedbrain demo --task classify`: worst site's balanced accuracy, {len(arms)} data seeds",
          ", ".join(f"{v:.3f}" for _, v in worst), f">= {GOAL_SITE:.2f} every site, every seed",
