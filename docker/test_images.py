@@ -7,10 +7,12 @@ registry is reachable (our build machines), the base image is made from Debian's
 package index with this machine's pip settings (its pip.conf, PIP_* variables, CA file), mounted into the build
 steps only: nothing of them stays in an image.
 
-What runs: both images build from this checkout; a server container and three site containers start from
-production kits (`fedbrain provision --trial`), each kit mounted read-only at /kit as docker/compose.yml does,
-the entry point's `fedbrain site check` first; an encrypted segmentation job submitted from this machine's
-admin kit completes with every site's update; the health check passes. Sizes and build times are printed
+What runs: both images build from this checkout; a server container and two site containers start from
+production kits (`fedbrain provision --trial`), each kit mounted read-only at /kit as docker/compose.yml does;
+the third site runs from its Kubernetes chart (`fedbrain kit k8s`, rendered by Helm's Go SDK) with `podman kube
+play`: the Deployment and workspace claim as rendered, the kit's Secret laid out as the kubelet would. Every
+container runs the entry point's `fedbrain site check` first; an encrypted segmentation job submitted from this
+machine's admin kit completes with every site's update; the health check passes. Sizes and build times are printed
 (docs/hospital-it.md, Containers)."""
 
 from __future__ import annotations
@@ -119,6 +121,65 @@ def test_the_images_run_the_installed_fedbrain_as_uid_1000(images):
         assert uid == str(UID) and "fedbrain" in out and torch.startswith("2.13.0"), out
 
 
+#: The site started from its Kubernetes chart (`fedbrain kit k8s`) instead of `podman run`.
+CHART_SITE = "hospital-c"
+
+
+def _secret_volume(secret: dict, items: list[dict], into: Path) -> Path:
+    """The kit's Secret as the kubelet lays a Secret volume out: a hidden folder, ``..data`` linking to it, a link
+    per top-level path; files root-owned, group-readable by the pod's fsGroup (defaultMode 0400 + fsGroup)."""
+    import base64
+
+    data = into / "..2026_12_07_00_00_00.000000001"
+    paths = {i["key"]: i["path"] for i in items}
+    for key, value in secret["data"].items():
+        target = data / paths[key]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(base64.b64decode(value))
+        os.chown(target, 0, UID)
+        target.chmod(0o440)
+    (into / "..data").symlink_to(data.name)
+    for top in {p.split("/")[0] for p in paths.values()}:
+        (into / top).symlink_to(f"..data/{top}")
+    return into
+
+
+def _play_chart(site: str, kit: Path, image: str, data: Path, work: Path) -> tuple[list[str], Path, str, dict]:
+    """Run a site from its chart with `podman kube play`: the rendered Deployment and workspace claim as they are,
+    except the Secret volume (podman 4.3's kube play crashes on Secret volumes with items) and the data claim,
+    which become host folders holding the same files. Returns (the command that takes it down, the manifest
+    played, the container's name, the environment podman needs)."""
+    import helm_python as helm
+    import yaml
+
+    from fedbrain.ops.k8s import prepare_chart
+
+    chart = prepare_chart(kit, work / "chart-out", image=f"localhost/{image}", data_claim=f"{site}-data")
+    with helm.Chart.load(str(chart.chart)) as loaded:
+        objects = [d for t in loaded.render({}, name=chart.release, namespace="default").values()
+                   for d in yaml.safe_load_all(t) if d]
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    claims = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    spec = deployment["spec"]["template"]["spec"]
+    for volume in spec["volumes"]:
+        if volume["name"] == "kit-secret":
+            layout = _secret_volume(yaml.safe_load(chart.secret.read_text()), volume["secret"]["items"],
+                                    work / "secret-volume")
+            volume.pop("secret")
+            volume["hostPath"] = {"path": str(layout), "type": "Directory"}
+        elif volume["name"] == "data":
+            volume.pop("persistentVolumeClaim")
+            volume["hostPath"] = {"path": str(data), "type": "Directory"}
+    played = work / "play.yaml"
+    played.write_text(yaml.safe_dump_all([*claims, deployment], sort_keys=False))
+    conf = work / "containers.conf"  # kube play takes no --ulimit or --cgroup-manager: the same settings, as config
+    conf.write_text('[containers]\ndefault_ulimits = ["nofile=10000:10000", "nproc=1000:1000"]\n'
+                    '[engine]\ncgroup_manager = "cgroupfs"\nruntime = "runc"\n')
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    _run(["podman", "kube", "play", "--network", "host", str(played)], env=env)
+    return ["podman", "kube", "down", str(played)], played, f"{deployment['metadata']['name']}-pod-0-fedbrain", env
+
+
 @pytest.fixture(scope="module")
 def consortium(images, tmp_path_factory):
     from deployment import Deployment
@@ -141,9 +202,10 @@ def consortium(images, tmp_path_factory):
         shutil.chown(path, UID, UID)
         for p in path.rglob("*"):  # the kits' owner becomes the containers' user (docs/hospital-it.md)
             os.chown(p, UID, UID, follow_symlinks=False)
-    names = []
+    names, played = [], None
     try:
-        for name, image in [(server, images["server"]["image"])] + [(s, images["site"]["image"]) for s in dep.sites]:
+        for name, image in [(server, images["server"]["image"])] + [(s, images["site"]["image"]) for s in dep.sites
+                                                                     if s != CHART_SITE]:
             workspace = root / "ws" / name
             workspace.mkdir(parents=True)
             shutil.chown(workspace, UID, UID)
@@ -154,9 +216,19 @@ def consortium(images, tmp_path_factory):
                   "-v", f"{dep.kit(name)}:/kit:ro", "-v", f"{workspace}:/workspace",
                   "-v", f"{data}:{data}:ro", "-v", f"{storage}:{storage}", image])
             names.append(container)
+        down, manifest, container, kube_env = _play_chart(CHART_SITE, dep.kit(CHART_SITE), images["site"]["image"],
+                                                          data / CHART_SITE, root / "k8s")
+        played = (down, kube_env)
+        names.append(container)
         dep.wait_for_sites(dep.sites, timeout=300)
         yield dep, root, names
     finally:
+        if played:
+            (root / f"{names[-1]}.log").write_text(
+                subprocess.run([*PODMAN, "logs", names[-1]], capture_output=True, text=True).stdout)
+            subprocess.run(played[0], capture_output=True, env=played[1])
+            subprocess.run([*PODMAN, "volume", "rm", "-f", f"{CHART_SITE}-workspace"], capture_output=True)
+            names = names[:-1]
         for container in names:
             (root / f"{container}.log").write_text(
                 subprocess.run([*PODMAN, "logs", container], capture_output=True, text=True).stdout)
@@ -180,7 +252,8 @@ def test_a_containerised_consortium_completes_an_encrypted_job(consortium):
     received = [json.loads(line) for line in (workspace / "received_updates.jsonl").read_text().splitlines()]
     assert sorted((u["round"], u["site"]) for u in received) == sorted((r, s) for r in (0, 1) for s in dep.sites)
     assert all(p["dtype"] == "CKKSVector" for u in received for p in u["params"].values())  # ciphertext only
-    for container, name in zip(names, [n.removeprefix("fedbrain-test-") for n in names]):
+    participants = [n.removeprefix("fedbrain-test-") for n in names[:-1]] + [CHART_SITE]
+    for container, name in zip(names, participants):
         res = _run([*PODMAN, "logs", container])
         logs = res.stdout + res.stderr
         assert f"Site check: {name}" in logs and "signed manifest of" in logs, logs[-2000:]  # the entry point's check

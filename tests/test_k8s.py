@@ -12,15 +12,14 @@ import stat
 import subprocess
 from pathlib import Path
 
+import helm_python as helm  # requirements-dev.txt (make test installs it): Helm's Go SDK, no helm binary
+import kubernetes_validate
 import pytest
 import yaml
 
 from fedbrain.ops.k8s import prepare_chart
 from fedbrain.ops.kit import MANIFEST_NAME, kit_files, verify_manifest
 from fedbrain.ops.provision import provision
-
-helm = pytest.importorskip("helm_python", reason="make test installs requirements-dev.txt (helm-python-sdk)")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = "fl-server.example-consortium.org"
