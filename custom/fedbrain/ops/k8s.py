@@ -19,6 +19,7 @@ pods and secrets), and writes a Helm chart that runs FLARE directly. fedbrain ke
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -110,8 +111,6 @@ def _nvflare_prepare(kit: Path, out: Path, image: str, namespace: str, work: Pat
 
 def server_storage_root(kit: Path) -> str:
     """Where the server kit keeps its job store (the project file's storage_root; fedbrain's default otherwise)."""
-    import json
-
     for name in ("resources.json", "resources.json.default"):
         path = Path(kit) / "local" / name
         if path.is_file():
