@@ -200,8 +200,8 @@ def notes(result: dict) -> list[str]:
         "Tried on 2026-12-07, not shipped: `malloc_trim(0)` every 10 s (glibc returns free heap pages) in the server's"
         " parent, 500 rounds: +74% in one run (every process trimming) and +100% in another (the parent only),"
         " against +106% without: no reliable effect, so the growth is not free heap. /proc/PID/smaps of the parent:"
-        " it sits in the main heap and two thread arenas. In a site's job process (tracemalloc, round 50 vs 150)"
-        " FLARE's streaming keeps its 512 KB chunk buffers alive after their streams end (4 -> 22 of them), and its"
-        " error-context map grows by ~24 small entries a round: FLARE's, reported in docs/maintainers.md.",
+        " it sits in the main heap and two thread arenas, not in Python objects (tracemalloc: ~1 MB of growth). The"
+        " job processes' growth is mostly below Python too (live large buffers stay at 3-4); FLARE's stream"
+        " error-context map grows by ~24 small entries a round (docs/maintainers.md).",
         "",
     ]
