@@ -183,8 +183,8 @@ def prepare_chart(kit: Path, out: Path, image: str | None = None, namespace: str
     ours = "server-deployment.yaml" if role == "server" else "site-deployment.yaml"
     flare_deployment = "server-deployment.yaml" if role == "server" else "client-deployment.yaml"
     (templates / flare_deployment).unlink()
-    for name_ in (ours, "workspace-pvc.yaml"):
-        (templates / name_).write_text((resources.files("fedbrain.ops") / "charts" / name_).read_text())
+    for template in (ours, "workspace-pvc.yaml"):
+        (templates / template).write_text((resources.files("fedbrain.ops") / "charts" / template).read_text())
     if role == "server":
         service = templates / "server-service.yaml"
         service.write_text(_without_parent_port(service.read_text()))
