@@ -679,7 +679,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     kvk.add_argument("--out", required=True, help="folder for chart/ and kit-secret.yaml")
     kvk.add_argument("--image", default=None, help="the image to run (default: fedbrain-server or fedbrain-site "
                      "at this fedbrain's version, as docker/Dockerfile builds them; prefix your registry)")
-    kvk.add_argument("--namespace", default="fedbrain")
+    kvk.add_argument("--namespace", default="fedbrain", help="the namespace of the Secret and the release "
+                     "(default: fedbrain)")
     kvk.add_argument("--data-claim", default=None, help="sites: the PersistentVolumeClaim holding this hospital's "
                      "data (mounted read-only at /data, datalist /data/datalist.json)")
     kvk.add_argument("--workspace-claim", default=None, help="the claim for FLARE's workspace (job folders, the "
