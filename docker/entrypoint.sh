@@ -24,9 +24,14 @@ if [[ ! -f "$KIT/startup/sub_start.sh" ]]; then
   echo "fedbrain: no kit at $KIT: mount the participant's kit folder there read-only (-v /srv/flare/hospital-a:$KIT:ro)" >&2
   exit 2
 fi
+# The container starts with nothing of FLARE running in it: pid files on the workspace volume are from its
+# previous life (killed, restarted by Docker or Kubernetes, the host rebooted). FLARE's sub_start.sh would find its
+# own stale daemon_pid.fl naming PID 1, which is alive again (this script), and exit without starting FLARE.
+WORKSPACE="${NVFL_WORKSPACE:-/workspace}"
+rm -f "$WORKSPACE/daemon_pid.fl" "$WORKSPACE/pid.fl" "$WORKSPACE/shutdown.fl" "$WORKSPACE/restart.fl"
 # A server that is down is a warning only (FLARE keeps retrying); anything that fails stops here,
 # with the reason in `docker logs`. FEDBRAIN_CHECK_ARGS adds options (e.g. --need-gpu-gib 16).
 # shellcheck disable=SC2086
-fedbrain site check --kit "$KIT" --workspace "${NVFL_WORKSPACE:-/workspace}" --allow-server-down --no-preflight \
+fedbrain site check --kit "$KIT" --workspace "$WORKSPACE" --allow-server-down --no-preflight \
   ${FEDBRAIN_CHECK_ARGS:-}
 exec "$KIT/startup/sub_start.sh"

@@ -119,6 +119,22 @@ def test_entrypoint_does_not_start_a_kit_that_fails_the_check(tmp_path):
     assert missing.returncode == 2 and "mount the participant's kit" in missing.stderr
 
 
+def test_a_restarted_container_starts_flare_despite_its_previous_pid_files(tmp_path):
+    """FLARE's sub_start.sh refuses to start when daemon_pid.fl names a live process: after a container restart
+    that is PID 1 again, the entry point itself (seen with podman: the site stayed down, exit status 0)."""
+    env, kit, log = _fake_env(tmp_path, check_exit=0)
+    ws = Path(env["NVFL_WORKSPACE"])
+    ws.mkdir()
+    for stale in ("daemon_pid.fl", "pid.fl", "shutdown.fl", "restart.fl"):
+        (ws / stale).write_text("1\n")
+    (kit / "startup" / "sub_start.sh").write_text(
+        f'#!/bin/sh\nls "$NVFL_WORKSPACE" | sed "s/^/left: /" >> {log}\necho "sub_start ran" >> {log}\n')
+    res = subprocess.run([str(DOCKER / "entrypoint.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    assert calls[-1] == "sub_start ran" and not [c for c in calls if c.startswith("left: ")], calls
+
+
 def test_healthcheck_follows_flares_pid_file(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "NVFL_WORKSPACE": str(tmp_path)}
     check = [str(DOCKER / "healthcheck.sh")]
