@@ -47,6 +47,9 @@ def test_install_service_writes_a_unit_for_the_kit(kits, tmp_path):
     assert s["ExecStart"] == [f"{kit}/startup/sub_start.sh"]
     pre = s["ExecStartPre"][0]
     assert pre.startswith(f"{Path(sys.executable).parent}/fedbrain site check --kit {kit} ") and "--allow-server-down" in pre
+    # a crash or reboot leaves sub_start.sh's pid files behind: a stale daemon_pid.fl would keep the site down
+    assert s["ExecStartPre"][1] == ("/bin/rm -f " + " ".join(f"/var/lib/fedbrain/hospital-a/{f}" for f in
+                                    ("daemon_pid.fl", "pid.fl", "shutdown.fl", "restart.fl")))
     env = s["Environment"]
     assert "NVFL_WORKSPACE=/var/lib/fedbrain/hospital-a" in env and "FEDBRAIN_DATALIST=/data/brats/datalist.json" in env
     assert f"PATH={Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin" in env  # sub_start.sh's python3
