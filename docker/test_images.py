@@ -258,3 +258,54 @@ def test_a_containerised_consortium_completes_an_encrypted_job(consortium):
         logs = res.stdout + res.stderr
         assert f"Site check: {name}" in logs and "signed manifest of" in logs, logs[-2000:]  # the entry point's check
         _run([*PODMAN, "exec", container, "healthcheck.sh"])  # FLARE's process is alive
+
+
+def _site_rows(result: Path) -> list[dict]:
+    from fedbrain.report.job_report import find_workspace
+
+    lines = (find_workspace(result) / "metrics" / "round_metrics.jsonl").read_text().splitlines()
+    return [{s["name"]: {m["name"]: m["value"] for m in s["metrics"]} for s in json.loads(line)["sites"]}
+            for line in lines]
+
+
+def test_a_restarted_site_container_keeps_counting_its_privacy_budget(consortium):
+    """In a container FLARE copies the kit afresh at every start: the ledger's head record must outlive that, or a
+    restarted site refuses every DP job as a tampered ledger (the bug this test was written for)."""
+    from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, TRAIN_STEPS
+    from fedbrain.fl.site import write_site_config
+    from fedbrain.jobs.segmentation import export
+    from fedbrain.poc.runner import submit_and_wait
+    from fedbrain.tasks.segmentation import SegmentationConfig
+
+    dep, root, _ = consortium
+    site, container = "hospital-a", "fedbrain-test-hospital-a"
+    datalist = root / "data" / site / "datalist.json"
+    config = write_site_config(dep.kit(site), datalist, num_threads=1, min_validation_cases=1,
+                               dp_budget={"epsilon": 1e6, "delta": 1e-5})  # a budget: every release is recorded
+    os.chown(config, UID, UID)
+    workspace = root / "ws" / site
+    spent = []
+    def registrations() -> int:
+        res = _run([*PODMAN, "logs", container])
+        return (res.stdout + res.stderr).count(f"Successfully registered client:{site}")
+
+    for n in (1, 2):
+        before = registrations()
+        _run([*PODMAN, "restart", "-t", "10", container])  # the kit (and local/) copied in afresh
+        deadline = time.time() + 300  # the server still lists the site from before: wait for it to register again
+        while registrations() <= before:
+            assert time.time() < deadline, f"{site} did not register again within 300 s of its restart"
+            time.sleep(3)
+        # Plaintext DP: hospital-c (scope `encrypted`) refuses it, and the round policy goes on with the other two.
+        job = export(SegmentationConfig(name=f"container_dp_{n}", rounds=1, epochs_per_round=1, max_steps=2,
+                                        min_clients=2, dp_noise_multiplier=1.0, dp_delta=1e-5), root / f"dp_jobs{n}")
+        meta, result = submit_and_wait(dep, job, rounds=1, result_dir=root / f"dp_result{n}")
+        assert meta["status"] == "FINISHED:COMPLETED", meta
+        mine = _site_rows(result)[0][site]
+        assert mine[TRAIN_STEPS] > 0 and DP_WITHHELD not in mine, mine  # trained, not refused as tampered
+        spent.append(mine[DP_EPSILON_SPENT])
+        assert (workspace / "privacy_ledger_head.json").is_file()  # beside the ledger, not in the kit's copy
+        assert not (workspace / "kit" / "local" / "privacy_ledger_head.json").exists()
+    assert spent[1] > spent[0]  # the second job went on from the first one's epsilon
+    ledger = [json.loads(line) for line in (workspace / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    assert len({e.get("job_id") for e in ledger if e.get("job_id")}) == 2, ledger
