@@ -125,25 +125,6 @@ def test_the_images_run_the_installed_fedbrain_as_uid_1000(images):
 CHART_SITE = "hospital-c"
 
 
-def _secret_volume(secret: dict, items: list[dict], into: Path) -> Path:
-    """The kit's Secret as the kubelet lays a Secret volume out: a hidden folder, ``..data`` linking to it, a link
-    per top-level path; files root-owned, group-readable by the pod's fsGroup (defaultMode 0400 + fsGroup)."""
-    import base64
-
-    data = into / "..2026_12_07_00_00_00.000000001"
-    paths = {i["key"]: i["path"] for i in items}
-    for key, value in secret["data"].items():
-        target = data / paths[key]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(base64.b64decode(value))
-        os.chown(target, 0, UID)
-        target.chmod(0o440)
-    (into / "..data").symlink_to(data.name)
-    for top in {p.split("/")[0] for p in paths.values()}:
-        (into / top).symlink_to(f"..data/{top}")
-    return into
-
-
 def _play_chart(site: str, kit: Path, image: str, data: Path, work: Path) -> tuple[list[str], Path, str, dict]:
     """Run a site from its chart with `podman kube play`: the rendered Deployment and workspace claim as they are,
     except the Secret volume (podman 4.3's kube play crashes on Secret volumes with items) and the data claim,
@@ -151,6 +132,7 @@ def _play_chart(site: str, kit: Path, image: str, data: Path, work: Path) -> tup
     played, the container's name, the environment podman needs)."""
     import helm_python as helm
     import yaml
+    from test_k8s import secret_volume  # tests/: the kubelet's Secret volume layout
 
     from fedbrain.ops.k8s import prepare_chart
 
@@ -163,8 +145,8 @@ def _play_chart(site: str, kit: Path, image: str, data: Path, work: Path) -> tup
     spec = deployment["spec"]["template"]["spec"]
     for volume in spec["volumes"]:
         if volume["name"] == "kit-secret":
-            layout = _secret_volume(yaml.safe_load(chart.secret.read_text()), volume["secret"]["items"],
-                                    work / "secret-volume")
+            layout = secret_volume(yaml.safe_load(chart.secret.read_text()), volume["secret"]["items"],
+                                   work / "secret-volume", group=UID)
             volume.pop("secret")
             volume["hostPath"] = {"path": str(layout), "type": "Directory"}
         elif volume["name"] == "data":

@@ -126,23 +126,29 @@ def test_the_server_chart_serves_the_kits_ports_and_keeps_its_job_store(kits, ch
     assert store and store[0]["name"] == "workspace"  # a restarted pod finds the interrupted job (autoresume)
 
 
-def _secret_volume(kit: Path, into: Path) -> Path:
-    """The layout the kubelet writes for a Secret volume with items: a hidden timestamped folder, ..data linking
-    to it, and one link per top-level path; files group-readable (defaultMode 0400 under an fsGroup)."""
+def secret_volume(secret: dict, items: list[dict], into: Path, group: int | None = None) -> Path:
+    """A Secret volume as the kubelet lays it out: a hidden timestamped folder, ``..data`` linking to it, a link per
+    top-level path; files group-readable (defaultMode 0400 under an fsGroup: ``group`` owns them when given).
+    docker/test_images.py mounts the same layout into a pod run by `podman kube play`."""
     data = into / "..2026_12_07_09_00_00.123456789"
-    for rel in {*kit_files(kit), f"startup/{MANIFEST_NAME}"}:
-        target = data / rel
+    paths = {i["key"]: i["path"] for i in items}
+    for key, value in secret["data"].items():
+        target = data / paths[key]
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes((kit / rel).read_bytes())
+        target.write_bytes(base64.b64decode(value))
+        if group is not None:
+            os.chown(target, 0, group)
         target.chmod(0o440)
     (into / "..data").symlink_to(data.name)
-    for top in ("startup", "local"):
+    for top in {p.split("/")[0] for p in paths.values()}:
         (into / top).symlink_to(f"..data/{top}")
     return into
 
 
-def test_the_entrypoint_copies_a_secret_mounted_kit_owner_only_and_it_verifies(kits, tmp_path):
-    source = _secret_volume(kits / "hospital-a", tmp_path / "kit-secret")
+def test_the_entrypoint_copies_a_secret_mounted_kit_owner_only_and_it_verifies(charts, tmp_path):
+    chart, objects = charts["hospital-a"]  # the Secret fedbrain kit k8s wrote, mounted as the Deployment says
+    items = next(v for v in _pod(objects)["volumes"] if v["name"] == "kit-secret")["secret"]["items"]
+    source = secret_volume(yaml.safe_load(chart.secret.read_text()), items, tmp_path / "kit-secret")
     kit = tmp_path / "kit"
     kit.mkdir()
     env = {"PATH": "/usr/bin:/bin", "FEDBRAIN_KIT_FROM": str(source), "FEDBRAIN_KIT": str(kit)}
