@@ -38,7 +38,7 @@ def test_compose_parses_and_mounts_kits_read_only():
         assert mode == "ro" and "${KITS" in source, (name, source, mode)
         source, mode = mounts["/workspace"]
         assert source.endswith("-workspace") and mode == "rw"  # a named volume, writable, not the kit
-        assert svc["restart"] == "on-failure" and svc["build"]["dockerfile"] == "docker/Dockerfile"
+        assert svc["restart"] == "unless-stopped" and svc["build"]["dockerfile"] == "docker/Dockerfile"
         if name != "server":
             assert mounts["/data"][1] == "ro" and svc["depends_on"] == ["server"]
             assert svc["build"]["target"] == "site" and svc["environment"]["FEDBRAIN_DATALIST"].startswith("/data/")
