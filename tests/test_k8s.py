@@ -37,7 +37,8 @@ def kits(tmp_path_factory) -> Path:
 def charts(kits, tmp_path_factory):
     """name -> (Chart, rendered objects): the server, and a site with a data claim and a GPU."""
     out, made = tmp_path_factory.mktemp("k8s"), {}
-    for name, extra in ((SERVER, {}), ("hospital-a", {"data_claim": "hospital-a-data", "gpus": 1})):
+    for name, extra in ((SERVER, {}), ("hospital-a", {"data_claim": "hospital-a-data", "gpus": 1}),
+                        ("hospital-b", {"server_cidr": "203.0.113.7/32"})):
         chart = prepare_chart(kits / name, out / name, image="registry.example.org/fedbrain/x:0.1.0", **extra)
         with helm.Chart.load(str(chart.chart)) as loaded:
             rendered = loaded.render({}, name=chart.release, namespace=chart.namespace)
@@ -109,6 +110,33 @@ def test_pods_get_no_cluster_api_access_and_mount_the_kit_and_data_read_only(cha
         "claimName": "hospital-a-data", "readOnly": True}
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
     assert not _kind(charts["hospital-a"][1], "Service")  # a site takes no inbound connection
+
+
+def test_network_policies_let_a_site_dial_only_the_server_port_and_the_server_take_only_its_ports(kits, charts):
+    from fedbrain.ops.kit import server_address
+
+    dns = {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    for name, (_, objects) in charts.items():
+        (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+        labels = _kind(objects, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert selector and selector.items() <= labels.items(), (selector, labels)  # it applies to the pod
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        if name == SERVER:
+            fed = json.loads((kits / SERVER / "startup" / "fed_server.json").read_text())["servers"][0]
+            ports = {int(fed["service"]["target"].rsplit(":", 1)[1]), int(fed["admin_port"])}
+            (ingress,) = policy["spec"]["ingress"]
+            assert {p["port"] for p in ingress["ports"]} == ports and "from" not in ingress
+            assert policy["spec"]["egress"] == [dns]  # the server dials nobody
+        else:
+            port = server_address(kits / name)[1]
+            assert policy["spec"]["ingress"] == []  # a site takes no connection
+            dial, resolve = policy["spec"]["egress"]
+            assert dial["ports"] == [{"port": port, "protocol": "TCP"}] and resolve == dns
+            if name == "hospital-b":  # --server-cidr: the server's port at the server's address only
+                assert dial["to"] == [{"ipBlock": {"cidr": "203.0.113.7/32"}}]
+            else:
+                assert "to" not in dial
 
 
 def test_the_server_chart_serves_the_kits_ports_and_keeps_its_job_store(kits, charts):

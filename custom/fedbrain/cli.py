@@ -373,7 +373,8 @@ def cmd_kit_k8s(a) -> int:
 
     try:
         chart = prepare_chart(Path(a.kit), Path(a.out), image=a.image, namespace=a.namespace,
-                              workspace_claim=a.workspace_claim, data_claim=a.data_claim, gpus=a.gpus)
+                              workspace_claim=a.workspace_claim, data_claim=a.data_claim, gpus=a.gpus,
+                              server_cidr=a.server_cidr)
     except KitError as e:
         console.print(f"[red]kit k8s:[/] {e}")
         return 1
@@ -686,6 +687,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     kvk.add_argument("--workspace-claim", default=None, help="the claim for FLARE's workspace (job folders, the "
                      "privacy ledger; the server's job store); default NAME-workspace, made by the chart")
     kvk.add_argument("--gpus", type=int, default=0, help="GPUs the pod requests (nvidia.com/gpu)")
+    kvk.add_argument("--server-cidr", default=None, help="sites: the server's address block (e.g. 203.0.113.7/32); "
+                     "the pod may then dial the server's port there only, not on any host")
     kvk.set_defaults(func=cmd_kit_k8s)
 
     from fedbrain.ops import site_check as sc

@@ -14,6 +14,8 @@ pods and secrets), and writes a Helm chart that runs FLARE directly. fedbrain ke
   role: a job cannot start pods or read the namespace's secrets.
 - **Data is mounted read-only** from the hospital's own claim (sites); the server's job store lives on its
   workspace claim, so a restarted pod resumes an interrupted job.
+- **A NetworkPolicy** lets a site's pod dial only the server's FL port (and DNS) and take no connection; the
+  server's pod takes only its FL and admin ports.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from fedbrain.ops.kit import MANIFEST_NAME, KitError, kit_files, kit_identity
+from fedbrain.ops.kit import MANIFEST_NAME, KitError, kit_files, kit_identity, server_address
 
 #: The images docker/Dockerfile builds (targets ``server`` and ``site``).
 IMAGES = {"server": "fedbrain-server", "client": "fedbrain-site"}
@@ -123,7 +125,7 @@ def server_storage_root(kit: Path) -> str:
 
 def _values(flare_values: dict, role: str, name: str, image: str, secret: str, items: list[dict],
             workspace_claim: str | None, data_claim: str | None, datalist: str, gpus: int,
-            storage_root: str = SERVER_STORAGE) -> dict:
+            storage_root: str = SERVER_STORAGE, server_port: int | None = None, server_cidr: str | None = None) -> dict:
     repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
     values = dict(flare_values)
     values.update({
@@ -149,14 +151,19 @@ def _values(flare_values: dict, role: str, name: str, image: str, secret: str, i
         values["storage"] = {"mountPath": storage_root, "subPath": "storage"}
         values["service"] = {**(values.get("service") or {}), "type": "LoadBalancer"}  # the sites dial in from outside
         values["parentPort"] = None  # FLARE's job pods dial the server here; fedbrain's jobs run in the pod
+        ports = [p for p in (values.get("fedLearnPort"), values.get("adminPort")) if p]
+        values["networkPolicy"] = {"enabled": True, "ingressPorts": ports, "egressPorts": [], "serverCIDR": None}
     else:
         values["data"] = {"claimName": data_claim, "mountPath": "/data", "datalist": datalist}
+        values["serviceName"] = name  # FLARE's helper names (and labels) a site's pod after it
+        values["networkPolicy"] = {"enabled": True, "ingressPorts": [], "egressPorts": [server_port],
+                                   "serverCIDR": server_cidr}
     return values
 
 
 def prepare_chart(kit: Path, out: Path, image: str | None = None, namespace: str = "fedbrain",
                   workspace_claim: str | None = None, data_claim: str | None = None,
-                  datalist: str = "/data/datalist.json", gpus: int = 0) -> Chart:
+                  datalist: str = "/data/datalist.json", gpus: int = 0, server_cidr: str | None = None) -> Chart:
     """Write ``out/chart/`` (a Helm chart) and ``out/kit-secret.yaml`` (0600) for the server or site kit ``kit``."""
     import fedbrain
 
@@ -183,7 +190,7 @@ def prepare_chart(kit: Path, out: Path, image: str | None = None, namespace: str
     ours = "server-deployment.yaml" if role == "server" else "site-deployment.yaml"
     flare_deployment = "server-deployment.yaml" if role == "server" else "client-deployment.yaml"
     (templates / flare_deployment).unlink()
-    for template in (ours, "workspace-pvc.yaml"):
+    for template in (ours, "workspace-pvc.yaml", "networkpolicy.yaml"):
         (templates / template).write_text((resources.files("fedbrain.ops") / "charts" / template).read_text())
     if role == "server":
         service = templates / "server-service.yaml"
@@ -197,7 +204,8 @@ def prepare_chart(kit: Path, out: Path, image: str | None = None, namespace: str
     secret, items = kit_secret(kit, secret_name, namespace)
     flare_values = yaml.safe_load((chart_dir / "values.yaml").read_text())
     values = _values(flare_values, role, name, image, secret_name, items, workspace_claim, data_claim, datalist, gpus,
-                     storage_root=server_storage_root(kit) if role == "server" else SERVER_STORAGE)
+                     storage_root=server_storage_root(kit) if role == "server" else SERVER_STORAGE,
+                     server_port=server_address(kit)[1] if role == "client" else None, server_cidr=server_cidr)
     (chart_dir / "values.yaml").write_text(
         "# fedbrain values over FLARE's (nvflare deploy prepare). No key is here: the kit is the Secret kit.secretName.\n"
         + yaml.safe_dump(values, sort_keys=False))
