@@ -201,3 +201,19 @@ def test_an_admin_kit_gets_no_chart(kits, tmp_path):
 
     assert main(["kit", "k8s", str(kits / "admin@example-consortium.org"), "--out", str(tmp_path / "x")]) == 1
     assert not (tmp_path / "x" / "chart").exists()
+
+
+def test_the_printed_commands_are_whole_and_the_last_deletes_the_secret_file(kits, tmp_path):
+    import sys
+
+    out = tmp_path / "k8s-out"
+    res = subprocess.run([str(Path(sys.executable).parent / "fedbrain"), "kit", "k8s", str(kits / "hospital-b"),
+                          "--out", str(out)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HOME": str(tmp_path), "COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    lines = [ln.strip() for ln in res.stdout.splitlines()]
+    steps = [ln for ln in lines if ln.startswith(("kubectl ", "helm ", "shred "))]
+    assert steps == ["kubectl create namespace fedbrain",
+                     f"kubectl apply --namespace fedbrain -f {out / 'kit-secret.yaml'}",
+                     f"helm upgrade --install hospital-b {out / 'chart'} --namespace fedbrain",
+                     f"shred -u {out / 'kit-secret.yaml'}"], res.stdout  # copied as printed, also into a pipe

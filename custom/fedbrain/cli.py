@@ -383,7 +383,8 @@ def cmd_kit_k8s(a) -> int:
     if chart.role == "client" and not a.data_claim:
         console.print("[yellow]no --data-claim: the site starts without data and says so in every job; "
                       "see docs/hospital-it.md (Kubernetes)[/]")
-    console.print("Then, with kubectl and helm pointed at your cluster:")
+    console.print("Then, with kubectl and helm pointed at your cluster (the last command deletes the Secret's file, "
+                  "which holds the private key: keep no copy beside the chart):")
     for line in chart.commands():
         console.print(f"  {line}")
     return 0

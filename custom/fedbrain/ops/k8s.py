@@ -60,11 +60,12 @@ class Chart:
     role: str
 
     def commands(self) -> list[str]:
-        """What hospital IT runs, in order (kubectl and helm on a machine with access to the cluster)."""
+        """What hospital IT runs, in order (kubectl and helm on a machine with access to the cluster); each line a
+        whole command, to copy as it is. The last one removes the Secret's file: it holds the kit's private key."""
         return [f"kubectl create namespace {self.namespace}",
                 f"kubectl apply --namespace {self.namespace} -f {self.secret}",
                 f"helm upgrade --install {self.release} {self.chart} --namespace {self.namespace}",
-                f"shred -u {self.secret}    (the Secret holds the kit's private key: keep no copy beside the chart)"]
+                f"shred -u {self.secret}"]
 
 
 def k8s_name(name: str) -> str:
