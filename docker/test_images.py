@@ -125,11 +125,11 @@ def test_the_images_run_the_installed_fedbrain_as_uid_1000(images):
 CHART_SITE = "hospital-c"
 
 
-def _play_chart(site: str, kit: Path, image: str, data: Path, work: Path) -> tuple[list[str], Path, str, dict]:
+def _play_chart(site: str, kit: Path, image: str, data: Path, work: Path) -> tuple[list[str], str, dict]:
     """Run a site from its chart with `podman kube play`: the rendered Deployment and workspace claim as they are,
     except the Secret volume (podman 4.3's kube play crashes on Secret volumes with items) and the data claim,
-    which become host folders holding the same files. Returns (the command that takes it down, the manifest
-    played, the container's name, the environment podman needs)."""
+    which become host folders holding the same files. Returns (the command that takes it down, the container's
+    name, the environment podman needs)."""
     import helm_python as helm
     import yaml
     from test_k8s import secret_volume  # tests/: the kubelet's Secret volume layout
@@ -159,13 +159,14 @@ def _play_chart(site: str, kit: Path, image: str, data: Path, work: Path) -> tup
                     '[engine]\ncgroup_manager = "cgroupfs"\nruntime = "runc"\n')
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
     _run(["podman", "kube", "play", "--network", "host", str(played)], env=env)
-    return ["podman", "kube", "down", str(played)], played, f"{deployment['metadata']['name']}-pod-0-fedbrain", env
+    return ["podman", "kube", "down", str(played)], f"{deployment['metadata']['name']}-pod-0-fedbrain", env
 
 
 @pytest.fixture(scope="module")
 def consortium(images, tmp_path_factory):
     from deployment import Deployment
     from fedbrain.fl.site import write_site_config
+    from fedbrain.ops.k8s import server_storage_root
     from fedbrain.synthetic.cohort import synthesize_consortium
 
     root = tmp_path_factory.mktemp("containers")
@@ -175,8 +176,6 @@ def consortium(images, tmp_path_factory):
     synthesize_consortium(data, sites=len(dep.sites), cases=6, seed=3, site_names=dep.sites, progress=False)
     for site in dep.sites:
         write_site_config(dep.kit(site), data / site / "datalist.json", num_threads=1, min_validation_cases=1)
-    from fedbrain.ops.k8s import server_storage_root
-
     server = next(p["name"] for p in dep.project["participants"] if p["type"] == "server")
     storage = Path(server_storage_root(dep.kit(server)))  # the trial's job store, under the test folder
     for path in (dep.kits, data, storage):
@@ -198,8 +197,8 @@ def consortium(images, tmp_path_factory):
                   "-v", f"{dep.kit(name)}:/kit:ro", "-v", f"{workspace}:/workspace",
                   "-v", f"{data}:{data}:ro", "-v", f"{storage}:{storage}", image])
             names.append(container)
-        down, manifest, container, kube_env = _play_chart(CHART_SITE, dep.kit(CHART_SITE), images["site"]["image"],
-                                                          data / CHART_SITE, root / "k8s")
+        down, container, kube_env = _play_chart(CHART_SITE, dep.kit(CHART_SITE), images["site"]["image"],
+                                                data / CHART_SITE, root / "k8s")
         played = (down, kube_env)
         names.append(container)
         dep.wait_for_sites(dep.sites, timeout=300)
@@ -267,6 +266,7 @@ def test_a_restarted_site_container_keeps_counting_its_privacy_budget(consortium
     os.chown(config, UID, UID)
     workspace = root / "ws" / site
     spent = []
+
     def registrations() -> int:
         res = _run([*PODMAN, "logs", container])
         return (res.stdout + res.stderr).count(f"Successfully registered client:{site}")
