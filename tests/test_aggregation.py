@@ -330,7 +330,7 @@ def test_report_reads_the_guard_file(tmp_path):
 
 
 def test_watch_shows_the_guards_refusals():
-    from fedbrain.ops.status import guard_refusals
+    from fedbrain.fl.progress import parse_log
 
     log = "\n".join([
         "2026-11-30 13:18:06 - GuardedAggregator - WARNING - [identity=x, run=y, wf=controller] - update guard: round 0: "
@@ -342,7 +342,7 @@ def test_watch_shows_the_guards_refusals():
         "2026-11-30 13:18:16 - GuardedAggregator - INFO - [identity=x] - update guard: round 1: fedavg over ['hospital-a']; "
         "refused ['hospital-b']",
     ])
-    got = guard_refusals(log)
+    got = parse_log(log)["guard"]
     assert set(got) == {"hospital-b"}
     assert got["hospital-b"]["round"] == 1 and got["hospital-b"]["reason"].startswith("non-finite")
     assert "2 consecutive rounds" in got["hospital-b"]["flagged"]

@@ -211,12 +211,13 @@ def test_status_shows_the_last_round_closed_without_a_site():
 
     from rich.console import Console
 
-    from fedbrain.ops.status import last_closed_round, render_status
+    from fedbrain.fl.progress import parse_log
+    from fedbrain.ops.status import render_status
 
     log = ("2026-11-30 - ResilientFedAvg - INFO - fedbrain-round {\"aggregated\": [\"hospital-a\", \"hospital-b\"], "
            "\"closed_by\": \"round_timeout 15 s\", \"missing\": [\"hospital-c\"], \"round\": 1}\n")
-    closed = last_closed_round(log)
-    assert closed["missing"] == ["hospital-c"] and last_closed_round("nothing") is None
+    closed = parse_log(log)["closed"]
+    assert closed["missing"] == ["hospital-c"] and parse_log("nothing")["closed"] is None
     out = StringIO()
     render_status({"server": {"address": "s:1", "engine": "started", "start_time": "t"}, "user": "admin",
                    "sites": [], "jobs": [{"job_id": "j1", "status": "RUNNING", "round": 3, "closed": closed}]},

@@ -110,14 +110,15 @@ def test_a_round_with_fewer_trained_sites_than_the_minimum_is_not_published(fini
 
 def test_the_server_log_carries_each_sites_round_metrics_for_watch(finished_job):
     """What `fedbrain watch` shows per site comes from the server's job log (the update audit's lines)."""
-    from fedbrain.ops.status import _metrics_table, site_metrics
+    from fedbrain.fl.progress import parse_log
+    from fedbrain.ops.status import _metrics_table
 
     log = (Path(finished_job["result"]) / "workspace" / "log.txt").read_text(errors="replace")
-    latest = site_metrics(log)
+    latest = parse_log(log)["site_metrics"]
     assert set(latest) == {"hospital-a", "hospital-b", "hospital-c"}
     for site, m in latest.items():
         assert m["round"] == ROUNDS - 1 and 0.0 <= m["val_dice"] <= 1.0 and m["site_error"] == 0.0, (site, m)
-    bad = site_metrics((Path(finished_job["bad_site"][1]) / "workspace" / "log.txt").read_text(errors="replace"))
+    bad = parse_log((Path(finished_job["bad_site"][1]) / "workspace" / "log.txt").read_text(errors="replace"))["site_metrics"]
     assert bad["hospital-c"]["site_error"] == 1.0
 
     from io import StringIO

@@ -20,7 +20,8 @@ import pytest
 from rich.console import Console
 
 from fedbrain.ops import site_check as sc
-from fedbrain.ops.status import consortium_status, watch
+from fedbrain.fl.progress import progress_from_stats
+from fedbrain.ops.status import consortium_status, open_session, watch
 from fedbrain.poc.consortium import PocConsortium
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,10 +133,18 @@ def test_a_data_scientists_poc_session_from_the_wheel(installed, tmp_path):
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             job_id = _submitted_job(poc)
-            # `fedbrain watch` follows the running job to its end, showing each site's round metrics.
-            screen = StringIO()
+            # `fedbrain watch` follows the running job to its end, showing each site's round metrics; while
+            # the job runs, from the server job's own record (show_stats), not by downloading its log.
+            screen, replies = StringIO(), []
+
+            def recording_session(kit, username, timeout):
+                session = open_session(kit, username, timeout)
+                asked = session.show_stats
+                session.show_stats = lambda *a, **k: replies.append(asked(*a, **k)) or replies[-1]
+                return session
+
             last = watch(admin, job=job_id, interval=2.0, console=Console(file=screen, width=160), timeout=30,
-                         polls=200)
+                         polls=200, session_factory=recording_session)
             out, _ = submit.communicate(timeout=300)
         finally:
             if submit.poll() is None:
@@ -143,6 +152,9 @@ def test_a_data_scientists_poc_session_from_the_wheel(installed, tmp_path):
         assert [j["status"] for j in last["jobs"]] == ["FINISHED:COMPLETED"]
         shown = screen.getvalue()
         assert "per site, latest round received" in shown and "val_dice" in shown, shown[-3000:]
+        recorded = [p for p in map(progress_from_stats, replies) if p]
+        assert recorded and recorded[-1]["round"] == 0, replies[-3:]
+        assert set(recorded[-1]["site_metrics"]) <= set(sites)
         assert submit.returncode == 0 and "FINISHED:COMPLETED" in out, out[-3000:]
         report = json.loads(next((work / "results").glob("*/report/report.json")).read_text())
         assert set(report["sites"]) == set(sites)

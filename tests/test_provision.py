@@ -260,15 +260,16 @@ def test_a_certificate_not_yet_valid_or_a_key_of_another_kit_is_refused(kits, tm
 
 
 def test_only_the_project_admin_reads_streamed_logs(kits):
-    """download_job_components (FLARE's command for stored ERRORLOG files) and get_job_log: project admin only."""
+    """download_job_components (FLARE's command for stored ERRORLOG files), get_job_log and show_stats (a running
+    job's progress record, each site's metrics in it, fedbrain.fl.progress): project admin only."""
     checked = 0
     for path in sorted(kits.glob("*/local/authorization.json")):
         for role, rights in json.loads(path.read_text())["permissions"].items():
-            for command in ("download_job_components", "get_job_log"):
+            for command in ("download_job_components", "get_job_log", "show_stats"):
                 granted = rights.get(command, "none") not in ("none", False, None)
                 assert granted == (role == "project_admin"), (path, role, command, rights.get(command))
                 checked += 1
-    assert checked >= 4 * 4  # four roles in every site and server kit
+    assert checked >= 4 * 4 * 3  # four roles in every site and server kit
 
 
 def test_a_damaged_certificate_is_told_from_one_of_another_consortium(kits, tmp_path):
@@ -362,3 +363,20 @@ def test_the_policy_builder_runs_after_the_he_builder():
     paths = [b["path"] for b in with_fedbrain_builders(listed)["builders"]]
     assert paths.index(HE_BUILDER) + 1 == paths.index(POLICY_BUILDER) < paths.index(
         "nvflare.lighter.impl.signature.SignatureBuilder")
+
+
+def test_flares_own_authorizer_keeps_a_running_jobs_progress_record_to_the_project_admin():
+    """FLARE's policy parser applies a right named in a role over its category (show_stats is in "view",
+    which every role has): the policy fedbrain writes, evaluated by FLARE's own authorizer."""
+    from nvflare.fuel.sec.authz import AuthzContext, Authorizer, Person
+    from nvflare.security.security import COMMAND_CATEGORIES
+
+    from fedbrain.ops.builder import authorization_policy
+
+    authorizer = Authorizer("server", COMMAND_CATEGORIES)
+    assert authorizer.load_policy(authorization_policy()) == ""
+    for role in ("project_admin", "org_admin", "lead", "member"):
+        user = Person(f"{role}@hospital-a.org", "hospital-a", role)
+        shown, _ = authorizer.authorize(AuthzContext("show_stats", user))
+        listed, _ = authorizer.authorize(AuthzContext("list_jobs", user))
+        assert shown == (role == "project_admin") and listed, role

@@ -201,7 +201,7 @@ def test_an_unbounded_epsilon_is_shown_as_infinity(tmp_path):
     import math
 
     from fedbrain.contracts import SITE_METRICS_LOG_TAG
-    from fedbrain.ops.status import site_metrics
+    from fedbrain.fl.progress import parse_log
 
     result = make_result(tmp_path, {"hospital-a": [0.5, 0.6], "hospital-b": [0.4, 0.5]})
     path = result / "workspace" / "metrics" / "round_metrics.jsonl"
@@ -217,4 +217,4 @@ def test_an_unbounded_epsilon_is_shown_as_infinity(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| 1 | ∞ | 2.500 |" in text, text
     line = f'{SITE_METRICS_LOG_TAG} {{"site": "hospital-a", "round": 1, "metrics": {{"dp_epsilon_unbounded": 1}}}}'
-    assert site_metrics(line)["hospital-a"]["dp_epsilon_spent"] == math.inf
+    assert parse_log(line)["site_metrics"]["hospital-a"]["dp_epsilon_spent"] == math.inf

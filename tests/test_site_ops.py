@@ -138,6 +138,22 @@ def test_status_when_the_role_may_not_read_the_job_log(kits):
     assert status["jobs"][0]["round"] is None and "not readable with this kit" in status["jobs"][0]["note"]
 
 
+def test_status_reads_a_running_jobs_own_record_not_its_log(kits):
+    """A running job's server answers show_stats with fedbrain's progress record: its log is not downloaded."""
+    record = {"round": 4, "aggregated": ["hospital-a"], "site_metrics": {}, "guard": {}, "closed": None}
+
+    class WithRecord(RecordedSession):
+        def show_stats(self, job_id, target_type):
+            assert (job_id, target_type) == ("j-run", "server")
+            return {"server": {"ServerRunner": {"status": "started"}, "fedbrain_progress": record}}
+
+        def get_job_logs(self, job_id, target):
+            raise AssertionError("a running job with a progress record is not read from its log")
+
+    status = st.consortium_status(kits / ADMIN, session_factory=lambda *a: WithRecord())
+    assert status["jobs"][0]["round"] == 4 and status["jobs"][0]["aggregated"] == ["hospital-a"]
+
+
 def test_status_refuses_a_site_kit(kits):
     with pytest.raises(st.StatusError, match="needs an admin's kit"):
         st.consortium_status(kits / "hospital-a")

@@ -106,6 +106,11 @@ def case_id_of(item: dict, index: int | None = None) -> str:
 #: The server log line (written by the update audit) that carries a site's round metrics to
 #: anyone allowed to read the server's job log (``fedbrain watch``).
 SITE_METRICS_LOG_TAG = "fedbrain-site-metrics"
+#: Starts the server log line of each closed round (fedbrain.fl.resilient writes it; `fedbrain watch` and
+#: the fault harness read it).
+ROUND_LOG_TAG = "fedbrain-round"
+#: Starts the server update guard's log lines (fedbrain.aggregation.aggregator).
+GUARD_LOG_TAG = "update guard"
 
 #: Filters a site's privacy.json scopes name (fedbrain.ops.builder writes them; jobs use the same classes).
 PRIVACY_FILTERS = {

@@ -26,12 +26,11 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedbrain.aggregation.robust import Update, combine, screen
 from fedbrain.updates import as_numpy
-from fedbrain.contracts import GUARD_FILE, NUM_STEPS_META
+from fedbrain.contracts import GUARD_FILE, GUARD_LOG_TAG, NUM_STEPS_META
 
 from fedbrain.tasks.config import TaskConfig
 
 #: Prefix of the guard's log lines (``fedbrain watch`` and tests look for it).
-GUARD_LOG_TAG = "update guard"
 
 
 class GuardedAggregator(ModelAggregator):

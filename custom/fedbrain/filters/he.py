@@ -37,6 +37,7 @@ from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
 
 from fedbrain.contracts import HE_AGGREGATION_FILE, NUM_STEPS_META
 from fedbrain.filters.ckks import encrypt_serialized, init_worker, tenseal_quiet
+from fedbrain.fl.progress import ProgressStats
 from fedbrain.fl.timing import record_exchange_time
 
 ENCRYPT_SECONDS = "he_encrypt_seconds"
@@ -119,7 +120,7 @@ class TimedEncryptor(HEModelEncryptor):
             self._pool_workers = None
 
 
-class TimedHEAggregator(HEInTimeAccumulateWeightedAggregator):
+class TimedHEAggregator(ProgressStats, HEInTimeAccumulateWeightedAggregator):
     """FLARE's encrypted sum, timed and recorded per round; it also holds the round policy's minimum:
     FLARE's ScatterAndGather aggregates whatever arrived once ``train_timeout`` passes, even fewer
     updates than its ``min_clients``, so a round with fewer than ``min_responses`` ends the job here."""

@@ -36,11 +36,10 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.scaffold import Scaffold
 
-from fedbrain.contracts import CHECKPOINT_NOTE, NUM_STEPS_META, ROUND_FILE, TRAINED_SITES_META
+from fedbrain.contracts import CHECKPOINT_NOTE, NUM_STEPS_META, ROUND_FILE, ROUND_LOG_TAG, TRAINED_SITES_META
 from fedbrain.fl.flare_private import client_name, tell_round_minimum
+from fedbrain.fl.progress import ProgressStats
 
-#: Starts the server log line of each closed round (what `fedbrain watch` and the fault harness read).
-ROUND_LOG_TAG = "fedbrain-round"
 
 
 class RoundFailed(RuntimeError):
@@ -55,7 +54,7 @@ def trained(result) -> bool:
         return False
 
 
-class ResilientFedAvg(FedAvg):
+class ResilientFedAvg(ProgressStats, FedAvg):
     def __init__(self, *args, round_timeout: float = 0, min_responses: int | None = None,
                  fetch_grace: float = 60.0, min_trained_sites: int = 3, **kwargs):
         """``round_timeout``: seconds a round waits for all sites (0: no limit); ``min_responses``:
@@ -237,7 +236,7 @@ class ResilientFedAvg(FedAvg):
             self.warning(f"could not write {ROUND_FILE}: {e}")
 
 
-class ResilientScaffold(Scaffold):
+class ResilientScaffold(ProgressStats, Scaffold):
     """FLARE's SCAFFOLD controller with the same round policy settings as :class:`ResilientFedAvg`:
     a round waits at most ``round_timeout`` seconds and needs ``min_responses`` updates (FLARE's own
     waits for every site with no limit). SCAFFOLD aggregates after the round's results are in, so the

@@ -115,11 +115,11 @@ def authorization_policy() -> dict:
             "project_admin": {**{r: "any" for r in sorted(rights)}, "byoc": "none"},
             "org_admin": {"submit_job": "none", "clone_job": "none", "manage_job": "o:submitter",
                           "download_job": "o:submitter", "view": "any", "operate": "o:site",
-                          "shell_commands": "o:site", "byoc": "none"},
+                          "shell_commands": "o:site", "byoc": "none", "show_stats": "none"},
             "lead": {"submit_job": "any", "clone_job": "n:submitter", "manage_job": "n:submitter",
                      "download_job": "n:submitter", "view": "any", "operate": "o:site",
-                     "shell_commands": "o:site", "byoc": "none"},
-            "member": {"view": "any"},
+                     "shell_commands": "o:site", "byoc": "none", "show_stats": "none"},
+            "member": {"view": "any", "show_stats": "none"},
         },
     }
 

@@ -3,31 +3,26 @@
 Monitoring used to exist only inside ``fedbrain demo``; a hospital's IT or the consortium's
 admin needs it from their own kit, with their own role (FLARE decides what that role may see).
 It goes through FLARE's admin API as the admin console does: ``check_status`` (sites and their
-last contact), ``list_jobs``, the sites' job status and, where the role may read the server's
-job log, the round in progress (the log lines ``fedbrain demo`` reads).
+last contact), ``list_jobs``, the sites' job status and the round in progress: a running job's
+server answers ``show_stats`` with its own record (fedbrain.fl.progress); a finished one is read from
+the server's job log, where the role may read it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
-from fedbrain.contracts import (DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_ERROR, SITE_METRICS_LOG_TAG,
-                                epsilon_from_wire)
+from fedbrain.contracts import DP_EPSILON_SPENT, DP_WITHHELD, DP_WITHHELD_REASONS, SITE_ERROR
 from fedbrain.ops.kit import KitError, kit_identity, server_address
 from fedbrain import terminal
 
 #: Job states whose round is worth looking up.
 ACTIVE = ("RUNNING", "DISPATCHED")
-#: FedAvg's server log lines: a round starts; one site's update aggregated.
-ROUND_RE = re.compile(r"Round (\d+) started")
-PEER_RE = re.compile(r"peer=([^,\]]+).*Aggregated \d+/\d+ results")
 
 
 class StatusError(RuntimeError):
@@ -83,85 +78,29 @@ def _when(value) -> str:
         return str(value or "")
 
 
-def parse_progress(log_text: str) -> tuple[int | None, set[str]]:
-    """Current round and the sites whose update for it has been aggregated, from a server job log."""
-    current, done = None, set()
-    for line in log_text.splitlines():
-        m = ROUND_RE.search(line)
-        if m:
-            current, done = int(m.group(1)), set()
-            continue
-        m = PEER_RE.search(line)
-        if m and current is not None:
-            done.add(m.group(1))
-    return current, done
+def job_round(session, job_id: str, running: bool = True) -> dict:
+    """The round in progress, the sites aggregated in it, each site's latest metrics, the guard's word
+    and the last closed round: from the server job's own record through ``show_stats`` (a few hundred
+    bytes), or, for a finished job or a job without the record, from the server's job log (the same
+    parse); a note instead when this admin's role may read neither."""
+    from fedbrain.fl.progress import parse_log, progress_from_stats
 
-
-def job_round(session, job_id: str) -> dict:
-    """The round in progress and the sites aggregated in it, from the server's job log; a note
-    instead when this admin's role may not read that log."""
+    if running:
+        try:
+            found = progress_from_stats(session.show_stats(job_id, "server"))
+            if found is not None:
+                return found
+        except Exception:  # noqa: BLE001 - not running any more, or not authorized: the log says the rest
+            pass
     try:
         logs = session.get_job_logs(job_id, "server").get("logs", {})
     except Exception as e:  # noqa: BLE001 - FLARE raises its own types for "not authorized"
         return {"round": None, "note": f"server job log not readable with this kit ({type(e).__name__})"}
-    text = next(iter(logs.values()), "") if logs else ""
-    current, done = parse_progress(text)
-    return {"round": current, "aggregated": sorted(done),
-            "site_metrics": site_metrics(text), "guard": guard_refusals(text), "closed": last_closed_round(text)}
-
-
-def last_closed_round(server_log: str) -> dict | None:
-    """The latest round the server closed (fedbrain.fl.resilient): who was aggregated, who was missing, why."""
-    from fedbrain.fl.resilient import ROUND_LOG_TAG
-
-    found = None
-    for line in server_log.splitlines():
-        at = line.find(ROUND_LOG_TAG + " ")
-        if at >= 0:
-            try:
-                found = json.loads(line[at + len(ROUND_LOG_TAG) + 1:])
-            except ValueError:
-                continue
-    return found
-
-
-def guard_refusals(server_log: str) -> dict[str, dict]:
-    """Each site's latest refusal by the server's update guard (round, reason) and whether it is flagged."""
-    import re
-
-    from fedbrain.aggregation.aggregator import GUARD_LOG_TAG
-
-    refused = re.compile(re.escape(GUARD_LOG_TAG) + r": round (\d+): refused ([^:]+): (.*)$")
-    flagged = re.compile(re.escape(GUARD_LOG_TAG) + r": (\S+) flagged: (.*)$")
-    out: dict[str, dict] = {}
-    for line in server_log.splitlines():
-        m = refused.search(line)
-        if m:
-            out.setdefault(m.group(2), {}).update(round=int(m.group(1)), reason=m.group(3).strip())
-            continue
-        m = flagged.search(line)
-        if m:
-            out.setdefault(m.group(1), {})["flagged"] = m.group(2).strip()
-    return out
+    return parse_log(next(iter(logs.values()), "") if logs else "")
 
 
 #: Per-site columns `fedbrain watch` shows, the first present of each group (segmentation or classification).
 WATCH_COLUMNS = (("val_dice", "val_bacc"), ("train_loss",), (DP_EPSILON_SPENT,), (DP_WITHHELD,), (SITE_ERROR,))
-
-
-def site_metrics(server_log: str) -> dict[str, dict]:
-    """Each site's latest round metrics, from the update audit's lines in the server's job log."""
-    out = {}
-    for line in server_log.splitlines():
-        at = line.find(SITE_METRICS_LOG_TAG + " ")
-        if at < 0:
-            continue
-        try:
-            record = json.loads(line[at + len(SITE_METRICS_LOG_TAG) + 1:])
-        except ValueError:
-            continue
-        out[str(record.get("site"))] = {"round": record.get("round"), **epsilon_from_wire(record.get("metrics") or {})}
-    return out
 
 
 def _flag(m: dict) -> str:
@@ -210,8 +149,9 @@ def collect(session, address: str, username: str, job: str | None = None) -> dic
             entry = {k: entry.get(k) for k in ("job_id", "job_name", "status", "submit_time", "duration")}
             if job and not str(entry["job_id"]).startswith(job):
                 continue
-            if str(entry.get("status", "")).upper() in ACTIVE or job:  # a watched job keeps its last metrics
-                entry.update(job_round(session, entry["job_id"]))
+            active = str(entry.get("status", "")).upper() in ACTIVE
+            if active or job:  # a watched job keeps its last metrics
+                entry.update(job_round(session, entry["job_id"], running=active))
             jobs.append(entry)
         try:
             site_jobs = session.get_client_job_status() or []

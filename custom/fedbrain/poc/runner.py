@@ -1,7 +1,7 @@
 """Submit a job through the admin API and watch it, with a live progress bar per round and site.
 
-Progress comes from the server's job log, read through the admin API (the same log an admin
-sees with ``get_job_log``): FedAvg logs "Round N started." and one "Aggregated k/n" line per site.
+Progress is what `fedbrain watch` reads: the running job's own record through ``show_stats``
+(fedbrain.fl.progress), the server's job log where a job has no record.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedbrain.ops.status import parse_progress  # the server-log reading `fedbrain watch` uses too
+from fedbrain.ops.status import job_round  # what `fedbrain watch` reads
 from fedbrain import terminal
 
-FINAL_EVAL_RE = re.compile(r"CrossSiteModelEval|cross site validation|Cross-site", re.IGNORECASE)
 
 
 def watch_job(
@@ -45,12 +44,8 @@ def watch_job(
             status = meta.get("status", "?")
             detail = status
             if status == "RUNNING":
-                try:
-                    logs = session.get_job_logs(job_id, "server").get("logs", {})
-                    text = next(iter(logs.values()), "") if logs else ""
-                except Exception:  # log not yet available at the very start
-                    text = ""
-                current, done = parse_progress(text)
+                found = job_round(session, job_id)
+                current, done = found.get("round"), set(found.get("aggregated") or ())
                 if current is not None:
                     states = " ".join(f"{s}:{'✓' if s in done else '…'}" for s in sites)
                     detail = f"round {current + 1}/{rounds}  {states}"
