@@ -34,4 +34,20 @@ rm -f "$WORKSPACE/daemon_pid.fl" "$WORKSPACE/pid.fl" "$WORKSPACE/shutdown.fl" "$
 # shellcheck disable=SC2086
 fedbrain site check --kit "$KIT" --workspace "$WORKSPACE" --allow-server-down --no-preflight \
   ${FEDBRAIN_CHECK_ARGS:-}
-exec "$KIT/startup/sub_start.sh"
+# PID 1 of a container has no default action for SIGTERM: without a handler `docker stop` and a pod's end wait out
+# their grace period, then kill FLARE mid-write. On TERM or INT: tell sub_start.sh's loop to stop (shutdown.fl, as
+# FLARE's own shutdown does), TERM the FLARE process it supervises (pid.fl), and wait for the loop to end.
+"$KIT/startup/sub_start.sh" &
+supervisor=$!
+stop() {
+  touch "$WORKSPACE/shutdown.fl"
+  if [[ -f "$WORKSPACE/pid.fl" ]]; then
+    kill -TERM "$(cat "$WORKSPACE/pid.fl")" 2>/dev/null || true
+  fi
+  wait "$supervisor" || true
+  exit 0
+}
+trap stop TERM INT
+status=0
+wait "$supervisor" || status=$?
+exit "$status"

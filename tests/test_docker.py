@@ -135,6 +135,44 @@ def test_a_restarted_container_starts_flare_despite_its_previous_pid_files(tmp_p
     assert calls[-1] == "sub_start ran" and not [c for c in calls if c.startswith("left: ")], calls
 
 
+def test_a_stopped_container_stops_flare_at_once(tmp_path):
+    """`docker stop` and a pod's end send SIGTERM to PID 1, the entry point: it asks sub_start.sh to stop
+    (shutdown.fl), TERMs the FLARE process it supervises and exits 0 within seconds, not after the grace period."""
+    import signal
+    import time
+
+    env, kit, log = _fake_env(tmp_path, check_exit=0)
+    # shaped like FLARE's sub_start.sh: starts "FLARE", writes pid.fl, polls; ends once FLARE is gone and shutdown.fl is there
+    (kit / "startup" / "sub_start.sh").write_text(f"""#!/bin/bash
+mkdir -p "$NVFL_WORKSPACE"
+sleep 300 &
+echo $! > "$NVFL_WORKSPACE/pid.fl"
+echo started >> {log}
+while true; do
+  sleep 0.2
+  if ! kill -0 "$(cat "$NVFL_WORKSPACE/pid.fl")" 2>/dev/null && [[ -f "$NVFL_WORKSPACE/shutdown.fl" ]]; then
+    echo gracefully >> {log}
+    break
+  fi
+done
+rm -f "$NVFL_WORKSPACE/pid.fl" "$NVFL_WORKSPACE/shutdown.fl"
+""")
+    proc = subprocess.Popen([str(DOCKER / "entrypoint.sh")], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while "started" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        flare = int((tmp_path / "ws" / "pid.fl").read_text())
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert time.monotonic() - asked < 5
+    finally:
+        proc.kill()
+    assert log.read_text().splitlines()[-1] == "gracefully"
+    assert not Path(f"/proc/{flare}").exists()  # the supervised process was stopped, not left behind
+
+
 def test_healthcheck_follows_flares_pid_file(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "NVFL_WORKSPACE": str(tmp_path)}
     check = [str(DOCKER / "healthcheck.sh")]
