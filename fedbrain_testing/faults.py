@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedbrain.ops.status import ROUND_RE  # FedAvg's "Round N started" server log line
+from fedbrain.fl.progress import ROUND_RE  # FedAvg's "Round N started" server log line
 from fedbrain.poc.consortium import PocConsortium, PocError, free_ports
 
 ROUND_FILE = "round_contributions.jsonl"
