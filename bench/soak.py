@@ -6,9 +6,12 @@ submitted through the admin API. A background thread samples, every second, the 
 (VmRSS) of the server's parent process, its job process, and each site's client and job processes;
 each sample is then placed in the round the server's log says was running. Per round: the last
 sample. Goal (issue 29): growth below 10% from round 50 to the last round, for the server and for
-each site.
+each site. Two arms, one after the other: FLARE's default allocator (glibc malloc, `MALLOC_ARENA_MAX=4` from
+the kit's sub_start.sh) and jemalloc, FLARE's own opt-in (`NVFLARE_ENABLE_JEMALLOC_PRELOAD=true`; needs
+libjemalloc2 on the machine, otherwise that arm is skipped and says so). Progress is polled as `fedbrain
+watch` polls (fedbrain.poc.runner: job meta and the job's progress record every 3 s).
 
-    python bench/run.py --only soak          # ~8 min on 2 cores (2026-12-06: 469 s)
+    python bench/run.py --only soak          # ~16 min on 2 cores (2026-12-07)
 """
 
 from __future__ import annotations
@@ -86,7 +89,25 @@ def growth(series: list[float | None], start: int = FROM_ROUND) -> float | None:
     return None if not at or last is None else (last - at) / at
 
 
-def run(work: Path, console, rounds: int = ROUNDS, env: dict | None = None) -> dict:
+#: The allocator arms: name -> environment of every POC process.
+ARMS = {"glibc": {}, "jemalloc": {"NVFLARE_ENABLE_JEMALLOC_PRELOAD": "true"}}
+#: Where FLARE's sub_start.sh looks for jemalloc (it preloads the first that exists).
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so")
+
+
+def run(work: Path, console, rounds: int = ROUNDS) -> dict:
+    """Both allocator arms, one after the other (each its own POC)."""
+    out = {}
+    for name, env in ARMS.items():
+        if env and not any(Path(p).is_file() for p in JEMALLOC_PATHS):
+            out[name] = {"skipped": "libjemalloc2 is not installed here (apt-get install libjemalloc2)"}
+            continue
+        console.print(f"[bold]soak, {name}[/]")
+        out[name] = run_arm(work, console, rounds, env)
+    return {"arms": out}
+
+
+def run_arm(work: Path, console, rounds: int = ROUNDS, env: dict | None = None) -> dict:
     from fedbrain.jobs.segmentation import export
     from fedbrain.poc.consortium import PocConsortium
     from fedbrain.poc.runner import submit_and_wait
@@ -130,6 +151,16 @@ def _pct(v) -> str:
 
 
 def rows(result: dict) -> list[tuple]:
+    out = []
+    for arm, res in result["arms"].items():
+        if "skipped" in res:
+            out.append((f"{arm}: memory growth", "–", "< +10%", res["skipped"], "not measured"))
+            continue
+        out += _arm_rows(arm, res)
+    return out
+
+
+def _arm_rows(arm: str, result: dict) -> list[tuple]:
     g = result["growth"]
     servers = {k: v for k, v in g.items() if k.startswith("localhost")}
     sites = {k: v for k, v in g.items() if not k.startswith("localhost")}
@@ -139,16 +170,15 @@ def rows(result: dict) -> list[tuple]:
         return "met" if values and all(v is not None and v < GOAL_GROWTH for v in values) else "**not met**"
 
     last = result["rounds_seen"] - 1
-    detail = (f"{result['status']}; {result['rounds_seen']} rounds seen, median round {result['round_median_s']:.1f} s; "
+    detail = (f"{result['status']}; {result['rounds_seen']} rounds seen, median round {result['round_median_s']:.2f} s; "
               f"resident memory at the end of round {result['from_round']} vs round {last}")
-    out = [(f"Server memory growth, rounds {result['from_round']}-{last} (parent / job process)",
-            " / ".join(_pct(servers.get(k)) for k in ("localhost parent", "localhost job")), "< +10%",
-            detail + "; POC kits (their warm process, which forks job processes, is shown apart)",
-            verdict(list(servers.values()))),
-           (f"Site memory growth, rounds {result['from_round']}-{last}, worst of {len(sites)} processes",
-            f"{_pct(worst_site[1])} ({worst_site[0]})", "< +10%",
-            "; ".join(f"{k} {_pct(v)}" for k, v in sorted(sites.items())), verdict(list(sites.values())))]
-    return out
+    return [(f"{arm}: server memory growth, rounds {result['from_round']}-{last} (parent / job process)",
+             " / ".join(_pct(servers.get(k)) for k in ("localhost parent", "localhost job")), "< +10%",
+             detail + "; POC kits (their warm process, which forks job processes, is shown apart)",
+             verdict(list(servers.values()))),
+            (f"{arm}: site memory growth, rounds {result['from_round']}-{last}, worst of {len(sites)} processes",
+             f"{_pct(worst_site[1])} ({worst_site[0]})", "< +10%",
+             "; ".join(f"{k} {_pct(v)}" for k, v in sorted(sites.items())), verdict(list(sites.values())))]
 
 
 def plot(result: dict, img_dir: Path) -> list[str]:
@@ -157,15 +187,19 @@ def plot(result: dict, img_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    for role, values in sorted(result["rss_mb"].items()):
-        xs = [i for i, v in enumerate(values) if v]
-        ax.plot(xs, [values[i] for i in xs], label=role, lw=1.2 if role.startswith("localhost") else 0.8)
-    ax.axvline(result["from_round"], color="grey", ls=":", lw=1)
-    ax.set_xlabel("round")
-    ax.set_ylabel("resident memory (MB)")
-    ax.set_title(f"{result['rounds']}-round job, 3 sites: memory at the end of each round")
-    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    arms = {k: v for k, v in result["arms"].items() if "rss_mb" in v}
+    if not arms:
+        return []
+    fig, axes = plt.subplots(1, len(arms), figsize=(7 * len(arms), 4.5), sharey=True, squeeze=False)
+    for ax, (arm, res) in zip(axes[0], arms.items()):
+        for role, values in sorted(res["rss_mb"].items()):
+            xs = [i for i, v in enumerate(values) if v]
+            ax.plot(xs, [values[i] for i in xs], label=role, lw=1.2 if role.startswith("localhost") else 0.8)
+        ax.axvline(res["from_round"], color="grey", ls=":", lw=1)
+        ax.set_xlabel("round")
+        ax.set_title(f"{arm}: {res['rounds']}-round job, 3 sites")
+    axes[0][0].set_ylabel("resident memory at the end of each round (MB)")
+    axes[0][-1].legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     img_dir.mkdir(parents=True, exist_ok=True)
     path = img_dir / "soak_memory.png"
@@ -178,30 +212,23 @@ def notes(result: dict) -> list[str]:
     return [
         "How to read it: each line is one process's resident memory at the end of each round (sampled every second;"
         " job processes of a POC kit are forked from its warm process, so their resident memory includes pages they"
-        " share with it). The job processes grow fastest early and level off (the allocator's arenas; drops are"
-        " pages returned). The server's parent process, which runs no job code, grows steadily.",
+        " share with it). The job processes grow fastest early and level off after 250-300 rounds (the 2026-12-06"
+        " run: a site's job process 604 MB at round 50, 720 MB at 300, 721 MB at 499); drops are pages returned.",
         "",
-        "What drives the server parent's growth (a separate run on 2026-12-06, a POC with no job, server parent"
-        " sampled every 5 s): idle for 150 s, 93 -> 87 MB; 148 `list_jobs` calls in one admin session, one a second,"
-        " 87 -> 104 MB (about 0.12 MB per call); 60 more, each in a new session, 104 -> 109 MB. So it grows with"
-        " admin commands, not with rounds: this benchmark's own progress polling (job meta and the server's job log,"
-        " every poll) is what it measured. A `fedbrain watch` left open for days would grow the server the same way."
-        " Inside the server (tracemalloc in its parent process): every admin reply is streamed by FLARE's"
-        " ByteStreamer, which allocates a 512 KB-1 MB chunk buffer per stream (`TxTask`, `bytearray(chunk_size)`);"
-        " the Python objects are freed (one `TxTask` alive after 80 commands), so what stays is glibc's heap"
-        " fragmentation from buffers of that size.",
+        "What drove the server parent's growth: admin commands, not rounds. Every admin reply is streamed by FLARE's"
+        " ByteStreamer with a 512 KB-1 MB chunk buffer, and what stays is the allocator's fragmentation (tracemalloc"
+        " in the parent: ~1 MB of Python objects grew while the process grew tens of MB). Until 2026-12-07 every"
+        " progress poll (this benchmark's, `fedbrain watch`'s, the demo's) downloaded the server's whole job log,"
+        " megabytes after a few hundred rounds. Polls now read the running job's own progress record"
+        " (`show_stats`, a few hundred bytes; fedbrain.fl.progress). Measured on the way, 300-round runs one after the"
+        " other on 2026-12-07, server parent from round 50 to 299: whole log every poll +82% (glibc) / +53%"
+        " (jemalloc); a small reply every poll +16% / +5%. Sites' and the server's job processes: +10-25% in all"
+        " four runs (no clear allocator effect).",
         "",
-        "Tried, not shipped: the same job twice side by side for 300 rounds, one with `MALLOC_ARENA_MAX=2` and"
-        " `MALLOC_MMAP_THRESHOLD_=131072` for every process: server parent from round 50 to 299 +75% (124 -> 217 MB)"
-        " plain, +42% (106 -> 150 MB) with the settings; but its median round took 1.45 s against 1.16 s. Next:"
-        " fewer, lighter admin commands from `fedbrain status`/`watch` (each poll downloads the server's whole job"
-        " log), or a smaller `streaming_chunk_size` in the server's comm config, measured against large HE updates.",
-        "",
-        "Tried on 2026-12-07, not shipped: `malloc_trim(0)` every 10 s (glibc returns free heap pages) in the server's"
-        " parent, 500 rounds: +74% in one run (every process trimming) and +100% in another (the parent only),"
-        " against +106% without: no reliable effect, so the growth is not free heap. /proc/PID/smaps of the parent:"
-        " it sits in the main heap and two thread arenas, not in Python objects (tracemalloc: ~1 MB of growth). The"
-        " job processes' growth is mostly below Python too (live large buffers stay at 3-4); FLARE's stream"
-        " error-context map grows by ~24 small entries a round (docs/maintainers.md).",
+        "Tried before, not shipped: `MALLOC_ARENA_MAX=2` with `MALLOC_MMAP_THRESHOLD_=131072` for every process"
+        " (parent +42% against +75% in a side-by-side 300-round run, but median round 1.45 s against 1.16 s);"
+        " `malloc_trim(0)` every 10 s in the server's parent (no reliable effect). The job processes' growth is"
+        " below Python too (live large buffers stay at 3-4); FLARE's stream error-context map grows by ~24 small"
+        " entries a round, kept 300 s (docs/maintainers.md).",
         "",
     ]
