@@ -225,6 +225,14 @@ def notes(result: dict) -> list[str]:
         " (jemalloc); a small reply every poll +16% / +5%. Sites' and the server's job processes: +10-25% in all"
         " four runs (no clear allocator effect).",
         "",
+        "What drove the job processes' growth: garbage in reference cycles (FLARE's stream tasks holding their chunk"
+        " buffers), freed only at Python's rare full collections: the steps down in the plot. Since 2026-12-07 the"
+        " site loop and the server's round controllers collect at the end of every round, having frozen what"
+        " survived the first (fedbrain.fl.housekeeping). 300-round runs on the way (glibc): a collection every round"
+        " alone held the job processes to +2.5-7.4% but cost 0.84 s a round (median 1.46 s against 0.62 s: each"
+        " collection walked all of PyTorch, MONAI and FLARE); with the first round's survivors frozen +4.3-7.6% at"
+        " a median round of 0.63 s.",
+        "",
         "Tried before, not shipped: `MALLOC_ARENA_MAX=2` with `MALLOC_MMAP_THRESHOLD_=131072` for every process"
         " (parent +42% against +75% in a side-by-side 300-round run, but median round 1.45 s against 1.16 s);"
         " `malloc_trim(0)` every 10 s in the server's parent (no reliable effect). The job processes' growth is"

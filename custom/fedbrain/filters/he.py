@@ -37,6 +37,7 @@ from nvflare.app_opt.he.model_encryptor import HEModelEncryptor
 
 from fedbrain.contracts import HE_AGGREGATION_FILE, NUM_STEPS_META
 from fedbrain.filters.ckks import encrypt_serialized, init_worker, tenseal_quiet
+from fedbrain.fl.housekeeping import collect_round_garbage
 from fedbrain.fl.progress import ProgressStats
 from fedbrain.fl.timing import record_exchange_time
 
@@ -170,4 +171,5 @@ class TimedHEAggregator(ProgressStats, HEInTimeAccumulateWeightedAggregator):
         with open(Path(run_dir) / HE_AGGREGATION_FILE, "a") as f:
             f.write(json.dumps(entry) + "\n")
         self._accept_seconds, self._accepted = 0.0, 0
+        collect_round_garbage()  # fedbrain.fl.housekeeping
         return out

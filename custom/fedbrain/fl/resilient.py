@@ -38,6 +38,7 @@ from nvflare.app_common.workflows.scaffold import Scaffold
 
 from fedbrain.contracts import CHECKPOINT_NOTE, NUM_STEPS_META, ROUND_FILE, ROUND_LOG_TAG, TRAINED_SITES_META
 from fedbrain.fl.flare_private import client_name, tell_round_minimum
+from fedbrain.fl.housekeeping import collect_round_garbage
 from fedbrain.fl.progress import ProgressStats
 
 
@@ -228,6 +229,8 @@ class ResilientFedAvg(ProgressStats, FedAvg):
             self.warning(f"could not write {CHECKPOINT_NOTE}: {e}")
 
     def _record(self, entry: dict) -> None:
+        """The closed round, for people (log line, round file); then the round's garbage is collected."""
+        collect_round_garbage()  # fedbrain.fl.housekeeping
         self.info(f"{ROUND_LOG_TAG} " + json.dumps({k: v for k, v in entry.items() if k != "time"}, sort_keys=True))
         try:
             with open(Path(self.get_run_dir()) / ROUND_FILE, "a") as f:

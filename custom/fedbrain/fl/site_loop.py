@@ -22,6 +22,7 @@ import time
 
 from fedbrain.contracts import (NUM_STEPS_META, ROUND_SECONDS, SITE_ERROR, SITE_NOTES_META, TRAIN_LOSS, TRAIN_STEPS,
                                 TRAINED_SITES_META)
+from fedbrain.fl.housekeeping import collect_round_garbage
 from fedbrain.fl.timing import collect_exchange_times
 from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_diff
 from fedbrain.fl.personal import PersonalHeadStore
@@ -160,3 +161,4 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
             meta[SITE_NOTES_META] = list(notes)
         flare.send(FLModel(params=weight_diff(model.state_dict(), before), params_type=ParamsType.DIFF,
                            metrics=metrics, meta={NUM_STEPS_META: stats["steps"], **meta}))
+        collect_round_garbage()  # fedbrain.fl.housekeeping: what this round left in cycles
