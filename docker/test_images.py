@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the production-kit deployment harness
 PODMAN = ["podman", "--cgroup-manager=cgroupfs", "--runtime", "runc"]
 #: This machine refuses raised rlimits; podman's defaults ask for them.
 LIMITS = ["--ulimit", "nofile=10000:10000", "--ulimit", "nproc=1000:1000"]
-BASE = "localhost/fedbrain-base:bookworm"
+BASE = "localhost/fedbrain-base:bookworm-jemalloc"
 TAG = "image-test"
 UID = 1000  # the images' user (docker/Dockerfile)
 
@@ -55,7 +55,7 @@ def _base_image(work: Path) -> str:
     if not shutil.which("mmdebstrap"):
         pytest.skip("no base image: apt-get install mmdebstrap (or set FEDBRAIN_BASE_IMAGE)")
     rootfs = work / "rootfs.tar"
-    _run(["mmdebstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates,passwd", "bookworm",
+    _run(["mmdebstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates,passwd,libjemalloc2", "bookworm",
           str(rootfs)])
     _run([*PODMAN, "import", str(rootfs), BASE])
     rootfs.unlink()
@@ -239,6 +239,9 @@ def test_a_containerised_consortium_completes_an_encrypted_job(consortium):
         logs = res.stdout + res.stderr
         assert f"Site check: {name}" in logs and "signed manifest of" in logs, logs[-2000:]  # the entry point's check
         _run([*PODMAN, "exec", container, "healthcheck.sh"])  # FLARE's process is alive
+        flare_maps = 'cat "/proc/$(cat "${NVFL_WORKSPACE:-/workspace}/pid.fl")/maps"'
+        maps = _run([*PODMAN, "exec", container, "sh", "-c", flare_maps]).stdout
+        assert "libjemalloc.so.2" in maps, f"{name}: FLARE runs without jemalloc"  # the image's preload took
 
 
 def _site_rows(result: Path) -> list[dict]:
