@@ -238,9 +238,11 @@ def notes(result: dict) -> list[str]:
         " (jemalloc); a small reply every poll +16% / +5%. Sites' and the server's job processes: +10-25% in all"
         " four runs (no clear allocator effect).",
         "",
-        "What drove the job processes' growth: garbage in reference cycles (most likely FLARE's stream tasks holding"
-        " their chunk buffers; not traced object by object), freed only at Python's rare full collections: the steps"
-        " down in the plot. Since 2026-12-07 the"
+        "What drove the job processes' growth: garbage in reference cycles, freed only at Python's rare full"
+        " collections (the steps down in the plot). Traced in a site's job process (one full collection after 100"
+        " rounds, `gc.DEBUG_SAVEALL`): 1,997 unreachable objects, among them 50 each of FLARE's `TxTask`,"
+        " `BlobStream`, `StreamFuture` and `BufferList` and 153 memoryviews: every stream since the last full"
+        " collection, with its 512 KB-1 MB chunk buffer. Since 2026-12-07 the"
         " site loop and the server's round controllers collect at the end of every round, having frozen what"
         " survived the first (fedbrain.fl.housekeeping). 300-round runs on the way (glibc): a collection every round"
         " alone held the job processes to +2.5-7.4% but cost 0.84 s a round (median 1.46 s against 0.62 s: each"

@@ -4,7 +4,8 @@ A long job's processes climbed by 100+ MB over a few hundred rounds and fell bac
 unrelated to the job (bench/soak.py's plot): the signature of garbage in reference cycles, which Python
 frees only at a full (generation 2) collection. Such a collection comes rarely in a process whose heap
 holds a network, its optimizer and FLARE's messaging, and until then every cycle keeps what it points
-at (most likely the 512 KB-1 MB chunk buffers of FLARE's streams: docs/maintainers.md). One full collection at the end of each
+at: FLARE's stream tasks (``TxTask``, ``BlobStream``, ``StreamFuture``, ``BufferList``) end in cycles, with
+their 512 KB-1 MB chunk buffers (docs/maintainers.md). One full collection at the end of each
 round frees them while they are few.
 
 A full collection walks every object the collector tracks: hundreds of thousands once PyTorch, MONAI and
