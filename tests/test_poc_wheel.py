@@ -9,6 +9,7 @@ cost minutes and gigabytes), so every fedbrain file it imports comes from the wh
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -38,8 +39,14 @@ def _run(cmd, cwd, env, timeout=600):
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     base = tmp_path_factory.mktemp("wheel")
-    dist = base / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)],
+    dist, src = base / "dist", base / "src"
+    # Built from a copy of what the Dockerfile's wheel stage copies: an in-tree build reuses the checkout's
+    # build/lib/, where a module deleted from custom/ would live on and ship in the wheel under test.
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "custom", src / "custom", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
          cwd=base, env=os.environ.copy())
     wheel = next(dist.glob("fedbrain-*.whl"))
     venv = base / "venv"
