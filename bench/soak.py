@@ -251,8 +251,7 @@ def notes(result: dict) -> list[str]:
         "",
         "Tried before, not shipped: `MALLOC_ARENA_MAX=2` with `MALLOC_MMAP_THRESHOLD_=131072` for every process"
         " (parent +42% against +75% in a side-by-side 300-round run, but median round 1.45 s against 1.16 s);"
-        " `malloc_trim(0)` every 10 s in the server's parent (no reliable effect). The job processes' growth is"
-        " below Python too (live large buffers stay at 3-4); FLARE's stream error-context map grows by ~24 small"
+        " `malloc_trim(0)` every 10 s in the server's parent (no reliable effect). FLARE's stream error-context map grows by ~24 small"
         " entries a round, kept 300 s (docs/maintainers.md).",
         "",
     ]
