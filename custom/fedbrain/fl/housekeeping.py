@@ -18,17 +18,14 @@ them would stay.
 from __future__ import annotations
 
 import gc
-import time
 
 _frozen = False
 
 
-def collect_round_garbage() -> float:
-    """A full collection now (the first call also freezes what survived it); returns the seconds it took."""
+def collect_round_garbage() -> None:
+    """A full collection now (the first call also freezes what survived it)."""
     global _frozen
-    start = time.perf_counter()
     gc.collect()
     if not _frozen:
         gc.freeze()
         _frozen = True
-    return time.perf_counter() - start
