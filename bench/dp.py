@@ -30,9 +30,10 @@ UTILITY = {"classification": {"cases": 400, "epochs": 12, "batch_size": 64, "lr"
 #: Printed under the table: how to read the DP rows.
 NOTES = [
     "How to read these rows: step times are medians of steps run interleaved (plain, DP model without DP-SGD,",
-    "DP-SGD, in turn) on random inputs of the task's default size (batch 2 / 4) on a 2-core machine. The ratio",
-    "moves with load: 2.3x / 2.9x on a busy machine (load 7-8), 2.8x / 3.9x on a quiet one (2026-12-01), 3-7x",
-    "for segmentation without the kernel warm-up; per-sample gradients of 3D convolutions are memory-bound.",
+    "DP-SGD, DP-SGD with Opacus' hooks, in turn) on random inputs of the task's default size (batch 2 / 4) on a",
+    "2-core machine. DP-SGD takes each case's gradient with torch.func's vmap (the product's way when a",
+    "convolution trains); Opacus' hooks, the way until 2026-12-07, unfold every input patch of a 3D convolution",
+    "(2.8x / 3.9x on a quiet machine on 2026-12-01, 2.3x / 2.9x at load 7-8).",
     "Utility rows: one site of 300 (classification) or 90 (segmentation) training cases, centralized with the",
     "task's loop, noise calibrated to spend exactly epsilon over the arm's epochs, every arm at the same batch.",
     "At every epsilon <= 8 both models stay where they started (balanced accuracy at chance, Dice ~0.04): the",
@@ -45,27 +46,39 @@ NOTES = [
 ]
 
 
-def _stepper(config, loss_fn, dp: bool, part: str | None = None):
-    """One training step of ``config``'s network (plain, or DP-SGD as the loop runs it) on a given batch;
-    with ``part``, only that part of the network trains (the rest frozen, as under ``dp_part``)."""
+def _stepper(config, loss_fn, per_sample: str | None, part: str | None = None):
+    """One training step of ``config``'s network on a given batch: plain (``per_sample`` None), or DP-SGD
+    with per-sample gradients the product's way for what trains (``auto``), by ``vmap`` or by Opacus' ``hooks``; with
+    ``part``, only that part of the network trains (the rest frozen, as under ``dp_part``)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    from fedbrain.privacy.dpsgd import Stateless, default_per_sample_mode, per_sample_gradients
     from fedbrain.tasks.loop import apply_trainable_part
 
     model = config.build_model()
     if part is not None:
         apply_trainable_part(model, config.replace(dp_noise_multiplier=1.0, dp_part=part))
+    if per_sample == "auto":
+        per_sample = default_per_sample_mode(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     net = model
-    if dp:
-        net = GradSampleModule(model)
+    if per_sample is not None:
+        net = GradSampleModule(model) if per_sample == "hooks" else Stateless(model)
         opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=config.batch_size)
 
     def step(inputs, target) -> float:
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss_fn(net(*inputs), target).backward()
+        if per_sample == "vmap":
+            batch = {"target": target, **{f"in{i}": x for i, x in enumerate(inputs)}}
+            grads, _ = per_sample_gradients(
+                lambda b: {"loss": loss_fn(net(*(b[f"in{i}"] for i in range(len(inputs)))), b["target"])}, net, batch)
+            for name, p in model.named_parameters():
+                if name in grads:
+                    p.grad_sample = grads[name]
+        else:
+            loss_fn(net(*inputs), target).backward()
         opt.step()
         return time.perf_counter() - t
 
@@ -73,8 +86,9 @@ def _stepper(config, loss_fn, dp: bool, part: str | None = None):
 
 
 def bench_step_time(steps: int = 10, threads: int = 2) -> dict:
-    """Median step seconds of the plain model, the DP model (segmentation: LeakyReLU) without and
-    with DP-SGD, measured interleaved (one step of each in turn): shared machines drift."""
+    """Median step seconds of the plain model, the DP model (segmentation: LeakyReLU) without and with
+    DP-SGD (per-sample gradients the product's way, and by Opacus' hooks), measured interleaved (one step
+    of each in turn): shared machines drift."""
     from monai.losses import DiceFocalLoss
 
     from fedbrain.tasks.classification import ClassificationConfig
@@ -92,8 +106,8 @@ def bench_step_time(steps: int = 10, threads: int = 2) -> dict:
     for name, config, batch, loss in (("segmentation", seg, seg_batch, DiceFocalLoss(sigmoid=True)),
                                       ("classification", cls, cls_batch, torch.nn.CrossEntropyLoss())):
         dp_config = config.replace(dp_noise_multiplier=1.0)  # the DP model spec (segmentation: LeakyReLU)
-        arms = {"plain_s": _stepper(config, loss, False), "plain_dp_model_s": _stepper(dp_config, loss, False),
-                "dp_s": _stepper(dp_config, loss, True)}
+        arms = {"plain_s": _stepper(config, loss, None), "plain_dp_model_s": _stepper(dp_config, loss, None),
+                "dp_s": _stepper(dp_config, loss, "auto"), "dp_hooks_s": _stepper(dp_config, loss, "hooks")}
         times = {k: [] for k in arms}
         for i in range(steps + 3):  # three warm-up rounds (first steps build kernels: seconds)
             inputs, target = batch()
@@ -189,7 +203,10 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
         out.append((f"DP-SGD step / plain step, {name} (batch {s['batch_size']}, same DP model)",
                     f"{s['dp_s'] / s['plain_dp_model_s']:.2f}", "<= 2.0",
                     f"{s['dp_s']:.2f} s vs {s['plain_dp_model_s']:.2f} s; vs the non-DP model "
-                    f"({'PReLU' if name == 'segmentation' else 'same'}): {s['ratio']:.2f}x"))
+                    f"({'PReLU' if name == 'segmentation' else 'same'}): {s['ratio']:.2f}x"
+                    + (f"; Opacus' hooks instead of vmap: {s['dp_hooks_s'] / s['plain_dp_model_s']:.2f}x"
+                       if "dp_hooks_s" in s else "")
+                    + ("; met" if s['dp_s'] / s['plain_dp_model_s'] <= 2.0 else "; not met")))
     for u in r.get("utility", []):
         for eps, arm in u["arms"].items():
             if eps == "inf":

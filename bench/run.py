@@ -682,7 +682,8 @@ def main(argv=None):
     for group, module in group_modules().items():
         if group in only:
             console.rule(module.TITLE)
-            results[group] = {**module.run(WORK, console), "measured_at": results["measured_at"]}
+            # a group that re-measured only a part keeps the date of the rest (its own measured_at)
+            results[group] = {"measured_at": results["measured_at"], **module.run(WORK, console)}
     results = merge_into_current(results, read_at_start)
     plots = plot(results)
     for group, module in group_modules().items():

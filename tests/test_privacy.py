@@ -14,7 +14,8 @@ from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_WITHHELD
 from fedbrain.fl.site import SiteSettings, resolve_site_settings, write_site_config
 from fedbrain.privacy.budget import BUDGET_EXHAUSTED, DP_REQUIRED, LEDGER_BROKEN, SiteBudget, SitePrivacy
 from fedbrain.privacy.ledger import PrivacyLedger
-from fedbrain.privacy.dpsgd import DPSGD, validate_model
+from fedbrain.privacy.dpsgd import (DPSGD, PER_SAMPLE_MODES, Stateless, default_per_sample_mode, per_sample_gradients,
+                                    validate_model)
 from fedbrain.tasks.classification import ClassificationConfig
 from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
 
@@ -222,6 +223,82 @@ def test_models_pass_opacus_validation_with_dp(config):
     for name, p in model.named_parameters():
         assert p.grad_sample is not None and p.grad_sample.shape == (2, *p.shape), name
     gsm._close()
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("config", [
+    SegmentationConfig(dp_epsilon=8.0, roi_size=(32, 32, 32)),
+    SegmentationConfig(dp_epsilon=8.0, roi_size=(32, 32, 32), arch="segresnet"),
+    *(ClassificationConfig(dp_epsilon=8.0, fusion=f, spatial_size=(16, 16, 16), channels=(8, 16))
+      for f in ("late", "masked_mean", "attention")),
+], ids=["unet", "segresnet", "late", "masked_mean", "attention"])
+def test_per_sample_gradients_by_vmap_are_opacus_own(config):
+    """The default way (torch.func) gives each case's gradient as Opacus' hooks do: DP-SGD clips the same thing.
+    A case's loss here is the mean of its outputs squared, so the batch's loss is the mean of the cases'."""
+    torch.manual_seed(0)
+    model = config.build_model()
+    for m in model.modules():  # random masks would differ between the two ways
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if hasattr(model, "modality_dropout"):
+        model.modality_dropout = 0.0
+    if isinstance(config, SegmentationConfig):
+        batch = {"x": torch.randn(3, 4, *config.roi_size), "ids": ["a", "b", "c"]}
+        forward = lambda net, b: net(b["x"])  # noqa: E731
+    else:
+        size = config.spatial_size
+        batch = {"mri": torch.randn(3, 4, *size), "ct": torch.randn(3, 2, *size),
+                 "has_ct": torch.tensor([1.0, 0.0, 1.0]), "ids": ["a", "b", "c"]}
+        each = config.fusion != "late"  # each stream graded alone too, as the trainer's loss does
+        forward = lambda net, b: net(b["mri"], b["ct"], torch.ones_like(b["has_ct"]), b["has_ct"],  # noqa: E731
+                                     each_stream=each)
+    stateless = Stateless(model)
+    grads, parts = per_sample_gradients(lambda b: {"loss": forward(stateless, b).float().pow(2).mean()},
+                                        stateless, batch)
+    gsm = GradSampleModule(model, loss_reduction="mean")
+    loss = forward(gsm, batch).float().pow(2).mean()
+    loss.backward()
+    assert torch.allclose(parts["loss"], loss.detach(), rtol=1e-4)
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for name, p in model.named_parameters():
+        assert grads[name].shape == (3, *p.shape), name
+        assert torch.allclose(grads[name], p.grad_sample, rtol=1e-2, atol=1e-3 * scale), name
+    gsm._close()
+
+
+def test_per_sample_gradients_are_vectorised_when_a_convolution_trains():
+    """Opacus' hooks unfold every input patch of a trained convolution; for a linear head they are cheaper."""
+    from fedbrain.tasks.loop import apply_trainable_part
+
+    for config, part, mode in ((SegmentationConfig(roi_size=(32, 32, 32)), "all", "vmap"),
+                               (SegmentationConfig(roi_size=(32, 32, 32)), "decoder", "vmap"),
+                               (ClassificationConfig(spatial_size=(16, 16, 16), channels=(8, 16)), "head", "hooks"),
+                               (ClassificationConfig(spatial_size=(16, 16, 16), channels=(8, 16)), "all", "vmap")):
+        model = config.build_model()
+        apply_trainable_part(model, config.replace(dp_noise_multiplier=1.0, dp_part=part))
+        assert default_per_sample_mode(model) == mode, (type(config).__name__, part)
+
+
+def test_both_ways_of_per_sample_gradients_take_the_same_clipped_step(cases):
+    """One DP-SGD step (noise off, a clip that bites) from the same start: the same weights either way."""
+    config = SegmentationConfig(**SMALL, lr=1e-2, dp_noise_multiplier=1.0, dp_max_grad_norm=1e-3)
+    twice = [cases[0], cases[0]]
+    results = []
+    for mode in PER_SAMPLE_MODES:
+        trainer = SegmentationTrainer(twice, [], config)
+        DPSGD.attach(trainer, per_sample=mode).noise_multiplier = 0.0
+        model = trainer.build_model()
+        out = trainer.train(model, steps=1)
+        assert out["steps"] == 1 and math.isfinite(out["train_loss"])
+        assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+        results.append((out["train_loss"], model.state_dict()))
+    (loss_a, a), (loss_b, b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-4)
+    start = SegmentationConfig(**SMALL, dp_noise_multiplier=1.0).build_model().state_dict()
+    moved = [k for k in a if not torch.equal(a[k], start[k])]
+    assert moved  # the step did something
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
 def test_dp_changes_the_segmentation_activation_only_when_on():

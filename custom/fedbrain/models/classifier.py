@@ -273,7 +273,10 @@ class DualStreamClassifier(nn.Module):
         both = present.sum(1) >= present.shape[1]
         drop = both & (torch.rand(present.shape[0], device=present.device) < self.modality_dropout)
         which = torch.randint(0, present.shape[1], (present.shape[0],), device=present.device)
-        hit = torch.nn.functional.one_hot(which, present.shape[1]).to(present.dtype) * drop.unsqueeze(1)
+        # a comparison, not one_hot: one_hot checks its values on the host, which torch.func's vmap (DP-SGD's
+        # per-sample gradients) cannot do
+        hit = (which.unsqueeze(1) == torch.arange(present.shape[1], device=present.device)).to(present.dtype)
+        hit = hit * drop.unsqueeze(1)
         return present * (1 - hit)
 
     def forward(
@@ -317,9 +320,8 @@ class DualStreamClassifier(nn.Module):
             return logits
         if not self.robust:
             raise ValueError("each_stream needs a fusion that masks absent modalities (not 'late')")
-        alone = [self.head(self.fusion(tokens, torch.nn.functional.one_hot(
-            torch.full((b,), i, device=device), len(self.streams)).to(present.dtype)))
-            for i in range(len(self.streams))]
+        only = torch.eye(len(self.streams), device=device, dtype=present.dtype)
+        alone = [self.head(self.fusion(tokens, only[i].expand(b, -1))) for i in range(len(self.streams))]
         return torch.stack([logits, *alone], 1)
 
 

@@ -10,6 +10,13 @@ history ``[(noise, q, steps), ...]`` composes over rounds and jobs (:mod:`.budge
 
 Noise and sampling draw from the operating system's random source, never from the job's
 ``seed``: the server knows the seed, and noise it can regenerate protects nothing.
+
+Per-sample gradients come one of two ways (:data:`PER_SAMPLE_MODES`), the same numbers either way:
+``vmap`` differentiates each case's own loss, vectorised over the batch with ``torch.func``, so PyTorch's
+batched convolution kernels do the work; ``hooks`` is Opacus' GradSampleModule, which expands per-sample
+gradients from each layer's activations and output gradients: for 3D convolutions that unfolds every
+input patch, 2.5-3.6x a plain step on a CPU (docs/benchmarks.md). :func:`default_per_sample_mode` picks
+by what trains.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import warnings
 
 import torch
 from opacus import GradSampleModule
+from torch import nn
+from torch.func import functional_call, grad, vmap
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -32,6 +41,65 @@ from fedbrain.tasks.loop import TrainingHook
 # torch says so on every step in the site's log; Opacus' per-sample gradients do not depend on it.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
                                           "to module outputs since no inputs require gradients")
+
+
+#: How per-sample gradients are computed (see the module docstring).
+PER_SAMPLE_MODES = ("vmap", "hooks")
+
+
+def default_per_sample_mode(model: nn.Module) -> str:
+    """``vmap`` when a convolution trains, else ``hooks``. Opacus' hooks unfold every input patch of a
+    convolution (2.5-3.6x a plain step here), while for linear layers they are one product per layer, where
+    vmap would also vectorise the frozen trunks' forward pass (a linear head: 1.06x vs 1.36x a plain step;
+    docs/benchmarks.md)."""
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    trains_conv = any(isinstance(m, convs) and any(p.requires_grad for p in m.parameters(recurse=False))
+                      for m in model.modules())
+    return "vmap" if trains_conv else "hooks"
+
+
+class Stateless(nn.Module):
+    """``model`` called with the parameters :func:`per_sample_gradients` differentiates (while it runs), else
+    as it is. Named like Opacus' wrapper (``_module``), so code that reads parameter names reads both alike."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._module = model
+        self.substitute: dict | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.substitute is None:
+            return self._module(*args, **kwargs)
+        return functional_call(self._module, self.substitute, args, kwargs)
+
+
+def per_sample_gradients(loss_of, net: Stateless, batch: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """``({name: [n, *shape]}, mean loss terms)``: for each trainable parameter of ``net``'s model, the
+    gradient of each case's own loss (``loss_of(batch)`` returns named terms, summed) in one vectorised pass.
+
+    The batch's tensors are cut along their first axis (the size of its first tensor); anything else
+    (case IDs) is passed as it is. A parameter a case's loss does not reach gets a zero gradient."""
+    model = net._module
+    n = next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim), None)
+    if n is None:
+        raise ValueError("a batch without a batched tensor has no cases to differentiate")
+    cut = {k: (v.as_tensor() if hasattr(v, "as_tensor") else v) for k, v in batch.items()
+           if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n}
+    rest = {k: v for k, v in batch.items() if k not in cut}
+    trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    fixed = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(model.named_buffers())
+
+    def one_case(params, case):
+        net.substitute = {**fixed, **params}
+        try:
+            parts = loss_of({**rest, **{k: v.unsqueeze(0) for k, v in case.items()}})
+        finally:
+            net.substitute = None
+        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
+
+    grads, parts = vmap(grad(one_case, has_aux=True), in_dims=(None, 0), randomness="different")(trained, cut)
+    return grads, {k: v.mean() for k, v in parts.items()}
 
 
 def os_generator(device="cpu") -> torch.Generator:
@@ -64,7 +132,10 @@ class DPSGD(TrainingHook):
     from the site's store); ``pending`` is what was spent since the last :meth:`drain`.
     """
 
-    def __init__(self, trainer, planned_steps: int | None = None, history=()):
+    def __init__(self, trainer, planned_steps: int | None = None, history=(), per_sample: str | None = None):
+        if per_sample is not None and per_sample not in PER_SAMPLE_MODES:
+            raise ValueError(f"per_sample must be one of {PER_SAMPLE_MODES}, got {per_sample!r}")
+        self.per_sample = per_sample  # None: chosen by what trains, when the loop wraps the model
         config = trainer.config
         self.n_train = len(trainer.train_ds)
         self.steps_per_epoch = len(trainer.train_loader)
@@ -81,12 +152,12 @@ class DPSGD(TrainingHook):
         self._loader = None
         if self.n_train:
             self._loader = self._poisson_loader(trainer.train_loader)
-        self._gsm = self._terms = None
+        self._gsm = self._stateless = self._terms = None
 
     @classmethod
-    def attach(cls, trainer, planned_steps: int | None = None, history=()) -> "DPSGD":
+    def attach(cls, trainer, planned_steps: int | None = None, history=(), per_sample: str | None = None) -> "DPSGD":
         """Give ``trainer`` its DP-SGD hook (its ``train()`` refuses to run DP configs without one)."""
-        trainer.privacy = cls(trainer, planned_steps=planned_steps, history=history)
+        trainer.privacy = cls(trainer, planned_steps=planned_steps, history=history, per_sample=per_sample)
         return trainer.privacy
 
     def _noise(self, config) -> float:
@@ -141,7 +212,10 @@ class DPSGD(TrainingHook):
         self._skipping = [m for m in model.modules() if getattr(m, "skip_unused_streams", False)]
         for m in self._skipping:
             m.skip_unused_streams = False
-        self._gsm = GradSampleModule(model, loss_reduction="mean")
+        if (self.per_sample or default_per_sample_mode(model)) == "hooks":
+            net = self._gsm = GradSampleModule(model, loss_reduction="mean")
+        else:
+            net = self._stateless = Stateless(model)
         # Loss terms of other hooks (FedProx) do not depend on data: Opacus drops their gradient
         # when it replaces p.grad by the noisy sum, so it is added back after the noise, at no privacy cost.
         self._terms = [h for h in hooks if h is not self and h.term is not None]
@@ -149,7 +223,17 @@ class DPSGD(TrainingHook):
                              expected_batch_size=self.expected_batch_size, loss_reduction="mean",
                              generator=os_generator(next(model.parameters()).device))
         dp_opt.attach_step_hook(lambda opt: self._on_step(opt, model))
-        return self._gsm, dp_opt, self._loader
+        return net, dp_opt, self._loader
+
+    def backward(self, loss_of, batch) -> dict | None:
+        """``vmap``: each case's gradient into ``p.grad_sample``, where the DP optimizer clips it."""
+        if self._stateless is None:
+            return None  # Opacus' hooks fill p.grad_sample during the loop's own backward pass
+        grads, parts = per_sample_gradients(loss_of, self._stateless, batch)
+        for name, p in self._stateless._module.named_parameters():
+            if name in grads:
+                p.grad_sample = grads[name]
+        return parts
 
     def _on_step(self, optimizer, model) -> None:
         """Called by the DP optimizer after clipping and noise, before the update: count the step."""
@@ -173,6 +257,12 @@ class DPSGD(TrainingHook):
         if self._gsm is not None:
             self._gsm._close()  # removes Opacus' hooks and per-sample attributes from the model
             self._gsm = None
+        if self._stateless is not None:  # what the DP optimizer left on the parameters, as Opacus' _close removes
+            for p in self._stateless._module.parameters():
+                for attr in ("grad_sample", "summed_grad"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+            self._stateless = None
         for m in getattr(self, "_skipping", ()):
             m.skip_unused_streams = True
         return self.metrics()

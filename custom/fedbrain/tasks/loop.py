@@ -54,6 +54,11 @@ class TrainingHook:
         """End of the call: undo :meth:`wrap`; returns metrics added to ``train()``'s result."""
         return {}
 
+    def backward(self, loss_of: Callable[[dict], dict], batch: dict) -> dict | None:
+        """Compute the step's gradients itself (DP-SGD's per-sample loop): return the batch's loss terms, or
+        None to leave the backward pass to the loop. ``loss_of(batch)`` is the task's loss terms of a batch."""
+        return None
+
     def empty_step(self, model: nn.Module) -> None:
         """Before a step on an empty batch (only a hook whose loader can yield one needs this)."""
         return None
@@ -222,6 +227,14 @@ class Trainer:
         steps = n_epochs * len(self.train_loader)
         return min(steps, self.config.max_steps) if self.config.max_steps is not None else steps
 
+    def _hooks_backward(self, net: nn.Module, batch: dict, hooks: Sequence[TrainingHook]) -> dict | None:
+        """The loss terms of the first hook that takes the backward pass itself, or None if none does."""
+        for hook in hooks:
+            parts = hook.backward(lambda b: self.loss_terms(net, b), batch)
+            if parts is not None:
+                return parts
+        return None
+
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
 
@@ -286,14 +299,20 @@ class Trainer:
                             break
                         optimizer.zero_grad(set_to_none=True)
                         if batch:
-                            with self._autocast():
-                                parts = self.loss_terms(net, batch)
-                            for hook in hooks:
-                                if hook.term is not None:
-                                    parts[hook.term] = hook.loss_term(model)
-                            loss = sum(parts.values())
-                            scale = self.scaler.get_scale() if self.use_amp else None
-                            self.scaler.scale(loss).backward()
+                            parts = self._hooks_backward(net, batch, hooks)
+                            if parts is not None:  # a hook took the backward pass; other terms are reported
+                                with torch.no_grad():
+                                    parts.update({h.term: h.loss_term(model) for h in hooks if h.term is not None})
+                                loss, scale = sum(parts.values()), None
+                            else:
+                                with self._autocast():
+                                    parts = self.loss_terms(net, batch)
+                                for hook in hooks:
+                                    if hook.term is not None:
+                                        parts[hook.term] = hook.loss_term(model)
+                                loss = sum(parts.values())
+                                scale = self.scaler.get_scale() if self.use_amp else None
+                                self.scaler.scale(loss).backward()
                         else:  # Poisson sampling (DP-SGD) drew no case: a noise-only step, no loss
                             parts, loss, scale = {}, None, None
                             for hook in hooks:
