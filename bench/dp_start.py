@@ -174,7 +174,9 @@ def step_times(task: str, steps: int) -> dict:
 def run(work: Path, console, settings: DPStartSettings | None = None) -> dict:
     """Every task of the settings, or those named in ``FEDBRAIN_BENCH_DP_START_TASKS`` (comma-separated; the
     other tasks keep what bench/results.json holds for them). With ``FEDBRAIN_BENCH_DP_START_STEP_TIMES_ONLY`` set,
-    only the step times are measured again (minutes) and everything else is kept."""
+    only the step times are measured again (minutes) and everything else is kept. With
+    ``FEDBRAIN_BENCH_DP_START_RESUME`` set, a seed whose arms are all in bench/results.json is kept (a stopped run
+    goes on where it stopped)."""
     import json
     import os
 
@@ -183,6 +185,7 @@ def run(work: Path, console, settings: DPStartSettings | None = None) -> dict:
     stored = Path(__file__).resolve().parent / "results.json"
     kept_all = json.loads(stored.read_text()).get("dp_start", {}) if stored.exists() else {}
     kept = kept_all.get("tasks", {})
+    resume = bool(os.environ.get("FEDBRAIN_BENCH_DP_START_RESUME"))
     if os.environ.get("FEDBRAIN_BENCH_DP_START_STEP_TIMES_ONLY"):  # minutes: the rest is kept as measured
         from datetime import date
 
@@ -197,6 +200,10 @@ def run(work: Path, console, settings: DPStartSettings | None = None) -> dict:
             out["tasks"].setdefault(task, {})["step_time"] = step_times(task, s.steps_timed)
         return out
     out = {"settings": asdict(s), "tasks": {t: v for t, v in kept.items() if t not in chosen}}
+    added = []  # with resume: what this run measured
+    if resume:
+        out["measured_at"] = kept_all.get("measured_at")
+        out["settings"] = {**kept_all.get("settings", {}), **asdict(s)}
     for task, spec in s.tasks.items():
         if task not in chosen:
             continue
@@ -205,20 +212,35 @@ def run(work: Path, console, settings: DPStartSettings | None = None) -> dict:
         sizes = {}
         for n_train in spec["n_train"]:
             seeds = {}
+            stored_seeds = kept.get(task, {}).get("sizes", {}).get(str(n_train), {}) if resume else {}
             for seed in s.seeds:
+                extra = s.curve_epsilons.get(task, ()) if seed == s.seeds[0] else ()
+                wanted = {"public", "plain", *(f"eps {eps:g}" for eps in (*s.epsilons, *extra))}
+                if wanted <= set(stored_seeds.get(str(seed), {})):  # a stopped run's seed: kept as measured
+                    seeds[str(seed)] = stored_seeds[str(seed)]
+                    continue
                 lists = hospital(work, n_train, seed)
                 arms = {"public": one_arm(task, spec, lists, start, seed, None, s.delta, train=False),
                         "plain": one_arm(task, spec, lists, start, seed, None, s.delta)}
-                extra = s.curve_epsilons.get(task, ()) if seed == s.seeds[0] else ()
                 for eps in (*s.epsilons, *extra):
                     arms[f"eps {eps:g}"] = one_arm(task, spec, lists, start, seed, eps, s.delta)
                 seeds[str(seed)] = arms
+                added.append(f"{task} n = {n_train} seed {seed}")
                 console.print(f"  {task} n={n_train} seed {seed}: " + ", ".join(
                     f"{k} {v[metric]:.3f}" for k, v in arms.items()))
             sizes[str(n_train)] = seeds
         out["tasks"][task] = {"start": {k: start.record[k] for k in ("sha256", "epochs", "public_validation",
                                                                        "public_data", "n_train")},
                               "sizes": sizes, "step_time": step_times(task, s.steps_timed)}
+    if resume:
+        from datetime import date
+
+        when = date.today().isoformat()
+        out["settings"]["note"] = "; ".join(filter(None, (
+            out["settings"].get("note"), f"resumed on {when}, measuring {', '.join(added) or 'nothing'}")))
+        out["settings"]["step_time_note"] = (f"measured again with the resumed run on {when} ({s.steps_timed} "
+                                             f"interleaved steps; each ratio a mean of paired steps with its 95% "
+                                             f"interval)")
     return out
 
 
