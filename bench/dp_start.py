@@ -326,7 +326,8 @@ def notes(r: dict) -> list[str]:
     ]
     if s.get("note"):
         timed = all(t.get("step_time") for t in r["tasks"].values())
-        lines.append(f"This run: {s['note']}; its ε spent is the calibrated target, as the log gives it. "
+        lines.append(f"This run: {s['note']}; where rebuilt from the log, ε spent is the calibrated target, as the "
+                     "log gives it. "
                      + (f"Step times: {s['step_time_note']}." if timed and s.get("step_time_note") else
                         "Step times: the whole-network DP-SGD rows of *Differential privacy* above; the declared "
                         "part's were not measured."))
