@@ -17,6 +17,7 @@ from fedbrain.privacy.ledger import PrivacyLedger
 from fedbrain.privacy.dpsgd import (DPSGD, PER_SAMPLE_MODES, Stateless, default_per_sample_mode, per_sample_gradients,
                                     validate_model)
 from fedbrain.tasks.classification import ClassificationConfig
+from fedbrain.tasks.loop import in_layout, set_layout
 from fedbrain.tasks.segmentation import SegmentationConfig, SegmentationTrainer
 
 try:
@@ -146,6 +147,8 @@ def test_dp_off_training_is_the_plain_loop_bit_for_bit(cases):
     ref_trainer = SegmentationTrainer(cases, [], config)
     ref = ref_trainer.build_model()
     opt = ref_trainer._optimizer_for(ref)
+    layout = ref_trainer.training_layout()
+    set_layout(ref, layout)
     ref.train()
     taken = 0
     while taken < 3:
@@ -153,9 +156,10 @@ def test_dp_off_training_is_the_plain_loop_bit_for_bit(cases):
             if taken == 3:
                 break
             opt.zero_grad(set_to_none=True)
-            sum(ref_trainer.loss_terms(ref, batch).values()).backward()
+            sum(ref_trainer.loss_terms(ref, in_layout(batch, layout)).values()).backward()
             opt.step()
             taken += 1
+    set_layout(ref, torch.contiguous_format)
     for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), name
 

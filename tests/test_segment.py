@@ -167,6 +167,18 @@ def test_trainer_takes_requested_steps(trainer):
         trainer.train(model, epochs=1, steps=1)
 
 
+def test_training_runs_channels_last_on_a_cpu_and_hands_the_usual_layout_back(trainer):
+    """3D convolutions train faster channels-last on a CPU; what leaves train() (sent, saved) is laid out as before."""
+    model = trainer.build_model()
+    convs = [p for p in model.parameters() if p.dim() == 5]
+    layouts = []
+    trainer.train(model, steps=2, on_step=lambda step, loss: layouts.append(
+        all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs)))
+    assert convs and layouts == [True, True]
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(v.is_contiguous() for v in model.state_dict().values())
+
+
 def test_max_steps_caps_epochs(data):
     t = SegmentationTrainer(data["train"][:3], [], SegmentationConfig(max_steps=1, epochs_per_round=3, **FAST))
     assert t.train(t.build_model())["steps"] == 1
