@@ -1,6 +1,7 @@
 """A public start (fedbrain pretrain) and DP-SGD on a declared part of it."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -172,6 +173,46 @@ def test_a_frozen_trunk_gets_no_loss_of_its_own():
     assert own(ClassificationConfig(start_model="sha256:00", dp_epsilon=8.0)) == set()  # the head only
     assert own(ClassificationConfig(start_model="sha256:00", dp_epsilon=8.0, dp_part="head_ct")) == {"ct"}
     assert own(ClassificationConfig(start_model="sha256:00")) == {"mri", "ct"}  # without DP all of it trains
+
+
+def test_each_task_pretrains_on_its_own_public_cohort(tmp_path, monkeypatch):
+    """A segmentation challenge's scans are curated cleaner than a grading archive's; a start is keyed by its
+    cohort, so changing one task's cohort pretrains that task's start again and keeps the other's."""
+    from fedbrain.synthetic import cohort
+    from fedbrain.tasks import pretrain as pretrain_mod
+
+    seg, cls = cohort.public_site_profiles(2, 0, "segmentation"), cohort.public_site_profiles(2, 0, "classification")
+    assert cls == cohort.public_site_profiles(2, 0)  # the classifier's cohort as before
+    assert max(p.noise_level for p in seg) < min(p.noise_level for p in cls)
+    assert max(p.psf_fwhm_mm for p in seg) <= 1.3 < max(p.psf_fwhm_mm for p in cls)
+    assert [(p.name, p.grade_mix, p.tumour_scale) for p in seg] == [(p.name, p.grade_mix, p.tumour_scale) for p in cls]
+    with pytest.raises(ValueError, match="no public cohort"):
+        cohort.public_site_profiles(2, 0, "survival")
+
+    made = []
+    monkeypatch.setattr(pretrain_mod, "synthesize_public", lambda out, **k: made.append(("data", Path(out).name)) or [])
+
+    def fake_pretrain(config, datalists, out, **kwargs):
+        made.append(("start", Path(out).name))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", fake_pretrain)
+
+    def start_dir(config, trainer_cls):
+        with pytest.raises(RuntimeError, match="stop here"):
+            pretrain_mod.cached_start(tmp_path, config, trainer_cls)
+        return made[-1][1]
+
+    from fedbrain.tasks.classification import ClassificationTrainer
+
+    seg_config = SegmentationConfig(**SMALL)
+
+    before = start_dir(seg_config, SegmentationTrainer), start_dir(ClassificationConfig(), ClassificationTrainer)
+    assert ("data", "public_data-segmentation") in made and ("data", "public_data-classification") in made
+    monkeypatch.setitem(cohort.PUBLIC_ACQUISITION, "segmentation", {"noise_level": (0.02, 0.03),
+                                                                     "psf_fwhm_mm": (1.0, 1.3)})
+    after = start_dir(seg_config, SegmentationTrainer), start_dir(ClassificationConfig(), ClassificationTrainer)
+    assert after[0] != before[0] and after[1] == before[1]
 
 
 def test_the_demos_public_start_is_made_once_and_reused(tmp_path, monkeypatch):

@@ -128,7 +128,7 @@ def cmd_pretrain(a) -> int:
         datalists = _datalists(a.datalists)
     else:
         console.print(f"no public data given: synthesizing the synthetic public cohort into {out / 'public_data'}")
-        datalists = synthesize_public(out / "public_data", cases=a.cases, seed=a.data_seed)
+        datalists = synthesize_public(out / "public_data", task=config_cls.TASK, cases=a.cases, seed=a.data_seed)
     # The recipe the demo's and the benchmark's starts use, where the user gives no batch or lr.
     recipe = {k: v[config_cls.TASK] for k, v in (("batch_size", BATCH), ("lr", LR))
               if getattr(a, f"config_{k}", None) is None}

@@ -27,14 +27,14 @@ BATCH = {"segmentation": 4, "classification": 16}
 LR = {"segmentation": 1e-2, "classification": 1e-3}
 
 
-def synthesize_public(out_dir, *, cases: int = PUBLIC_CASES, sites: int = PUBLIC_SITES, seed: int = 0,
+def synthesize_public(out_dir, *, task: str, cases: int = PUBLIC_CASES, sites: int = PUBLIC_SITES, seed: int = 0,
                       progress: bool = True) -> list[Path]:
-    """A synthetic public cohort (:func:`fedbrain.synthetic.cohort.public_site_profiles`): other scanners
-    and protocol, mostly large HGG, no CT, patients drawn apart from every hospital's. Its datalists."""
+    """A synthetic public cohort for ``task`` (:func:`fedbrain.synthetic.cohort.public_site_profiles`): other
+    scanners and protocol, mostly large HGG, no CT, patients drawn apart from every hospital's. Its datalists."""
     from fedbrain.synthetic.cohort import public_site_profiles, synthesize_consortium
 
     out_dir = Path(out_dir)
-    profiles = public_site_profiles(sites, seed)
+    profiles = public_site_profiles(sites, seed, task)
     if not all((out_dir / p.name / "datalist.json").is_file() for p in profiles):
         synthesize_consortium(out_dir, sites=sites, cases=cases, seed=seed, profiles=profiles, progress=progress)
     return [out_dir / p.name / "datalist.json" for p in profiles]
@@ -92,10 +92,15 @@ def cached_start(cache_dir, config, trainer_cls, *, console=None) -> StartModel:
 
     from fedbrain.models.start import StartModelError, load
 
+    from dataclasses import asdict
+
+    from fedbrain.synthetic.cohort import public_site_profiles
+
     ready = config.replace(dp_ready=True, start_model=None, dp_epsilon=None, dp_noise_multiplier=None,
                            batch_size=BATCH[config.TASK], lr=LR[config.TASK])
+    cohort = [asdict(p) for p in public_site_profiles(PUBLIC_SITES, 0, config.TASK)]
     key = hashlib.sha256(json.dumps([ready.model_spec(), EPOCHS[config.TASK], PUBLIC_CASES, ready.lr,
-                                     ready.batch_size], sort_keys=True).encode()).hexdigest()[:12]
+                                     ready.batch_size, cohort], sort_keys=True).encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"{config.TASK}-{key}"
     try:
         return load(out)
@@ -103,6 +108,7 @@ def cached_start(cache_dir, config, trainer_cls, *, console=None) -> StartModel:
         pass
     if console is not None:
         console.print(f"    no public start yet: pretraining one on the synthetic public cohort into {out} (once)")
-    datalists = synthesize_public(Path(cache_dir) / "public_data", cases=PUBLIC_CASES, progress=console is not None)
+    datalists = synthesize_public(Path(cache_dir) / f"public_data-{config.TASK}", task=config.TASK, cases=PUBLIC_CASES,
+                                  progress=console is not None)
     return pretrain(ready, datalists, out, epochs=EPOCHS[config.TASK], trainer_cls=trainer_cls,
                     progress=console is not None)
