@@ -208,12 +208,17 @@ def test_dp_config_without_hook_is_refused(cases):
 
 
 # ---------------------------------------------------------------- models pass Opacus with DP on
-@pytest.mark.parametrize("config", [
+#: Every network DP-SGD may train, small.
+DP_NETWORKS = [
     SegmentationConfig(dp_epsilon=8.0, roi_size=(32, 32, 32)),
     SegmentationConfig(dp_epsilon=8.0, roi_size=(32, 32, 32), arch="segresnet"),
     *(ClassificationConfig(dp_epsilon=8.0, fusion=f, spatial_size=(16, 16, 16), channels=(8, 16))
       for f in ("late", "masked_mean", "attention")),
-], ids=["unet", "segresnet", "late", "masked_mean", "attention"])
+]
+DP_NETWORK_IDS = ["unet", "segresnet", "late", "masked_mean", "attention"]
+
+
+@pytest.mark.parametrize("config", DP_NETWORKS, ids=DP_NETWORK_IDS)
 def test_models_pass_opacus_validation_with_dp(config):
     model = config.build_model()
     validate_model(model)
@@ -230,12 +235,7 @@ def test_models_pass_opacus_validation_with_dp(config):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-@pytest.mark.parametrize("config", [
-    SegmentationConfig(dp_epsilon=8.0, roi_size=(32, 32, 32)),
-    SegmentationConfig(dp_epsilon=8.0, roi_size=(32, 32, 32), arch="segresnet"),
-    *(ClassificationConfig(dp_epsilon=8.0, fusion=f, spatial_size=(16, 16, 16), channels=(8, 16))
-      for f in ("late", "masked_mean", "attention")),
-], ids=["unet", "segresnet", "late", "masked_mean", "attention"])
+@pytest.mark.parametrize("config", DP_NETWORKS, ids=DP_NETWORK_IDS)
 def test_per_sample_gradients_by_vmap_are_opacus_own(config):
     """The default way (torch.func) gives each case's gradient as Opacus' hooks do: DP-SGD clips the same thing.
     A case's loss here is the mean of its outputs squared, so the batch's loss is the mean of the cases'."""
