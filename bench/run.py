@@ -79,6 +79,7 @@ def bench_demo(settings) -> dict:
         "run_dir": run["run folder"],
         "demo_seconds": time.time() - t,
         "peak_memory_gb": float(run["peak memory of the POC (GB)"]),
+        "peak_rss_sum_gb": float(run.get("peak sum of resident sizes of the POC (GB)", "nan")),
         "mean_wt_dice": report["summary"]["mean_final_wt_dice"],
         "min_wt_dice": report["summary"]["min_final_wt_dice"],
         "mean_dice": report["summary"]["mean_final_dice"],
@@ -500,7 +501,12 @@ def write_doc(results: dict, plots: list[str]) -> None:
                          f"{pool['values']:,} values; a site uses the pool when its num_threads > 1"))
     if demo:
         rows.append(("`fedbrain demo` time, install excluded (s)", _f(demo["demo_seconds"], "{:.0f}"), "", ""))
-        rows.append(("Peak memory of the whole POC during the demo (GB)", _f(demo["peak_memory_gb"], "{:.2f}"), "<= 6", ""))
+        rss_sum = demo.get("peak_rss_sum_gb")
+        rows.append(("Peak memory of the whole POC during the demo (GB)", _f(demo["peak_memory_gb"], "{:.2f}"), "<= 6",
+                     "proportional set sizes (a page shared by processes counted once); the sum of resident sizes, "
+                     f"which counts the pages warm-forked job processes share once per process: {rss_sum:.2f}"
+                     if rss_sum is not None and rss_sum == rss_sum else
+                     "the sum of resident sizes (counts a page shared by processes once per process)"))
         rows.append(("Demo mean WT Dice / minimum site", f"{_f(demo['mean_wt_dice'])} / {_f(demo['min_wt_dice'])}", ">= 0.70 / >= 0.60", ""))
     lines = [
         "# Benchmarks",

@@ -170,16 +170,21 @@ class PocConsortium:
     def is_running(self) -> bool:
         return bool(self.pids())
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the whole consortium right now (for the peak-memory benchmark)."""
-        total = 0
+    def memory_bytes(self) -> dict[str, int]:
+        """Memory of the whole consortium right now (for the peak-memory benchmark): ``pss``, each process's
+        proportional share (what the machine spends), and ``rss``, the sum of resident sizes. The sum counts a
+        page shared by several processes once per process, and POC job processes are forked from a warm process
+        that has imported torch, MONAI and FLARE (``fedbrain.poc.warm``), sharing those pages with it."""
+        total = {"pss": 0, "rss": 0}
         for pid in self.pids():
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
+            for name, key, path in (("pss", "Pss:", "smaps_rollup"), ("rss", "VmRSS:", "status")):
+                try:
+                    for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+                        if line.startswith(key):
+                            total[name] += int(line.split()[1]) * 1024
+                            break
+                except OSError:
+                    pass
         return total
 
     def stop(self, grace: float = 20, graceful: bool = True) -> None:
