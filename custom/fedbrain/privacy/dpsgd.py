@@ -26,12 +26,12 @@ import warnings
 
 import torch
 from opacus import GradSampleModule
-from torch import nn
-from torch.func import functional_call, grad, vmap
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
+from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from fedbrain.contracts import DP_DELTA, DP_EPSILON_SPENT, DP_NOISE_MULTIPLIER
 from fedbrain.privacy.accounting import ACCOUNTANT, default_delta, epsilon_of
