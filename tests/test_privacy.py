@@ -283,6 +283,29 @@ def test_per_sample_gradients_are_vectorised_when_a_convolution_trains():
         assert default_per_sample_mode(model) == mode, (type(config).__name__, part)
 
 
+def test_a_case_gradient_by_vmap_never_depends_on_another_case_even_when_the_loss_mixes_the_batch():
+    """DP-SGD clips each patient's gradient; a loss that mixed the batch (here: each output minus the batch's
+    mean) would let one patient's data into another's clipped gradient. By vmap each case's loss sees that case
+    alone, so changing case 1 leaves case 0's gradient as it was."""
+    torch.manual_seed(0)
+    config = SegmentationConfig(dp_epsilon=8.0, roi_size=(32, 32, 32))
+    stateless = Stateless(config.build_model())
+
+    def mixing_loss(b):
+        out = stateless(b["x"])
+        return {"loss": (out - out.mean(0, keepdim=True)).pow(2).mean() + out.mean()}
+
+    x = torch.randn(2, 4, *config.roi_size)
+    changed = x.clone()
+    changed[1] = torch.randn(4, *config.roi_size) * 3
+    first, _ = per_sample_gradients(mixing_loss, stateless, {"x": x})
+    second, _ = per_sample_gradients(mixing_loss, stateless, {"x": changed})
+    assert any(not torch.allclose(first[n][1], second[n][1]) for n in first)  # case 1's own gradient moved
+    scale = max(float(g[0].abs().max()) for g in first.values())
+    for name in first:  # equal up to float rounding of the batched kernels
+        assert torch.allclose(first[name][0], second[name][0], rtol=1e-5, atol=1e-6 * scale), name
+
+
 def test_both_ways_of_per_sample_gradients_take_the_same_clipped_step(cases):
     """One DP-SGD step (noise off, a clip that bites) from the same start: the same weights either way."""
     config = SegmentationConfig(**SMALL, lr=1e-2, dp_noise_multiplier=1.0, dp_max_grad_norm=1e-3)

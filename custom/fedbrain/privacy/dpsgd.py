@@ -15,7 +15,7 @@ Per-sample gradients come one of two ways (:data:`PER_SAMPLE_MODES`), the same n
 ``vmap`` differentiates each case's own loss, vectorised over the batch with ``torch.func``, so PyTorch's
 batched convolution kernels do the work; ``hooks`` is Opacus' GradSampleModule, which expands per-sample
 gradients from each layer's activations and output gradients: for 3D convolutions that unfolds every
-input patch, 2.5-3.6x a plain step on a CPU (docs/benchmarks.md). :func:`default_per_sample_mode` picks
+input patch, 2.5-5x a plain step on a CPU (docs/benchmarks.md). :func:`default_per_sample_mode` picks
 by what trains.
 """
 
@@ -49,7 +49,7 @@ PER_SAMPLE_MODES = ("vmap", "hooks")
 
 def default_per_sample_mode(model: nn.Module) -> str:
     """``vmap`` when a convolution trains, else ``hooks``. Opacus' hooks unfold every input patch of a
-    convolution (2.5-3.6x a plain step here), while for linear layers they are one product per layer, where
+    convolution (2.5-5x a plain step here), while for linear layers they are one product per layer, where
     vmap would also vectorise the frozen trunks' forward pass (a linear head: 1.06x vs 1.36x a plain step;
     docs/benchmarks.md)."""
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

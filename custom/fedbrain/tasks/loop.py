@@ -75,7 +75,7 @@ class TrainingHook:
         return {}
 
     def backward(self, loss_of: Callable[[dict], dict], batch: dict) -> dict | None:
-        """Compute the step's gradients itself (DP-SGD's per-sample loop): return the batch's loss terms, or
+        """Compute the step's gradients itself (DP-SGD's per-sample gradients by vmap): return the batch's loss terms, or
         None to leave the backward pass to the loop. ``loss_of(batch)`` is the task's loss terms of a batch."""
         return None
 

@@ -87,13 +87,11 @@ def pretrain(config, datalists, out_dir, *, epochs: int, trainer_cls, progress: 
 def cached_start(cache_dir, config, trainer_cls, *, console=None) -> StartModel:
     """The synthetic public start for ``config``'s network, made once into ``cache_dir`` and reused
     (``fedbrain demo`` with DP and no ``start_model``): keyed by the network and its training settings
-    (the task's pretraining :data:`BATCH` and :data:`LR`, whatever the job's)."""
+    (the task's pretraining :data:`BATCH` and :data:`LR`, whatever the job's) and its public cohort."""
     import json
-
-    from fedbrain.models.start import StartModelError, load
-
     from dataclasses import asdict
 
+    from fedbrain.models.start import StartModelError, load
     from fedbrain.synthetic.cohort import public_site_profiles
 
     ready = config.replace(dp_ready=True, start_model=None, dp_epsilon=None, dp_noise_multiplier=None,
