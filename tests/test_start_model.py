@@ -243,3 +243,71 @@ def test_a_job_cannot_make_a_site_open_a_file_through_start_model(tmp_path):
     config = parse_site_args(SegmentationConfig, ["--config", SegmentationConfig(start_model=str(bait)).to_argument()])
     assert config.start_model.startswith("sha256:")
     config.build_model()  # builds the DP-ready network without opening anything
+
+
+def test_a_start_chooses_its_dp_clip_on_public_cases_and_a_job_carries_it(start, cases, tmp_path):
+    """DP-SGD's noise is proportional to its clip: the start records, per part, the median norm of a public case's
+    gradient (public validation cases, never a hospital's), and a job from it clips there unless it says otherwise."""
+    from fedbrain.jobs.segmentation import export
+    from fedbrain.privacy.clip import DEFAULT_CLIP, RECORD_KEY, per_case_gradient_norms
+
+    _, items, _ = cases
+    record = start.record
+    assert set(record[RECORD_KEY]) == set(SegmentationConfig.PARTS)
+    assert record["public_gradient_norms_cases"] == "validation" and record[RECORD_KEY]["decoder"]["n_cases"] == 1
+    decoder = record[RECORD_KEY]["decoder"]
+    assert decoder["clip"] == float(f"{decoder['median']:.2g}") and decoder["clip"] > 0
+    assert record[RECORD_KEY]["bias"]["median"] < record[RECORD_KEY]["all"]["median"]  # a part's norm <= the whole's
+
+    # The norms are each case's own gradient: one batch of two cases, against plain autograd case by case.
+    config = SegmentationConfig(**SMALL, start_model=str(start.weights), dp_noise_multiplier=1.0)
+    trainer = SegmentationTrainer(items[:2], [], config)
+    batch = next(iter(trainer.train_loader))
+    trainer.train_loader = [batch]
+    model = config.build_model()
+    norms = per_case_gradient_norms(trainer, model, "decoder")
+    assert all(p.requires_grad for p in model.parameters())  # left as it came
+    trained = set(config.replace(dp_part="decoder").trainable_names([n for n, _ in model.named_parameters()]))
+    by_hand = []
+    for i in range(2):
+        model.zero_grad()
+        one = {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        sum(trainer.loss_terms(model, one).values()).backward()
+        by_hand.append(float(torch.sqrt(sum(p.grad.pow(2).sum() for n, p in model.named_parameters() if n in trained))))
+    assert norms == pytest.approx(by_hand, rel=1e-3)
+    assert norms[0] != pytest.approx(norms[1], rel=1e-3)
+
+    # Where the clip comes from: the job's own setting, else the start's for the trained part, else 1.0.
+    dp = dict(start_model=str(start.weights), dp_epsilon=8.0)
+    assert SegmentationConfig(**SMALL, **dp).dp_clip() == decoder["clip"]
+    assert SegmentationConfig(**SMALL, **dp, dp_part="bias").dp_clip() == record[RECORD_KEY]["bias"]["clip"]
+    assert SegmentationConfig(**SMALL, **dp, dp_max_grad_norm=0.7).dp_clip() == 0.7
+    assert SegmentationConfig(**SMALL, dp_epsilon=8.0).dp_clip() == DEFAULT_CLIP
+    hook = DPSGD(SegmentationTrainer(items[:2], [], SegmentationConfig(**SMALL, **dp)))
+    assert hook.max_grad_norm == decoder["clip"]
+    # The sites never read the start's record: the exported job carries the number.
+    job = export(SegmentationConfig(**SMALL, **dp), tmp_path / "job", sites=["hospital-a"])
+    clients = "".join(p.read_text() for p in job.glob("*/config/config_fed_client.json"))
+    assert f'\\"dp_max_grad_norm\\":{decoder["clip"]},' in clients
+    job = export(SegmentationConfig(**SMALL, **dp, dp_max_grad_norm=0.7), tmp_path / "own", sites=["hospital-a"])
+    assert '\\"dp_max_grad_norm\\":0.7,' in "".join(p.read_text() for p in job.glob("*/config/config_fed_client.json"))
+
+
+def test_a_start_written_before_public_clips_gets_them_once(start, cases, tmp_path):
+    """A cached start from an earlier version has no clips: they are measured and added to its record, and the
+    weights (and so the hash every job names) stay as they were."""
+    import shutil
+
+    from fedbrain.privacy.clip import RECORD_KEY
+    from fedbrain.tasks.pretrain import with_public_clips
+
+    _, _, datalist = cases
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copyfile(start.weights, old / "start.pt")
+    record = {k: v for k, v in start.record.items() if k not in (RECORD_KEY, "public_gradient_norms_cases")}
+    (old / "start.json").write_text(json.dumps(record))
+    updated = with_public_clips(start_mod.load(old), SegmentationConfig(**SMALL), [datalist], SegmentationTrainer)
+    assert updated.sha256 == start.sha256 and set(updated.record[RECORD_KEY]) == set(SegmentationConfig.PARTS)
+    assert RECORD_KEY in json.loads((old / "start.json").read_text())
+    assert with_public_clips(updated, SegmentationConfig(**SMALL), [], SegmentationTrainer) is updated

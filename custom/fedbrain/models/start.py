@@ -99,7 +99,8 @@ def save(state_dict: dict, out_dir, record: dict) -> StartModel:
 
 def bind(config):
     """``(config naming the start by hash, StartModel)`` for a config whose ``start_model`` is a path;
-    ``(config, None)`` without one. The network the config builds must be the start's."""
+    ``(config, None)`` without one. The network the config builds must be the start's. A config without its own
+    ``dp_max_grad_norm`` gets the start's public clip for the part it trains (:mod:`fedbrain.privacy.clip`)."""
     if config.start_model is None:
         return config, None
     if config.start_model.startswith(HASH_PREFIX):  # the job would claim a start it does not carry
@@ -108,6 +109,10 @@ def bind(config):
     start = load(config.start_model)
     bound = config.replace(start_model=start.reference)
     start.check_spec(bound)
+    if bound.dp_max_grad_norm is None:  # the sites cannot read the start's record: the job carries its clip
+        from fedbrain.privacy.clip import clip_from_record
+
+        bound = bound.replace(dp_max_grad_norm=clip_from_record(start.record, bound.trained_part))
     return bound, start
 
 

@@ -3,7 +3,8 @@ centralized and federated).
 
 Per step: Poisson sampling of the site's training cases (each case in a batch with
 probability ``q = 1 / batches_per_epoch``), per-sample gradients clipped to
-``dp_max_grad_norm``, Gaussian noise of ``noise_multiplier * dp_max_grad_norm`` added to
+``dp_max_grad_norm`` (from a public start: its clip chosen on public data, :mod:`.clip`), Gaussian noise of
+``noise_multiplier * clip`` added to
 their sum. An empty Poisson batch is a noise-only step (skipping it would change the
 mechanism the accountant analyses). Epsilon comes from Opacus' RDP accountant, whose
 history ``[(noise, q, steps), ...]`` composes over rounds and jobs (:mod:`.budget` keeps it).
@@ -139,7 +140,7 @@ class DPSGD(TrainingHook):
         config = trainer.config
         self.n_train = len(trainer.train_ds)
         self.steps_per_epoch = len(trainer.train_loader)
-        self.max_grad_norm = float(config.dp_max_grad_norm)
+        self.max_grad_norm = config.dp_clip()
         self.delta = float(config.dp_delta) if config.dp_delta is not None else default_delta(self.n_train)
         self.sample_rate = 1.0 / self.steps_per_epoch if self.steps_per_epoch else 0.0
         self.expected_batch_size = max(1, int(round(self.n_train * self.sample_rate)))

@@ -43,6 +43,9 @@ class TaskConfig:
                     "client_dp_clip", "client_dp_noise", "min_trained_sites"),
         "resilience": ("round_timeout", "min_responses", "dead_site_grace"),
     }
+    #: What a flag's help says for a default that is decided later (None in the config).
+    DEFAULT_SHOWN: ClassVar[dict[str, str]] = {
+        "dp_max_grad_norm": "the public start's clip for the trained part (chosen on public data), else 1.0"}
     #: Privacy settings that also apply to centralized training (sample-level DP-SGD).
     CENTRAL_PRIVACY: ClassVar[tuple[str, ...]] = ("dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta",
                                                   "dp_part")
@@ -72,7 +75,9 @@ class TaskConfig:
     # Sample-level DP-SGD (fedbrain.privacy.dpsgd): on when dp_epsilon or dp_noise_multiplier is set.
     dp_epsilon: float | None = None  # this job's epsilon: noise calibrated to spend it over rounds x epochs; a cap
     dp_noise_multiplier: float | None = None  # fixed noise instead of calibrating to dp_epsilon
-    dp_max_grad_norm: float = 1.0  # per-sample gradient clip (L2)
+    # Per-sample gradient clip (L2). None: the clip the public start chose for the trained part on public data
+    # (fedbrain.privacy.clip; an exported job carries the number), else 1.0.
+    dp_max_grad_norm: float | None = None
     dp_delta: float | None = None  # None: min(1e-5, 1 / n_train^1.1) of each site
     # What trains under DP-SGD or client-level DP (a name of the task's PARTS); the rest stays frozen at the
     # starting model, so only the part gets per-sample gradients, clipping and noise (client-level DP sends
@@ -207,6 +212,21 @@ class TaskConfig:
             return None
         return self.PARTS[self.trained_part]
 
+    def dp_clip(self) -> float:
+        """The per-sample clip DP-SGD uses: ``dp_max_grad_norm``, else the clip a start given by path chose for
+        the trained part on public data (a job's config already carries it: :func:`fedbrain.models.start.bind`),
+        else :data:`fedbrain.privacy.clip.DEFAULT_CLIP`."""
+        from fedbrain.models.start import HASH_PREFIX, load
+        from fedbrain.privacy.clip import DEFAULT_CLIP, clip_from_record
+
+        if self.dp_max_grad_norm is not None:
+            return float(self.dp_max_grad_norm)
+        if self.start_model is not None and not self.start_model.startswith(HASH_PREFIX):
+            chosen = clip_from_record(load(self.start_model).record, self.trained_part)
+            if chosen is not None:
+                return chosen
+        return DEFAULT_CLIP
+
     def trainable_names(self, names) -> list[str]:
         """Of ``names`` (parameter names), those that train under this config: the part's under a DP
         mechanism (:attr:`part_patterns`), all otherwise."""
@@ -311,7 +331,7 @@ def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), *, grou
             kwargs["choices"] = config_cls.AGGREGATIONS
         else:
             kwargs.update(type=_element_type(f, default), metavar=f.name.upper())
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else config_cls.DEFAULT_SHOWN.get(f.name, default)
         section.add_argument(flag, help=f"default: {shown}", **kwargs)
         if alias != flag:
             section.add_argument(alias, help=argparse.SUPPRESS, **kwargs)

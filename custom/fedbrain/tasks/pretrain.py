@@ -16,6 +16,7 @@ import hashlib
 from pathlib import Path
 
 from fedbrain.models.start import StartModel, save
+from fedbrain.privacy.clip import RECORD_KEY
 
 #: Public cases per site of the synthetic public cohort and how many public "centres" it pools.
 PUBLIC_CASES = 100
@@ -81,7 +82,42 @@ def pretrain(config, datalists, out_dir, *, epochs: int, trainer_cls, progress: 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "fedbrain_version": __version__,
     }
+    record[RECORD_KEY] = measure_public_clips(config, val or train, trainer_cls, model)
+    record["public_gradient_norms_cases"] = "validation" if val else "training"
     return save(model.state_dict(), out_dir, record)
+
+
+def measure_public_clips(config, cases, trainer_cls, model) -> dict:
+    """Per trainable part of ``model`` (the start), the DP-SGD clip chosen on public ``cases``: the median norm of
+    a case's gradient (:mod:`fedbrain.privacy.clip`). Validation cases, which the start never trained on, stand
+    closest to a hospital's."""
+    from fedbrain.privacy.clip import public_clips
+
+    dp = config.replace(dp_ready=True, start_model=None, dp_epsilon=None, dp_noise_multiplier=1.0)
+    trainer = trainer_cls(cases, [], dp, progress=False)
+    return public_clips(trainer, model, list(config.PARTS))
+
+
+def with_public_clips(start: StartModel, config, datalists, trainer_cls) -> StartModel:
+    """``start`` with its public clips recorded (a start written before they were): measured once, written into
+    its ``start.json`` (the weights and their hash are unchanged)."""
+    import json
+
+    from fedbrain.data.datalist import load_datalist
+    from fedbrain.models.start import load
+
+    if RECORD_KEY in start.record:
+        return start
+    cases = {"training": [], "validation": []}
+    for path in datalists:
+        for split, found in load_datalist(path).items():
+            cases.setdefault(split, []).extend(found)
+    model = config.replace(dp_ready=True, start_model=str(start.weights)).build_model()
+    record = {**start.record, RECORD_KEY: measure_public_clips(config, cases["validation"] or cases["training"],
+                                                                trainer_cls, model),
+              "public_gradient_norms_cases": "validation" if cases["validation"] else "training"}
+    start.weights.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return load(start.weights)
 
 
 def cached_start(cache_dir, config, trainer_cls, *, console=None) -> StartModel:
@@ -100,13 +136,15 @@ def cached_start(cache_dir, config, trainer_cls, *, console=None) -> StartModel:
     key = hashlib.sha256(json.dumps([ready.model_spec(), EPOCHS[config.TASK], PUBLIC_CASES, ready.lr,
                                      ready.batch_size, cohort], sort_keys=True).encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"{config.TASK}-{key}"
+    data = Path(cache_dir) / f"public_data-{config.TASK}"
     try:
-        return load(out)
+        found = load(out)
     except StartModelError:
-        pass
+        found = None
+    if found is not None:
+        return with_public_clips(found, ready, synthesize_public(data, task=config.TASK, progress=False), trainer_cls)
     if console is not None:
         console.print(f"    no public start yet: pretraining one on the synthetic public cohort into {out} (once)")
-    datalists = synthesize_public(Path(cache_dir) / f"public_data-{config.TASK}", task=config.TASK, cases=PUBLIC_CASES,
-                                  progress=console is not None)
+    datalists = synthesize_public(data, task=config.TASK, cases=PUBLIC_CASES, progress=console is not None)
     return pretrain(ready, datalists, out, epochs=EPOCHS[config.TASK], trainer_cls=trainer_cls,
                     progress=console is not None)
