@@ -311,3 +311,15 @@ def test_a_start_written_before_public_clips_gets_them_once(start, cases, tmp_pa
     assert updated.sha256 == start.sha256 and set(updated.record[RECORD_KEY]) == set(SegmentationConfig.PARTS)
     assert RECORD_KEY in json.loads((old / "start.json").read_text())
     assert with_public_clips(updated, SegmentationConfig(**SMALL), [], SegmentationTrainer) is updated
+
+
+def test_the_classifier_keeps_its_clip_whatever_its_start_records():
+    """The classifier's start scores public cases with almost no loss, so their norms would set a clip 4-5 orders
+    of magnitude below a hospital's gradients: that task clips at 1.0 (PUBLIC_CLIP, by measurement)."""
+    from fedbrain.privacy.clip import DEFAULT_CLIP, RECORD_KEY, clip_from_record
+
+    record = {RECORD_KEY: {"head": {"clip": 6.5e-05}, "decoder": {"clip": 0.097}}}
+    assert clip_from_record(record, ClassificationConfig(dp_epsilon=8.0, dp_part="head")) is None
+    assert clip_from_record(record, SegmentationConfig(dp_epsilon=8.0, dp_part="decoder")) == 0.097
+    assert clip_from_record({}, SegmentationConfig(dp_epsilon=8.0, dp_part="decoder")) is None
+    assert ClassificationConfig(dp_epsilon=8.0).dp_clip() == DEFAULT_CLIP

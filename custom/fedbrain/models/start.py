@@ -112,7 +112,7 @@ def bind(config):
     if bound.dp_max_grad_norm is None:  # the sites cannot read the start's record: the job carries its clip
         from fedbrain.privacy.clip import clip_from_record
 
-        bound = bound.replace(dp_max_grad_norm=clip_from_record(start.record, bound.trained_part))
+        bound = bound.replace(dp_max_grad_norm=clip_from_record(start.record, bound))
     return bound, start
 
 

@@ -66,7 +66,8 @@ def public_clips(trainer, model, parts) -> dict:
     return {part: summarize(per_case_gradient_norms(trainer, model, part)) for part in parts}
 
 
-def clip_from_record(record: dict | None, part: str) -> float | None:
-    """The clip a start's record chose for ``part``, or None (no record, or a start written before it had one)."""
-    entry = ((record or {}).get(RECORD_KEY) or {}).get(part)
-    return float(entry["clip"]) if entry else None
+def clip_from_record(record: dict | None, config) -> float | None:
+    """The clip a start's record chose for the part ``config`` trains, or None: the task does not take it
+    (``PUBLIC_CLIP``), or the start has no record (one written before it had)."""
+    entry = ((record or {}).get(RECORD_KEY) or {}).get(config.trained_part)
+    return float(entry["clip"]) if entry and config.PUBLIC_CLIP else None

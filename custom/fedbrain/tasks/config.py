@@ -43,6 +43,9 @@ class TaskConfig:
                     "client_dp_clip", "client_dp_noise", "min_trained_sites"),
         "resilience": ("round_timeout", "min_responses", "dead_site_grace"),
     }
+    #: Whether DP-SGD from a public start clips at the start's public clip (fedbrain.privacy.clip) by default:
+    #: chosen per task by measurement (docs/benchmarks.md).
+    PUBLIC_CLIP: ClassVar[bool] = True
     #: What a flag's help says for a default that is decided later (None in the config).
     DEFAULT_SHOWN: ClassVar[dict[str, str]] = {
         "dp_max_grad_norm": "the public start's clip for the trained part (chosen on public data), else 1.0"}
@@ -222,7 +225,7 @@ class TaskConfig:
         if self.dp_max_grad_norm is not None:
             return float(self.dp_max_grad_norm)
         if self.start_model is not None and not self.start_model.startswith(HASH_PREFIX):
-            chosen = clip_from_record(load(self.start_model).record, self.trained_part)
+            chosen = clip_from_record(load(self.start_model).record, self)
             if chosen is not None:
                 return chosen
         return DEFAULT_CLIP
