@@ -181,12 +181,15 @@ def summarize_demo(report: dict) -> dict:
             "batch_size": json.loads(report.get("run", {}).get("settings", "{}")).get("task", {}).get("batch_size")}
 
 
-def bench_demo_scale(runs: Path, epsilon: float = 8.0, console=None) -> dict:
-    """`fedbrain demo` with and without DP-SGD at ``epsilon``, both tasks: what its small sites get."""
+def bench_demo_scale(runs: Path, epsilon: float = 8.0, console=None,
+                     tasks=("segmentation", "classification")) -> dict:
+    """`fedbrain demo` with and without DP-SGD at ``epsilon``, for ``tasks``: what its small sites get."""
     from fedbrain.demo import ClassifyDemoSettings, DemoSettings, run_demo, with_dp_batch
 
     out = {}
     for task, settings_cls in (("segmentation", DemoSettings), ("classification", ClassifyDemoSettings)):
+        if task not in tasks:
+            continue
         arms = {}
         for eps in (None, epsilon):
             settings = settings_cls()

@@ -41,7 +41,11 @@ class DPStartSettings:
                          "seeds": (0, 1, 2, 3, 4)},
         "classification": {"n_train": (100, 300), "epochs": 12, "batch_size": 64, "dp_batch_size": 64, "lr": 1e-3},
     })
-    steps_timed: int = 30  # paired rounds: the ratio's interval is over them
+    steps_timed: int = 30  # paired rounds per process
+    #: processes the step times are measured in, one after the other: the ratio's interval is over them (one
+    #: process's 30 paired steps gave intervals of +-0.02 while three processes of the same commit on the same
+    #: machine gave 1.27, 1.41 and 1.48 for the decoder, 2026-12-07)
+    timing_processes: int = 3
 
 
 def _interval(values):
@@ -109,7 +113,8 @@ def one_arm(task: str, spec: dict, lists: dict, start, seed: int, epsilon: float
     out.update(trainer.validate(model))
     keep = ("val_dice_wt", "val_dice", "val_hd95_wt", "val_bacc", "val_auc", "dp_epsilon_spent",
             "dp_noise_multiplier", "steps")
-    return {**{k: out[k] for k in keep if k in out}, "seconds": time.time() - t,
+    clip = {"clip": config.dp_clip()} if epsilon is not None else {}
+    return {**{k: out[k] for k in keep if k in out}, **clip, "seconds": time.time() - t,
             "part": config.trained_part if epsilon is not None else "all", "batch_size": config.batch_size,
             "n_train": len(trainer.train_ds),
             "n_val": len(trainer.val_ds)}
@@ -173,6 +178,28 @@ def step_times(task: str, steps: int) -> dict:
     return out
 
 
+def step_times_over_processes(task: str, steps: int, processes: int) -> dict:
+    """:func:`step_times` in ``processes`` fresh processes, one after the other: each ratio is the mean of the
+    processes' ratios with a 95% interval over processes (the run-to-run spread, which one process's paired
+    steps do not show); the medians are the first process's, and ``runs`` keeps every process's result."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from dp_start import step_times; "
+            "print(json.dumps(step_times(sys.argv[2], int(sys.argv[3]))))")
+    runs = []
+    for _ in range(processes):
+        done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), task, str(steps)],
+                              capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out = {**runs[0], "processes": processes, "runs": runs}
+    for scope in ("part", "all"):
+        mean, lo, hi = _interval([r[f"ratio_{scope}"] for r in runs])
+        out.update({f"ratio_{scope}": mean, f"ratio_{scope}_interval": [lo, hi]})
+    return out
+
+
 def run(work: Path, console, settings: DPStartSettings | None = None) -> dict:
     """Every task of the settings, or those named in ``FEDBRAIN_BENCH_DP_START_TASKS`` (comma-separated; the
     other tasks keep what bench/results.json holds for them). With ``FEDBRAIN_BENCH_DP_START_STEP_TIMES_ONLY`` set,
@@ -181,6 +208,7 @@ def run(work: Path, console, settings: DPStartSettings | None = None) -> dict:
     goes on where it stopped)."""
     import json
     import os
+    from datetime import datetime, timezone
 
     s = settings or DPStartSettings()
     chosen = [t for t in os.environ.get("FEDBRAIN_BENCH_DP_START_TASKS", "").split(",") if t] or list(s.tasks)
@@ -193,15 +221,19 @@ def run(work: Path, console, settings: DPStartSettings | None = None) -> dict:
 
         out = {"measured_at": kept_all.get("measured_at"), "settings": {**kept_all.get("settings", {}),
                             "step_time_note": f"measured on their own on {date.today().isoformat()} "
-                                              f"(bench/dp_start.py step_times, {s.steps_timed} interleaved steps; "
-                                              f"each ratio is a mean of paired steps with its 95% interval, met when "
+                                              f"(bench/dp_start.py step_times, {s.timing_processes} processes of {s.steps_timed} "
+                                              f"interleaved steps; each ratio is a mean over processes with its 95% "
+                                              f"interval, met when "
                                               f"the interval's high end is within the goal)"},
                "tasks": {t: dict(v) for t, v in kept.items()}}
         for task in chosen:
             console.print(f"  {task}: step times")
-            out["tasks"].setdefault(task, {})["step_time"] = step_times(task, s.steps_timed)
+            out["tasks"].setdefault(task, {})["step_time"] = step_times_over_processes(task, s.steps_timed,
+                                                                                       s.timing_processes)
         return out
-    out = {"settings": asdict(s), "tasks": {t: v for t, v in kept.items() if t not in chosen}}
+    # a task not measured now keeps its own time (the group's, for results written before tasks had one)
+    out = {"settings": asdict(s), "tasks": {t: {"measured_at": kept_all.get("measured_at"), **v}
+                                            for t, v in kept.items() if t not in chosen}}
     added = []  # with resume: what this run measured
     if resume:
         out["measured_at"] = kept_all.get("measured_at")
@@ -232,17 +264,23 @@ def run(work: Path, console, settings: DPStartSettings | None = None) -> dict:
                 console.print(f"  {task} n={n_train} seed {seed}: " + ", ".join(
                     f"{k} {v[metric]:.3f}" for k, v in arms.items()))
             sizes[str(n_train)] = seeds
-        out["tasks"][task] = {"start": {k: start.record[k] for k in ("sha256", "epochs", "public_validation",
-                                                                       "public_data", "n_train")},
-                              "sizes": sizes, "step_time": step_times(task, s.steps_timed)}
+        from fedbrain.privacy.clip import RECORD_KEY
+
+        out["tasks"][task] = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "start": {**{k: start.record[k] for k in ("sha256", "epochs", "public_validation",
+                                                                          "public_data", "n_train")},
+                                        RECORD_KEY: start.record.get(RECORD_KEY)},
+                              "sizes": sizes,
+                              "step_time": step_times_over_processes(task, s.steps_timed, s.timing_processes)}
     if resume:
         from datetime import date
 
         when = date.today().isoformat()
         out["settings"]["note"] = "; ".join(filter(None, (
             out["settings"].get("note"), f"resumed on {when}, measuring {', '.join(added) or 'nothing'}")))
-        out["settings"]["step_time_note"] = (f"measured again with the resumed run on {when} ({s.steps_timed} "
-                                             f"interleaved steps; each ratio a mean of paired steps with its 95% "
+        out["settings"]["step_time_note"] = (f"measured again with the resumed run on {when} ({s.timing_processes} "
+                                             f"processes of {s.steps_timed} interleaved steps; each ratio a mean over "
+                                             f"processes with its 95% "
                                              f"interval)")
     return out
 
@@ -300,7 +338,8 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
                             f"(n = {first[arm]['n_train']}, {k} seeds)",
                             f"{mean:.3f} [{lo:.3f}, {hi:.3f}]", f">= {goal:.2f}" if goal else "",
                             f"{abs_mean:.3f} mean; spent <= {spent:.2f} at delta {r['settings']['delta']:g}, batch "
-                            f"{first[arm]['batch_size']}{extra}"
+                            f"{first[arm]['batch_size']}" + (f", clip {first[arm]['clip']:g}" if "clip" in first[arm]
+                                                             else "") + extra
                             + (f"; {_met(lo, goal)}" if goal else "")))
         st = t.get("step_time")
         if not st:
@@ -314,7 +353,9 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
             out.append((f"{task} DP-SGD step / plain step, {what}",
                         f"{ratio:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else f"{ratio:.2f}",
                         f"<= {goal}", f"{st[f'dp_{scope}_s']:.3f} s vs {st[f'plain_{scope}_s']:.3f} s (medians), batch "
-                        f"{st['batch_size']}, {st['steps']} paired steps{ways}; "
+                        f"{st['batch_size']}, " + (f"{st['processes']} processes of {st['steps']} paired steps (process ratios "
+                        + ", ".join(f"{run[f'ratio_{scope}']:.2f}" for run in st["runs"]) + "; interval over processes)"
+                        if st.get("processes") else f"{st['steps']} paired steps") + f"{ways}; "
                         f"{_met(-(interval[1] if interval else ratio), -goal)}"))
     return out
 
@@ -346,12 +387,27 @@ def notes(r: dict) -> list[str]:
                          f"{max(gaps[k] for k in close):.3f} Dice of non-DP fine-tuning, so there the ratio mostly "
                          "measures the start. Each task pretrains on its own public cohort "
                          "(fedbrain.synthetic.cohort.PUBLIC_ACQUISITION).")
+    times = {task: t["measured_at"] for task, t in r["tasks"].items() if t.get("measured_at")}
+    if len(set(times.values())) > 1:
+        lines.append("Measured per task: " + "; ".join(f"{task} {when}" for task, when in times.items()) + ".")
     for task, t in r["tasks"].items():
         st = t["start"]
+        norms = st.get("public_gradient_norms") or {}
+        first = next(iter(next(iter(t["sizes"].values())).values()))
+        dp = first.get("eps 8", {})
+        clip = ""
+        if dp.get("part") in norms:
+            n = norms[dp["part"]]
+            chosen = dp.get("clip") == n["clip"]
+            clip = (f" DP-SGD clip {dp.get('clip', 1.0):g}" + (
+                f", the start's median per-case gradient norm of '{dp['part']}' on {n['n_cases']} public validation "
+                f"cases (10th-90th percentile {n['p10']:.2g}-{n['p90']:.2g}; fedbrain.privacy.clip)" if chosen else
+                f" (the task keeps 1.0: its start's median per-case norm of '{dp['part']}' on public cases is "
+                f"{n['median']:.2g}, which says nothing of a hospital's)") + ".")
         lines.append(f"{task} public start `{st['sha256'][:12]}`: {st['epochs']} epochs on {st['n_train']} public "
                      f"training cases; on its own public validation cases "
                      + ", ".join(f"{k} {v:.3f}" for k, v in st["public_validation"].items()
-                                 if k in ("val_dice_wt", "val_bacc", "val_auc")) + ".")
+                                 if k in ("val_dice_wt", "val_bacc", "val_auc")) + "." + clip)
     return [*lines, ""]
 
 
