@@ -137,6 +137,11 @@ def cmd_pretrain(a) -> int:
     shown = ", ".join(f"{k} {v:.3f}" for k, v in start.record["public_validation"].items())
     console.print(f"start model {start.weights} (sha256 {start.sha256[:16]}), provenance {start.weights.with_suffix('.json')}")
     console.print(f"on the public validation cases: {shown}")
+    part, clips = config_cls.DP_PART_DEFAULT, start.record.get("public_gradient_norms", {})
+    if part in clips:
+        console.print(f"DP-SGD clip for '{part}', the median per-case gradient norm on the public "
+                      f"{start.record['public_gradient_norms_cases']} cases: {clips[part]['clip']:g}"
+                      + ("" if config_cls.PUBLIC_CLIP else f" (recorded only: {config_cls.TASK} jobs clip at 1.0)"))
     console.print(f"use it: fedbrain job export-{a.task} --start-model {start.weights} --dp-epsilon 8 --sites SITE ...")
     return 0
 

@@ -82,20 +82,21 @@ def pretrain(config, datalists, out_dir, *, epochs: int, trainer_cls, progress: 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "fedbrain_version": __version__,
     }
-    record[RECORD_KEY] = measure_public_clips(config, val or train, trainer_cls, model)
-    record["public_gradient_norms_cases"] = "validation" if val else "training"
-    return save(model.state_dict(), out_dir, record)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}  # as trained, whatever measuring does
+    record.update(public_clip_record(config, train, val, trainer_cls, model))
+    return save(weights, out_dir, record)
 
 
-def measure_public_clips(config, cases, trainer_cls, model) -> dict:
-    """Per trainable part of ``model`` (the start), the DP-SGD clip chosen on public ``cases``: the median norm of
-    a case's gradient (:mod:`fedbrain.privacy.clip`). Validation cases, which the start never trained on, stand
-    closest to a hospital's."""
+def public_clip_record(config, training: list, validation: list, trainer_cls, model) -> dict:
+    """The start record's clips: per trainable part of ``model`` (the start), the DP-SGD clip chosen on public
+    cases, the median norm of a case's gradient (:mod:`fedbrain.privacy.clip`), and which cases. Validation cases,
+    which the start never trained on, stand closest to a hospital's; training cases only where there are none."""
     from fedbrain.privacy.clip import public_clips
 
+    cases, split = (validation, "validation") if validation else (training, "training")
     dp = config.replace(dp_ready=True, start_model=None, dp_epsilon=None, dp_noise_multiplier=1.0)
     trainer = trainer_cls(cases, [], dp, progress=False)
-    return public_clips(trainer, model, list(config.PARTS))
+    return {RECORD_KEY: public_clips(trainer, model, list(config.PARTS)), "public_gradient_norms_cases": split}
 
 
 def with_public_clips(start: StartModel, config, datalists, trainer_cls) -> StartModel:
@@ -113,9 +114,7 @@ def with_public_clips(start: StartModel, config, datalists, trainer_cls) -> Star
         for split, found in load_datalist(path).items():
             cases.setdefault(split, []).extend(found)
     model = config.replace(dp_ready=True, start_model=str(start.weights)).build_model()
-    record = {**start.record, RECORD_KEY: measure_public_clips(config, cases["validation"] or cases["training"],
-                                                                trainer_cls, model),
-              "public_gradient_norms_cases": "validation" if cases["validation"] else "training"}
+    record = {**start.record, **public_clip_record(config, cases["training"], cases["validation"], trainer_cls, model)}
     start.weights.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return load(start.weights)
 
