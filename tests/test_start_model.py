@@ -240,9 +240,13 @@ def test_a_job_cannot_make_a_site_open_a_file_through_start_model(tmp_path):
 
     bait = tmp_path / "start.pt"
     bait.write_bytes(b"not a model")
-    config = parse_site_args(SegmentationConfig, ["--config", SegmentationConfig(start_model=str(bait)).to_argument()])
+    hostile = SegmentationConfig(start_model=str(bait), dp_epsilon=8.0)
+    config = parse_site_args(SegmentationConfig, ["--config", hostile.to_argument()])
     assert config.start_model.startswith("sha256:")
     config.build_model()  # builds the DP-ready network without opening anything
+    assert config.dp_clip() == 1.0  # nor reads a start's record for its clip (the bait would fail to load)
+    with pytest.raises(start_mod.StartModelError):
+        hostile.dp_clip()  # what the site would have done with the path
 
 
 def test_a_start_chooses_its_dp_clip_on_public_cases_and_a_job_carries_it(start, cases, tmp_path):
