@@ -33,7 +33,6 @@ class ClassificationConfig(TaskConfig):
     #: The public start classifies public cases with almost no loss (median per-case gradient norm of the head
     #: 6.5e-5, against 1-44 on a hospital's), so their norms say nothing of a hospital's: clip at 1.0.
     PUBLIC_CLIP: ClassVar[bool] = False
-    DEFAULT_SHOWN: ClassVar[dict[str, str]] = {"dp_max_grad_norm": "1.0"}
 
     name: str = "fedbrain_classification"
     algorithm: str = "personal"

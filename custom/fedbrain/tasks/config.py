@@ -46,9 +46,6 @@ class TaskConfig:
     #: Whether DP-SGD from a public start clips at the start's public clip (fedbrain.privacy.clip) by default:
     #: chosen per task by measurement (docs/benchmarks.md).
     PUBLIC_CLIP: ClassVar[bool] = True
-    #: What a flag's help says for a default that is decided later (None in the config).
-    DEFAULT_SHOWN: ClassVar[dict[str, str]] = {
-        "dp_max_grad_norm": "the public start's clip for the trained part (chosen on public data), else 1.0"}
     #: Privacy settings that also apply to centralized training (sample-level DP-SGD).
     CENTRAL_PRIVACY: ClassVar[tuple[str, ...]] = ("dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta",
                                                   "dp_part")
@@ -230,6 +227,14 @@ class TaskConfig:
                 return chosen
         return DEFAULT_CLIP
 
+    @classmethod
+    def default_shown(cls, name: str, default):
+        """What a flag's help gives as ``name``'s default: ``default``, or what None means where it is decided later."""
+        if name == "dp_max_grad_norm":
+            return "the public start's clip for the trained part (chosen on public data), else 1.0" \
+                if cls.PUBLIC_CLIP else 1.0
+        return default
+
     def trainable_names(self, names) -> list[str]:
         """Of ``names`` (parameter names), those that train under this config: the part's under a DP
         mechanism (:attr:`part_patterns`), all otherwise."""
@@ -334,7 +339,7 @@ def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), *, grou
             kwargs["choices"] = config_cls.AGGREGATIONS
         else:
             kwargs.update(type=_element_type(f, default), metavar=f.name.upper())
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else config_cls.DEFAULT_SHOWN.get(f.name, default)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else config_cls.default_shown(f.name, default)
         section.add_argument(flag, help=f"default: {shown}", **kwargs)
         if alias != flag:
             section.add_argument(alias, help=argparse.SUPPRESS, **kwargs)
