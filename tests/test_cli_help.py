@@ -65,6 +65,25 @@ def test_demo_flags_are_the_task_configs_own(capsys):
     assert a.config_epochs_per_round == 2 and a.config_rounds == 3
 
 
+def test_the_segmentation_demo_runs_its_own_rounds_unless_told(monkeypatch, capsys):
+    """The demo's tiny hospitals need more rounds than the task's default: its help shows the demo's number, a
+    plain `fedbrain demo` runs it, a given --rounds wins, and the other settings stay the task's."""
+    import fedbrain.demo as demo
+    from fedbrain.cli import main
+
+    assert demo.SEGMENTATION_ROUNDS != SegmentationConfig().rounds
+    out = _help(["demo", "--help"], capsys)
+    assert f"default: {demo.SEGMENTATION_ROUNDS}" in next(l for l in out.splitlines() if l.strip().startswith("--rounds"))
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda runs, settings, console=None: seen.append(settings.task))
+    for argv in (["demo"], ["demo", "--dp-epsilon", "8"], ["demo", "--rounds", "3"], ["demo", "--task", "classify"]):
+        assert main(argv) == 0
+    assert [t.rounds for t in seen] == [demo.SEGMENTATION_ROUNDS, demo.SEGMENTATION_ROUNDS, 3,
+                                        ClassificationConfig().rounds]
+    assert seen[0].replace(rounds=SegmentationConfig().rounds) == SegmentationConfig()
+    assert demo.DemoSettings().task.rounds == demo.SEGMENTATION_ROUNDS  # what `make bench` runs as the demo
+
+
 def test_a_dp_demo_takes_the_dp_batch_unless_a_batch_is_given(monkeypatch):
     """DP-SGD's noise is added per batch: the DP demo's default batch is the larger DP one; a given batch wins."""
     import fedbrain.demo as demo

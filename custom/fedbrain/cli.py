@@ -234,10 +234,10 @@ def _job_rounds(job: Path) -> int:
 
 
 def cmd_demo(a) -> int:
-    from fedbrain.demo import ClassifyDemoSettings, DemoSettings, run_demo, with_dp_batch
+    from fedbrain.demo import ClassifyDemoSettings, DemoSettings, demo_config, run_demo, with_dp_batch
     from fedbrain.tasks.config import config_from_arguments
 
-    config = config_from_arguments(_config(a.task), a)
+    config = config_from_arguments(_config(a.task), a, defaults=demo_config(a.task))
     config = with_dp_batch(config, batch_given=getattr(a, "config_batch_size", None) is not None)
     cases = {"cases": a.cases} if a.cases is not None else {}
     if a.task == "classify":
@@ -523,7 +523,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from fedbrain import __version__
     from fedbrain.tasks.config import add_config_arguments
 
-    from fedbrain.demo import ClassifyDemoSettings, DemoSettings
+    from fedbrain.demo import ClassifyDemoSettings, DemoSettings, demo_config
 
     task = _chosen_task(argv)
 
@@ -634,7 +634,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         f"(default {ClassifyDemoSettings.min_per_grade})")
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")
     # The job's settings are the task config's own flags (--seed also seeds the synthetic hospitals).
-    add_config_arguments(d, _config(task))
+    add_config_arguments(d, _config(task), defaults=demo_config(task))
     d.add_argument("--local-epochs", dest="config_epochs_per_round", type=int, default=None, help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)
 

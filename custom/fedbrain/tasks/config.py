@@ -308,16 +308,17 @@ GROUPS = ("training", "federation", "privacy", "resilience")
 
 
 def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), *, groups: tuple[str, ...] = GROUPS,
-                         also: tuple[str, ...] = ()) -> None:
+                         also: tuple[str, ...] = (), defaults=None) -> None:
     """One ``--field-name`` flag per config field of ``groups`` (plus the fields in ``also``), in
-    one help section per group, each showing the config's own default.
+    one help section per group, each showing the default: the config's own, or ``defaults``' (a
+    config instance a command starts from, as the demo does).
 
     Flags default to None (not given), so only what the user sets overrides the config: the
     default itself is never written twice. The snake_case spelling stays a hidden alias.
     """
     import argparse
 
-    defaults = config_cls()
+    defaults = config_cls() if defaults is None else defaults
     sections = {}
     for f in fields(config_cls):
         group = config_cls.group_of(f.name)
@@ -345,8 +346,9 @@ def add_config_arguments(parser, config_cls, skip: tuple[str, ...] = (), *, grou
             section.add_argument(alias, help=argparse.SUPPRESS, **kwargs)
 
 
-def config_from_arguments(config_cls, namespace, **overrides):
-    """The config with every flag the user gave (and ``overrides``) applied."""
+def config_from_arguments(config_cls, namespace, defaults=None, **overrides):
+    """The config with every flag the user gave (and ``overrides``) applied, to the config's own
+    defaults or to ``defaults`` (a config instance)."""
     given = {k.removeprefix("config_"): v for k, v in vars(namespace).items()
              if k.startswith("config_") and v is not None}
     own = {f.name for f in fields(config_cls)}
@@ -354,6 +356,8 @@ def config_from_arguments(config_cls, namespace, **overrides):
     if foreign:
         raise SystemExit(f"{', '.join('--' + k for k in foreign)}: not a setting of {config_cls.__name__}")
     try:
+        if defaults is not None:
+            return defaults.replace(**given, **overrides)
         return config_cls(**{**given, **overrides})
     except (TypeError, ValueError) as e:
         raise SystemExit(f"invalid {config_cls.__name__} settings: {e}") from None
