@@ -23,8 +23,8 @@ from fedbrain import terminal
 
 
 #: The segmentation demo's rounds (the task's default is 6). Its hospitals train on 6-12 cases each, and at 6 rounds
-#: the demo stopped at WT 0.813 / 0.828 / 0.835; at 12: 0.882 / 0.878 / 0.891 in 135 s, and the DP demo's worst
-#: site at epsilon 8 rose from 0.746 to 0.787 (docs/benchmarks.md, docs/maintainers.md).
+#: the demo stopped at WT 0.813 / 0.828 / 0.835; at 12: 0.882 / 0.878 / 0.891 in 139 s, and the DP demo's worst
+#: site at epsilon 8 rose from 0.746-0.753 to 0.759-0.787 (docs/benchmarks.md, docs/privacy.md).
 SEGMENTATION_ROUNDS = 12
 
 
