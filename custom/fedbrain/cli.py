@@ -240,12 +240,13 @@ def cmd_demo(a) -> int:
     config = config_from_arguments(_config(a.task), a, defaults=demo_config(a.task))
     config = with_dp_batch(config, batch_given=getattr(a, "config_batch_size", None) is not None)
     cases = {"cases": a.cases} if a.cases is not None else {}
+    start = {"public_start": a.public_start} if a.public_start is not None else {}
     if a.task == "classify":
         data = {k: v for k, v in (("alpha", a.alpha), ("atypical", a.atypical), ("min_per_grade", a.min_per_grade))
                 if v is not None}
-        settings = ClassifyDemoSettings(seed=config.seed, keep_workspace=a.keep, task=config, **cases, **data)
+        settings = ClassifyDemoSettings(seed=config.seed, keep_workspace=a.keep, task=config, **cases, **data, **start)
     else:
-        settings = DemoSettings(seed=config.seed, keep_workspace=a.keep, task=config, **cases)
+        settings = DemoSettings(seed=config.seed, keep_workspace=a.keep, task=config, **cases, **start)
     run_demo(Path(a.runs), settings, console=console)
     return 0
 
@@ -633,6 +634,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="classify only: every hospital holds at least this many cases of every grade "
                         f"(default {ClassifyDemoSettings.min_per_grade})")
     d.add_argument("--keep", action="store_true", help="keep the provisioned workspace after the run")
+    d.add_argument("--public-start", dest="public_start", action=argparse.BooleanOptionalAction, default=None,
+                   help="fine-tune the task's public start (pretrained once, cached in RUNS/public-start) instead of "
+                        "random weights (default: classify yes; segment only with --dp-epsilon); --start-model FILE "
+                        "names another start")
     # The job's settings are the task config's own flags (--seed also seeds the synthetic hospitals).
     add_config_arguments(d, _config(task), defaults=demo_config(task))
     d.add_argument("--local-epochs", dest="config_epochs_per_round", type=int, default=None, help=argparse.SUPPRESS)
