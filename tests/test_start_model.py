@@ -213,6 +213,9 @@ def test_each_task_pretrains_on_its_own_public_cohort(tmp_path, monkeypatch):
                                                                      "psf_fwhm_mm": (1.0, 1.3)})
     after = start_dir(seg_config, SegmentationTrainer), start_dir(ClassificationConfig(), ClassificationTrainer)
     assert after[0] != before[0] and after[1] == before[1]
+    # one public start per network: `fedbrain demo --seed 3` (another data seed and job init) reuses seed 0's start
+    assert start_dir(seg_config.replace(seed=3), SegmentationTrainer) == after[0]
+    assert start_dir(ClassificationConfig(seed=4), ClassificationTrainer) == after[1]
 
 
 def test_the_demos_public_start_is_made_once_and_reused(tmp_path, monkeypatch):

@@ -129,8 +129,10 @@ def cached_start(cache_dir, config, trainer_cls, *, console=None) -> StartModel:
     from fedbrain.models.start import StartModelError, load
     from fedbrain.synthetic.cohort import public_site_profiles
 
+    # seed 0 whatever the job's: one public start per network (`fedbrain demo --seed 3` draws other hospitals and
+    # would otherwise pretrain, and be measured on, a start of its own)
     ready = config.replace(dp_ready=True, start_model=None, dp_epsilon=None, dp_noise_multiplier=None,
-                           batch_size=BATCH[config.TASK], lr=LR[config.TASK])
+                           batch_size=BATCH[config.TASK], lr=LR[config.TASK], seed=0)
     cohort = [asdict(p) for p in public_site_profiles(PUBLIC_SITES, 0, config.TASK)]
     key = hashlib.sha256(json.dumps([ready.model_spec(), EPOCHS[config.TASK], PUBLIC_CASES, ready.lr,
                                      ready.batch_size, cohort], sort_keys=True).encode()).hexdigest()[:12]
