@@ -502,8 +502,8 @@ def write_doc(results: dict, plots: list[str]) -> None:
     if demo:
         rows.append(("`fedbrain demo` time, install excluded (s)", _f(demo["demo_seconds"], "{:.0f}"), "<= 300", ""))
         rows.append(("`make demo`: worst site's WT Dice (the demo's data seed 0)", _f(demo["min_wt_dice"]), ">= 0.85",
-                     f"{results.get('settings', {}).get('task', {}).get('rounds')} rounds; other data seeds: the group 'Federated vs centralized, several "
-                     "data seeds' below"))
+                     f"{results.get('settings', {}).get('task', {}).get('rounds')} rounds; other data seeds: the "
+                     "group 'Federated vs centralized, several data seeds' below"))
         rss_sum = demo.get("peak_rss_sum_gb")
         rows.append(("Peak memory of the whole POC during the demo (GB)", _f(demo["peak_memory_gb"], "{:.2f}"), "<= 6",
                      "proportional set sizes (a page shared by processes counted once); the sum of resident sizes, "

@@ -356,8 +356,6 @@ def config_from_arguments(config_cls, namespace, defaults=None, **overrides):
     if foreign:
         raise SystemExit(f"{', '.join('--' + k for k in foreign)}: not a setting of {config_cls.__name__}")
     try:
-        if defaults is not None:
-            return defaults.replace(**given, **overrides)
-        return config_cls(**{**given, **overrides})
+        return (config_cls() if defaults is None else defaults).replace(**{**given, **overrides})
     except (TypeError, ValueError) as e:
         raise SystemExit(f"invalid {config_cls.__name__} settings: {e}") from None

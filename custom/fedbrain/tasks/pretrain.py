@@ -121,8 +121,9 @@ def with_public_clips(start: StartModel, config, datalists, trainer_cls) -> Star
 
 def cached_start(cache_dir, config, trainer_cls, *, console=None) -> StartModel:
     """The synthetic public start for ``config``'s network, made once into ``cache_dir`` and reused
-    (``fedbrain demo`` with DP and no ``start_model``): keyed by the network and its training settings
-    (the task's pretraining :data:`BATCH` and :data:`LR`, whatever the job's) and its public cohort."""
+    (``fedbrain demo`` with DP, or the classify demo, and no ``start_model``): keyed by the network and its
+    training settings (the task's pretraining :data:`BATCH` and :data:`LR`, whatever the job's) and its public
+    cohort."""
     import json
     from dataclasses import asdict
 
