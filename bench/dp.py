@@ -42,7 +42,9 @@ NOTES = [
     "(2026-11-30/12-01, all at chance at epsilon 8): batch 16 and 64, AdamW, and SGD with momentum at lr 0.1",
     "(lr 0.5 diverged). Sample-level DP at these sizes buys a guarantee, not a model; it needs thousands of patients",
     "per site, or a model pretrained on public data with only a small part trained under DP (not built).",
-    "Demo rows are `fedbrain demo` as shipped (6-22 training cases per site) with and without `--dp-epsilon 8`.",
+    "Demo rows are `fedbrain demo` as shipped (6-22 training cases per site) with and without `--dp-epsilon 8`: "
+    "with DP both tasks fine-tune the public start; without DP the classify demo fine-tunes it too, the "
+    "segmentation demo trains from random weights.",
 ]
 
 
