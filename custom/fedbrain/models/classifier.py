@@ -197,6 +197,9 @@ class DualStreamClassifier(nn.Module):
     training mode only) drops one of the two present modalities per sample with
     probability p, never both, so the model learns to classify from either alone.
     ``ct_mirror`` feeds the CT trunk a left-right difference channel (:func:`mirror_difference`).
+    ``shared_head`` adds a second head, federated like the trunks, whose logits the personal ``head`` corrects
+    (logits = shared_head + head; the personal head's output layer starts at zero, so a new site predicts what
+    the federation knows): a hospital keeps the grades it rarely sees and learns its own habits on top.
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class DualStreamClassifier(nn.Module):
         ct_mirror: bool = True,
         mri_channels: int = STREAM_CHANNELS["mri"],
         ct_channels: int = STREAM_CHANNELS["ct"],
+        shared_head: bool = False,
     ):
         super().__init__()
         if fusion not in FUSIONS:
@@ -238,15 +242,28 @@ class DualStreamClassifier(nn.Module):
         self.mri_trunk = trunk("mri")
         self.ct_trunk = trunk("ct")
         self.fusion = _FUSION_CLASSES[fusion](len(self.streams), embed_dim)
-        layers: list[nn.Module] = [nn.Dropout(head_dropout)] if head_dropout > 0 else []
-        if head_hidden:
-            layers += [nn.Linear(embed_dim, head_hidden), nn.LeakyReLU(0.01, inplace=False),
-                       nn.Linear(head_hidden, num_classes)]
-        else:
-            layers.append(nn.Linear(embed_dim, num_classes))
-        self.head = nn.Sequential(*layers)
+
+        def grade_head() -> nn.Sequential:
+            layers: list[nn.Module] = [nn.Dropout(head_dropout)] if head_dropout > 0 else []
+            if head_hidden:
+                layers += [nn.Linear(embed_dim, head_hidden), nn.LeakyReLU(0.01, inplace=False),
+                           nn.Linear(head_hidden, num_classes)]
+            else:
+                layers.append(nn.Linear(embed_dim, num_classes))
+            return nn.Sequential(*layers)
+
+        self.shared_head = grade_head() if shared_head else None
+        self.head = grade_head()
         if init_seed is not None:
             self.reset_parameters(init_seed)
+        self._start_personal_at_zero()
+
+    def _start_personal_at_zero(self) -> None:
+        """With a shared head, the personal head adds nothing until its site trains it."""
+        if self.shared_head is not None:
+            with torch.no_grad():
+                self.head[-1].weight.zero_()
+                self.head[-1].bias.zero_()
 
     def reset_parameters(self, seed: int) -> None:
         """Re-draw every layer's initial weights from ``seed``, leaving the global RNG untouched.
@@ -260,6 +277,7 @@ class DualStreamClassifier(nn.Module):
             for module in self.modules():
                 if module is not self and hasattr(module, "reset_parameters"):
                     module.reset_parameters()
+        self._start_personal_at_zero()
 
     @property
     def robust(self) -> bool:
@@ -315,19 +333,29 @@ class DualStreamClassifier(nn.Module):
         fused = present
         if self.training and self.robust and self.modality_dropout > 0:
             fused = self._drop_modalities(present)
-        logits = self.head(self.fusion(tokens, fused))
+        logits = self._grade(self.fusion(tokens, fused))
         if not each_stream:
             return logits
         if not self.robust:
             raise ValueError("each_stream needs a fusion that masks absent modalities (not 'late')")
         only = torch.eye(len(self.streams), device=device, dtype=present.dtype)
-        alone = [self.head(self.fusion(tokens, only[i].expand(b, -1))) for i in range(len(self.streams))]
+        alone = [self._grade(self.fusion(tokens, only[i].expand(b, -1))) for i in range(len(self.streams))]
         return torch.stack([logits, *alone], 1)
+
+    def _grade(self, features: torch.Tensor) -> torch.Tensor:
+        """The grade logits of fused features: the head's, plus the shared head's when there is one."""
+        logits = self.head(features)
+        return logits if self.shared_head is None else self.shared_head(features) + logits
 
 
 def build_classifier(fusion: str = "masked_mean", streams: Sequence[str] = STREAMS, **kwargs) -> DualStreamClassifier:
     """The classifier for a benchmark arm: dual-stream, or MRI-only / CT-only via ``streams``."""
     return DualStreamClassifier(fusion=fusion, streams=tuple(streams), **kwargs)
+
+
+#: Constructor arguments added after specs were first saved, with the value that builds the network as before:
+#: a spec leaves them out at that value, so a start pretrained earlier still matches its job.
+ADDED_LATER = {"shared_head": False}
 
 
 def model_spec(**kwargs) -> dict:
@@ -349,6 +377,9 @@ def model_spec(**kwargs) -> dict:
             value = list(value)
         args[name] = value
     args["streams"] = [s for s in STREAMS if s in args["streams"]]
+    for name, before in ADDED_LATER.items():  # as the network was before them: specs, starts and caches stay valid
+        if args[name] == before:
+            del args[name]
     return {"class_path": CLASS_PATH, "args": args}
 
 

@@ -16,8 +16,9 @@ class ClassificationConfig(TaskConfig):
     """Every setting of a classification run, with the product's defaults."""
 
     #: personal: trunks + fusion federated, each hospital's head stays on site; fedavg: all shared;
-    #: fedprox: personal + proximal term; scaffold: personal + SCAFFOLD controls on the shared part.
-    ALGORITHMS: ClassVar[tuple[str, ...]] = ("personal", "fedavg", "fedprox", "scaffold")
+    #: fedprox: personal + proximal term; scaffold: personal + SCAFFOLD controls on the shared part;
+    #: mixed: personal + a federated shared head whose logits each site's head corrects (APFL-style mixing).
+    ALGORITHMS: ClassVar[tuple[str, ...]] = ("personal", "fedavg", "fedprox", "scaffold", "mixed")
     TASK: ClassVar[str] = "classification"
     TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("streams", "channels", "spacing", "spatial_size")
     #: Classifier parts: trunks (one per stream), their projections, the fusion and the grade head.
@@ -64,6 +65,9 @@ class ClassificationConfig(TaskConfig):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.algorithm == "mixed" and self.start_model is not None:
+            raise ValueError("algorithm mixed adds a shared grade head that a start model does not have: train from "
+                             "random weights (the classify demo: --no-public-start) or use algorithm personal")
 
     @property
     def personal(self) -> bool:
@@ -76,4 +80,4 @@ class ClassificationConfig(TaskConfig):
         return classifier_spec(fusion=self.fusion, streams=self.streams, embed_dim=self.embed_dim,
                                channels=self.channels, head_hidden=self.head_hidden, pool=self.pool, ct_mirror=self.ct_mirror,
                                init_seed=self.seed, modality_dropout=self.modality_dropout,
-                               num_classes=len(GRADES))
+                               num_classes=len(GRADES), shared_head=self.algorithm == "mixed")
