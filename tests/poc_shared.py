@@ -366,7 +366,7 @@ def first_wave(shared_poc):
 @pytest.fixture(scope="session")
 def second_wave(shared_poc, first_wave):
     """What depends on the first wave, side by side: test_poc_classify's SCAFFOLD job (it must find the
-    heads its first job kept) and test_poc_e2e's job in which hospital-c's IT points its segmentation
+    heads its first job kept) and its mixed-heads job (it must not), and test_poc_e2e's job in which hospital-c's IT points its segmentation
     datalist at a file that is not there (the classifier job at hospital-c is not affected)."""
     poc, run_dir = shared_poc.ready().poc, shared_poc.run_dir
     shared_poc.site_config("hospital-c", datalists={"segmentation": str(run_dir / "missing" / "datalist.json")})
@@ -375,6 +375,9 @@ def second_wave(shared_poc, first_wave):
                         for s in shared_poc.sites}
         jobs = {"classify_scaffold": classification_job.export(classify_config(algorithm="scaffold"),
                                                                run_dir / "jobs" / "classify2", sites=shared_poc.sites),
+                # test_poc_classify: algorithm mixed under the same job name must keep its correction apart
+                "classify_mixed": classification_job.export(classify_config(algorithm="mixed"),
+                                                            run_dir / "jobs" / "classify_mixed", sites=shared_poc.sites),
                 # test_poc_e2e: DP-SGD on the declared part of a public start (hospital-c, without data here,
                 # trains nothing: min_trained_sites 2 publishes the two others' round)
                 "dp_start": segmentation_job.export(DP_START_JOB.replace(

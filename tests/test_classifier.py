@@ -528,3 +528,42 @@ def test_classification_metrics():
     assert math.isnan(one_class["val_auc"]) and one_class["val_acc"] == 0.0 and one_class["val_bacc"] == 0.0
     empty = classification_metrics(np.zeros((0, 3)), np.zeros(0, np.int64))
     assert all(math.isnan(v) for v in empty.values())
+
+
+def test_mixed_heads_start_as_the_shared_head_and_only_the_personal_one_stays():
+    """Algorithm mixed: logits = shared head + personal head. The personal head adds nothing until its site
+    trains it; the site's standard scope (the real ExcludeVars of its privacy.json) removes the personal head and
+    nothing else, and the site's final check finds no personal parameter left in what would be sent."""
+    from nvflare.apis.dxo import DXO, DataKind, from_shareable
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.filters.exclude_vars import ExcludeVars
+
+    from fedbrain.contracts import NUM_STEPS_META
+    from fedbrain.filters.final_check import payload_problems
+    from fedbrain.ops.builder import PERSONAL_PARTS, SCOPE_PARTS
+    from fedbrain.tasks.classification_config import ClassificationConfig
+
+    model = build_classifier("masked_mean", shared_head=True, init_seed=4, **SMALL).eval()
+    personal = head_parameter_names(model)
+    assert personal == [k for k in model.state_dict() if k.startswith("head.")]
+    assert [k for k in shared_parameter_names(model) if "head" in k] == [k for k in model.state_dict()
+                                                                         if k.startswith("shared_head.")]
+    mri, ct = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model(mri, ct), model.shared_head(model.fusion(
+            torch.stack([model.mri_trunk(mri), model.ct_trunk(ct)], 1), torch.ones(3, 2))))
+        model.head[-1].bias.add_(torch.tensor([0.0, 0.0, 5.0]))  # a site that learned its own habit
+        assert (model(mri, ct).argmax(1) == 2).all()
+
+    update = DXO(DataKind.WEIGHT_DIFF, data={k: v.numpy() for k, v in model.state_dict().items()},
+                 meta={NUM_STEPS_META: 3}).to_shareable()
+    assert "personal parameters" in " ".join(payload_problems(update, SCOPE_PARTS["standard"], PERSONAL_PARTS))
+    sent = ExcludeVars(exclude_vars=PERSONAL_PARTS).process(update, FLContext())
+    assert sorted(from_shareable(sent).data) == sorted(shared_parameter_names(model))
+    assert payload_problems(sent, SCOPE_PARTS["standard"], PERSONAL_PARTS, steps_sent=3) == []
+
+    # The spec names the shared head only when there is one: starts and specs saved before it still match.
+    assert "shared_head" not in ClassificationConfig().model_spec()["args"]
+    assert ClassificationConfig(algorithm="mixed").model_spec()["args"]["shared_head"] is True
+    with pytest.raises(ValueError, match="no-public-start"):
+        ClassificationConfig(algorithm="mixed", start_model="start.pt")

@@ -86,7 +86,8 @@ def test_the_segmentation_demo_runs_its_own_rounds_unless_told(monkeypatch, caps
 
 def test_the_classify_demo_fine_tunes_the_public_start_unless_told(monkeypatch):
     """From random weights the classify demo's small sites stayed below 0.60; it starts from the public start.
-    Segmentation starts there only under DP-SGD; --no-public-start and a named --start-model win."""
+    Segmentation starts there only under DP-SGD; --no-public-start, a named --start-model and algorithm mixed
+    (a start has no shared head) win."""
     import fedbrain.demo as demo
     from fedbrain.cli import main
 
@@ -96,6 +97,7 @@ def test_the_classify_demo_fine_tunes_the_public_start_unless_told(monkeypatch):
         ("demo", "--task", "classify"): True,
         ("demo", "--task", "classify", "--no-public-start"): False,
         ("demo", "--task", "classify", "--start-model", "mine/start.pt"): False,  # the user's start, as given
+        ("demo", "--task", "classify", "--algorithm", "mixed"): False,  # a start has no shared head
         ("demo",): False,
         ("demo", "--dp-epsilon", "8"): True,
         ("demo", "--public-start"): True,

@@ -110,3 +110,24 @@ def test_scaffold_controls_cover_the_shared_part_only():
     scaffold.after_step()
     delta = scaffold.end_round(start)
     assert max(float(np.abs(v).max()) for v in delta.values()) > 1e-3
+
+
+def test_a_mixed_job_keeps_its_correction_apart_from_a_whole_head(tmp_path):
+    """Under algorithm mixed the personal head corrects a shared one: a job of the same name of the other kind
+    must neither load it as a whole head nor overwrite that site's whole head."""
+    kit = tmp_path / "hospital-a"
+    (kit / "startup").mkdir(parents=True)
+    (kit / "local").mkdir()
+    whole = PersonalHeadStore.for_site("fedbrain_classification", start=kit)
+    correction = PersonalHeadStore.for_site("fedbrain_classification", start=kit, correction=True)
+    assert whole.path.parent == correction.path.parent and whole.path != correction.path
+    torch.manual_seed(0)
+    personal = build_classifier()
+    whole.save_from(personal, job_id="job-1")
+    mixed = build_classifier(shared_head=True, init_seed=1)
+    assert correction.load_into(mixed) is None  # not the whole head of job-1
+    assert float(mixed.head[-1].weight.abs().sum()) == 0.0  # still adds nothing
+    correction.save_from(mixed, job_id="job-2")
+    again = build_classifier()
+    assert whole.load_into(again) == {"job_id": "job-1"}
+    assert all(torch.equal(again.state_dict()[k], personal.state_dict()[k]) for k in head_parameter_names(again))

@@ -1,7 +1,9 @@
 """Classification job in a real POC: personal heads never reach the server, and survive a new job.
 
 Job 1 is the default algorithm (FedAvg of the shared part, personal heads); job 2 is SCAFFOLD on the
-same consortium, which must load job 1's heads and send control differences for shared parts only.
+same consortium, which must load job 1's heads and send control differences for shared parts only. Beside
+job 2 runs a job of algorithm mixed under the same name: its shared head is federated, its personal
+correction is not, and it neither loads nor overwrites job 1's heads.
 """
 
 import itertools
@@ -30,9 +32,13 @@ def two_jobs(shared_poc, first_wave, second_wave):
     out["meta1"], out["result1"], _ = first_wave["classify"]
     out["heads_after_job1"] = second_wave["classify_heads_after_job1"]
     out["meta2"], out["result2"], _ = second_wave["classify_scaffold"]
+    out["meta_mixed"], out["result_mixed"], _ = second_wave["classify_mixed"]
     # Each site's own log of job 2, read on the site's disk (it stays at the hospital).
     out["site_logs2"] = {s: (poc.kit(s) / out["meta2"]["job_id"] / "log.txt").read_text(errors="replace")
                          for s in SITES}
+    out["site_logs_mixed"] = {s: (poc.kit(s) / out["meta_mixed"]["job_id"] / "log.txt").read_text(errors="replace")
+                              for s in SITES}
+    out["stores"] = {s: poc.kit(s) / "personal" / "poc_classify" for s in SITES}
     return out
 
 
@@ -135,3 +141,21 @@ def test_scaffold_job_sends_control_differences_for_the_shared_part(two_jobs):
     report = build_report(two_jobs["result2"])
     assert set(report["sites"]) == set(SITES)
     assert all(len(e["rounds"]) == 2 for e in report["sites"].values())
+
+
+def test_mixed_heads_federate_the_shared_head_and_keep_the_correction(two_jobs):
+    """What the server received from the mixed job: the shared head, every round, from every site; never a
+    personal head. Each site kept its correction in its own file, started it fresh (not from job 1's whole
+    head, which job 2 loaded and which is still there) and reports as the other jobs do."""
+    assert two_jobs["meta_mixed"]["status"] == "FINISHED:COMPLETED"
+    received = _received(two_jobs["result_mixed"])
+    assert sorted((r["site"], r["round"]) for r in received) == sorted((s, r) for s in SITES for r in (0, 1))
+    for r in received:
+        names = list(r["params"])
+        assert not [n for n in names if _is_head(n)], r["site"]
+        assert [n for n in names if n.startswith("shared_head.")], f"{r['site']}: the shared head was not federated"
+    for site in SITES:
+        store = two_jobs["stores"][site]
+        assert (store / "head_correction.pt").stat().st_size > 1000 and (store / "head.pt").is_file()
+        assert "head_correction.pt yet; starting from the global initial head" in two_jobs["site_logs_mixed"][site], site
+    assert set(build_report(two_jobs["result_mixed"])["sites"]) == set(SITES)

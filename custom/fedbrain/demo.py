@@ -104,8 +104,8 @@ def with_dp_batch(task, batch_given: bool = False):
 
 def uses_public_start(settings: DemoSettings | ClassifyDemoSettings) -> bool:
     """Whether the demo fine-tunes the public start: as its settings say (under DP-SGD by default), and never
-    when the user named a start."""
-    if settings.task.start_model is not None:
+    when the user named a start or the algorithm adds a shared head (``mixed``: a start has one head)."""
+    if settings.task.start_model is not None or settings.task.shared_head:
         return False
     return settings.task.dp if settings.public_start is None else settings.public_start
 
@@ -181,6 +181,8 @@ def run_demo(runs: Path = Path("runs"), settings: DemoSettings | ClassifyDemoSet
         data_dir = run_dir / "data"
         synthesize_consortium(data_dir, sites=len(poc.sites), cases=settings.cases, seed=settings.seed,
                               site_names=poc.sites, progress=True)
+    if settings.task.shared_head and settings.public_start:
+        console.print(f"    algorithm {settings.task.algorithm}: from random weights (the public start has no shared head)")
     if uses_public_start(settings):
         settings.task = settings.task.replace(start_model=str(public_start(runs, settings, console).weights))
         what = (f"DP-SGD trains the part '{settings.task.trained_part}'" if settings.task.dp

@@ -16,15 +16,22 @@ from fedbrain.fl.site import site_workspace
 from fedbrain.models.classifier import head_parameter_names
 
 
+#: The file a site keeps its personal part in: a whole head, or (algorithm ``mixed``) a correction of the
+#: federated shared head. Kept apart, so a job of one kind never loads, or overwrites, the other's.
+HEAD_FILES = {False: "head.pt", True: "head_correction.pt"}
+
+
 class PersonalHeadStore:
     def __init__(self, path: Path):
         self.path = Path(path)
 
     @classmethod
-    def for_site(cls, store: str, start: Path | None = None) -> "PersonalHeadStore":
+    def for_site(cls, store: str, start: Path | None = None, *, correction: bool = False) -> "PersonalHeadStore":
+        """The store named ``store`` (the job's name) in this site's workspace; ``correction``: the personal
+        head corrects a shared one (``config.shared_head``)."""
         # Outside FLARE (tests, centralized runs) the store sits beside the caller.
         workspace = site_workspace(start) or (start or Path.cwd()).resolve()
-        return cls(workspace / "personal" / store / "head.pt")
+        return cls(workspace / "personal" / store / HEAD_FILES[bool(correction)])
 
     def exists(self) -> bool:
         return self.path.is_file()

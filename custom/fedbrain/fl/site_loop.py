@@ -88,7 +88,7 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
     model = trainer.build_model().to(trainer.device)
     personal = trainer.personal_parameter_names(model)
     privacy = SitePrivacy(trainer, settings, site)
-    store = PersonalHeadStore.for_site(config.name) if personal else None
+    store = PersonalHeadStore.for_site(config.name, correction=config.shared_head) if personal else None
     # SCAFFOLD's control difference is the local update in disguise and rides in meta, which
     # ExcludeVars does not filter: control only the modules that are federated anyway.
     scaffold = None

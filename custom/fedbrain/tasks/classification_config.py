@@ -74,10 +74,14 @@ class ClassificationConfig(TaskConfig):
         """Whether each site keeps its own head (every algorithm but plain FedAvg)."""
         return self.algorithm != "fedavg"
 
+    @property
+    def shared_head(self) -> bool:
+        return self.algorithm == "mixed"
+
     def model_spec(self) -> dict:
         from fedbrain.models.classifier import model_spec as classifier_spec  # fills the network's defaults (torch)
 
         return classifier_spec(fusion=self.fusion, streams=self.streams, embed_dim=self.embed_dim,
                                channels=self.channels, head_hidden=self.head_hidden, pool=self.pool, ct_mirror=self.ct_mirror,
                                init_seed=self.seed, modality_dropout=self.modality_dropout,
-                               num_classes=len(GRADES), shared_head=self.algorithm == "mixed")
+                               num_classes=len(GRADES), shared_head=self.shared_head)

@@ -181,6 +181,11 @@ class TaskConfig:
         return self.algorithm == "fedprox" and self.fedprox_mu > 0
 
     @property
+    def shared_head(self) -> bool:
+        """Whether a federated shared head sits beside the personal one (the classifier's algorithm ``mixed``)."""
+        return False
+
+    @property
     def update_guard(self) -> bool:
         """Whether the server screens this job's updates (``guard``, resolved for the job's path)."""
         return self.guard if self.guard is not None else not (self.he or self.secagg or self.algorithm == "scaffold")
