@@ -488,7 +488,10 @@ def interval(values: list[float], level: float = 0.95) -> tuple[float, float, fl
 def stats_intro(st: dict) -> list[str]:
     """What the statistics section measured and how to read it (docs/benchmarks.md)."""
     settings = {k: v for k, v in st["settings"].items() if k != "task"}
-    return [f"Measured {st.get('measured_at', '')}; seeds {', '.join(st.get('seeds', {})) or 'none'} of "
+    parts = st.get("parts_measured_at", {})
+    when = ("; ".join(f"{part} {at}" for part, at in sorted(parts.items())) if len(set(parts.values())) > 1
+            else st.get("measured_at", ""))
+    return [f"Measured {when}; seeds {', '.join(st.get('seeds', {})) or 'none'} of "
             f"{', '.join(str(k) for k in settings['seeds'])} done. "
             f"Settings: `{json.dumps(settings)}`; run folder `{st['work']}` in bench's work folder."
             + (f" {st['note']}." if st.get("note") else ""), "",
@@ -503,7 +506,8 @@ def stats_intro(st: dict) -> list[str]:
                "from the same hospital (scanner, grade mix, grading), never trained on. "
                if settings.get("site_val_cases") else "")
             + "Its federated arms run in process (bench/classify.py",
-            "`federate`: the product's trainer, FedAvg weighted by steps, heads kept at the site), not as FLARE jobs.",
+            "`federate`: the product's trainer, FedAvg weighted by steps, heads kept at the site; for `mixed` a shared "
+            "head averaged with the trunks and each site's own correction kept), not as FLARE jobs.",
             "The centralized arms (dual, MRI-only, CT-only; late fusion trained on the CT-complete cases for the",
             "missing-modality rows) train on the IID consortium's training cases and are scored on a held-out cohort",
             "(seed + 1000) of cases with CT. The CT trunk compares the hemispheres (`ct_mirror`, on by default since",

@@ -678,7 +678,9 @@ def main(argv=None):
             new["work"] = ", ".join(dict.fromkeys(portable(w) for w in (old.get("work"), new["work"]) if w))
             new["settings"] = {**new["settings"], "seeds": sorted({*old.get("settings", {}).get("seeds", ()),
                                                                     *new["settings"]["seeds"]})}
-        results["classify_stats"] = {**new, "measured_at": results["measured_at"]}
+        earlier = results.get("classify_stats", {}).get("parts_measured_at", {}) if a.classify_seed_parts else {}
+        when = {**earlier, **dict.fromkeys(parts, results["measured_at"])}
+        results["classify_stats"] = {**new, "measured_at": results["measured_at"], "parts_measured_at": when}
     if "dp" in only:
         console.rule("differential privacy")
         dp = {**results.get("dp", {}), "step_time": dp_bench.bench_step_time(), "measured_at": results["measured_at"]}
