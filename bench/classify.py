@@ -352,7 +352,7 @@ def federate(trainers: dict, config: ClassificationConfig, arm: str) -> dict:
     from fedbrain.models.classifier import head_parameter_names
 
     network = config.replace(algorithm=arm)  # mixed adds the shared head
-    start = network.build_model()  # init_seed = config.seed: every arm starts from the same weights
+    start = network.build_model()  # init_seed = config.seed: every arm starts from the same trunks and fusion
     heads = set(head_parameter_names(start))
     averaged = [k for k in start.state_dict() if arm == "fedavg" or k not in heads]
     global_state = {k: v.clone() for k, v in start.state_dict().items()}
