@@ -565,5 +565,5 @@ def test_mixed_heads_start_as_the_shared_head_and_only_the_personal_one_stays():
     # The spec names the shared head only when there is one: starts and specs saved before it still match.
     assert "shared_head" not in ClassificationConfig().model_spec()["args"]
     assert ClassificationConfig(algorithm="mixed").model_spec()["args"]["shared_head"] is True
-    with pytest.raises(ValueError, match="no-public-start"):
+    with pytest.raises(ValueError, match="shared grade head that a start model does not have"):
         ClassificationConfig(algorithm="mixed", start_model="start.pt")

@@ -66,8 +66,8 @@ class ClassificationConfig(TaskConfig):
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.algorithm == "mixed" and self.start_model is not None:
-            raise ValueError("algorithm mixed adds a shared grade head that a start model does not have: train from "
-                             "random weights (the classify demo: --no-public-start) or use algorithm personal")
+            raise ValueError("algorithm mixed adds a shared grade head that a start model does not have: train it "
+                             "from random weights (no start model) or use algorithm personal with the start")
 
     @property
     def personal(self) -> bool:
