@@ -222,3 +222,14 @@ def test_jobs_export_from_several_threads_at_once(tmp_path, monkeypatch):
         t.join()
     assert failures == [] and len(done) == 6
     assert Path.cwd() == before  # interleaved, the last thread out restored another thread's sites/
+
+
+def test_exporting_a_fedavg_classifier_job_says_the_head_will_not_travel(tmp_path, capsys):
+    """Every scope fedbrain provisions removes head.*: an admin exporting --algorithm fedavg is told before submitting."""
+    from fedbrain.cli import main
+
+    assert main(["job", "export-classify", "--algorithm", "fedavg", "--out", str(tmp_path / "fedavg")]) == 0
+    out = capsys.readouterr().out
+    assert "never reaches the server" in out and "--algorithm mixed" in out
+    assert main(["job", "export-classify", "--out", str(tmp_path / "personal")]) == 0
+    assert "never reaches the server" not in capsys.readouterr().out

@@ -155,9 +155,12 @@ def cmd_job_export(a) -> int:
     job = importlib.import_module(f"fedbrain.jobs.{TASKS[a.task]}")
     extra = {"sites": a.sites} if getattr(a, "sites", None) else {}
     try:
-        console.print(str(job.export(config_from_arguments(config_cls, a), a.out, **extra)))
+        config = config_from_arguments(config_cls, a)
+        console.print(str(job.export(config, a.out, **extra)))
     except ValueError as e:
         raise SystemExit(f"cannot export the job: {e}") from None
+    for note in getattr(job, "export_notes", lambda _: [])(config):
+        console.print(note, soft_wrap=True)
     return 0
 
 

@@ -4,7 +4,8 @@ every setting from :class:`~fedbrain.tasks.classification.ClassificationConfig`.
 Algorithms: ``personal`` (trunks + fusion federated; each hospital's head stays on site,
 removed from every update by a per-site ExcludeVars filter), ``fedavg`` (everything shared),
 ``fedprox`` (personal heads + a proximal term on the shared part), ``scaffold`` (personal
-heads + SCAFFOLD control variates on the shared part: FLARE's ScaffoldRecipe).
+heads + SCAFFOLD control variates on the shared part: FLARE's ScaffoldRecipe), ``mixed`` (personal
+heads that correct a federated ``shared_head``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ def export(config: ClassificationConfig | None = None, export_dir: str | Path = 
            sites: Sequence[str] = DEFAULT_SITES) -> Path:
     config, start = bind_start(config or ClassificationConfig())
     return export_recipe(build_recipe(config, sites), export_dir, config.name, start, sites)
+
+
+def export_notes(config: ClassificationConfig) -> list[str]:
+    """What an admin exporting this job should know before submitting it (printed by ``fedbrain job export-classify``)."""
+    if config.algorithm != "fedavg":
+        return []
+    return ["note: every privacy scope `fedbrain provision` writes removes `head.*` from what a site sends, so under "
+            "--algorithm fedavg the grade head never reaches the server and every round starts from the initial head; "
+            "--algorithm mixed federates a shared head (`shared_head.*`) beside each site's own"]
 
 
 def main(argv=None, default_export_dir: str | Path = ".") -> Path:
