@@ -312,3 +312,27 @@ def test_a_job_naming_a_scope_weaker_than_the_sites_default_is_refused_at_its_st
     assert final_check.weaker_than_default("dp", "dp_secagg", SCOPE_PARTS) == (
         "the job names privacy scope 'dp', weaker than this site's default 'dp_secagg' (it lacks require_secagg)")
     assert final_check.weaker_than_default("standard", "", SCOPE_PARTS) == ""  # default unknown: no floor here
+
+
+def test_a_hospital_that_sends_no_grade_head_refuses_a_mixed_jobs_shared_head():
+    """A job submitter can ask for --algorithm mixed with configuration only, and its shared head is trained on the
+    site's cases. A hospital provisioned with ``send_shared_head: false`` refuses it at the final check, with the
+    reason, instead of sending it; by default the shared head goes and the personal correction stays."""
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.filters.exclude_vars import ExcludeVars
+
+    from fedbrain.models.classifier import build_classifier
+
+    model = build_classifier(shared_head=True, channels=(8, 16), embed_dim=16, head_hidden=8, init_seed=0)
+    update = DXO(DataKind.WEIGHT_DIFF, data={k: v.numpy() for k, v in model.state_dict().items()},
+                 meta={NUM_STEPS_META: 5}).to_shareable()
+    for send, refused in ((True, False), (False, True)):
+        policy = privacy_policy("standard", send_shared_head=send)
+        scope = policy["scopes"][0]["task_result_filters"][0]["args"]  # the scope's own ExcludeVars
+        sent = ExcludeVars(**scope).process(update, FLContext())
+        parts = policy["components"][0]["args"]["personal_parts"]
+        problems = payload_problems(sent, STANDARD, parts, steps_sent=5)
+        assert bool(problems) == refused, (send, problems)
+        if refused:
+            assert "shared_head.0.weight" in problems[0]
+        assert not any(k.startswith("head.") for k in from_shareable(sent).data)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from fedbrain.ops.allowlist import class_allow_list
-from fedbrain.ops.builder import PERSONAL_PARTS, offered_scopes
+from fedbrain.ops.builder import EVERY_GRADE_HEAD, PERSONAL_PARTS, offered_scopes
 from fedbrain.ops.kit import KitError, check_certificate, verify_manifest
 from fedbrain.ops.kit_guard import guard
 from fedbrain.ops.provision import CONSORTIUM_TEMPLATE, provision, with_fedbrain_builders
@@ -58,6 +58,8 @@ def test_every_site_gets_policies_that_flare_can_load(kits):
             for path in paths:  # each class must exist in the installed packages, or FLARE refuses the site
                 module, name = path.rsplit(".", 1)
                 assert hasattr(importlib.import_module(module), name), path
+        check = privacy["components"][0]["args"]  # the final check: what must never leave this site
+        assert check["personal_parts"] == (PERSONAL_PARTS if p.get("send_shared_head", True) else EVERY_GRADE_HEAD)
         assert not (local / "privacy.json.sample").exists()
         authz = json.loads((local / "authorization.json").read_text())
         assert {role: rights.get("byoc") for role, rights in authz["permissions"].items() if role != "member"} == {

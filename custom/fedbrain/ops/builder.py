@@ -47,6 +47,9 @@ SCOPES = tuple(SCOPE_PARTS)
 #: What a federated update must never contain: the classifier's personal head (regex on
 #: state_dict keys; an Opacus-wrapped model names it ``_module.head.``).
 PERSONAL_PARTS = r"(^|\.)head\."
+#: The same for a hospital that sends no grade head at all (``send_shared_head: false`` in project.yml): its final
+#: check also refuses the shared head of ``--algorithm mixed``, with the reason, rather than send it.
+EVERY_GRADE_HEAD = r"(^|\.)(shared_)?head\."
 
 FINAL_CHECK = "fedbrain.filters.final_check.FinalPayloadCheck"
 FINAL_CHECK_ID = "fedbrain_final_payload_check"
@@ -71,8 +74,10 @@ def offered_scopes(default_scope: str, he: bool = True) -> list[str]:
 
 
 def privacy_policy(default_scope: str = "standard", update_norm_clip: float = 100.0,
-                   client_dp_clip: float = 1.0, client_dp_noise: float = 1.0, he: bool = True) -> dict:
-    """The privacy.json a site gets: every scope is `standard` plus its parts."""
+                   client_dp_clip: float = 1.0, client_dp_noise: float = 1.0, he: bool = True,
+                   send_shared_head: bool = True) -> dict:
+    """The privacy.json a site gets: every scope is `standard` plus its parts. ``send_shared_head=False``: the
+    final check refuses any grade head, the federated ``shared_head`` of algorithm mixed too."""
     from fedbrain.contracts import PRIVACY_FILTERS
 
     parts = {
@@ -94,7 +99,7 @@ def privacy_policy(default_scope: str = "standard", update_norm_clip: float = 10
         # the final payload, after the job's filters (fedbrain.filters.final_check).
         "components": [{"id": FINAL_CHECK_ID, "path": FINAL_CHECK,
                         "args": {"scope_parts": {name: list(SCOPE_PARTS[name]) for name in offered},
-                                 "personal_parts": PERSONAL_PARTS}}],
+                                 "personal_parts": PERSONAL_PARTS if send_shared_head else EVERY_GRADE_HEAD}}],
     }
 
 
@@ -235,7 +240,7 @@ class SitePolicyBuilder(Builder):
                  client_dp_clip: float = 1.0, client_dp_noise: float = 1.0,
                  allow_log_streaming: bool = False, storage_root: str | None = None, warm_job_start: bool = False):
         """Args are consortium-wide defaults; a participant in project.yml may set its own
-        ``default_scope``, ``allow_log_streaming`` (sites) or ``storage_root`` (server).
+        ``default_scope``, ``allow_log_streaming``, ``send_shared_head`` (sites) or ``storage_root`` (server).
         ``warm_job_start``: POC projects only (:func:`use_warm_job_start`)."""
         privacy_policy(default_scope, update_norm_clip, client_dp_clip, client_dp_noise)  # refuse bad args early
         self.default_scope = default_scope
@@ -266,7 +271,8 @@ class SitePolicyBuilder(Builder):
                 use_site_job_launcher(res)
                 scope = p.props.get("default_scope", self.default_scope)
                 he = (startup / "client_context.tenseal").exists()  # none in a kit its owner assembled
-                policy = privacy_policy(scope, self.update_norm_clip, self.client_dp_clip, self.client_dp_noise, he)
+                policy = privacy_policy(scope, self.update_norm_clip, self.client_dp_clip, self.client_dp_noise, he,
+                                        send_shared_head=_flag(p.props.get("send_shared_head"), True))
                 (local / "privacy.json").write_text(json.dumps(policy, indent=2) + "\n")
                 (local / "privacy.json.sample").unlink(missing_ok=True)  # FLARE's names a class that does not exist
                 (local / "fedbrain_site.json.template").write_text(json.dumps(site_config_template(), indent=2) + "\n")
