@@ -614,7 +614,6 @@ def _personalization_row(st: dict, runs: list[dict], seeds_note: str, arm: str, 
                 f">= +{goal:.0f}, interval > 0", detail, _verdict(m >= goal and lo > 0, len(runs)))
     return (f"{title} - FedAvg, minimum-site balanced accuracy (points), {label}", _signed_interval(diffs),
             f"within +-{goal:.0f} (whole interval)", detail, _verdict(-goal <= lo and hi <= goal, len(runs)))
-    return out
 
 
 # --------------------------------------------------------------------------- doc rows and plots
