@@ -118,13 +118,17 @@ def test_server_storage_is_not_tmp(kits):
     assert "/tmp/nvflare" not in text and f"{server['storage_root']}/jobs-storage" in text
 
 
-def test_log_streaming_false_in_project_file_is_honoured(tmp_path):
+def test_per_site_flags_in_the_project_file_are_honoured(tmp_path):
+    """allow_log_streaming and send_shared_head, false written as YAML false or as "no"."""
     project = yaml.safe_load(CONSORTIUM_TEMPLATE.read_text())
     for p in project["participants"]:
         if p["name"] == "hospital-a":
             p["allow_log_streaming"] = True
         if p["name"] == "hospital-b":
             p["allow_log_streaming"] = False  # FLARE 2.9 alone reads this as "unset" -> true
+            p["send_shared_head"] = False
+        if p["name"] == "hospital-c":
+            p["send_shared_head"] = "no"
     for b in project["builders"]:
         if b["path"].endswith("SitePolicyBuilder"):
             b["args"]["allow_log_streaming"] = True
@@ -134,6 +138,9 @@ def test_log_streaming_false_in_project_file_is_honoured(tmp_path):
     streaming = {s: json.loads((prod / s / "local/resources.json").read_text())["allow_log_streaming"]
                  for s in ("hospital-a", "hospital-b", "hospital-c")}
     assert streaming == {"hospital-a": True, "hospital-b": False, "hospital-c": True}
+    kept = {s: json.loads((prod / s / "local/privacy.json").read_text())["components"][0]["args"]["personal_parts"]
+            for s in ("hospital-a", "hospital-b", "hospital-c")}
+    assert kept == {"hospital-a": PERSONAL_PARTS, "hospital-b": EVERY_GRADE_HEAD, "hospital-c": EVERY_GRADE_HEAD}
 
 
 def test_a_site_offers_no_scope_weaker_than_its_default():
