@@ -7,7 +7,8 @@ defaults; hospital-c makes `encrypted` its default scope. Then:
 
 1. a plaintext FedAvg classifier job at a and b that shares *everything* (``--algorithm fedavg``)
    and names no scope: both apply their default `standard` scope, so no personal head reaches the
-   server anyway, and hospital-a's update arrives clipped to its own bound;
+   server anyway (each site keeps and trains it as its own, and says so), and hospital-a's update arrives
+   clipped to its own bound;
 2. the same job at all three, needing 2 answers a round: hospital-c refuses to release plaintext,
    nothing of its update arrives, the server records its one-line reason, and the job completes with
    the two others (a careful hospital does not end everyone's job);
@@ -27,6 +28,7 @@ import pytest
 from fedbrain.contracts import AUDIT_FILE
 from fedbrain.jobs.classification import export
 from fedbrain.poc.runner import run_jobs_side_by_side, submit_and_wait
+from fedbrain.report.job_report import build_report
 from fedbrain.tasks.classification import ClassificationConfig
 
 pytestmark = pytest.mark.poc
@@ -98,6 +100,12 @@ def test_default_scope_excludes_the_head_even_from_a_fedavg_job(policy_jobs):
         heads = [k for k in entry["params"] if ".head." in f".{k}" or k.startswith("head.")]
         assert not heads, f"{entry['site']} sent its personal head: {heads}"
         assert any(k.startswith("mri") or "trunk" in k or "stream" in k for k in entry["params"]), entry["params"].keys()
+    # The head the scope keeps is the site's own: trained and kept there, and the admin told why (without it the
+    # server would hand back its untrained head every round, and each site would validate a random head).
+    notes = build_report(policy_jobs["result1"])["site_notes"]
+    for site in ("hospital-a", "hospital-b"):
+        assert any("trained them as its own" in n and "algorithm fedavg" in n for n in notes.get(site, [])), (site, notes)
+        assert (policy_jobs["poc"].kit(site) / "personal" / "poc_policy" / "head.pt").stat().st_size > 1000, site
 
 
 def test_a_sites_own_clip_bounds_what_the_server_receives(policy_jobs):

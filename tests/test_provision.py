@@ -389,3 +389,14 @@ def test_flares_own_authorizer_keeps_a_running_jobs_progress_record_to_the_proje
         shown, _ = authorizer.authorize(AuthzContext("show_stats", user))
         listed, _ = authorizer.authorize(AuthzContext("list_jobs", user))
         assert shown == (role == "project_admin") and listed, role
+
+
+def test_the_site_loop_reads_what_its_final_check_keeps(kits, tmp_path):
+    """fedbrain.fl.site.kept_at_site: the pattern a FedAvg job's head is kept under (tests/test_poc_classify.py)."""
+    from fedbrain.fl.site import kept_at_site
+
+    assert kept_at_site(kits / "hospital-a") == PERSONAL_PARTS
+    assert kept_at_site(None) == "" and kept_at_site(tmp_path) == ""
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "privacy.json").write_text("{not json")
+    assert kept_at_site(tmp_path) == ""

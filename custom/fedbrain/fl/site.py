@@ -149,3 +149,24 @@ def load_site_cases(site: str, datalist: str | None = None, task: str | None = N
         log.error("site %s cannot use its data and will send empty updates: %s", site, e)
         unusable = SiteSettings(site=site, datalist=Path("<unusable: see the error above>"), source="error")
         return unusable, {"training": [], "validation": []}, str(e)
+
+
+def kept_at_site(workspace: Path | None) -> str:
+    """The pattern of parameter names this site's final check never lets leave (its ``local/privacy.json``),
+    or "" outside a provisioned site.
+
+    Why the site loop reads it: a job may ask to federate a part this site's scope keeps (the classifier's
+    grade head under algorithm ``fedavg``). The server would then hand back its untrained copy every round;
+    the site instead keeps and trains that part as its own, and tells the admin.
+    """
+    if workspace is None:
+        return ""
+    path = Path(workspace) / "local" / "privacy.json"
+    try:
+        policy = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""  # no policy or an unreadable one: FLARE itself refuses to start such a site
+    for component in policy.get("components") or []:
+        if str(component.get("path", "")).endswith(".FinalPayloadCheck"):
+            return str((component.get("args") or {}).get("personal_parts") or "")
+    return ""

@@ -26,7 +26,7 @@ from fedbrain.fl.housekeeping import collect_round_garbage
 from fedbrain.fl.timing import collect_exchange_times
 from fedbrain.fl.exchange import SharedScaffold, state_dict_from_params, weight_diff
 from fedbrain.fl.personal import PersonalHeadStore
-from fedbrain.fl.site import load_site_cases
+from fedbrain.fl.site import kept_at_site, load_site_cases
 from fedbrain.privacy.budget import SitePrivacy
 from fedbrain.privacy.releases import job_refused
 
@@ -87,6 +87,14 @@ def run_site(config_cls, trainer_cls, argv=None) -> None:
     trainer = trainer_cls(cases["training"], cases["validation"], config)
     model = trainer.build_model().to(trainer.device)
     personal = trainer.personal_parameter_names(model)
+    kept = kept_at_site(settings.workspace)
+    if not personal and kept:
+        personal = [name for name in model.state_dict() if re.search(kept, name)]
+        if personal:
+            notes.append(f"kept {len(personal)} parameters ({', '.join(personal[:2])}, ...) at this site and trained "
+                         f"them as its own: its privacy scope never sends them, so under algorithm {config.algorithm} "
+                         f"the server's copy would stay untrained")
+            log.warning("site %s: %s", site, notes[-1])
     privacy = SitePrivacy(trainer, settings, site)
     store = PersonalHeadStore.for_site(config.name, correction=config.shared_head) if personal else None
     # SCAFFOLD's control difference is the local update in disguise and rides in meta, which

@@ -38,8 +38,9 @@ def export_notes(config: ClassificationConfig) -> list[str]:
     if config.algorithm != "fedavg":
         return []
     return ["note: every privacy scope `fedbrain provision` writes removes `head.*` from what a site sends, so under "
-            "--algorithm fedavg the grade head never reaches the server and every round starts from the initial head; "
-            "--algorithm mixed federates a shared head (`shared_head.*`) beside each site's own"]
+            "--algorithm fedavg the grade head never reaches the server: each such site keeps and trains its own head "
+            "(as under personal) and says so in the report; --algorithm mixed federates a shared head (`shared_head.*`) "
+            "beside each site's own"]
 
 
 def main(argv=None, default_export_dir: str | Path = ".") -> Path:
