@@ -26,7 +26,9 @@ from fedbrain.tasks.segmentation import SegmentationConfig
 pytestmark = pytest.mark.poc
 
 VICTIM = "hospital-c"
-TIMEOUT = 20.0
+#: Round 0 includes every site's job start (deployment, imports, data): on a busy 2-core machine with the other
+#: jobs of this module starting beside it, one suite run saw round 0 close at 20 s with none of 3 answers.
+TIMEOUT = 30.0
 HE_TIMEOUT = 45.0
 
 
@@ -44,7 +46,7 @@ def _straggle(poc, job: F.JobRun, round_no: int, timeout: float = TIMEOUT) -> fl
 @pytest.fixture(scope="module")
 def faulted(tmp_path_factory):
     """Its own consortium: a fault must hit only this module's job processes, and the shared POC's
-    first job wave must not slow its rounds past the 20 s timeout (a run that put these jobs on the
+    first job wave must not slow its rounds past the 30 s timeout (a run that put these jobs on the
     shared consortium saw job 1 never deployed within 300 s)."""
     from fedbrain.jobs.segmentation import export
 
