@@ -60,6 +60,10 @@ CLASSIFY_CAVEATS = [
     "statistics over seeds above are the figures that hold. The",
     "centralized arms are scored on a held-out cohort (another seed) of cases with both MRI and CT. Late fusion can",
     "only degrade without CT if it learned to use CT: compare with the CT-only arm before reading the CT-missing row.",
+    "The federated arms are FLARE jobs on POC kits, whose scopes keep `head.*` at the site: in the FedAvg arm measured",
+    "before 2026-12-08 no head was shared, and each site validated the server's untrained head; since then such a site",
+    "keeps and trains its own head (the arm then behaves as personal). The statistics over seeds above federate the",
+    "head in process.",
     "",
 ]
 CLASSIFY_SECTIONS = {
